@@ -1,0 +1,1 @@
+"""magneto_dist: distributed pretraining of Magneto transformers."""

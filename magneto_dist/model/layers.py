@@ -1,0 +1,171 @@
+"""The transformer layer skeleton: embeddings, rotary positions, attention, FFN, residual slots.
+
+No parallelism lives here. Tensor parallelism (magneto_dist.parallel) swaps the projections for
+megatron-core's column/row-parallel layers and the inner norms for TP-aware ones; every forward
+below therefore infers the local head count from tensor shapes instead of the config.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .norms import make_norm
+from .spec import LayerSpec, SublayerSlots
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus (optionally) learned absolute positions, then dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = (nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+                         if cfg.position == "learned" else None)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word(tokens)  # [b, s, d]
+        if self.position is not None:
+            x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.dropout(x)
+
+
+class Rotary(nn.Module):
+    """RoPE tables (cos, sin) for every position, in the "rotate half" layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+        angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)  # [S, hd/2]
+        angles = torch.cat([angles, angles], dim=-1)                           # [S, hd]
+        # Not persistent: derived from the config, so checkpoints stay layout- and version-free.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, seq_len: int):
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def apply_rotary(x: torch.Tensor, rope) -> torch.Tensor:
+    """x: [b, h, s, hd]; rotates pairs (i, i + hd/2) by the position angle."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class ResidualSublayer(nn.Module):
+    """x -> post_norm(alpha * x + output_norm(dropout(f(pre_norm(x) * input_scale))))."""
+
+    def __init__(self, cfg: ModelConfig, slots: SublayerSlots, spec: LayerSpec, init_gain: float):
+        super().__init__()
+        width = cfg.hidden_size
+        norm = lambda: make_norm(cfg.norm_type, width, cfg.norm_eps)  # noqa: E731
+        self.pre_norm = norm() if slots.pre_norm else None
+        self.output_norm = norm() if slots.output_norm else None
+        self.post_norm = norm() if slots.post_norm else None
+        self.residual_alpha = spec.residual_alpha
+        self.input_scale = spec.input_scale
+        self.init_gain = init_gain  # read by init.init_weights
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def transform(self, h: torch.Tensor, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        h = x
+        if self.pre_norm is not None:
+            h = self.pre_norm(x)
+            if self.input_scale != 1.0:
+                h = h * self.input_scale
+        y = self.dropout(self.transform(h, **kwargs))
+        if self.output_norm is not None:
+            y = self.output_norm(y)
+        x = x * self.residual_alpha + y if self.residual_alpha != 1.0 else x + y
+        return self.post_norm(x) if self.post_norm is not None else x
+
+
+class Attention(ResidualSublayer):
+    """Multi-head (self or cross) attention through scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig, slots: SublayerSlots, spec: LayerSpec, init_gain: float,
+                 causal: bool):
+        super().__init__(cfg, slots, spec, init_gain)
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.out_proj = nn.Linear(d, d, bias=cfg.bias)
+        # Sub-LN: normalizes the merged heads (width d) before W_o.
+        self.inner_norm = make_norm(cfg.norm_type, d, cfg.norm_eps) if slots.inner_norm else None
+        self.head_scale = nn.Parameter(torch.ones(cfg.num_heads)) if slots.head_scale else None
+        self.head_dim = cfg.head_dim
+        self.causal = causal
+        self.attn_dropout = cfg.dropout
+
+    def transform(self, h, memory: Optional[torch.Tensor] = None,
+                  mask: Optional[torch.Tensor] = None, rope=None) -> torch.Tensor:
+        """h: [b, s, d]; memory: [b, t, d] for cross-attention; mask: bool, True = may attend."""
+        b, s, _ = h.shape
+        kv = h if memory is None else memory
+        t = kv.shape[1]
+        q = self.q_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)   # [b, heads, s, hd]
+        k = self.k_proj(kv).view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, heads, t, hd]
+        v = self.v_proj(kv).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if self.causal and mask is not None:  # SDPA takes a mask or is_causal, not both
+            mask = mask & torch.ones(s, t, dtype=torch.bool, device=h.device).tril()
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+            dropout_p=self.attn_dropout if self.training else 0.0)        # [b, heads, s, hd]
+        if self.head_scale is not None:
+            y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
+        y = y.transpose(1, 2).reshape(b, s, -1)                            # [b, s, d]
+        if self.inner_norm is not None:
+            y = self.inner_norm(y)
+        return self.out_proj(y)
+
+
+class FeedForward(ResidualSublayer):
+    """W_2 [inner_norm] act(W_1 x); SwiGLU uses silu(gate x) * (W_1 x)."""
+
+    def __init__(self, cfg: ModelConfig, slots: SublayerSlots, spec: LayerSpec):
+        super().__init__(cfg, slots, spec, spec.init_gain)
+        d, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.fc1 = nn.Linear(d, f, bias=cfg.bias)
+        self.fc1_gate = nn.Linear(d, f, bias=cfg.bias) if cfg.activation == "swiglu" else None
+        # Sub-LN: normalizes the FFN hidden activation (width ffn) before W_2.
+        self.inner_norm = make_norm(cfg.norm_type, f, cfg.norm_eps) if slots.inner_norm else None
+        self.fc2 = nn.Linear(f, d, bias=cfg.bias)
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        if self.fc1_gate is not None:
+            hidden = F.silu(self.fc1_gate(h)) * self.fc1(h)  # [b, s, ffn]
+        else:
+            hidden = F.gelu(self.fc1(h))                     # [b, s, ffn]
+        if self.inner_norm is not None:
+            hidden = self.inner_norm(hidden)
+        return self.fc2(hidden)
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention, optional cross-attention, FFN; the spec decides where the norms sit."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.self_attn = Attention(cfg, spec.attention, spec, spec.init_gain, causal=spec.causal)
+        self.cross_attn = (Attention(cfg, spec.cross_attention, spec, spec.cross_init_gain,
+                                     causal=False)
+                           if spec.cross_attention is not None else None)
+        self.ffn = FeedForward(cfg, spec.ffn, spec)
+
+    def forward(self, x, mask=None, rope=None, memory=None, memory_mask=None):
+        x = self.self_attn(x, mask=mask, rope=rope)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, memory=memory, mask=memory_mask)
+        return self.ffn(x)
