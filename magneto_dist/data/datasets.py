@@ -1,0 +1,150 @@
+"""Train/valid/test datasets from a weighted blend, through megatron-core's dataset builder.
+
+What megatron-core lacks and is written here:
+- Per-node index caches. megatron-core builds the sample/shuffle index caches on global rank 0
+  and lets the other ranks load them after a barrier, which fails on a filesystem that is not
+  shared between nodes. Here every node's local rank 0 builds (or finds) the caches before
+  torch.distributed starts, in a solo process group, and the other local ranks wait for a marker
+  file; afterwards every rank loads from its own node's cache.
+- A sampler driven by a global sample index (Megatron-LM's MegatronPretrainingSampler lives in
+  megatron-training, not megatron-core): resuming at sample k gives exactly samples k, k+1, ...
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.bert_dataset import (BERTMaskedWordPieceDataset,
+                                                 BERTMaskedWordPieceDatasetConfig)
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from .tokenizer import SentencePieceTokenizer
+
+WAIT_TIMEOUT_S = 1800
+
+
+@dataclass
+class DatasetRequest:
+    """What to build: a blend of indexed datasets cut into train/valid/test."""
+    prefixes: Sequence[str]               # .bin/.idx path prefixes
+    weights: Optional[Sequence[float]]    # blend weights (None: proportional to size)
+    split: str                            # e.g. "969,30,1": document split into train/valid/test
+    seq_len: int                          # tokens per sample (the model input length)
+    seed: int                             # shuffling seed
+    num_samples: Tuple[int, int, int]     # samples wanted per split (repeated epochs if needed)
+    cache_dir: str                        # where the sample/shuffle index caches go
+    masked_lm: bool = False               # BERT-style samples instead of GPT ones
+    masking_probability: float = 0.15     # masked LM only
+
+
+def _check_prefixes(prefixes: Sequence[str]) -> None:
+    for prefix in prefixes:
+        if not IndexedDataset.exists(prefix):
+            raise FileNotFoundError(
+                f"data prefix {prefix}: {prefix}.bin/.idx not found; create them with "
+                "`python tools/preprocess_data.py --output-prefix ...` (the prefix ends in "
+                "_text_document)")
+
+
+def _megatron_config(req: DatasetRequest, tokenizer: SentencePieceTokenizer):
+    weights = list(req.weights) if req.weights is not None else None
+    common = dict(random_seed=req.seed, sequence_length=req.seq_len,
+                  blend=(list(req.prefixes), weights), split=req.split,
+                  path_to_cache=req.cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=0.005)
+    if req.masked_lm:
+        if not tokenizer.has_masked_lm_pieces:
+            raise ValueError(f"tokenizer {tokenizer.model_path} has no <cls>/<sep>/<mask> pieces; "
+                             "train one with tools/train_tokenizer.py for masked-LM data")
+        return BERTMaskedWordPieceDataset, BERTMaskedWordPieceDatasetConfig(
+            masking_probability=req.masking_probability, short_sequence_probability=0.1,
+            masking_max_ngram=3, masking_do_full_word=False, masking_do_permutation=False,
+            masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
+            classification_head=False, **common)
+    return GPTDataset, GPTDatasetConfig(reset_position_ids=False, reset_attention_mask=False,
+                                        eod_mask_loss=False, create_attention_mask=False, **common)
+
+
+@contextlib.contextmanager
+def _solo_process_group():
+    """A world of one, so megatron-core's "rank 0 builds the cache" path runs on this process."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _marker_path(req: DatasetRequest, tokenizer: SentencePieceTokenizer) -> str:
+    key = json.dumps([list(req.prefixes), req.weights, req.split, req.seq_len, req.seed,
+                      list(req.num_samples), req.masked_lm, req.masking_probability,
+                      tokenizer.sha256])
+    digest = hashlib.md5(key.encode()).hexdigest()
+    return os.path.join(req.cache_dir, f"built-{digest}.done")
+
+
+def wait_for_file(path: str, what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what} ({path}); did local rank 0 "
+                               "of this node fail? see its log")
+        time.sleep(0.2)
+
+
+def build_datasets(req: DatasetRequest, tokenizer: SentencePieceTokenizer,
+                   local_rank: Optional[int] = None, wait_timeout_s: float = WAIT_TIMEOUT_S
+                   ) -> List[Optional[torch.utils.data.Dataset]]:
+    """[train, valid, test]; call before torch.distributed is initialized, on every rank."""
+    if dist.is_initialized():
+        raise RuntimeError("build_datasets must run before torch.distributed is initialized, so "
+                           "that each node builds its own index caches")
+    _check_prefixes(req.prefixes)
+    cls, config = _megatron_config(req, tokenizer)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    marker = _marker_path(req, tokenizer)
+    sizes = list(req.num_samples)
+    if local_rank == 0:
+        os.makedirs(req.cache_dir, exist_ok=True)
+        with _solo_process_group():
+            datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+        with open(marker + ".tmp", "w") as f:
+            f.write("ok\n")
+        os.replace(marker + ".tmp", marker)
+        return datasets
+    wait_for_file(marker, "the dataset index caches", wait_timeout_s)
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+
+class GlobalSampleBatches(torch.utils.data.Sampler):
+    """Micro-batches of sample indices for one data-parallel rank, starting at a global index.
+
+    The global batch at step t holds samples [t*G, (t+1)*G) (G = global batch); data-parallel rank
+    r takes micro-batch m as [start + m*B*D + r*B, ... + B) (B = micro batch, D = DP size), so
+    the set of samples in each global batch does not depend on D. Iteration starts at
+    `consumed_samples`, the only state a checkpoint needs to resume the data exactly.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        super().__init__()
+        self.total, self.consumed = total_samples, consumed_samples
+        self.micro, self.rank, self.size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        stride = self.micro * self.size
+        for start in range(self.consumed, self.total - stride + 1, stride):
+            first = start + self.rank * self.micro
+            yield list(range(first, first + self.micro))
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.micro * self.size))
