@@ -1,0 +1,16 @@
+# Set-up is part of every target: a virtual environment in .venv with the pinned requirements,
+# rebuilt only when requirements.txt changes.
+PYTHON ?= python3
+BIN := .venv/bin
+
+$(BIN)/.installed: requirements.txt
+	$(PYTHON) -m venv .venv
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+.PHONY: train test
+train: $(BIN)/.installed  ## the default pretraining run (ARGS="train.train_iters=50 ..." to override)
+	$(BIN)/deepspeed launch/pretrain_gpt.py $(ARGS)
+
+test: $(BIN)/.installed   ## the whole test suite (ARGS="-k resume" to select)
+	$(BIN)/python -m pytest -q $(ARGS)

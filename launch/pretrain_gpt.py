@@ -1,0 +1,15 @@
+"""Pretrain a Magneto GPT (decoder-only) with DeepSpeed.
+
+    deepspeed launch/pretrain_gpt.py                       # CPU-tiny default, built-in corpus
+    deepspeed --num_gpus 2 launch/pretrain_gpt.py          # two data-parallel ranks
+    deepspeed launch/pretrain_gpt.py --config configs/gpt_125m.yaml train.train_iters=1000
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from magneto_dist.training.run import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("gpt"))

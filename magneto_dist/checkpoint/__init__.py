@@ -1,0 +1,1 @@
+"""Checkpoints: save/resume through DeepSpeed with completeness markers."""

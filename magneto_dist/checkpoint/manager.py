@@ -1,0 +1,161 @@
+"""Save and resume through DeepSpeed, made safe against crashes mid-save.
+
+DeepSpeed writes per-rank files and then `latest`, from rank 0, possibly before other ranks have
+finished theirs. Here `save_latest=False` is passed, every rank also writes its RNG state, and
+only after a barrier does rank 0 write `complete.json` into the tag directory and move `latest`
+atomically. Resume takes the newest tag with a `complete.json` and warns about any newer tag
+without one. The data position is the global consumed-sample count in the client state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..config import Config, config_to_dict, dump_config
+from ..resilience.faults import maybe_inject
+
+COMPLETE = "complete.json"
+TAG = re.compile(r"^global_step(\d+)$")
+# Model fields that may differ between a checkpoint and the run resuming it.
+RESUMABLE_MODEL_CHANGES = {"dropout"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tags_newest_first(ckpt_dir: str) -> List[str]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [d for d in os.listdir(ckpt_dir) if TAG.match(d)]
+    return sorted(tags, key=lambda d: int(TAG.match(d).group(1)), reverse=True)
+
+
+def is_complete(ckpt_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE))
+
+
+def find_resume_tag(ckpt_dir: str, resume: str, log=print) -> Optional[str]:
+    """The tag to resume from: None for a fresh start."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        if not is_complete(ckpt_dir, resume):
+            raise CheckpointError(f"checkpoint.resume={resume!r}: {ckpt_dir}/{resume} is missing "
+                                  f"or incomplete (no {COMPLETE}); complete tags: "
+                                  f"{[t for t in _tags_newest_first(ckpt_dir) if is_complete(ckpt_dir, t)]}")
+        return resume
+    for tag in _tags_newest_first(ckpt_dir):
+        if is_complete(ckpt_dir, tag):
+            return tag
+        log(f"WARNING: skipping incomplete checkpoint {ckpt_dir}/{tag} (no {COMPLETE}; a save "
+            "was interrupted)")
+    return None
+
+
+def check_compatible(ckpt_dir: str, tag: str, cfg: Config) -> None:
+    """Refuse a checkpoint whose model differs from the configured one, naming the fields."""
+    with open(os.path.join(ckpt_dir, tag, "config.yaml"), encoding="utf-8") as f:
+        saved = yaml.safe_load(f)["model"]
+    current = config_to_dict(cfg)["model"]
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {current[k]!r}"
+             for k in current if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]]
+    if diffs:
+        raise CheckpointError(f"checkpoint {ckpt_dir}/{tag} was written by a different model; "
+                              f"{'; '.join(diffs)}. Use a new logging.run_dir, or "
+                              "checkpoint.resume=none to start over")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_path(ckpt_dir: str, tag: str, rank: int) -> str:
+    return os.path.join(ckpt_dir, tag, f"rng_rank{rank:05d}.pt")
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config,
+         keep_last: int, extra_rng: Optional[dict] = None) -> str:
+    """Collective: every rank calls it. Returns the tag."""
+    tag = tag_for(step)
+    rank = dist.get_rank()
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    rng = rng_state()
+    rng.update(extra_rng or {})
+    path = _rng_path(ckpt_dir, tag, rank)
+    torch.save(rng, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    maybe_inject("kill_in_save", rank, step)
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        dump_config(cfg, os.path.join(ckpt_dir, tag, "config.yaml"))
+        marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time(),
+                  "consumed_samples": client_state.get("consumed_samples")}
+        atomic_write(os.path.join(ckpt_dir, tag, COMPLETE), json.dumps(marker) + "\n")
+        atomic_write(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's tools read this
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag
+
+
+def prune(ckpt_dir: str, keep_last: int) -> None:
+    """Keep the newest keep_last complete tags; drop older ones and stale incomplete ones."""
+    tags = _tags_newest_first(ckpt_dir)
+    complete = [t for t in tags if is_complete(ckpt_dir, t)]
+    if not complete:
+        return
+    keep = set(complete[:keep_last])
+    oldest_kept = int(TAG.match(complete[: keep_last][-1]).group(1))
+    for tag in tags:
+        if tag not in keep and int(TAG.match(tag).group(1)) < oldest_kept:
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+
+
+def load(engine, ckpt_dir: str, tag: str, load_optimizer: bool = True) -> dict:
+    """Collective: load engine state; restore this rank's RNG if it saved one. -> client state."""
+    path, client_state = engine.load_checkpoint(
+        ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=load_optimizer)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}/{tag}")
+    rng_file = _rng_path(ckpt_dir, tag, dist.get_rank())
+    if os.path.isfile(rng_file):  # absent when the layout changed: keep the seeded state
+        state = torch.load(rng_file, weights_only=False)
+        set_rng_state(state)
+        client_state = dict(client_state or {}, _rng=state)
+    return client_state or {}

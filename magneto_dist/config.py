@@ -1,0 +1,269 @@
+"""The run config: typed sections, YAML in, `section.key=value` overrides, validation, YAML out.
+
+Every value is checked here, before torch.distributed starts or a byte of data is read, and every
+error names the key (and the file) and says what would work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, get_type_hints
+
+import yaml
+
+from .model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    prefixes: List[str] = field(default_factory=list)  # .bin/.idx prefixes; empty = built-in corpus
+    weights: Optional[List[float]] = None  # blend weights, one per prefix (None: by size)
+    tokenizer_model: Optional[str] = None  # sentencepiece .model; required with prefixes
+    split: str = "969,30,1"                # train,valid,test proportions of the documents
+    cache_dir: str = "data_cache"          # built-in corpus and index caches (per node)
+    builtin_vocab_size: int = 8192         # vocabulary of the built-in corpus tokenizer
+    loader_workers: int = 0                # torch DataLoader worker processes per rank
+    masking_probability: float = 0.15      # masked-LM (BERT) runs only
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = 300                 # optimizer steps of the whole run
+    exit_at_step: Optional[int] = None     # save and stop at this step (the schedule still
+                                           # spans train_iters); for staged runs
+    micro_batch_size: int = 8              # samples per rank per forward pass
+    global_batch_size: int = 16            # samples per optimizer step, all ranks together
+    lr: float = 3e-3                       # peak learning rate
+    min_lr: float = 3e-4                   # floor of the decay
+    warmup_iters: int = 30                 # linear warm-up from 0 to lr
+    lr_decay_style: str = "cosine"         # cosine | linear | constant (after warm-up)
+    lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters)
+    weight_decay: float = 0.1              # AdamW decay on matrices (not norms, biases)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0                 # global grad-norm clip (0 disables)
+    precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16: GPU only, loss scaling)
+    zero_stage: int = 1                    # DeepSpeed ZeRO stage 0-3
+    seed: int = 1234                       # model init, data order, dropout
+    eval_interval: int = 100               # validate every N steps (0: never)
+    eval_iters: int = 4                    # global batches per validation
+    log_interval: int = 10                 # metrics every N steps
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1    # TP degree (megatron-core layers)
+    pipeline_model_parallel_size: int = 1  # PP degree (DeepSpeed PipelineModule)
+    pipeline_partition: str = "parameters"  # parameters | uniform (layers per stage)
+    activation_checkpointing: bool = False  # recompute each layer in backward
+    vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 100               # save every N steps (0: only at the end)
+    keep_last: int = 2                     # complete checkpoints kept
+    resume: str = "auto"                   # auto (newest complete, if any) | none | a tag
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/gpt_tiny"         # metrics, TensorBoard, checkpoints, resolved config
+    tensorboard: bool = True
+    peak_tflops: Optional[float] = None    # per-device peak for MFU (None: table by device)
+    sample_prompt: str = "def "            # prompt of the sample printed at the end ("" skips)
+    sample_tokens: int = 48
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTION_TYPES = get_type_hints(Config)
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check a YAML value against the field's annotation (ints for floats are fine)."""
+    origin = getattr(hint, "__origin__", None)
+    args = getattr(hint, "__args__", ())
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if origin is not None and type(None) in args:  # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(key, value, hint)
+    if getattr(hint, "__origin__", None) in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (item,) = hint.__args__
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1's float needs one
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (type(value) is hint):
+        raise ConfigError(f"{key}={value!r} must be {hint.__name__}")
+    return value
+
+
+def _section_from_dict(name: str, values: dict, base):
+    cls = type(base)
+    hints = get_type_hints(cls)
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {name!r} must be a mapping of keys to values")
+    kwargs = dataclasses.asdict(base)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {name}.{key}; known keys in {name}: "
+                              f"{', '.join(sorted(hints))}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # ModelConfig validates itself and names model.<field>
+        raise ConfigError(str(err)) from None
+
+
+def config_from_dict(raw: dict) -> Config:
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; sections are "
+                          f"{', '.join(SECTIONS)}")
+    default = Config()
+    return Config(**{name: _section_from_dict(name, raw.get(name) or {}, getattr(default, name))
+                     for name in SECTIONS})
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`section.key=value`; the value is parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in override or "." not in override.split("=", 1)[0]:
+        raise ConfigError(f"override {override!r} is not section.key=value (e.g. train.lr=1e-3)")
+    dotted, text = override.split("=", 1)
+    section, key = dotted.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"override {override!r}: unknown section {section!r}; sections are "
+                          f"{', '.join(SECTIONS)}")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from None
+    raw.setdefault(section, {})
+    raw[section] = dict(raw[section] or {})
+    raw[section][key] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """The config from a YAML file (or the defaults) plus overrides, validated."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist (see configs/)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides or []:
+        apply_override(raw, override)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    """Write the resolved config atomically (temp file, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
+    """Cross-field checks that need the world size; returns the data-parallel size."""
+    t, p, m = cfg.train, cfg.parallel, cfg.model
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, f"parallel.tensor_model_parallel_size={tp} and "
+             f"parallel.pipeline_model_parallel_size={pp} must be at least 1")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by tensor x pipeline parallel size "
+             f"{tp} x {pp}; launch a multiple of {tp * pp} ranks")
+    dp = world_size // (tp * pp)
+    _require(m.num_heads % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not divide "
+             f"model.num_heads={m.num_heads}; use a TP size that divides it")
+    _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
+             f"divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _require(pp <= m.num_layers, f"parallel.pipeline_model_parallel_size={pp} is more stages "
+             f"than model.num_layers={m.num_layers}; use at most {m.num_layers} stages")
+    _require(pp == 1 or m.arch == "decoder", f"parallel.pipeline_model_parallel_size={pp}: "
+             f"pipeline parallelism supports model.arch='decoder' only (got {m.arch!r})")
+    _require(0 <= t.zero_stage <= 3, f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _require(pp == 1 or t.zero_stage <= 1,
+             f"train.zero_stage={t.zero_stage} with parallel.pipeline_model_parallel_size={pp}: "
+             "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1 "
+             "(or drop pipeline parallelism to use ZeRO-2/3)")
+    _require(p.pipeline_partition in ("parameters", "uniform"),
+             f"parallel.pipeline_partition={p.pipeline_partition!r} must be parameters or uniform")
+    _require(p.vocab_padding_multiple >= 1, "parallel.vocab_padding_multiple must be at least 1")
+    _require(t.train_iters >= 1, f"train.train_iters={t.train_iters} must be at least 1")
+    _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
+             f"train.exit_at_step={t.exit_at_step} must be between 1 and train.train_iters")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by "
+             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
+             f"use a multiple of {t.micro_batch_size * dp}")
+    _require(t.lr_decay_style in ("cosine", "linear", "constant"),
+             f"train.lr_decay_style={t.lr_decay_style!r} must be cosine, linear or constant")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr")
+    _require(0 <= t.warmup_iters <= t.train_iters,
+             f"train.warmup_iters={t.warmup_iters} must be between 0 and train.train_iters")
+    _require(t.precision in ("fp32", "bf16", "fp16"),
+             f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
+    _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "
+             "no fast CPU kernels); use fp32 on CPU, bf16 or fp16 on GPU")
+    _require(t.eval_interval == 0 or t.eval_iters >= 1,
+             f"train.eval_iters={t.eval_iters} must be at least 1 when eval_interval is set")
+    for name in ("eval_interval", "log_interval"):
+        _require(getattr(t, name) >= 0, f"train.{name} must be >= 0")
+    _require(t.log_interval >= 1, "train.log_interval must be at least 1")
+    d = cfg.data
+    _require(not d.prefixes or d.tokenizer_model, "data.prefixes needs data.tokenizer_model "
+             "(the sentencepiece model the data was preprocessed with)")
+    _require(d.weights is None or len(d.weights) == len(d.prefixes),
+             f"data.weights has {len(d.weights or [])} entries but data.prefixes has "
+             f"{len(d.prefixes)}; give one weight per prefix")
+    parts = d.split.split(",")
+    _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts),
+             f"data.split={d.split!r} must be three comma-separated numbers (train,valid,test)")
+    c = cfg.checkpoint
+    _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
+    _require(c.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+    return dp

@@ -1,0 +1,1 @@
+"""Fault tolerance: fault injection now; the supervisor (restarts, heartbeats) is later work."""

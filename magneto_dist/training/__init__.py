@@ -1,0 +1,1 @@
+"""Engine set-up, the training loop, schedules, tasks and metrics."""

@@ -1,0 +1,63 @@
+"""DeepSpeed engine set-up: optimizer parameter groups, the DeepSpeed config, initialize()."""
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch import nn
+
+from ..config import Config
+from .schedule import make_scheduler
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
+    """Decay matrices (projections, embeddings); not biases, norm gains or head scales."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = optimizer_param_groups(model, t.weight_decay)
+    try:  # NVIDIA apex is optional; its fused Adam is a little faster than torch's on GPU
+        from apex.optimizers import FusedAdam  # type: ignore
+        if torch.cuda.is_available():
+            return FusedAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             adam_w_mode=True)
+    except ImportError:
+        pass
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             fused=torch.cuda.is_available())
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    t = cfg.train
+    zero = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        # Partition every parameter: the default threshold (1e5) leaves small ones whole, which
+        # under tensor parallelism mixes replicated and sharded layouts (DESIGN.md).
+        zero["stage3_param_persistence_threshold"] = 0
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,  # our metrics logger reports; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None):
+    """-> DeepSpeed engine (optimizer, fp16/bf16, ZeRO and the LR schedule inside)."""
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg.train),
+        config=deepspeed_config(cfg, dp_size), mpu=mpu)
+    return engine

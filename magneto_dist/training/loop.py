@@ -1,0 +1,153 @@
+"""The training loop: micro-batches through the DeepSpeed engine, metrics, eval, checkpoints,
+and a graceful stop on SIGTERM / Ctrl-C."""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import manager as ckpt
+from ..config import Config
+from ..data.datasets import GlobalSampleBatches
+from .metrics import MetricsLogger
+from .tasks import move_batch
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; rerun to resume
+
+
+class StopRequest:
+    """SIGTERM or the first Ctrl-C asks to stop after the current step; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (all ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps done
+    consumed_samples: int = 0     # global sample index of the next sample
+    losses: List[float] = field(default_factory=list)  # this process's run, one per step
+
+
+def dp_mean(value: torch.Tensor, group) -> float:
+    value = value.detach().float().clone().cpu()
+    dist.all_reduce(value, group=group)
+    return value.item() / dist.get_world_size(group)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task, engine, train_ds, valid_ds, dp_rank: int, dp_size: int,
+                 dp_group, metrics: MetricsLogger, ckpt_dir: str, state: TrainState,
+                 client_state_fn: Callable[[TrainState], dict], log=print,
+                 train_step_fn: Optional[Callable] = None):
+        self.cfg, self.task, self.engine = cfg, task, engine
+        self.train_ds, self.valid_ds = train_ds, valid_ds
+        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
+        self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
+        self.client_state_fn = client_state_fn
+        self.log = log
+        self.device = engine.device
+        self.stop = StopRequest()
+        t = cfg.train
+        self.grad_accum = t.global_batch_size // (t.micro_batch_size * dp_size)
+        # the pipeline engine replaces the micro-batch loop with its own schedule
+        self.train_step_fn = train_step_fn or self._micro_batch_step
+
+    def _loader(self, dataset, total: int, start: int):
+        t = self.cfg.train
+        sampler = GlobalSampleBatches(total, start, t.micro_batch_size, self.dp_rank, self.dp_size)
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                                num_workers=self.cfg.data.loader_workers))
+
+    def _micro_batch_step(self, batches) -> torch.Tensor:
+        losses = []
+        for _ in range(self.grad_accum):
+            batch = move_batch(next(batches), self.device)
+            loss = self.task.loss(self.task.forward(self.engine, batch), batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        t = self.cfg.train
+        if self.valid_ds is None or len(self.valid_ds) < t.global_batch_size:
+            return None
+        total = min(len(self.valid_ds), t.eval_iters * t.global_batch_size)
+        total -= total % t.global_batch_size
+        self.engine.eval()
+        losses = []
+        for batch in self._loader(self.valid_ds, total, 0):
+            batch = move_batch(batch, self.device)
+            losses.append(self.task.loss(self.task.forward(self.engine, batch), batch))
+        self.engine.train()
+        return dp_mean(torch.stack(losses).mean(), self.dp_group)
+
+    def save(self) -> None:
+        ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
+                  self.cfg, self.cfg.checkpoint.keep_last)
+        self.log(f"saved checkpoint {self.ckpt_dir}/{ckpt.tag_for(self.state.step)}")
+
+    def train(self) -> int:
+        """Run to train_iters (or exit_at_step); returns the process exit code."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        end = t.exit_at_step or t.train_iters
+        batches = self._loader(self.train_ds, t.train_iters * t.global_batch_size,
+                               self.state.consumed_samples)
+        tokens_per_step = t.global_batch_size * self.cfg.model.max_seq_len
+        self.stop.install()
+        self.engine.train()
+        saved_at = None
+        interval_start, interval_steps = time.perf_counter(), 0
+        while self.state.step < end:
+            loss = dp_mean(self.train_step_fn(batches), self.dp_group)
+            self.state.step += 1
+            self.state.consumed_samples += t.global_batch_size
+            self.state.losses.append(loss)
+            interval_steps += 1
+            if self.state.step % t.log_interval == 0 or self.state.step == end:
+                seconds = time.perf_counter() - interval_start
+                norm = self.engine.get_global_grad_norm()
+                self.metrics.train(self.state.step, loss, self.engine.get_lr()[0],
+                                   float(norm) if norm is not None else None,
+                                   tokens_per_step * interval_steps, seconds,
+                                   self.state.consumed_samples)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if t.eval_interval and self.state.step % t.eval_interval == 0:
+                valid = self.evaluate()
+                if valid is not None:
+                    self.metrics.valid(self.state.step, valid)
+            if c.save_interval and self.state.step % c.save_interval == 0:
+                self.save()
+                saved_at = self.state.step
+            if self.stop.agreed():
+                if saved_at != self.state.step:
+                    self.save()
+                self.log(f"stopped by {self.stop.signal_name or 'a signal on another rank'} at "
+                         f"step {self.state.step}; rerun the same command to resume")
+                return EXIT_INTERRUPTED
+        if saved_at != self.state.step:
+            self.save()
+        return 0

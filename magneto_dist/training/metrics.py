@@ -1,0 +1,98 @@
+"""Metrics on rank 0: console line, TensorBoard scalars, and one JSON object per line.
+
+metrics.jsonl rows: {"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s",
+"tflops_per_device", "mfu", "memory_gb", "consumed_samples", "time"} every log interval, and
+{"split": "valid", "step", "loss", "ppl", "time"} every eval interval.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from typing import Optional
+
+import torch
+
+# Dense bf16/fp16 tensor-core peak TFLOP/s per device (vendor datasheets, SXM parts); fp32 runs on
+# GPUs are compared with the same peak, as MFU is conventionally quoted.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0,
+               "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "MI300X": 1307.0}
+
+
+def device_peak_tflops(configured: Optional[float]) -> Optional[float]:
+    """The configured peak, else the table's entry for this GPU, else None (no MFU)."""
+    if configured:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in PEAK_TFLOPS.items():
+            if key in name:
+                return peak
+    return None
+
+
+def memory_gb() -> float:
+    """Peak memory of this process: allocated GPU memory, or resident CPU memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, flops_per_token: float,
+                 world_size: int, peak_tflops: Optional[float]):
+        self.enabled = enabled
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = peak_tflops
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def _emit(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+
+    def train(self, step: int, loss: float, lr: float, grad_norm: Optional[float],
+              tokens: int, seconds: float, consumed_samples: int) -> None:
+        if not self.enabled:
+            return
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+        row = {"split": "train", "step": step, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+               "tflops_per_device": tflops,
+               "mfu": tflops / self.peak if self.peak else None,
+               "memory_gb": memory_gb(), "consumed_samples": consumed_samples,
+               "time": time.time()}
+        mfu = f" | mfu {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+        print(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | grad norm {norm} | "
+              f"{tokens_per_s:,.0f} tokens/s | {tflops * 1e3:.1f} GFLOP/s/device{mfu} | "
+              f"mem {row['memory_gb']:.2f} GB", flush=True)
+        self._emit(row)
+
+    def valid(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        ppl = math.exp(min(loss, 50.0))
+        print(f"step {step:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
+        self._emit({"split": "valid", "step": step, "loss": loss, "ppl": ppl,
+                    "time": time.time()})
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,176 @@
+"""Entry point shared by launch/pretrain_gpt.py and launch/pretrain_bert.py.
+
+Order matters: config validation, data and index caches (per node) and the resume checks all
+happen before torch.distributed starts, so a mistake costs seconds, not a cluster allocation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+from ..checkpoint import manager as ckpt
+from ..config import Config, ConfigError, dump_config, load_config, validate
+from ..data.corpus import build_builtin_corpus
+from ..data.datasets import DatasetRequest, build_datasets
+from ..data.tokenizer import SentencePieceTokenizer
+from ..model import build_model, flops_per_token
+from .generate import sample
+from .loop import Trainer, TrainState
+from .metrics import MetricsLogger, device_peak_tflops
+from .tasks import GPTTask, MaskedLMTask
+
+TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
+DEFAULT_CONFIGS = {"gpt": "configs/gpt_tiny_cpu.yaml", "bert": "configs/bert_tiny_cpu.yaml"}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXIT_CONFIG_ERROR = 2
+EXIT_CHECKPOINT_ERROR = 3
+
+
+def parse_args(task: str, argv: Optional[List[str]]):
+    p = argparse.ArgumentParser(
+        description=f"Pretrain a Magneto {task.upper()} with DeepSpeed.",
+        epilog="overrides: section.key=value, e.g. train.train_iters=100 model.norm=pre_ln")
+    p.add_argument("--config", default=os.path.join(ROOT, DEFAULT_CONFIGS[task]),
+                   help=f"YAML config (default {DEFAULT_CONFIGS[task]})")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_args(argv)
+
+
+class RankInfo:
+    """The launcher's environment (deepspeed, torchrun and our supervisor all set these)."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                   os.environ.get("LOCAL_SIZE", 1)))
+
+    def log(self, *args):
+        if self.rank == 0:
+            print(*args, flush=True)
+
+
+def single_process_env() -> None:
+    """Plain `python launch/...py` (no launcher): a world of one on a free local port, instead
+    of DeepSpeed's fallback to MPI discovery."""
+    if "RANK" in os.environ:
+        return
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def set_cpu_threads(ranks: RankInfo) -> None:
+    """Ranks sharing a CPU split its cores; oversubscription made matmuls up to 20x slower."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks.local_world_size)))
+
+
+def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
+    multiple = cfg.parallel.vocab_padding_multiple * cfg.parallel.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def prepare_data(cfg: Config, task: str, ranks: RankInfo):
+    """Tokenizer and [train, valid, test] datasets; before torch.distributed starts."""
+    d, t = cfg.data, cfg.train
+    if d.prefixes:
+        prefixes, model_path = d.prefixes, d.tokenizer_model
+    else:
+        prefix, model_path = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
+                                                  local_rank=ranks.local_rank, log=ranks.log)
+        prefixes = [prefix]
+    tokenizer = SentencePieceTokenizer(model_path)
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+    request = DatasetRequest(
+        prefixes=prefixes, weights=d.weights, split=d.split, seq_len=cfg.model.max_seq_len,
+        seed=t.seed, cache_dir=os.path.join(d.cache_dir, "index"), masked_lm=task == "bert",
+        masking_probability=d.masking_probability,
+        num_samples=(t.train_iters * t.global_batch_size,
+                     max(1, evals * t.eval_iters * t.global_batch_size),
+                     max(1, t.eval_iters * t.global_batch_size)))
+    return tokenizer, build_datasets(request, tokenizer, local_rank=ranks.local_rank)
+
+
+def resolve(task: str, argv) -> Config:
+    args = parse_args(task, argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.arch != TASKS[task].arch:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit this script (it trains "
+                          f"arch={TASKS[task].arch!r}); use launch/pretrain_"
+                          f"{'bert' if cfg.model.arch == 'encoder' else 'gpt'}.py")
+    return cfg
+
+
+def main(task: str, argv: Optional[List[str]] = None) -> int:
+    single_process_env()
+    ranks = RankInfo()
+    try:
+        cfg = resolve(task, argv)
+        validate(cfg, ranks.world_size, torch.cuda.is_available())
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    set_cpu_threads(ranks)
+    tokenizer, (train_ds, valid_ds, _) = prepare_data(cfg, task, ranks)
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        ranks.log(f"model.vocab_size set from the tokenizer: {tokenizer.vocab_size}")
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=padded_vocab_size(tokenizer.vocab_size,
+                                                                            cfg))
+    ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
+    try:
+        resume_tag = ckpt.find_resume_tag(ckpt_dir, cfg.checkpoint.resume, log=ranks.log)
+        if resume_tag:
+            ckpt.check_compatible(ckpt_dir, resume_tag, cfg)
+    except ckpt.CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_ERROR
+    return train(cfg, TASKS[task](tokenizer.vocab_size), tokenizer, train_ds, valid_ds,
+                 ckpt_dir, resume_tag, ranks)
+
+
+def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
+          resume_tag: Optional[str], ranks: RankInfo) -> int:
+    import deepspeed  # deferred: importing it costs seconds that config errors should not pay
+    from ..parallel.setup import setup_parallel
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if ranks.rank == 0:
+        os.makedirs(cfg.logging.run_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)  # identical full weights on every rank (same seed)
+    par = setup_parallel(model, cfg, task)
+    state = TrainState()
+    if resume_tag:
+        client = ckpt.load(par.engine, ckpt_dir, resume_tag)
+        state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
+        ranks.log(f"resumed from {ckpt_dir}/{resume_tag}: step {state.step}, "
+                  f"{state.consumed_samples} samples consumed")
+    metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
+                            flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
+                            device_peak_tflops(cfg.logging.peak_tflops))
+    trainer = Trainer(cfg, task, par.engine, train_ds, valid_ds, par.dp_rank, par.dp_size,
+                      par.dp_group, metrics, ckpt_dir, state,
+                      lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
+                                 **par.checkpoint_info},
+                      log=ranks.log, train_step_fn=par.train_step_fn)
+    code = trainer.train()
+    metrics.close()
+    if code == 0 and cfg.logging.sample_prompt and task.name == "gpt" and par.can_sample:
+        ids = sample(par.engine.module, tokenizer.encode(cfg.logging.sample_prompt),
+                     cfg.logging.sample_tokens, tokenizer.vocab_size, cfg.model.max_seq_len,
+                     seed=cfg.train.seed, eod=tokenizer.eod)
+        ranks.log(f"sample> {tokenizer.decode(ids)}")
+    return code

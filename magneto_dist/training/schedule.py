@@ -1,0 +1,32 @@
+"""Learning-rate schedule: linear warm-up, then cosine / linear / constant decay to min_lr.
+
+A torch LambdaLR (which DeepSpeed steps and checkpoints with the engine); DeepSpeed's own
+WarmupCosineLR has no min_lr floor in absolute terms and no linear-to-floor variant.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import TrainConfig
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate after `step` optimizer steps (step 0 is the first update)."""
+    if t.warmup_iters and step < t.warmup_iters:
+        return t.lr * (step + 1) / t.warmup_iters
+    if t.lr_decay_style == "constant":
+        return t.lr
+    decay_iters = (t.lr_decay_iters or t.train_iters) - t.warmup_iters
+    progress = min(1.0, (step - t.warmup_iters) / max(1, decay_iters))
+    if t.lr_decay_style == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0 - progress
+    return t.min_lr + (t.lr - t.min_lr) * factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig):
+    # LambdaLR multiplies the optimizer's initial lr (set to t.lr) by the returned factor.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)

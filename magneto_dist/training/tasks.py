@@ -1,0 +1,61 @@
+"""What a batch means for each model kind: the model inputs and the loss.
+
+Losses are per-micro-batch means over the loss-masked tokens, computed in fp32. The vocabulary
+may be padded (for tensor parallelism, to multiples of 128 x TP); padded entries are cut off
+before the softmax, so padding never changes the loss.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+Batch = Dict[str, torch.Tensor]
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def cross_entropy_unpadded(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Per-token CE over the first vocab_size logits; logits [b, s, V_padded], labels [b, s]."""
+    logits = logits[..., :vocab_size].float()
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+
+
+class GPTTask:
+    """Next-token prediction; megatron-core GPTDataset samples (tokens, labels, loss_mask)."""
+    name = "gpt"
+    arch = "decoder"
+
+    def __init__(self, vocab_size: int, cross_entropy: Callable = cross_entropy_unpadded):
+        self.vocab_size = vocab_size       # the tokenizer's, before padding
+        self.cross_entropy = cross_entropy  # tensor parallelism swaps in a vocab-parallel CE
+
+    def forward(self, model, batch: Batch) -> torch.Tensor:
+        return model(batch["tokens"])
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        per_token = self.cross_entropy(logits, batch["labels"], self.vocab_size)
+        return masked_mean(per_token, batch["loss_mask"])
+
+
+class MaskedLMTask(GPTTask):
+    """BERT masked LM; megatron-core BERT samples (text, labels, loss_mask, padding_mask)."""
+    name = "bert"
+    arch = "encoder"
+
+    def forward(self, model, batch: Batch) -> torch.Tensor:
+        return model(batch["text"], padding_mask=batch["padding_mask"].bool())
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        labels = batch["labels"].clamp(min=0)  # -1 marks unmasked positions (loss_mask is 0)
+        per_token = self.cross_entropy(logits, labels, self.vocab_size)
+        return masked_mean(per_token, batch["loss_mask"])
+
+
+def move_batch(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}

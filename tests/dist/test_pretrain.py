@@ -1,0 +1,126 @@
+"""launch/pretrain_gpt.py end to end: the default run, exact resume, incomplete checkpoints,
+SIGTERM, metrics.jsonl, incompatible checkpoints. Ranks are real processes on gloo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .ranks import ROOT, free_port, kill_group, run_ranks, start_ranks
+
+# A model small enough that a 10-step run costs ~1 s after start-up.
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
+        "model.ffn_hidden_size=256", "model.max_seq_len=32", "data.builtin_vocab_size=1024",
+        "train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_iters=2",
+        "train.log_interval=1", "train.eval_interval=0", "logging.sample_prompt=",
+        "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def read_metrics(run_dir, split="train"):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if r["split"] == split]
+
+
+def gpt(run_dir, cache_dir, *overrides):
+    return ["launch/pretrain_gpt.py", *TINY, f"data.cache_dir={cache_dir}",
+            f"logging.run_dir={run_dir}", *overrides]
+
+
+def check_ok(results):
+    for r in results:
+        assert r.returncode == 0, r.output[-4000:]
+    return results[0].output
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_default_run_through_deepspeed_cli(tmp_path, cache_dir, ranks):
+    """The README's command (shortened): the default config, on 1 and 2 data-parallel ranks."""
+    run_dir = tmp_path / "run"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
+           "--master_port", str(free_port()), "launch/pretrain_gpt.py",
+           "train.train_iters=24", "train.warmup_iters=4", "train.log_interval=4",
+           "train.eval_interval=12", "train.eval_iters=2", "checkpoint.save_interval=12",
+           "logging.sample_tokens=8", f"data.cache_dir={cache_dir}", f"logging.run_dir={run_dir}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(2 // ranks), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    train = read_metrics(run_dir)
+    assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0, [r["loss"] for r in train]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
+    valid = read_metrics(run_dir, "valid")
+    assert [r["step"] for r in valid] == [12, 24]
+    assert valid[1]["ppl"] == pytest.approx(2.718281828 ** valid[1]["loss"], rel=1e-6)
+    assert "sample> def " in proc.stdout
+    with open(run_dir / "checkpoints" / "latest") as f:
+        assert f.read() == "global_step24"
+
+
+@pytest.mark.parametrize("ranks,zero", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_resume_is_exact(tmp_path, cache_dir, ranks, zero):
+    """10 steps straight == 5 steps, stop, resume, 5 more (per-step losses)."""
+    common = [f"train.zero_stage={zero}", "train.train_iters=10", "checkpoint.save_interval=0"]
+    straight, staged = tmp_path / "straight", tmp_path / "staged"
+    check_ok(run_ranks(gpt(straight, cache_dir, *common), ranks))
+    check_ok(run_ranks(gpt(staged, cache_dir, *common, "train.exit_at_step=5"), ranks))
+    assert [r["step"] for r in read_metrics(staged)] == [1, 2, 3, 4, 5]
+    out = check_ok(run_ranks(gpt(staged, cache_dir, *common), ranks))
+    assert "resumed from" in out and "step 5, 40 samples consumed" in out
+    expected = [r["loss"] for r in read_metrics(straight)]
+    resumed = [r["loss"] for r in read_metrics(staged)]
+    assert len(expected) == 10
+    assert resumed == expected  # bit-exact: same layout, same arithmetic
+
+
+def test_incomplete_checkpoint_is_never_chosen(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = gpt(run_dir, cache_dir, "train.train_iters=6", "checkpoint.save_interval=3")
+    results = run_ranks(args, 2, extra_env={"MAGNETO_DIST_FAULT": "kill_in_save:1:6"})
+    assert results[1].returncode == 137
+    assert results[0].returncode != 0
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "global_step6").is_dir() and not (ckpts / "global_step6" / "complete.json").exists()
+    with open(ckpts / "latest") as f:
+        assert f.read() == "global_step3"
+    out = check_ok(run_ranks(args, 2))
+    assert "skipping incomplete checkpoint" in out and "global_step6" in out
+    assert "resumed from" in out and "step 3, 24 samples consumed" in out
+    assert (ckpts / "global_step6" / "complete.json").exists()
+
+
+def test_sigterm_saves_and_exits_with_distinct_code(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = gpt(run_dir, cache_dir, "train.train_iters=100000", "checkpoint.save_interval=0")
+    (proc,) = start_ranks(args, 1)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "no training progress"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by SIGTERM" in out
+    step = read_metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / f"global_step{step}" / "complete.json").exists()
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    check_ok(run_ranks(gpt(run_dir, cache_dir, "train.train_iters=2"), 1))
+    (res,) = run_ranks(gpt(run_dir, cache_dir, "train.train_iters=4", "model.num_layers=3"), 1)
+    assert res.returncode == 3
+    assert "was written by a different model; model.num_layers: checkpoint 2, config 3" in res.output

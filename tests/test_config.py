@@ -1,0 +1,103 @@
+"""Run config: YAML + overrides, every error names its key, checks happen before heavy work."""
+import glob
+import os
+import re
+
+import pytest
+import yaml
+
+from magneto_dist.config import ConfigError, dump_config, load_config, validate
+from magneto_dist.training.run import main
+from magneto_dist.training.schedule import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_overrides_parse_as_yaml_and_floats_without_dot():
+    cfg = load_config(None, ["train.lr=3e-4", "model.num_layers=4", "data.prefixes=[a, b]",
+                             "data.weights=[1, 3]", "train.exit_at_step=null",
+                             "logging.tensorboard=false"])
+    assert cfg.train.lr == 3e-4 and cfg.model.num_layers == 4
+    assert cfg.data.prefixes == ["a", "b"] and cfg.data.weights == [1.0, 3.0]
+    assert cfg.logging.tensorboard is False
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown key train.lrr; known keys in train: adam_beta1"),
+    (["trian.lr=1"], "unknown section 'trian'"),
+    (["train.lr"], "is not section.key=value"),
+    (["train.train_iters=abc"], "train.train_iters='abc' must be int"),
+    (["model.norm=foo"], "model.norm='foo' is not one of post_ln"),
+    (["model.hidden_size=30"], "model.hidden_size=30 is not divisible by model.num_heads=4"),
+    (["data.weights=[1]"], "data.weights has 1 entries but data.prefixes has 0"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(load_config(None, overrides), world_size=1)
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["train.global_batch_size=12"], 2,
+     "train.global_batch_size=12 is not divisible by train.micro_batch_size x data-parallel "
+     "size = 8 x 2; use a multiple of 16"),
+    (["parallel.tensor_model_parallel_size=2"], 3,
+     "world size 3 is not divisible by tensor x pipeline parallel size 2 x 1"),
+    (["parallel.tensor_model_parallel_size=3"], 3, "does not divide model.num_heads=4"),
+    (["parallel.pipeline_model_parallel_size=2", "train.zero_stage=3", "model.num_layers=4"], 2,
+     "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1"),
+    (["parallel.pipeline_model_parallel_size=4", "model.num_layers=2"], 4,
+     "more stages than model.num_layers=2"),
+    (["train.precision=fp16"], 1, "train.precision='fp16' needs a GPU"),
+    (["train.exit_at_step=500", "train.train_iters=100"], 1, "train.exit_at_step=500"),
+    (["data.prefixes=[x]"], 1, "data.prefixes needs data.tokenizer_model"),
+    (["data.split=90,10"], 1, "data.split='90,10' must be three comma-separated numbers"),
+])
+def test_cross_field_validation(overrides, world, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(load_config(None, overrides), world_size=world)
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  warmup: 10\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: unknown key train.warmup"):
+        load_config(str(bad))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match=rf"{broken}: not valid YAML"):
+        load_config(str(broken))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_main_refuses_bad_config_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written here
+    assert main("gpt", ["train.micro_batch_size=3", "train.global_batch_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: train.global_batch_size=16 is not divisible" in err
+    assert main("gpt", ["model.arch=encoder"]) == 2
+    assert "use launch/pretrain_bert.py" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, str(out))
+    assert load_config(str(out)) == cfg
+    with open(out) as f:
+        assert set(yaml.safe_load(f)) == {"model", "data", "train", "parallel", "checkpoint",
+                                          "logging"}
+
+
+def test_lr_schedule_shapes():
+    cfg = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_iters=10",
+                             "train.train_iters=110"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)   # cosine midpoint
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    cfg.lr_decay_style = "linear"
+    assert lr_at(35, cfg) == pytest.approx(1.0 - 0.9 * 0.25)
+    cfg.lr_decay_style = "constant"
+    assert lr_at(100, cfg) == 1.0
