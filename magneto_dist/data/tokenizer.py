@@ -7,6 +7,7 @@ another, whatever the file is called.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import OrderedDict
@@ -53,8 +54,9 @@ class SentencePieceTokenizer:
     def unique_identifiers(self) -> OrderedDict:
         return OrderedDict([("class", "SentencePieceTokenizer"), ("model_sha256", self.sha256)])
 
-    @property
+    @functools.cached_property
     def inv_vocab(self) -> dict:
+        """id -> piece; megatron-core's masking reads it once per token, so it is built once."""
         return {i: self.sp.id_to_piece(i) for i in range(self.vocab_size)}
 
     @property

@@ -124,3 +124,13 @@ def test_incompatible_checkpoint_is_refused(tmp_path, cache_dir):
     (res,) = run_ranks(gpt(run_dir, cache_dir, "train.train_iters=4", "model.num_layers=3"), 1)
     assert res.returncode == 3
     assert "was written by a different model; model.num_layers: checkpoint 2, config 3" in res.output
+
+
+def test_bert_masked_lm_trains(tmp_path, cache_dir):
+    run_dir = tmp_path / "bert"
+    args = ["launch/pretrain_bert.py", *TINY, "model.arch=encoder", "model.position=learned",
+            "train.train_iters=30", "train.lr=5e-3", f"data.cache_dir={cache_dir}",
+            f"logging.run_dir={run_dir}"]
+    check_ok(run_ranks(args, 1))
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    assert len(losses) == 30 and sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
