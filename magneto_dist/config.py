@@ -60,7 +60,7 @@ class TrainConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1    # TP degree (megatron-core layers)
     pipeline_model_parallel_size: int = 1  # PP degree (DeepSpeed PipelineModule)
-    pipeline_partition: str = "parameters"  # parameters | uniform (layers per stage)
+    pipeline_partition: str = "parameters"  # balance stages by parameters | layers
     activation_checkpointing: bool = False  # recompute each layer in backward
     vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
 
@@ -229,8 +229,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
              f"train.zero_stage={t.zero_stage} with parallel.pipeline_model_parallel_size={pp}: "
              "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1 "
              "(or drop pipeline parallelism to use ZeRO-2/3)")
-    _require(p.pipeline_partition in ("parameters", "uniform"),
-             f"parallel.pipeline_partition={p.pipeline_partition!r} must be parameters or uniform")
+    _require(p.pipeline_partition in ("parameters", "layers"),
+             f"parallel.pipeline_partition={p.pipeline_partition!r} must be parameters or layers")
     _require(p.vocab_padding_multiple >= 1, "parallel.vocab_padding_multiple must be at least 1")
     _require(t.train_iters >= 1, f"train.train_iters={t.train_iters} must be at least 1")
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,

@@ -23,7 +23,7 @@ class ModelConfig:
     hidden_size: int = 256            # d, the residual-stream width
     num_heads: int = 4                # attention heads; hidden_size must divide evenly
     ffn_hidden_size: Optional[int] = None  # FFN width; None means 4 * hidden_size
-    vocab_size: int = 1000            # token vocabulary (padded copies for TP live in the parallel layer)
+    vocab_size: int = 1000            # token vocabulary (TP pads its vocab-parallel shards itself)
     max_seq_len: int = 128            # longest sequence (learned positions table size, RoPE cache)
     position: str = "learned"         # learned absolute embeddings | rope (rotary, on q and k)
     rope_base: float = 10000.0        # RoPE frequency base

@@ -85,22 +85,32 @@ def _init_linear(linear: nn.Module, gain: float, style: str) -> None:
         nn.init.zeros_(linear.bias)
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Initialize every parameter of a freshly built model (single process, full weights)."""
+def _linear_gains(model: nn.Module) -> dict:
+    """id(linear) -> xavier gain for every projection of every attention and FFN sublayer."""
     from .layers import Attention, FeedForward  # layers imports this module's siblings only
 
-    for module in model.modules():  # heads and other projections: gain 1
-        if isinstance(module, nn.Linear):
-            _init_linear(module, 1.0, cfg.init_style)
+    gains = {}
     for module in model.modules():
         if isinstance(module, Attention):
-            for proj in (module.q_proj, module.k_proj):
-                _init_linear(proj, 1.0, cfg.init_style)
-            for proj in (module.v_proj, module.out_proj):
-                _init_linear(proj, module.init_gain, cfg.init_style)
+            gains.update({id(module.q_proj): 1.0, id(module.k_proj): 1.0,
+                          id(module.v_proj): module.init_gain, id(module.out_proj): module.init_gain})
         elif isinstance(module, FeedForward):
             for proj in (module.fc1, module.fc1_gate, module.fc2):
                 if proj is not None:
-                    _init_linear(proj, module.init_gain, cfg.init_style)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=cfg.embedding_init_std)
+                    gains[id(proj)] = module.init_gain
+    return gains
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Initialize every parameter of a freshly built model (single process, full weights):
+    each projection once with its gain, then the embedding tables (and an untied head)."""
+    gains = _linear_gains(model)
+    head = model.lm_head
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            _init_linear(module, gains.get(id(module), 1.0), cfg.init_style)
+    if model.embed.position is not None:
+        nn.init.normal_(model.embed.position.weight, std=cfg.embedding_init_std)
+    nn.init.normal_(model.embed.word.weight, std=cfg.embedding_init_std)
+    if head.weight is not model.embed.word.weight:  # untied: GPT-2 / Megatron output init
+        nn.init.normal_(head.weight, std=cfg.embedding_init_std)

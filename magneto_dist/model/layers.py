@@ -6,6 +6,7 @@ below therefore infers the local head count from tensor shapes instead of the co
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -106,6 +107,9 @@ class Attention(ResidualSublayer):
         self.head_dim = cfg.head_dim
         self.causal = causal
         self.attn_dropout = cfg.dropout
+        # Where attention dropout draws its mask; tensor parallelism points this at a per-rank
+        # stream (its heads differ by rank), see magneto_dist/parallel/random.py.
+        self.dropout_rng = contextlib.nullcontext
 
     def transform(self, h, memory: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, rope=None) -> torch.Tensor:
@@ -120,9 +124,10 @@ class Attention(ResidualSublayer):
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if self.causal and mask is not None:  # SDPA takes a mask or is_causal, not both
             mask = mask & torch.ones(s, t, dtype=torch.bool, device=h.device).tril()
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
-            dropout_p=self.attn_dropout if self.training else 0.0)        # [b, heads, s, hd]
+        with self.dropout_rng():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                dropout_p=self.attn_dropout if self.training else 0.0)    # [b, heads, s, hd]
         if self.head_scale is not None:
             y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(b, s, -1)                            # [b, s, d]

@@ -1,28 +1,92 @@
-"""Turn a full model into a trained-in-parallel engine: TP, then PP, then DP/ZeRO, in steps."""
+"""From a full model to an engine, in small explicit steps (torchtitan's order):
+process groups -> tensor parallelism -> activation recompute -> pipeline stages or the
+data-parallel/ZeRO engine. The model itself holds no parallelism."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
+from deepspeed.checkpoint import constants as ds_ckpt
+from megatron.core import parallel_state as ps
 from torch import nn
 
 from ..config import Config
 from ..training.engine import build_engine
+from ..training.tasks import move_batch
+from . import state
+from .pipeline import build_pipeline
+from .random import TensorParallelRNG, apply_activation_checkpointing, use_tensor_parallel_rng
+from .tensor_parallel import FullLogits, apply_tensor_parallel, vocab_parallel_cross_entropy
 
 
 @dataclass
 class ParallelSetup:
-    engine: object                       # the DeepSpeed engine
+    engine: object                       # the DeepSpeed engine (a PipelineEngine with PP > 1)
     dp_rank: int
     dp_size: int
-    dp_group: Optional[object]           # None: the whole world
-    checkpoint_info: dict = field(default_factory=dict)  # extra client state for checkpoints
+    dp_group: object
     train_step_fn: Optional[Callable] = None  # None: the trainer's micro-batch loop
-    can_sample: bool = True              # whether engine.module maps tokens to full logits
+    eval_fn: Optional[Callable] = None   # None: the trainer's micro-batch loop
+    sample_model: Optional[nn.Module] = None  # tokens -> full logits, or None (pipeline)
+    checkpoint_info: dict = field(default_factory=dict)  # extra client state
+
+
+def universal_checkpoint_info(vocab_size: int) -> dict:
+    """Which parameters DeepSpeed's ds_to_universal must treat how, by name pattern."""
+    return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: {
+        ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        ds_ckpt.TP_REPLICATED_PARAMETER_PATTERNS: [
+            r"pre_norm\.", r"post_norm\.", r"output_norm\.", r"final_norm\.", r"mlm_",
+            r"position\.weight", r"out_proj\.bias", r"fc2\.bias", r"module\.(weight|bias)$"],
+        ds_ckpt.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r"out_proj\.weight", r"fc2\.weight"],
+        ds_ckpt.VOCABULARY_PARAMETER_PATTERNS: [r"word\.weight", r"lm_head\.weight"],
+        ds_ckpt.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"word\.weight"],
+        "original_vocab_size": vocab_size,
+    }}
+
+
+def _pipeline_steps(engine, gpt_task):
+    def pipe_batches(batches):
+        for b in batches:
+            b = move_batch(b, engine.device)
+            yield b["tokens"], (b["labels"], b["loss_mask"])
+
+    def train_step(batches):
+        return engine.train_batch(data_iter=pipe_batches(batches))
+
+    def evaluate(batches, global_batches: int):
+        it = pipe_batches(batches)
+        return torch.stack([engine.eval_batch(it) for _ in range(global_batches)]).mean()
+    return train_step, evaluate
 
 
 def setup_parallel(model: nn.Module, cfg: Config, task) -> ParallelSetup:
-    world = dist.get_world_size()
-    engine = build_engine(model, cfg, dp_size=world)
-    return ParallelSetup(engine=engine, dp_rank=dist.get_rank(), dp_size=world, dp_group=None)
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = dist.get_world_size() // (tp * pp)
+    state.initialize_groups(tp, pp)
+    rng = TensorParallelRNG(cfg.train.seed, state.tp_rank())
+    if tp > 1:
+        apply_tensor_parallel(model, p.vocab_padding_multiple)
+        task.cross_entropy = vocab_parallel_cross_entropy
+        if cfg.model.dropout > 0:
+            use_tensor_parallel_rng(model, rng)
+    if p.activation_checkpointing:
+        stacks = [s for s in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if s]
+        apply_activation_checkpointing([l for s in stacks for l in s.layers],
+                                       rng if tp > 1 else None)
+    info = universal_checkpoint_info(cfg.model.vocab_size)
+    common = dict(dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
+                  dp_group=ps.get_data_parallel_group(), checkpoint_info=info)
+    if pp > 1:
+        loss_fn = lambda logits, labels: task.loss(  # noqa: E731
+            logits, {"labels": labels[0], "loss_mask": labels[1]})
+        engine = build_engine(build_pipeline(model, tp, pp, dp, loss_fn, p.pipeline_partition),
+                              cfg, dp)
+        train_step, evaluate = _pipeline_steps(engine, task)
+        return ParallelSetup(engine=engine, train_step_fn=train_step, eval_fn=evaluate, **common)
+    engine = build_engine(model, cfg, dp, mpu=state.DeepSpeedMPU())
+    sample_model = FullLogits(engine.module) if tp > 1 else engine.module
+    return ParallelSetup(engine=engine, sample_model=sample_model, **common)

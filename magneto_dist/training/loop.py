@@ -36,9 +36,9 @@ class StopRequest:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
+    def agreed(self, device: torch.device) -> bool:
         """Whether any rank was asked to stop (all ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -51,28 +51,30 @@ class TrainState:
 
 
 def dp_mean(value: torch.Tensor, group) -> float:
-    value = value.detach().float().clone().cpu()
+    value = value.detach().float().clone()  # stays on its device: NCCL reduces CUDA tensors
     dist.all_reduce(value, group=group)
     return value.item() / dist.get_world_size(group)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task, engine, train_ds, valid_ds, dp_rank: int, dp_size: int,
-                 dp_group, metrics: MetricsLogger, ckpt_dir: str, state: TrainState,
-                 client_state_fn: Callable[[TrainState], dict], log=print,
-                 train_step_fn: Optional[Callable] = None):
-        self.cfg, self.task, self.engine = cfg, task, engine
+    def __init__(self, cfg: Config, task, par, train_ds, valid_ds, metrics: MetricsLogger,
+                 ckpt_dir: str, state: TrainState, client_state_fn: Callable[[TrainState], dict],
+                 log=print):
+        """par: a magneto_dist.parallel.setup.ParallelSetup (engine, DP rank/size/group, and
+        the pipeline's own train/eval steps when there is one)."""
+        self.cfg, self.task, self.engine = cfg, task, par.engine
         self.train_ds, self.valid_ds = train_ds, valid_ds
-        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
+        self.dp_rank, self.dp_size, self.dp_group = par.dp_rank, par.dp_size, par.dp_group
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
         self.client_state_fn = client_state_fn
         self.log = log
-        self.device = engine.device
+        self.device = self.engine.device
         self.stop = StopRequest()
         t = cfg.train
-        self.grad_accum = t.global_batch_size // (t.micro_batch_size * dp_size)
-        # the pipeline engine replaces the micro-batch loop with its own schedule
-        self.train_step_fn = train_step_fn or self._micro_batch_step
+        self.grad_accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        # the pipeline engine replaces the micro-batch loops with its own schedule
+        self.train_step_fn = par.train_step_fn or self._micro_batch_step
+        self.eval_fn = par.eval_fn or self._micro_batch_eval
 
     def _loader(self, dataset, total: int, start: int):
         t = self.cfg.train
@@ -91,19 +93,28 @@ class Trainer:
         return torch.stack(losses).mean()
 
     @torch.no_grad()
+    def _micro_batch_eval(self, batches, global_batches: int) -> torch.Tensor:
+        losses = []
+        for batch in batches:
+            batch = move_batch(batch, self.device)
+            losses.append(self.task.loss(self.task.forward(self.engine, batch), batch))
+        return torch.stack(losses).mean()
+
+    def train_step(self, batches) -> float:
+        """One optimizer step over a global batch; the loss averaged over it (all DP ranks)."""
+        return dp_mean(self.train_step_fn(batches), self.dp_group)
+
     def evaluate(self) -> Optional[float]:
+        """Validation loss over the first eval_iters global batches of the validation split."""
         t = self.cfg.train
         if self.valid_ds is None or len(self.valid_ds) < t.global_batch_size:
             return None
-        total = min(len(self.valid_ds), t.eval_iters * t.global_batch_size)
-        total -= total % t.global_batch_size
+        global_batches = min(len(self.valid_ds) // t.global_batch_size, t.eval_iters)
         self.engine.eval()
-        losses = []
-        for batch in self._loader(self.valid_ds, total, 0):
-            batch = move_batch(batch, self.device)
-            losses.append(self.task.loss(self.task.forward(self.engine, batch), batch))
+        loss = self.eval_fn(self._loader(self.valid_ds, global_batches * t.global_batch_size, 0),
+                            global_batches)
         self.engine.train()
-        return dp_mean(torch.stack(losses).mean(), self.dp_group)
+        return dp_mean(loss, self.dp_group)
 
     def save(self) -> None:
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
@@ -122,7 +133,7 @@ class Trainer:
         saved_at = None
         interval_start, interval_steps = time.perf_counter(), 0
         while self.state.step < end:
-            loss = dp_mean(self.train_step_fn(batches), self.dp_group)
+            loss = self.train_step(batches)
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size
             self.state.losses.append(loss)
@@ -142,7 +153,7 @@ class Trainer:
             if c.save_interval and self.state.step % c.save_interval == 0:
                 self.save()
                 saved_at = self.state.step
-            if self.stop.agreed():
+            if self.stop.agreed(self.device):
                 if saved_at != self.state.step:
                     self.save()
                 self.log(f"stopped by {self.stop.signal_name or 'a signal on another rank'} at "

@@ -77,11 +77,6 @@ def set_cpu_threads(ranks: RankInfo) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks.local_world_size)))
 
 
-def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
-    multiple = cfg.parallel.vocab_padding_multiple * cfg.parallel.tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
 def prepare_data(cfg: Config, task: str, ranks: RankInfo):
     """Tokenizer and [train, valid, test] datasets; before torch.distributed starts."""
     d, t = cfg.data, cfg.train
@@ -126,8 +121,8 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     tokenizer, (train_ds, valid_ds, _) = prepare_data(cfg, task, ranks)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         ranks.log(f"model.vocab_size set from the tokenizer: {tokenizer.vocab_size}")
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=padded_vocab_size(tokenizer.vocab_size,
-                                                                            cfg))
+    # The model has exactly the tokenizer's vocabulary; tensor parallelism pads its own shards.
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
     try:
         resume_tag = ckpt.find_resume_tag(ckpt_dir, cfg.checkpoint.resume, log=ranks.log)
@@ -161,15 +156,14 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
                             device_peak_tflops(cfg.logging.peak_tflops))
-    trainer = Trainer(cfg, task, par.engine, train_ds, valid_ds, par.dp_rank, par.dp_size,
-                      par.dp_group, metrics, ckpt_dir, state,
+    trainer = Trainer(cfg, task, par, train_ds, valid_ds, metrics, ckpt_dir, state,
                       lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
                                  **par.checkpoint_info},
-                      log=ranks.log, train_step_fn=par.train_step_fn)
+                      log=ranks.log)
     code = trainer.train()
     metrics.close()
-    if code == 0 and cfg.logging.sample_prompt and task.name == "gpt" and par.can_sample:
-        ids = sample(par.engine.module, tokenizer.encode(cfg.logging.sample_prompt),
+    if code == 0 and cfg.logging.sample_prompt and task.name == "gpt" and par.sample_model:
+        ids = sample(par.sample_model, tokenizer.encode(cfg.logging.sample_prompt),
                      cfg.logging.sample_tokens, tokenizer.vocab_size, cfg.model.max_seq_len,
                      seed=cfg.train.seed, eod=tokenizer.eod)
         ranks.log(f"sample> {tokenizer.decode(ids)}")

@@ -1,0 +1,225 @@
+"""Tensor parallelism applied to a built model: megatron-core layers swapped in, weights sliced.
+
+Q/K/V and W_1 (and the SwiGLU gate) become column-parallel, W_o and W_2 row-parallel, so each
+rank holds num_heads/TP heads and ffn/TP hidden units; the embedding, LM head and cross-entropy
+become vocab-parallel. Every TP module is filled with its slice of the full model's weights, so a
+TP run starts from exactly the single-process weights. Parameter names do not change.
+
+What megatron-core lacks, written here: the Sub-LN (and NormFormer FFN) norms, whose inputs TP
+has split along the normalized dimension. ShardedLayerNorm / ShardedRMSNorm all-reduce per-token
+(sum x, sum x^2) across the TP group, normalize their own slice and keep only their slice of the
+gain and bias; the all-reduce is differentiable (its backward all-reduces the gradient), which is
+the matching backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, tensor_parallel
+from torch import nn
+
+from ..model.layers import Attention, FeedForward
+from ..model.norms import LayerNorm, RMSNorm
+from . import state
+
+
+def _megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
+    # Weights are copied in from the full model, so megatron-core's own init is skipped.
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=False, params_dtype=dtype,
+                               sequence_parallel=False, gradient_accumulation_fusion=False)
+
+
+def _noop_init(weight):
+    return weight
+
+
+class _NoExtraState:
+    """megatron's layers add `_extra_state: None` to the state dict, which crashes DeepSpeed's
+    universal-checkpoint converter; restoring nn.Module's methods removes the entry."""
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+
+class ColumnLinear(_NoExtraState, tensor_parallel.ColumnParallelLinear):
+    def forward(self, x):  # megatron returns (output, bias); the bias is already added
+        return super().forward(x)[0]
+
+
+class RowLinear(_NoExtraState, tensor_parallel.RowParallelLinear):
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class VocabEmbedding(_NoExtraState, tensor_parallel.VocabParallelEmbedding):
+    pass
+
+
+def _shard(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.chunk(state.tp_size(), dim=dim)[state.tp_rank()].detach().clone()
+
+
+def _mark_sharded(param: nn.Parameter, dim: int) -> None:
+    """megatron-core sets these only inside its own init (skipped here); DeepSpeed's grad norm
+    counts a parameter without them once per TP group, as if replicated, so the norm comes
+    out too small and clipping wrong."""
+    tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
+def column_from(linear: nn.Linear, config) -> ColumnLinear:
+    tp_linear = ColumnLinear(linear.in_features, linear.out_features, config=config,
+                             init_method=_noop_init, bias=linear.bias is not None,
+                             gather_output=False)
+    with torch.no_grad():
+        tp_linear.weight.copy_(_shard(linear.weight, 0))
+        if linear.bias is not None:
+            tp_linear.bias.copy_(_shard(linear.bias, 0))
+    _mark_sharded(tp_linear.weight, 0)
+    return tp_linear
+
+
+def row_from(linear: nn.Linear, config) -> RowLinear:
+    tp_linear = RowLinear(linear.in_features, linear.out_features, config=config,
+                          init_method=_noop_init, bias=linear.bias is not None,
+                          input_is_parallel=True, skip_bias_add=False)
+    with torch.no_grad():
+        tp_linear.weight.copy_(_shard(linear.weight, 1))
+        if linear.bias is not None:  # added after the all-reduce: replicated
+            tp_linear.bias.copy_(linear.bias)
+    _mark_sharded(tp_linear.weight, 1)
+    return tp_linear
+
+
+def _tp_sum(x: torch.Tensor) -> torch.Tensor:
+    return dist_fn.all_reduce(x, group=state.tp_group())
+
+
+class ShardedLayerNorm(LayerNorm):
+    """LayerNorm over a dimension split across TP ranks; holds this rank's slice of gain/bias."""
+
+    def __init__(self, full: LayerNorm):
+        width = full.normalized_shape[0]
+        super().__init__(width // state.tp_size(), eps=full.eps)
+        self.full_width = width
+        with torch.no_grad():
+            self.weight.copy_(_shard(full.weight, 0))
+            self.bias.copy_(_shard(full.bias, 0))
+        _mark_sharded(self.weight, 0)
+        _mark_sharded(self.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()                                                       # [..., d/tp]
+        sums = _tp_sum(torch.stack([xf.sum(-1), (xf * xf).sum(-1)], dim=-1))  # [..., 2]
+        mean = (sums[..., 0] / self.full_width).unsqueeze(-1)
+        var = (sums[..., 1] / self.full_width).unsqueeze(-1) - mean * mean
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight.float() + self.bias.float()).type_as(x)
+
+
+class ShardedRMSNorm(RMSNorm):
+    def __init__(self, full: RMSNorm):
+        width = full.normalized_shape[0]
+        super().__init__(width // state.tp_size(), eps=full.eps)
+        self.full_width = width
+        with torch.no_grad():
+            self.weight.copy_(_shard(full.weight, 0))
+        _mark_sharded(self.weight, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        mean_square = (_tp_sum((xf * xf).sum(-1)) / self.full_width).unsqueeze(-1)
+        return (xf * torch.rsqrt(mean_square + self.eps) * self.weight.float()).type_as(x)
+
+
+def sharded_norm(norm: nn.Module) -> nn.Module:
+    return ShardedRMSNorm(norm) if isinstance(norm, RMSNorm) else ShardedLayerNorm(norm)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    step = multiple * state.tp_size()
+    return -(-vocab_size // step) * step
+
+
+def vocab_embedding_from(embedding: nn.Embedding, padded: int, config) -> VocabEmbedding:
+    """Padded rows are zero and never looked up (no token has their id)."""
+    vocab, dim = embedding.weight.shape
+    tp_embedding = VocabEmbedding(padded, dim, init_method=_noop_init, config=config)
+    full = torch.zeros(padded, dim, dtype=embedding.weight.dtype)
+    full[:vocab] = embedding.weight.detach()
+    with torch.no_grad():
+        tp_embedding.weight.copy_(_shard(full, 0))
+    _mark_sharded(tp_embedding.weight, 0)
+    return tp_embedding
+
+
+class VocabHead(ColumnLinear):
+    """The LM head over this rank's vocabulary slice: [b, s, d] -> [b, s, V_padded / tp]."""
+
+
+def vocab_head_from(head: nn.Linear, padded: int, config, tied_to=None) -> VocabHead:
+    tp_head = VocabHead(head.in_features, padded, config=config, init_method=_noop_init,
+                        bias=False, gather_output=False)
+    if tied_to is not None:
+        tp_head.weight = tied_to.weight  # same [V_padded/tp, d] slice as the embedding
+        return tp_head
+    full = torch.zeros(padded, head.in_features, dtype=head.weight.dtype)
+    full[: head.out_features] = head.weight.detach()
+    with torch.no_grad():
+        tp_head.weight.copy_(_shard(full, 0))
+    _mark_sharded(tp_head.weight, 0)
+    return tp_head
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Per-token CE from this rank's logit slice [b, s, V_padded/tp]; padded entries excluded."""
+    local = logits.shape[-1]
+    first = state.tp_rank() * local
+    logits = logits.float()
+    if first + local > vocab_size:  # this slice holds padding: no probability mass there
+        ids = torch.arange(first, first + local, device=logits.device)
+        logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+class FullLogits(nn.Module):
+    """Gathers the vocab-parallel logits, for sampling from a TP model (no gradient; megatron's
+    gather_from_tensor_model_parallel_region allocates on CUDA)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @torch.no_grad()
+    def forward(self, tokens):
+        local = self.model(tokens).contiguous()                    # [b, s, V_padded/tp]
+        parts = [torch.empty_like(local) for _ in range(state.tp_size())]
+        torch.distributed.all_gather(parts, local, group=state.tp_group())
+        return torch.cat(parts, dim=-1)                            # [b, s, V_padded]
+
+
+def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None:
+    """Shard a full model in place across the current TP group (see the module docstring)."""
+    config = _megatron_config(state.tp_size(), next(model.parameters()).dtype)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(module, name, column_from(getattr(module, name), config))
+            module.out_proj = row_from(module.out_proj, config)
+            if module.inner_norm is not None:
+                module.inner_norm = sharded_norm(module.inner_norm)
+            if module.head_scale is not None:
+                module.head_scale = nn.Parameter(_shard(module.head_scale, 0))
+                _mark_sharded(module.head_scale, 0)
+        elif isinstance(module, FeedForward):
+            module.fc1 = column_from(module.fc1, config)
+            if module.fc1_gate is not None:
+                module.fc1_gate = column_from(module.fc1_gate, config)
+            module.fc2 = row_from(module.fc2, config)
+            if module.inner_norm is not None:
+                module.inner_norm = sharded_norm(module.inner_norm)
+    padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple)
+    tied = model.lm_head.weight is model.embed.word.weight
+    model.embed.word = vocab_embedding_from(model.embed.word, padded, config)
+    model.lm_head = vocab_head_from(model.lm_head, padded, config,
+                                    tied_to=model.embed.word if tied else None)
