@@ -8,13 +8,12 @@ TP run starts from exactly the single-process weights. Parameter names do not ch
 What megatron-core lacks, written here: the Sub-LN (and NormFormer FFN) norms, whose inputs TP
 has split along the normalized dimension. ShardedLayerNorm / ShardedRMSNorm all-reduce per-token
 (sum x, sum x^2) across the TP group, normalize their own slice and keep only their slice of the
-gain and bias; the all-reduce is differentiable (its backward all-reduces the gradient), which is
-the matching backward.
+gain and bias; the all-reduce's backward all-reduces the gradient, which is the matching
+backward.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
@@ -91,8 +90,27 @@ def row_from(linear: nn.Linear, config) -> RowLinear:
     return tp_linear
 
 
+class _SumOverTP(torch.autograd.Function):
+    """All-reduce in forward and in backward. Every rank uses the summed statistics for its own
+    slice only, so the true gradient of a rank's partial sum is the sum of all ranks' gradients.
+    (megatron-core's reduce_from_tensor_model_parallel_region has an identity backward, right
+    only when everything downstream is replicated.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=state.tp_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=state.tp_group())
+        return grad
+
+
 def _tp_sum(x: torch.Tensor) -> torch.Tensor:
-    return dist_fn.all_reduce(x, group=state.tp_group())
+    return _SumOverTP.apply(x)
 
 
 class ShardedLayerNorm(LayerNorm):

@@ -76,7 +76,8 @@ class Trainer:
         self.train_step_fn = par.train_step_fn or self._micro_batch_step
         self.eval_fn = par.eval_fn or self._micro_batch_eval
 
-    def _loader(self, dataset, total: int, start: int):
+    def loader(self, dataset, total: int, start: int):
+        """Micro-batches of this DP rank for global samples [start, total)."""
         t = self.cfg.train
         sampler = GlobalSampleBatches(total, start, t.micro_batch_size, self.dp_rank, self.dp_size)
         return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
@@ -111,7 +112,7 @@ class Trainer:
             return None
         global_batches = min(len(self.valid_ds) // t.global_batch_size, t.eval_iters)
         self.engine.eval()
-        loss = self.eval_fn(self._loader(self.valid_ds, global_batches * t.global_batch_size, 0),
+        loss = self.eval_fn(self.loader(self.valid_ds, global_batches * t.global_batch_size, 0),
                             global_batches)
         self.engine.train()
         return dp_mean(loss, self.dp_group)
@@ -125,7 +126,7 @@ class Trainer:
         """Run to train_iters (or exit_at_step); returns the process exit code."""
         t, c = self.cfg.train, self.cfg.checkpoint
         end = t.exit_at_step or t.train_iters
-        batches = self._loader(self.train_ds, t.train_iters * t.global_batch_size,
+        batches = self.loader(self.train_ds, t.train_iters * t.global_batch_size,
                                self.state.consumed_samples)
         tokens_per_step = t.global_batch_size * self.cfg.model.max_seq_len
         self.stop.install()

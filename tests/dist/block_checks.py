@@ -1,0 +1,111 @@
+"""Block-level checks run inside layout_worker.py's rank group (TP = the whole world)."""
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from magneto_dist.model import ModelConfig, build_model
+from magneto_dist.parallel import state
+from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,
+                                          use_tensor_parallel_rng)
+from magneto_dist.parallel.tensor_parallel import (ShardedLayerNorm, ShardedRMSNorm,
+                                                   apply_tensor_parallel)
+
+
+def _tiny(**kw):
+    cfg = dict(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, vocab_size=100,
+               max_seq_len=16)
+    cfg.update(kw)
+    torch.manual_seed(5)
+    return build_model(ModelConfig(**cfg))
+
+
+def _full_slice(full: torch.Tensor, tp_param: torch.Tensor) -> torch.Tensor:
+    if not getattr(tp_param, "tensor_model_parallel", False):
+        return full
+    return full.chunk(state.tp_size(), dim=tp_param.partition_dim)[state.tp_rank()]
+
+
+def sub_ln_block(norm: str, norm_type: str) -> dict:
+    """Outputs and all gradients of one layer under TP equal the unsharded layer's."""
+    full_model = _tiny(norm=norm, norm_type=norm_type, activation="swiglu")
+    tp_model = copy.deepcopy(full_model)
+    apply_tensor_parallel(tp_model, vocab_padding_multiple=8)
+    full, tp = full_model.decoder.layers[1], tp_model.decoder.layers[1]
+    sharded = (ShardedLayerNorm, ShardedRMSNorm)
+    assert isinstance(tp.ffn.inner_norm, sharded), type(tp.ffn.inner_norm)
+    g = torch.Generator().manual_seed(0)  # same input and output weighting on every rank
+    x = torch.randn(3, 7, 32, generator=g)
+    weight = torch.randn(3, 7, 32, generator=g)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [layer(xi) for layer, xi in zip((full, tp), xs)]
+    for out in outs:
+        (out * weight).sum().backward()
+    grads = dict(full.named_parameters())
+    # relative for large gradients, absolute for tiny ones (k_proj.bias has a true gradient of
+    # exactly zero: softmax ignores a shift shared by all keys)
+    param_diff = max(((p.grad - _full_slice(grads[name].grad, p)).abs().max()
+                      / grads[name].grad.abs().max().clamp(min=1.0)).item()
+                     for name, p in tp.named_parameters())
+    return {"output": (outs[0] - outs[1]).abs().max().item(),
+            "input_grad": (xs[0].grad - xs[1].grad).abs().max().item(),
+            "param_grads_scaled": param_diff, "params": sum(1 for _ in tp.parameters())}
+
+
+def _gather(t: torch.Tensor):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return parts
+
+
+def dropout_streams() -> dict:
+    rng = TensorParallelRNG(seed=7, tp_rank=state.tp_rank())
+    with rng.fork():
+        tp_mask = F.dropout(torch.ones(4096), 0.5)
+    torch.manual_seed(11)  # the default stream: seeded alike on every TP rank
+    default_mask = F.dropout(torch.ones(4096), 0.5)
+    tp_masks, default_masks = _gather(tp_mask), _gather(default_mask)
+    return {"tp_masks_differ": not torch.equal(tp_masks[0], tp_masks[1]),
+            "default_masks_equal": torch.equal(default_masks[0], default_masks[1]),
+            **_recompute(rng)}
+
+
+def _loss_and_grads(model, rng_state, default_seed):
+    torch.manual_seed(default_seed)
+    tracker = model.tp_rng
+    tracker.state = rng_state.clone()
+    tokens = torch.arange(32).view(2, 16) % 100
+    loss = model(tokens).float().square().mean()
+    model.zero_grad()
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def _recompute(rng) -> dict:
+    """Recompute replays both dropout streams: same loss and grads with and without it."""
+    models = []
+    for recompute in (False, True):
+        model = _tiny(norm="magneto", dropout=0.3)
+        apply_tensor_parallel(model, vocab_padding_multiple=8)
+        model.tp_rng = TensorParallelRNG(seed=7, tp_rank=state.tp_rank())
+        use_tensor_parallel_rng(model, model.tp_rng)
+        if recompute:
+            apply_activation_checkpointing(model.decoder.layers, model.tp_rng)
+        models.append(model)
+    start = models[0].tp_rng.state
+    plain_loss, plain_grads = _loss_and_grads(models[0], start, 3)
+    re_loss, re_grads = _loss_and_grads(models[1], start, 3)
+    other = TensorParallelRNG(seed=8, tp_rank=state.tp_rank()).state
+    other_loss, _ = _loss_and_grads(models[0], other, 3)
+    return {"recompute_loss_diff": abs(plain_loss - re_loss),
+            "recompute_grad_diff": max((a - b).abs().max().item()
+                                       for a, b in zip(plain_grads, re_grads)),
+            "other_tp_seed_loss_diff": abs(plain_loss - other_loss)}
+
+
+def run_check(case: dict):
+    state.initialize_groups(dist.get_world_size(), 1)
+    if case["check"] == "sub_ln":
+        return sub_ln_block(case["norm"], case["norm_type"])
+    return dropout_streams()

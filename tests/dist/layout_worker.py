@@ -1,0 +1,96 @@
+"""Run on N ranks (tests/dist/ranks.py starts it): train each case of a JSON case list for a few
+steps through the production path (setup_parallel + Trainer.train_step) on a fixed synthetic
+global batch sequence, and have rank 0 write {case name: result} to the output file.
+
+    python tests/dist/layout_worker.py CASES.json OUT.json
+
+A training case: {"name", "tp", "pp", "zero", "model": {ModelConfig overrides}, "steps",
+"recompute", "partition"} -> [loss per step]. A case with "check" runs one of block_checks.py instead.
+Starting ranks costs seconds, so one group of ranks goes through many cases.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from magneto_dist.config import load_config  # noqa: E402
+from magneto_dist.model import build_model  # noqa: E402
+from magneto_dist.parallel.setup import setup_parallel  # noqa: E402
+from magneto_dist.training.loop import Trainer, TrainState  # noqa: E402
+from magneto_dist.training.metrics import MetricsLogger  # noqa: E402
+from magneto_dist.training.tasks import GPTTask, MaskedLMTask  # noqa: E402
+
+VOCAB, SEQ, GLOBAL_BATCH, MICRO_BATCH = 250, 16, 8, 2
+BASE_MODEL = dict(num_layers=4, hidden_size=32, num_heads=4, ffn_hidden_size=64,
+                  vocab_size=VOCAB, max_seq_len=SEQ)
+
+
+def synthetic_dataset(arch: str, samples: int):
+    """Deterministic samples in the shape megatron-core's GPT / BERT datasets produce."""
+    g = torch.Generator().manual_seed(99)
+    data = []
+    for _ in range(samples):
+        tokens = torch.randint(0, VOCAB, (SEQ + 1,), generator=g)
+        if arch == "decoder":
+            data.append({"tokens": tokens[:-1], "labels": tokens[1:],
+                         "loss_mask": torch.ones(SEQ)})
+        else:
+            masked = torch.rand(SEQ, generator=g) < 0.3
+            padding = torch.ones(SEQ, dtype=torch.long)
+            padding[SEQ - int(torch.randint(0, 4, (1,), generator=g)):] = 0
+            data.append({"text": tokens[:-1], "labels": torch.where(masked, tokens[1:], -1),
+                         "loss_mask": (masked & padding.bool()).long(), "padding_mask": padding})
+    return data
+
+
+def case_config(case):
+    model = {**BASE_MODEL, **case.get("model", {})}
+    overrides = [f"model.{k}={v}" for k, v in model.items()]
+    overrides += [f"parallel.tensor_model_parallel_size={case['tp']}",
+                  f"parallel.pipeline_model_parallel_size={case['pp']}",
+                  f"parallel.activation_checkpointing={case.get('recompute', False)}",
+                  f"parallel.pipeline_partition={case.get('partition', 'parameters')}",
+                  f"train.zero_stage={case['zero']}", f"train.micro_batch_size={MICRO_BATCH}",
+                  f"train.global_batch_size={GLOBAL_BATCH}", "train.lr=3e-3",
+                  "train.warmup_iters=1", f"train.train_iters={case['steps']}",
+                  "train.grad_clip=0.5", "train.seed=7"]  # clipping active: tests the TP norm
+    return load_config(None, overrides)
+
+
+def train_case(case):
+    cfg = case_config(case)
+    task = (GPTTask if cfg.model.arch == "decoder" else MaskedLMTask)(VOCAB)
+    torch.manual_seed(cfg.train.seed)
+    par = setup_parallel(build_model(cfg.model), cfg, task)
+    data = synthetic_dataset(cfg.model.arch, case["steps"] * GLOBAL_BATCH)
+    trainer = Trainer(cfg, task, par, data, None, MetricsLogger("", False, False, 0, 1, None),
+                      "", TrainState(), lambda s: {})
+    batches = trainer.loader(data, len(data), 0)
+    return [trainer.train_step(batches) for _ in range(case["steps"])]
+
+
+def main():
+    cases_path, out_path = sys.argv[1:3]
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    from block_checks import run_check  # beside this file
+    with open(cases_path) as f:
+        cases = json.load(f)
+    results = {}
+    for case in cases:
+        results[case["name"]] = run_check(case) if "check" in case else train_case(case)
+        if dist.get_rank() == 0:
+            print(f"{case['name']}: {results[case['name']]}", flush=True)
+    if dist.get_rank() == 0:
+        with open(out_path + ".tmp", "w") as f:
+            json.dump(results, f)
+        os.replace(out_path + ".tmp", out_path)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
