@@ -91,8 +91,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-SECTION_TYPES = get_type_hints(Config)
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
 def _coerce(key: str, value: Any, hint) -> Any:

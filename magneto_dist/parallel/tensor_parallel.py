@@ -14,7 +14,6 @@ backward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
@@ -35,10 +34,15 @@ def _noop_init(weight):
 
 
 class _NoExtraState:
-    """megatron's layers add `_extra_state: None` to the state dict, which crashes DeepSpeed's
-    universal-checkpoint converter; restoring nn.Module's methods removes the entry."""
+    """megatron's layers add `_extra_state: None` to the state dict (and a load hook that expects
+    it), which crashes DeepSpeed's universal-checkpoint converter: restore nn.Module's methods
+    and drop the hook, so the state dict holds only the parameters."""
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._load_state_dict_pre_hooks.clear()
 
 
 class ColumnLinear(_NoExtraState, tensor_parallel.ColumnParallelLinear):

@@ -66,10 +66,17 @@ def test_default_run_through_deepspeed_cli(tmp_path, cache_dir, ranks):
         assert f.read() == "global_step24"
 
 
-@pytest.mark.parametrize("ranks,zero", [(1, 1), (1, 3), (2, 1), (2, 3)])
-def test_resume_is_exact(tmp_path, cache_dir, ranks, zero):
+TP2 = "parallel.tensor_model_parallel_size=2"
+PP2 = "parallel.pipeline_model_parallel_size=2"
+
+
+@pytest.mark.parametrize("ranks,zero,layout", [
+    (1, 1, []), (1, 3, []), (2, 1, []), (2, 3, []), (2, 3, [TP2]), (4, 1, [TP2, PP2])],
+    ids=["1rank-zero1", "1rank-zero3", "dp2-zero1", "dp2-zero3", "tp2-zero3", "tp2-pp2-zero1"])
+def test_resume_is_exact(tmp_path, cache_dir, ranks, zero, layout):
     """10 steps straight == 5 steps, stop, resume, 5 more (per-step losses)."""
-    common = [f"train.zero_stage={zero}", "train.train_iters=10", "checkpoint.save_interval=0"]
+    common = [f"train.zero_stage={zero}", "train.train_iters=10", "checkpoint.save_interval=0",
+              *layout]
     straight, staged = tmp_path / "straight", tmp_path / "staged"
     check_ok(run_ranks(gpt(straight, cache_dir, *common), ranks))
     check_ok(run_ranks(gpt(staged, cache_dir, *common, "train.exit_at_step=5"), ranks))
