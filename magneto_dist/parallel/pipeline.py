@@ -66,15 +66,24 @@ class TransformerLayerPipe(nn.Module):
         return self.layer(x, rope=rope)
 
 
-class ModulePipe(nn.Module):
-    """A final norm or an untied head, as a pipe layer."""
-
-    def __init__(self, module: nn.Module):
+class FinalNormPipe(nn.Module):
+    def __init__(self, final_norm: nn.Module):
         super().__init__()
-        self.module = module
+        self.final_norm = final_norm  # named as in the model: checkpoint tools match on names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        return self.final_norm(x)
+
+
+class HeadPipe(nn.Module):
+    """The untied LM head."""
+
+    def __init__(self, lm_head: nn.Module):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)
 
 
 def pipeline_layers(model: MagnetoGPT) -> list:
@@ -86,12 +95,12 @@ def pipeline_layers(model: MagnetoGPT) -> list:
     layers = [word, LayerSpec(EmbeddingTailPipe, model.embed.position, model.embed.dropout)]
     layers += [LayerSpec(TransformerLayerPipe, layer, cfg) for layer in model.decoder.layers]
     if model.decoder.final_norm is not None:
-        layers.append(LayerSpec(ModulePipe, model.decoder.final_norm))
+        layers.append(LayerSpec(FinalNormPipe, model.decoder.final_norm))
     if tied:
         layers.append(TiedLayerSpec("word_embedding", WordEmbeddingPipe, model.embed.word,
                                     forward_fn=tied_head, tied_weight_attr="word.weight"))
     else:
-        layers.append(LayerSpec(ModulePipe, model.lm_head))
+        layers.append(LayerSpec(HeadPipe, model.lm_head))
     return layers
 
 

@@ -33,18 +33,30 @@ class ParallelSetup:
     checkpoint_info: dict = field(default_factory=dict)  # extra client state
 
 
-def universal_checkpoint_info(vocab_size: int) -> dict:
-    """Which parameters DeepSpeed's ds_to_universal must treat how, by name pattern."""
-    return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: {
-        ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        ds_ckpt.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r"pre_norm\.", r"post_norm\.", r"output_norm\.", r"final_norm\.", r"mlm_",
-            r"position\.weight", r"out_proj\.bias", r"fc2\.bias", r"module\.(weight|bias)$"],
-        ds_ckpt.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r"out_proj\.weight", r"fc2\.weight"],
-        ds_ckpt.VOCABULARY_PARAMETER_PATTERNS: [r"word\.weight", r"lm_head\.weight"],
-        ds_ckpt.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"word\.weight"],
-        "original_vocab_size": vocab_size,
-    }}
+# How DeepSpeed's ds_to_universal must treat each parameter, as regexes it re.match-es against
+# names (hence the ".*" prefix, which also covers pipeline-stage names such as "3.layer.ffn...").
+UNIVERSAL_PATTERNS = {
+    ds_ckpt.TP_REPLICATED_PARAMETER_PATTERNS: [
+        r".*pre_norm\.", r".*post_norm\.", r".*output_norm\.", r".*final_norm\.",
+        r".*mlm_(dense|norm)\.", r".*position\.weight$", r".*out_proj\.bias$", r".*fc2\.bias$"],
+    ds_ckpt.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*out_proj\.weight$", r".*fc2\.weight$"],
+    ds_ckpt.VOCABULARY_PARAMETER_PATTERNS: [r".*word\.weight$", r".*lm_head\.weight$"],
+}
+
+
+def universal_checkpoint_info(model: nn.Module, vocab_size: int, pipelined: bool) -> dict:
+    """The client-state entry ds_to_universal needs. It insists that every pattern matches some
+    parameter, so only the patterns this model's names use are kept."""
+    import re
+    names = [name for name, _ in model.named_parameters()]
+    info = {kind: [p for p in patterns if any(re.match(p, n) for n in names)]
+            for kind, patterns in UNIVERSAL_PATTERNS.items()}
+    tied = model.lm_head.weight is model.embed.word.weight
+    info[ds_ckpt.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = (
+        [r".*word\.weight$"] if pipelined and tied else [])
+    info[ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_KEY] = ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_VALUE
+    info["original_vocab_size"] = vocab_size
+    return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: info}
 
 
 def _pipeline_steps(engine, gpt_task):
@@ -77,7 +89,7 @@ def setup_parallel(model: nn.Module, cfg: Config, task) -> ParallelSetup:
         stacks = [s for s in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if s]
         apply_activation_checkpointing([l for s in stacks for l in s.layers],
                                        rng if tp > 1 else None)
-    info = universal_checkpoint_info(cfg.model.vocab_size)
+    info = universal_checkpoint_info(model, cfg.model.vocab_size, pipelined=pp > 1)
     common = dict(dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
                   dp_group=ps.get_data_parallel_group(), checkpoint_info=info)
     if pp > 1:

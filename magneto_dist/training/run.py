@@ -140,6 +140,8 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
     import deepspeed  # deferred: importing it costs seconds that config errors should not pay
     from ..parallel.setup import setup_parallel
 
+    if torch.cuda.is_available():  # before any group or generator touches "the" device
+        torch.cuda.set_device(ranks.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if ranks.rank == 0:
         os.makedirs(cfg.logging.run_dir, exist_ok=True)

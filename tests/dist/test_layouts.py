@@ -29,6 +29,7 @@ GROUPS = {
        case("tp2_rmsnorm_swiglu_rope_untied", tp=2, model=VARIANT),
        case("tp2_recompute", tp=2, recompute=True),
        case("pp2", pp=2),
+       case("pp2_recompute", pp=2, recompute=True),
        case("pp2_untied_by_layers", pp=2, model=VARIANT, partition="layers"),
        case("dp2_zero1", zero=1), case("dp2_zero2", zero=2), case("dp2_zero3", zero=3),
        case("dp2_encoder_zero1", model=ENCODER)],
