@@ -117,18 +117,23 @@ def _tp_sum(x: torch.Tensor) -> torch.Tensor:
     return _SumOverTP.apply(x)
 
 
-class ShardedLayerNorm(LayerNorm):
-    """LayerNorm over a dimension split across TP ranks; holds this rank's slice of gain/bias."""
+class _ShardedNorm:
+    """Mixin: built from the full norm, keeping this rank's slice of its gain (and bias)."""
 
-    def __init__(self, full: LayerNorm):
+    def __init__(self, full: nn.Module):
         width = full.normalized_shape[0]
         super().__init__(width // state.tp_size(), eps=full.eps)
         self.full_width = width
-        with torch.no_grad():
-            self.weight.copy_(_shard(full.weight, 0))
-            self.bias.copy_(_shard(full.bias, 0))
-        _mark_sharded(self.weight, 0)
-        _mark_sharded(self.bias, 0)
+        for name in ("weight", "bias"):
+            if getattr(self, name, None) is not None:
+                param = getattr(self, name)
+                with torch.no_grad():
+                    param.copy_(_shard(getattr(full, name), 0))
+                _mark_sharded(param, 0)
+
+
+class ShardedLayerNorm(_ShardedNorm, LayerNorm):
+    """LayerNorm over a dimension split across TP ranks; holds this rank's slice of gain/bias."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()                                                       # [..., d/tp]
@@ -139,14 +144,8 @@ class ShardedLayerNorm(LayerNorm):
         return (y * self.weight.float() + self.bias.float()).type_as(x)
 
 
-class ShardedRMSNorm(RMSNorm):
-    def __init__(self, full: RMSNorm):
-        width = full.normalized_shape[0]
-        super().__init__(width // state.tp_size(), eps=full.eps)
-        self.full_width = width
-        with torch.no_grad():
-            self.weight.copy_(_shard(full.weight, 0))
-        _mark_sharded(self.weight, 0)
+class ShardedRMSNorm(_ShardedNorm, RMSNorm):
+    """RMSNorm over a dimension split across TP ranks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
