@@ -164,7 +164,11 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
                       log=ranks.log)
     code = trainer.train()
     metrics.close()
-    if code == 0 and cfg.logging.sample_prompt and task.name == "gpt" and par.sample_model:
+    if code == 0 and cfg.logging.sample_prompt and task.name == "gpt":
+        if par.sample_model is None:
+            ranks.log("no sample: no rank of a pipeline-parallel model runs a whole forward "
+                      "(tools/generate.py reads TP1 x PP1 checkpoints)")
+            return code
         ids = sample(par.sample_model, tokenizer.encode(cfg.logging.sample_prompt),
                      cfg.logging.sample_tokens, tokenizer.vocab_size, cfg.model.max_seq_len,
                      seed=cfg.train.seed, eod=tokenizer.eod)
