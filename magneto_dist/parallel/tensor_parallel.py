@@ -63,22 +63,30 @@ def _shard(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.chunk(state.tp_size(), dim=dim)[state.tp_rank()].detach().clone()
 
 
-def _mark_sharded(param: nn.Parameter, dim: int) -> None:
-    """megatron-core sets these only inside its own init (skipped here); DeepSpeed's grad norm
-    counts a parameter without them once per TP group, as if replicated, so the norm comes
-    out too small and clipping wrong."""
-    tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
+def _load_shard(param: nn.Parameter, full: torch.Tensor, dim: int) -> None:
+    """Copy this rank's slice of `full` into `param` and mark it as TP-sharded. megatron-core
+    sets the marks only inside its own init (skipped here); DeepSpeed's grad norm counts an
+    unmarked parameter once per TP group, as if replicated, and so clips wrongly."""
+    with torch.no_grad():
+        param.copy_(_shard(full, dim))
+    # set directly: megatron's setter asserts the marks are unset, and it marks biases itself
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
+
+
+def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The vocabulary table padded with zero rows (ids no token has)."""
+    full = torch.zeros(rows, weight.shape[1], dtype=weight.dtype)
+    full[: weight.shape[0]] = weight.detach()
+    return full
 
 
 def column_from(linear: nn.Linear, config) -> ColumnLinear:
     tp_linear = ColumnLinear(linear.in_features, linear.out_features, config=config,
                              init_method=_noop_init, bias=linear.bias is not None,
                              gather_output=False)
-    with torch.no_grad():
-        tp_linear.weight.copy_(_shard(linear.weight, 0))
-        if linear.bias is not None:
-            tp_linear.bias.copy_(_shard(linear.bias, 0))
-    _mark_sharded(tp_linear.weight, 0)
+    _load_shard(tp_linear.weight, linear.weight, 0)
+    if linear.bias is not None:
+        _load_shard(tp_linear.bias, linear.bias, 0)
     return tp_linear
 
 
@@ -86,11 +94,10 @@ def row_from(linear: nn.Linear, config) -> RowLinear:
     tp_linear = RowLinear(linear.in_features, linear.out_features, config=config,
                           init_method=_noop_init, bias=linear.bias is not None,
                           input_is_parallel=True, skip_bias_add=False)
-    with torch.no_grad():
-        tp_linear.weight.copy_(_shard(linear.weight, 1))
-        if linear.bias is not None:  # added after the all-reduce: replicated
+    _load_shard(tp_linear.weight, linear.weight, 1)
+    if linear.bias is not None:  # added after the all-reduce: replicated
+        with torch.no_grad():
             tp_linear.bias.copy_(linear.bias)
-    _mark_sharded(tp_linear.weight, 1)
     return tp_linear
 
 
@@ -126,10 +133,7 @@ class _ShardedNorm:
         self.full_width = width
         for name in ("weight", "bias"):
             if getattr(self, name, None) is not None:
-                param = getattr(self, name)
-                with torch.no_grad():
-                    param.copy_(_shard(getattr(full, name), 0))
-                _mark_sharded(param, 0)
+                _load_shard(getattr(self, name), getattr(full, name), 0)
 
 
 class ShardedLayerNorm(_ShardedNorm, LayerNorm):
@@ -164,13 +168,9 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 def vocab_embedding_from(embedding: nn.Embedding, padded: int, config) -> VocabEmbedding:
     """Padded rows are zero and never looked up (no token has their id)."""
-    vocab, dim = embedding.weight.shape
-    tp_embedding = VocabEmbedding(padded, dim, init_method=_noop_init, config=config)
-    full = torch.zeros(padded, dim, dtype=embedding.weight.dtype)
-    full[:vocab] = embedding.weight.detach()
-    with torch.no_grad():
-        tp_embedding.weight.copy_(_shard(full, 0))
-    _mark_sharded(tp_embedding.weight, 0)
+    tp_embedding = VocabEmbedding(padded, embedding.weight.shape[1], init_method=_noop_init,
+                                  config=config)
+    _load_shard(tp_embedding.weight, _pad_rows(embedding.weight, padded), 0)
     return tp_embedding
 
 
@@ -184,11 +184,7 @@ def vocab_head_from(head: nn.Linear, padded: int, config, tied_to=None) -> Vocab
     if tied_to is not None:
         tp_head.weight = tied_to.weight  # same [V_padded/tp, d] slice as the embedding
         return tp_head
-    full = torch.zeros(padded, head.in_features, dtype=head.weight.dtype)
-    full[: head.out_features] = head.weight.detach()
-    with torch.no_grad():
-        tp_head.weight.copy_(_shard(full, 0))
-    _mark_sharded(tp_head.weight, 0)
+    _load_shard(tp_head.weight, _pad_rows(head.weight, padded), 0)
     return tp_head
 
 
@@ -222,7 +218,7 @@ class FullLogits(nn.Module):
 def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None:
     """Shard a full model in place across the current TP group (see the module docstring)."""
     config = _megatron_config(state.tp_size(), next(model.parameters()).dtype)
-    for module in model.modules():
+    for module in list(model.modules()):  # a list: children are replaced on the way
         if isinstance(module, Attention):
             for name in ("q_proj", "k_proj", "v_proj"):
                 setattr(module, name, column_from(getattr(module, name), config))
@@ -230,8 +226,9 @@ def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None
             if module.inner_norm is not None:
                 module.inner_norm = sharded_norm(module.inner_norm)
             if module.head_scale is not None:
-                module.head_scale = nn.Parameter(_shard(module.head_scale, 0))
-                _mark_sharded(module.head_scale, 0)
+                full = module.head_scale
+                module.head_scale = nn.Parameter(torch.empty(full.numel() // state.tp_size()))
+                _load_shard(module.head_scale, full, 0)
         elif isinstance(module, FeedForward):
             module.fc1 = column_from(module.fc1, config)
             if module.fc1_gate is not None:

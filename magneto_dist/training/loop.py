@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,6 @@ class StopRequest:
 class TrainState:
     step: int = 0                 # optimizer steps done
     consumed_samples: int = 0     # global sample index of the next sample
-    losses: List[float] = field(default_factory=list)  # this process's run, one per step
 
 
 def dp_mean(value: torch.Tensor, group) -> float:
@@ -83,11 +82,14 @@ class Trainer:
         return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                                 num_workers=self.cfg.data.loader_workers))
 
+    def _loss(self, batch) -> torch.Tensor:
+        batch = move_batch(batch, self.device)
+        return self.task.loss(self.task.forward(self.engine, batch), batch)
+
     def _micro_batch_step(self, batches) -> torch.Tensor:
         losses = []
         for _ in range(self.grad_accum):
-            batch = move_batch(next(batches), self.device)
-            loss = self.task.loss(self.task.forward(self.engine, batch), batch)
+            loss = self._loss(next(batches))
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
@@ -95,11 +97,7 @@ class Trainer:
 
     @torch.no_grad()
     def _micro_batch_eval(self, batches, global_batches: int) -> torch.Tensor:
-        losses = []
-        for batch in batches:
-            batch = move_batch(batch, self.device)
-            losses.append(self.task.loss(self.task.forward(self.engine, batch), batch))
-        return torch.stack(losses).mean()
+        return torch.stack([self._loss(batch) for batch in batches]).mean()
 
     def train_step(self, batches) -> float:
         """One optimizer step over a global batch; the loss averaged over it (all DP ranks)."""
@@ -137,7 +135,6 @@ class Trainer:
             loss = self.train_step(batches)
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size
-            self.state.losses.append(loss)
             interval_steps += 1
             if self.state.step % t.log_interval == 0 or self.state.step == end:
                 seconds = time.perf_counter() - interval_start
