@@ -174,3 +174,16 @@ def test_tp2_checkpoint_converts_to_universal_and_matches_tp1(tmp_path, cache_di
         # TP sums in another order (~1e-6), and Adam turns that noise in near-zero gradients into
         # up to ~lr (3e-3) per step; a mis-merged slice (order, dimension) is off by ~0.1.
         torch.testing.assert_close(merged, weight, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_under_tp2_tracks_fp32(tmp_path, cache_dir):
+    """DeepSpeed's bf16 optimizer path with TP (bf16 activations, fp32 master weights, fp32
+    norms and CE): the loss curve stays within bf16 rounding of the fp32 single-process one."""
+    common = ["train.train_iters=12"]
+    check_ok(run_ranks(gpt(tmp_path / "fp32", cache_dir, *common), 1))
+    check_ok(run_ranks(gpt(tmp_path / "bf16", cache_dir, *common, TP2, "train.precision=bf16"), 2))
+    fp32 = [r["loss"] for r in read_metrics(tmp_path / "fp32")]
+    bf16 = [r["loss"] for r in read_metrics(tmp_path / "bf16")]
+    assert len(bf16) == 12 and bf16 != fp32  # really ran in another precision
+    assert max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.05, (bf16, fp32)
+    assert bf16[-1] < bf16[0] - 0.3
