@@ -3,7 +3,9 @@
 The model becomes a flat list of pipe layers: word embedding, embedding tail (positions,
 dropout), one pipe layer per transformer layer, final norm, head. DeepSpeed builds only the
 layers of its own stage; each pipe layer wraps the module of the full model, so every stage
-holds exactly the single-process weights. With tied embeddings the word embedding is a
+holds exactly the single-process weights. DeepSpeed keeps every LayerSpec, arguments included,
+for the whole run, so the specs name modules in a holder that is emptied after the build: the
+other stages' layers are then freed. With tied embeddings the word embedding is a
 TiedLayerSpec shared by the first and last stage (DeepSpeed all-reduces its gradient between
 them). The topology (pipe, data, model) must match megatron-core's rank order, which it does.
 """
@@ -20,12 +22,25 @@ from ..model.layers import Rotary
 from ..model.models import MagnetoGPT
 
 
+class ModuleSource:
+    """The full model's modules by dotted name, until release()."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def get(self, name):
+        return self.model.get_submodule(name) if name is not None else None
+
+    def release(self) -> None:
+        self.model = None
+
+
 class WordEmbeddingPipe(nn.Module):
     """tokens [b, s] -> [b, s, d]; on the last stage (tied) also the LM head."""
 
-    def __init__(self, word: nn.Module):
+    def __init__(self, source: ModuleSource):
         super().__init__()
-        self.word = word
+        self.word = source.get("embed.word")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.word(tokens)
@@ -43,9 +58,10 @@ def tied_head(module: WordEmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 class EmbeddingTailPipe(nn.Module):
     """Learned positions (if any) and embedding dropout: the rest of Embeddings.forward."""
 
-    def __init__(self, position, dropout: nn.Module):
+    def __init__(self, source: ModuleSource, learned_positions: bool):
         super().__init__()
-        self.position, self.dropout = position, dropout
+        self.position = source.get("embed.position" if learned_positions else None)
+        self.dropout = source.get("embed.dropout")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.position is not None:
@@ -56,9 +72,9 @@ class EmbeddingTailPipe(nn.Module):
 class TransformerLayerPipe(nn.Module):
     """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap)."""
 
-    def __init__(self, layer: nn.Module, cfg):
+    def __init__(self, source: ModuleSource, name: str, cfg):
         super().__init__()
-        self.layer = layer
+        self.layer = source.get(name)
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +83,10 @@ class TransformerLayerPipe(nn.Module):
 
 
 class FinalNormPipe(nn.Module):
-    def __init__(self, final_norm: nn.Module):
+    def __init__(self, source: ModuleSource):
         super().__init__()
-        self.final_norm = final_norm  # named as in the model: checkpoint tools match on names
+        # named as in the model: checkpoint tools match parameters by name
+        self.final_norm = source.get("decoder.final_norm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_norm(x)
@@ -78,29 +95,30 @@ class FinalNormPipe(nn.Module):
 class HeadPipe(nn.Module):
     """The untied LM head."""
 
-    def __init__(self, lm_head: nn.Module):
+    def __init__(self, source: ModuleSource):
         super().__init__()
-        self.lm_head = lm_head
+        self.lm_head = source.get("lm_head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)
 
 
-def pipeline_layers(model: MagnetoGPT) -> list:
+def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
     cfg = model.config
     tied = model.lm_head.weight is model.embed.word.weight
-    word = (TiedLayerSpec("word_embedding", WordEmbeddingPipe, model.embed.word,
+    word = (TiedLayerSpec("word_embedding", WordEmbeddingPipe, source,
                           tied_weight_attr="word.weight") if tied
-            else LayerSpec(WordEmbeddingPipe, model.embed.word))
-    layers = [word, LayerSpec(EmbeddingTailPipe, model.embed.position, model.embed.dropout)]
-    layers += [LayerSpec(TransformerLayerPipe, layer, cfg) for layer in model.decoder.layers]
+            else LayerSpec(WordEmbeddingPipe, source))
+    layers = [word, LayerSpec(EmbeddingTailPipe, source, cfg.position == "learned")]
+    layers += [LayerSpec(TransformerLayerPipe, source, f"decoder.layers.{i}", cfg)
+               for i in range(len(model.decoder.layers))]
     if model.decoder.final_norm is not None:
-        layers.append(LayerSpec(FinalNormPipe, model.decoder.final_norm))
+        layers.append(LayerSpec(FinalNormPipe, source))
     if tied:
-        layers.append(TiedLayerSpec("word_embedding", WordEmbeddingPipe, model.embed.word,
+        layers.append(TiedLayerSpec("word_embedding", WordEmbeddingPipe, source,
                                     forward_fn=tied_head, tied_weight_attr="word.weight"))
     else:
-        layers.append(LayerSpec(HeadPipe, model.lm_head))
+        layers.append(LayerSpec(HeadPipe, source))
     return layers
 
 
@@ -109,5 +127,9 @@ def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn,
     """partition: "parameters" balances parameter counts, "layers" transformer layers."""
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     method = "parameters" if partition == "parameters" else "type:TransformerLayerPipe"
-    return PipelineModule(layers=pipeline_layers(model), topology=topology, loss_fn=loss_fn,
-                          partition_method=method, activation_checkpoint_interval=0)
+    source = ModuleSource(model)
+    pipe = PipelineModule(layers=pipeline_layers(model, source), topology=topology,
+                          loss_fn=loss_fn, partition_method=method,
+                          activation_checkpoint_interval=0)
+    source.release()
+    return pipe

@@ -147,8 +147,9 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
         os.makedirs(cfg.logging.run_dir, exist_ok=True)
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)  # identical full weights on every rank (same seed)
-    par = setup_parallel(model, cfg, task)
+    # Identical full weights on every rank (same seed), sharded by setup_parallel; no reference
+    # is kept here, so a pipeline stage frees the other stages' layers.
+    par = setup_parallel(build_model(cfg.model), cfg, task)
     state = TrainState()
     if resume_tag:
         client = ckpt.load(par.engine, ckpt_dir, resume_tag)

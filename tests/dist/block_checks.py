@@ -1,16 +1,22 @@
 """Block-level checks run inside layout_worker.py's rank group (TP = the whole world)."""
 import copy
+import gc
+import weakref
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from magneto_dist.config import load_config
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.parallel import state
+from magneto_dist.parallel.pipeline import TransformerLayerPipe
 from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,
                                           use_tensor_parallel_rng)
+from magneto_dist.parallel.setup import setup_parallel
 from magneto_dist.parallel.tensor_parallel import (ShardedLayerNorm, ShardedRMSNorm,
                                                    apply_tensor_parallel)
+from magneto_dist.training.tasks import GPTTask
 
 
 def _tiny(**kw):
@@ -104,7 +110,26 @@ def _recompute(rng) -> dict:
             "other_tp_seed_loss_diff": abs(plain_loss - other_loss)}
 
 
+def pipeline_frees_other_stages() -> dict:
+    """After set-up, a stage holds its own transformer layers and no others (DeepSpeed keeps
+    every LayerSpec for the whole run)."""
+    cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=32", "model.num_heads=4",
+                             "model.vocab_size=100", "model.max_seq_len=16",
+                             f"parallel.pipeline_model_parallel_size={dist.get_world_size()}",
+                             "train.micro_batch_size=1", "train.global_batch_size=2"])
+    model = build_model(cfg.model)
+    layers = [weakref.ref(layer) for layer in model.decoder.layers]
+    par = setup_parallel(model, cfg, GPTTask(100))
+    del model
+    gc.collect()
+    local = sum(isinstance(m, TransformerLayerPipe) for m in par.engine.module.modules())
+    return {"alive": sum(ref() is not None for ref in layers), "local": local,
+            "total": len(layers)}
+
+
 def run_check(case: dict):
+    if case["check"] == "pipeline_memory":
+        return pipeline_frees_other_stages()
     state.initialize_groups(dist.get_world_size(), 1)
     if case["check"] == "sub_ln":
         return sub_ln_block(case["norm"], case["norm_type"])

@@ -44,6 +44,7 @@ CHECKS = [
     {"name": "sub_ln_normformer_layernorm", "check": "sub_ln", "norm": "normformer",
      "norm_type": "layernorm"},
     {"name": "dropout", "check": "dropout"},
+    {"name": "pipeline_memory", "check": "pipeline_memory"},
 ]
 
 
@@ -108,3 +109,9 @@ def test_dropout_masks_differ_across_tp_ranks_and_repeat_under_recompute(group_r
     assert r["tp_masks_differ"] and r["default_masks_equal"], r
     assert r["recompute_loss_diff"] == 0.0 and r["recompute_grad_diff"] == 0.0, r
     assert r["other_tp_seed_loss_diff"] > 1e-6, r  # attention dropout really draws from it
+
+
+def test_pipeline_stage_frees_other_stages_layers(group_results):
+    r = group_results(2)["pipeline_memory"]
+    assert r["total"] == 4 and r["local"] == 2, r
+    assert r["alive"] == r["local"], r
