@@ -112,5 +112,5 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     if model.embed.position is not None:
         nn.init.normal_(model.embed.position.weight, std=cfg.embedding_init_std)
     nn.init.normal_(model.embed.word.weight, std=cfg.embedding_init_std)
-    if head.weight is not model.embed.word.weight:  # untied: GPT-2 / Megatron output init
+    if not cfg.tie_embeddings:  # GPT-2 / Megatron output init
         nn.init.normal_(head.weight, std=cfg.embedding_init_std)

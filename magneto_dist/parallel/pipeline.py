@@ -82,30 +82,22 @@ class TransformerLayerPipe(nn.Module):
         return self.layer(x, rope=rope)
 
 
-class FinalNormPipe(nn.Module):
-    def __init__(self, source: ModuleSource):
+class SubmodulePipe(nn.Module):
+    """The final norm or the untied head as a pipe layer, registered under the model's own
+    attribute name (final_norm, lm_head): checkpoint tools match parameters by name."""
+
+    def __init__(self, source: ModuleSource, name: str):
         super().__init__()
-        # named as in the model: checkpoint tools match parameters by name
-        self.final_norm = source.get("decoder.final_norm")
+        self.attribute = name.rsplit(".", 1)[-1]
+        self.add_module(self.attribute, source.get(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_norm(x)
-
-
-class HeadPipe(nn.Module):
-    """The untied LM head."""
-
-    def __init__(self, source: ModuleSource):
-        super().__init__()
-        self.lm_head = source.get("lm_head")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x)
+        return getattr(self, self.attribute)(x)
 
 
 def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
     cfg = model.config
-    tied = model.lm_head.weight is model.embed.word.weight
+    tied = cfg.tie_embeddings
     word = (TiedLayerSpec("word_embedding", WordEmbeddingPipe, source,
                           tied_weight_attr="word.weight") if tied
             else LayerSpec(WordEmbeddingPipe, source))
@@ -113,12 +105,12 @@ def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
     layers += [LayerSpec(TransformerLayerPipe, source, f"decoder.layers.{i}", cfg)
                for i in range(len(model.decoder.layers))]
     if model.decoder.final_norm is not None:
-        layers.append(LayerSpec(FinalNormPipe, source))
+        layers.append(LayerSpec(SubmodulePipe, source, "decoder.final_norm"))
     if tied:
         layers.append(TiedLayerSpec("word_embedding", WordEmbeddingPipe, source,
                                     forward_fn=tied_head, tied_weight_attr="word.weight"))
     else:
-        layers.append(LayerSpec(HeadPipe, source))
+        layers.append(LayerSpec(SubmodulePipe, source, "lm_head"))
     return layers
 
 

@@ -3,6 +3,7 @@ process groups -> tensor parallelism -> activation recompute -> pipeline stages 
 data-parallel/ZeRO engine. The model itself holds no parallelism."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -47,19 +48,17 @@ UNIVERSAL_PATTERNS = {
 def universal_checkpoint_info(model: nn.Module, vocab_size: int, pipelined: bool) -> dict:
     """The client-state entry ds_to_universal needs. It insists that every pattern matches some
     parameter, so only the patterns this model's names use are kept."""
-    import re
     names = [name for name, _ in model.named_parameters()]
     info = {kind: [p for p in patterns if any(re.match(p, n) for n in names)]
             for kind, patterns in UNIVERSAL_PATTERNS.items()}
-    tied = model.lm_head.weight is model.embed.word.weight
     info[ds_ckpt.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = (
-        [r".*word\.weight$"] if pipelined and tied else [])
+        [r".*word\.weight$"] if pipelined and model.config.tie_embeddings else [])
     info[ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_KEY] = ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_VALUE
     info["original_vocab_size"] = vocab_size
     return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: info}
 
 
-def _pipeline_steps(engine, gpt_task):
+def _pipeline_steps(engine):
     def pipe_batches(batches):
         for b in batches:
             b = move_batch(b, engine.device)
@@ -97,7 +96,7 @@ def setup_parallel(model: nn.Module, cfg: Config, task) -> ParallelSetup:
             logits, {"labels": labels[0], "loss_mask": labels[1]})
         engine = build_engine(build_pipeline(model, tp, pp, dp, loss_fn, p.pipeline_partition),
                               cfg, dp)
-        train_step, evaluate = _pipeline_steps(engine, task)
+        train_step, evaluate = _pipeline_steps(engine)
         return ParallelSetup(engine=engine, train_step_fn=train_step, eval_fn=evaluate, **common)
     engine = build_engine(model, cfg, dp, mpu=state.DeepSpeedMPU())
     sample_model = FullLogits(engine.module) if tp > 1 else engine.module

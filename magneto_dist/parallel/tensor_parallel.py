@@ -237,7 +237,7 @@ def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None
             if module.inner_norm is not None:
                 module.inner_norm = sharded_norm(module.inner_norm)
     padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple)
-    tied = model.lm_head.weight is model.embed.word.weight
     model.embed.word = vocab_embedding_from(model.embed.word, padded, config)
     model.lm_head = vocab_head_from(model.lm_head, padded, config,
-                                    tied_to=model.embed.word if tied else None)
+                                    tied_to=model.embed.word if model.config.tie_embeddings
+                                    else None)
