@@ -12,6 +12,7 @@ from typing import Any, List, Optional, get_type_hints
 
 import yaml
 
+from .files import atomic_write
 from .model.config import ModelConfig
 
 
@@ -193,11 +194,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def dump_config(cfg: Config, path: str) -> None:
-    """Write the resolved config atomically (temp file, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the resolved config atomically."""
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _require(ok: bool, message: str) -> None:

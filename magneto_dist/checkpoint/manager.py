@@ -22,6 +22,7 @@ import torch.distributed as dist
 import yaml
 
 from ..config import Config, config_to_dict, dump_config
+from ..files import atomic_write
 from ..resilience.faults import maybe_inject
 
 COMPLETE = "complete.json"
@@ -36,15 +37,6 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"global_step{step}"
-
-
-def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _tags_newest_first(ckpt_dir: str) -> List[str]:

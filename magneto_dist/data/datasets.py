@@ -27,6 +27,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from ..files import atomic_write
 from .tokenizer import SentencePieceTokenizer
 
 WAIT_TIMEOUT_S = 1800
@@ -117,9 +118,7 @@ def build_datasets(req: DatasetRequest, tokenizer: SentencePieceTokenizer,
         os.makedirs(req.cache_dir, exist_ok=True)
         with _solo_process_group():
             datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
-        with open(marker + ".tmp", "w") as f:
-            f.write("ok\n")
-        os.replace(marker + ".tmp", marker)
+        atomic_write(marker, "ok\n")
         return datasets
     wait_for_file(marker, "the dataset index caches", wait_timeout_s)
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
