@@ -47,8 +47,8 @@ def main():
     if args.input:
         jsonl, model = args.input, args.tokenizer_model
     else:
-        _, model = build_builtin_corpus(args.cache_dir)
-        jsonl = model.rsplit("-spm", 1)[0] + ".jsonl"
+        corpus = build_builtin_corpus(args.cache_dir)
+        jsonl, model = corpus.jsonl, corpus.tokenizer_model
     variants = {
         "reference (1 process)": lambda out: reference(jsonl, model, out),
         "preprocess, 1 worker": lambda out: preprocess([jsonl], model, out, workers=1,

@@ -56,7 +56,7 @@ def main():
     with open(os.path.join(ckpt_dir, tag, "config.yaml"), encoding="utf-8") as f:
         cfg = config_from_dict(yaml.safe_load(f))
     tokenizer_path = cfg.data.tokenizer_model or builtin_corpus_paths(
-        cfg.data.cache_dir, cfg.data.builtin_vocab_size)[1]
+        cfg.data.cache_dir, cfg.data.builtin_vocab_size).tokenizer_model
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     model = build_model(cfg.model)
     model.load_state_dict(load_model_weights(ckpt_dir, tag, cfg))

@@ -15,35 +15,8 @@ import time
 
 import _path  # noqa: F401
 
-from magneto_dist.data.jsonl import BadInputError, open_text, parse_line
+from magneto_dist.data.jsonl import BadInputError, write_training_text
 from magneto_dist.data.tokenizer import train_sentencepiece
-
-
-def is_jsonl(path: str) -> bool:
-    return path.removesuffix(".gz").endswith((".jsonl", ".json"))
-
-
-def write_training_text(inputs, json_keys, out, max_lines: int) -> int:
-    """Every non-empty line of every input document, one per output line; returns the count."""
-    written = 0
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"input file {path} does not exist")
-        with open_text(path) as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                texts = (parse_line(path, number, raw, json_keys) if is_jsonl(path)
-                         else [raw.decode("utf-8", errors="replace")])
-                for text in texts:
-                    for line in text.splitlines():
-                        if line.strip():
-                            out.write(line + "\n")
-                            written += 1
-                if written >= max_lines:
-                    return written
-        print(f"read {path}: {written:,} lines so far", file=sys.stderr, flush=True)
-    return written
 
 
 def main(argv=None):
@@ -60,7 +33,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as text:
         try:
-            lines = write_training_text(args.input, args.json_keys, text, args.max_lines)
+            lines = write_training_text(
+                args.input, args.json_keys, text, args.max_lines,
+                log=lambda m: print(m, file=sys.stderr, flush=True))
         except (BadInputError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
         text.flush()

@@ -13,9 +13,10 @@ import os
 import sys
 import sysconfig
 import time
-from typing import Iterator, Tuple
+from typing import Iterator, NamedTuple, Tuple
 
 from .datasets import wait_for_file
+from .jsonl import write_training_text
 from .preprocess import output_prefix_for, preprocess
 from .tokenizer import train_sentencepiece
 
@@ -46,49 +47,48 @@ def write_stdlib_jsonl(path: str) -> int:
     return count
 
 
-def _write_tokenizer_text(jsonl: str, text_path: str) -> None:
-    with open(jsonl, encoding="utf-8") as src, open(text_path, "w", encoding="utf-8") as out:
-        for line in src:
-            for text_line in json.loads(line)["text"].splitlines():
-                if text_line.strip():
-                    out.write(text_line + "\n")
+class CorpusPaths(NamedTuple):
+    jsonl: str            # the stdlib as jsonl
+    tokenizer_model: str  # sentencepiece model trained on it
+    data_prefix: str      # its .bin/.idx, tokenized with that model
 
 
-def builtin_corpus_paths(cache_dir: str, vocab_size: int) -> Tuple[str, str]:
-    """(data prefix, tokenizer model) of the built-in corpus in cache_dir."""
+def builtin_corpus_paths(cache_dir: str, vocab_size: int) -> CorpusPaths:
     base = os.path.join(os.path.abspath(cache_dir), f"stdlib-py{sys.version_info[0]}"
                                                     f"{sys.version_info[1]}")
-    model = f"{base}-spm{vocab_size}.model"
-    prefix = output_prefix_for(f"{base}-spm{vocab_size}", "text", sentences=False)
-    return prefix, model
+    tokenized = f"{base}-spm{vocab_size}"
+    return CorpusPaths(jsonl=base + ".jsonl", tokenizer_model=tokenized + ".model",
+                       data_prefix=output_prefix_for(tokenized, "text", sentences=False))
 
 
 def build_builtin_corpus(cache_dir: str, vocab_size: int = 8192, workers: int = 0,
-                         local_rank: int = 0, log=print) -> Tuple[str, str]:
-    """Make sure the corpus exists in cache_dir; returns (data prefix, tokenizer model)."""
-    prefix, model = builtin_corpus_paths(cache_dir, vocab_size)
-    if os.path.exists(prefix + ".idx") and os.path.exists(model):
-        return prefix, model
+                         local_rank: int = 0, log=print) -> CorpusPaths:
+    """Make sure the corpus exists in cache_dir; returns its paths."""
+    paths = builtin_corpus_paths(cache_dir, vocab_size)
+    if os.path.exists(paths.data_prefix + ".idx") and os.path.exists(paths.tokenizer_model):
+        return paths
     if local_rank != 0:
-        wait_for_file(prefix + ".idx", "the built-in corpus")
-        return prefix, model
+        wait_for_file(paths.data_prefix + ".idx", "the built-in corpus")
+        return paths
     os.makedirs(cache_dir, exist_ok=True)
     start = time.perf_counter()
-    jsonl = model.rsplit("-spm", 1)[0] + ".jsonl"
-    if not os.path.exists(jsonl):
-        log(f"built-in corpus: writing the Python standard library to {jsonl}")
-        log(f"built-in corpus: {write_stdlib_jsonl(jsonl)} modules")
-    if not os.path.exists(model):
+    if not os.path.exists(paths.jsonl):
+        log(f"built-in corpus: writing the Python standard library to {paths.jsonl}")
+        log(f"built-in corpus: {write_stdlib_jsonl(paths.jsonl)} modules")
+    if not os.path.exists(paths.tokenizer_model):
         log(f"built-in corpus: training a {vocab_size}-piece sentencepiece model")
-        text_path = f"{jsonl}.lines.tmp{os.getpid()}"
+        text_path = f"{paths.jsonl}.lines.tmp{os.getpid()}"
         try:
-            _write_tokenizer_text(jsonl, text_path)
-            train_sentencepiece(text_path, model[: -len(".model")], vocab_size)
+            with open(text_path, "w", encoding="utf-8") as out:
+                write_training_text([paths.jsonl], ["text"], out)
+            train_sentencepiece(text_path, paths.tokenizer_model.removesuffix(".model"),
+                                vocab_size)
         finally:
             os.remove(text_path)
     log("built-in corpus: tokenizing")
-    stats = preprocess([jsonl], model, prefix[: -len("_text_document")], ["text"],
+    stats = preprocess([paths.jsonl], paths.tokenizer_model,
+                       paths.data_prefix.removesuffix("_text_document"), ["text"],
                        workers=workers or os.cpu_count() or 1, append_eod=True, progress=False)
     log(f"built-in corpus: {stats.documents} documents, {stats.tokens:,} tokens, built in "
         f"{time.perf_counter() - start:.0f}s")
-    return prefix, model
+    return paths

@@ -1,6 +1,7 @@
-"""Reading jsonl inputs and encoding them: the part that runs inside preprocessing workers.
+"""Reading jsonl inputs: line parsing with file:line errors, encoding inside preprocessing
+workers, and the line text a tokenizer is trained on.
 
-Kept free of torch and megatron imports (numpy is cheap) so that spawned workers start in a fraction of a second.
+Kept free of torch and megatron imports (numpy is cheap) so that workers start fast.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import itertools
 import json
 import os
 import re
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -102,3 +103,33 @@ def encode_chunk(lines: List[Tuple[str, int, bytes]]):
             doc.append((flat, [len(s) for s in ids]))
         out.append(doc)
     return out
+
+
+def is_jsonl(path: str) -> bool:
+    return path.removesuffix(".gz").endswith((".jsonl", ".json"))
+
+
+def write_training_text(inputs: Sequence[str], json_keys: Sequence[str], out,
+                        max_lines: Optional[int] = None, log=None) -> int:
+    """Tokenizer-training text: every non-empty line of every input document (jsonl: the
+    texts under json_keys; other files: their lines), one per output line. -> lines written."""
+    written = 0
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file {path} does not exist")
+        with open_text(path) as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                texts = (parse_line(path, number, raw, json_keys) if is_jsonl(path)
+                         else [raw.decode("utf-8", errors="replace")])
+                for text in texts:
+                    for line in text.splitlines():
+                        if line.strip():
+                            out.write(line + "\n")
+                            written += 1
+                if max_lines is not None and written >= max_lines:
+                    return written
+        if log is not None:
+            log(f"read {path}: {written:,} lines so far")
+    return written

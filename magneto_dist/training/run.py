@@ -83,9 +83,9 @@ def prepare_data(cfg: Config, task: str, ranks: RankInfo):
     if d.prefixes:
         prefixes, model_path = d.prefixes, d.tokenizer_model
     else:
-        prefix, model_path = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
-                                                  local_rank=ranks.local_rank, log=ranks.log)
-        prefixes = [prefix]
+        corpus = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
+                                      local_rank=ranks.local_rank, log=ranks.log)
+        prefixes, model_path = [corpus.data_prefix], corpus.tokenizer_model
     tokenizer = SentencePieceTokenizer(model_path)
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
     request = DatasetRequest(
