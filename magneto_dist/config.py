@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, get_type_hints
 
@@ -41,7 +42,8 @@ class TrainConfig:
     global_batch_size: int = 16            # samples per optimizer step, all ranks together
     lr: float = 3e-3                       # peak learning rate
     min_lr: float = 3e-4                   # floor of the decay
-    warmup_iters: int = 30                 # linear warm-up from 0 to lr
+    warmup_iters: int = 30                 # linear warm-up from 0 to lr (a run shorter than
+                                           # this warms up over all its steps)
     lr_decay_style: str = "cosine"         # cosine | linear | constant (after warm-up)
     lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters)
     weight_decay: float = 0.1              # AdamW decay on matrices (not norms, biases)
@@ -55,6 +57,9 @@ class TrainConfig:
     eval_interval: int = 100               # validate every N steps (0: never)
     eval_iters: int = 4                    # global batches per validation
     log_interval: int = 10                 # metrics every N steps
+    max_nonfinite_steps: int = 3           # consecutive steps with a non-finite loss or grad
+                                           # norm (each skipped, not applied) before the run
+                                           # stops with exit code 4
 
 
 @dataclass
@@ -168,25 +173,39 @@ def apply_override(raw: dict, override: str) -> None:
     raw[section][key] = value
 
 
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist (see configs/)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def _blame(err: ConfigError, path: Optional[str], overrides: List[str]) -> ConfigError:
+    """Name the override whose key the error is about, else the file it came from."""
+    for override in reversed(overrides):
+        dotted = override.split("=", 1)[0]
+        if re.search(rf"(?<![\w.]){re.escape(dotted)}(?![\w])", str(err)):
+            return ConfigError(f"override {override!r}: {err}")
+    return ConfigError(f"{path}: {err}" if path else str(err))
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """The config from a YAML file (or the defaults) plus overrides, validated."""
-    raw: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path} does not exist (see configs/)")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for override in overrides or []:
+    """The config from a YAML file (or the defaults) plus overrides, validated. An error names
+    the override whose key it is about, or else the file."""
+    raw = _read_yaml(path) if path is not None else {}
+    overrides = list(overrides or [])
+    for override in overrides:
         apply_override(raw, override)
     try:
         return config_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+        raise _blame(err, path, overrides) from None
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -231,7 +250,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
     _require(p.vocab_padding_multiple >= 1, "parallel.vocab_padding_multiple must be at least 1")
     _require(t.train_iters >= 1, f"train.train_iters={t.train_iters} must be at least 1")
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
-             f"train.exit_at_step={t.exit_at_step} must be between 1 and train.train_iters")
+             f"train.exit_at_step={t.exit_at_step} must be between 1 and "
+             f"train.train_iters={t.train_iters}")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -240,8 +260,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
     _require(t.lr_decay_style in ("cosine", "linear", "constant"),
              f"train.lr_decay_style={t.lr_decay_style!r} must be cosine, linear or constant")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr")
-    _require(0 <= t.warmup_iters <= t.train_iters,
-             f"train.warmup_iters={t.warmup_iters} must be between 0 and train.train_iters")
+    _require(t.warmup_iters >= 0, f"train.warmup_iters={t.warmup_iters} must be at least 0")
+    _require(t.max_nonfinite_steps >= 1,
+             f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1")
     _require(t.precision in ("fp32", "bf16", "fp16"),
              f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
     _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "

@@ -109,3 +109,28 @@ def test_lr_schedule_shapes():
     assert lr_at(35, cfg) == pytest.approx(1.0 - 0.9 * 0.25)
     cfg.lr_decay_style = "constant"
     assert lr_at(100, cfg) == 1.0
+
+
+def test_errors_name_the_override_not_the_file():
+    """An override's mistake used to be blamed on the YAML file."""
+    path = os.path.join(ROOT, "configs", "gpt_tiny_cpu.yaml")
+    with pytest.raises(ConfigError, match=r"^override 'train\.lr=fast': train\.lr='fast' must be "
+                                          r"float$"):
+        load_config(path, ["model.num_layers=2", "train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"^override 'model\.num_heads=5': model\.hidden_size=256 "
+                                          r"is not divisible by model\.num_heads=5"):
+        load_config(path, ["model.num_heads=5"])
+    # overrides that are only valid together are fine in either order
+    cfg = load_config(path, ["model.hidden_size=96", "model.num_heads=3"])
+    assert (cfg.model.hidden_size, cfg.model.num_heads) == (96, 3)
+
+
+def test_a_short_run_needs_one_override():
+    """train.train_iters=10 against the default config's 20 warm-up steps: warm up over all 10
+    (the run says so), instead of an error asking for a second override."""
+    cfg = load_config(os.path.join(ROOT, "configs", "gpt_tiny_cpu.yaml"), ["train.train_iters=10"])
+    validate(cfg, world_size=1)
+    assert [round(lr_at(s, cfg.train) / cfg.train.lr, 3) for s in (0, 9)] == [0.1, 1.0]
+    with pytest.raises(ConfigError, match=r"train.exit_at_step=20 must be between 1 and "
+                                          r"train.train_iters=10"):
+        validate(load_config(None, ["train.train_iters=10", "train.exit_at_step=20"]), 1)

@@ -12,14 +12,21 @@ import torch
 from ..config import TrainConfig
 
 
+def warmup_steps(t: TrainConfig) -> int:
+    """The configured warm-up, cut to the run's length: a short smoke run
+    (train.train_iters=10 against a YAML warm-up of 20) needs no second override."""
+    return min(t.warmup_iters, t.train_iters)
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate after `step` optimizer steps (step 0 is the first update)."""
-    if t.warmup_iters and step < t.warmup_iters:
-        return t.lr * (step + 1) / t.warmup_iters
+    warmup = warmup_steps(t)
+    if warmup and step < warmup:
+        return t.lr * (step + 1) / warmup
     if t.lr_decay_style == "constant":
         return t.lr
-    decay_iters = (t.lr_decay_iters or t.train_iters) - t.warmup_iters
-    progress = min(1.0, (step - t.warmup_iters) / max(1, decay_iters))
+    decay_iters = (t.lr_decay_iters or t.train_iters) - warmup
+    progress = min(1.0, (step - warmup) / max(1, decay_iters))
     if t.lr_decay_style == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
