@@ -1,7 +1,10 @@
 """Tokenizer, preprocessing into .bin/.idx, megatron-core datasets, sampler, bad input."""
+import contextlib
 import gzip
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -9,6 +12,8 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from magneto_dist.data import checks
+from magneto_dist.data.checks import DataError, check_token_ids, split_sizes
 from magneto_dist.data.corpus import stdlib_sources
 from magneto_dist.data.datasets import DatasetRequest, GlobalSampleBatches, build_datasets
 from magneto_dist.data.jsonl import BadInputError
@@ -183,5 +188,61 @@ def test_other_local_ranks_wait_for_the_node_cache(corpus, indexed, tmp_path):
 
 def test_missing_prefix_says_how_to_make_it(corpus, tmp_path):
     tok = SentencePieceTokenizer(corpus["model"])
-    with pytest.raises(FileNotFoundError, match="nothing_text_document.bin/.idx not found"):
+    with pytest.raises(DataError, match="nothing_text_document.bin/.idx not found"):
         build_datasets(_request([str(tmp_path / "nothing_text_document")], None, tmp_path), tok)
+
+
+@contextlib.contextmanager
+def fails_within(seconds):
+    """Turn a hang (megatron-core's endless epoch loop is pure Python) into a test failure."""
+    def hung(signum, frame):
+        raise AssertionError(f"hung for more than {seconds}s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_empty_split_is_refused_instead_of_hanging(corpus, indexed, tmp_path):
+    """80 documents and the default split "969,30,1": the test split gets none, and megatron-core
+    used to loop forever, printing nothing."""
+    tok = SentencePieceTokenizer(corpus["model"])
+    with fails_within(60), pytest.raises(DataError, match=re.escape(
+            "b_text_document: data.split='969,30,1' leaves the test split with no documents "
+            "(80 in all; megatron-core would loop forever looking for samples); use e.g. "
+            "data.split=78,1,1")):
+        build_datasets(_request([indexed[1]], None, tmp_path, split="969,30,1"), tok)
+    # the advice works, and a split of weight 0 is not asked for
+    assert split_sizes(80, "78,1,1") == [78, 1, 1] and split_sizes(80, "9,1,0") == [72, 8, -1]
+    with fails_within(60):
+        train, valid, test = build_datasets(_request([indexed[1]], None, tmp_path, split="78,1,1",
+                                                     num_samples=(50, 5, 5)), tok)
+    assert len(train) >= 50 and len(valid) >= 5 and len(test) >= 5
+
+
+def test_token_ids_beyond_the_vocabulary_are_found(corpus, indexed):
+    """Data made with a 1000-piece tokenizer, checked against a 500-piece one."""
+    data = IndexedDataset(indexed[0])  # held: its documents are views of its memory map
+    largest = max(int(data[i].max()) for i in range(len(data)))
+    assert "largest" in check_token_ids(indexed[0], 1000, corpus["model"])
+    with pytest.raises(DataError, match=rf"a_text_document: token id {largest} is outside the "
+                       r"vocabulary of data.tokenizer_model=x.model \(500 pieces\)"):
+        check_token_ids(indexed[0], 500, "x.model")
+
+
+def test_token_id_check_samples_a_large_file(corpus, indexed, monkeypatch):
+    monkeypatch.setattr(checks, "FULL_SCAN_TOKENS", 1000)
+    monkeypatch.setattr(checks, "CHUNK_TOKENS", 100)
+    assert "(evenly spaced chunks)" in check_token_ids(indexed[0], 1000, corpus["model"])
+    with pytest.raises(DataError, match="is outside the vocabulary"):
+        check_token_ids(indexed[0], 200, corpus["model"])
+
+
+def test_not_a_sentencepiece_model_is_named(tmp_path):
+    bad = tmp_path / "tok.model"
+    bad.write_text("not a model")
+    with pytest.raises(ValueError, match=rf"tokenizer model {bad} is not a sentencepiece model"):
+        SentencePieceTokenizer(str(bad))

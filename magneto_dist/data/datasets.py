@@ -28,6 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from ..files import atomic_write
+from .checks import check_exists, check_splits
 from .tokenizer import SentencePieceTokenizer
 
 WAIT_TIMEOUT_S = 1800
@@ -45,15 +46,6 @@ class DatasetRequest:
     cache_dir: str                        # where the sample/shuffle index caches go
     masked_lm: bool = False               # BERT-style samples instead of GPT ones
     masking_probability: float = 0.15     # masked LM only
-
-
-def _check_prefixes(prefixes: Sequence[str]) -> None:
-    for prefix in prefixes:
-        if not IndexedDataset.exists(prefix):
-            raise FileNotFoundError(
-                f"data prefix {prefix}: {prefix}.bin/.idx not found; create them with "
-                "`python tools/preprocess_data.py --output-prefix ...` (the prefix ends in "
-                "_text_document)")
 
 
 def _megatron_config(req: DatasetRequest, tokenizer: SentencePieceTokenizer):
@@ -109,8 +101,10 @@ def build_datasets(req: DatasetRequest, tokenizer: SentencePieceTokenizer,
     if dist.is_initialized():
         raise RuntimeError("build_datasets must run before torch.distributed is initialized, so "
                            "that each node builds its own index caches")
-    _check_prefixes(req.prefixes)
     cls, config = _megatron_config(req, tokenizer)
+    for prefix in req.prefixes:  # before megatron-core, which loops forever on an empty split
+        check_exists(prefix)
+        check_splits(prefix, cls.numel_low_level_dataset(IndexedDataset(prefix)), req.split)
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     marker = _marker_path(req, tokenizer)
     sizes = list(req.num_samples)

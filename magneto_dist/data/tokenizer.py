@@ -37,7 +37,12 @@ class SentencePieceTokenizer:
                                     "`python tools/train_tokenizer.py` or fix the path")
         self.model_path = os.path.abspath(model_path)
         self.sha256 = file_sha256(model_path)
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as err:  # sentencepiece: "could not parse ModelProto"
+            raise ValueError(f"tokenizer model {model_path} is not a sentencepiece model "
+                             f"({str(err).strip()}); pass the .model file written by "
+                             "tools/train_tokenizer.py") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eod = self.sp.eos_id()
         self.bos = self.sp.bos_id()
