@@ -1,5 +1,6 @@
 """Checkpoint bookkeeping that needs no engine: resume choice, pruning, compatibility."""
 import json
+import re
 
 import pytest
 
@@ -46,3 +47,63 @@ def test_incompatible_model_is_refused_with_fields_but_dropout_may_change(tmp_pa
                              r"model.num_layers: checkpoint 2, config 3\. Use a new"):
         ckpt.check_compatible(str(tmp_path), "global_step5",
                               load_config(None, ["model.num_layers=3", "model.norm=pre_ln"]))
+
+
+def save_tag(root, step, files, cfg=None, world_size=1):
+    """A complete tag as save() leaves it: files, the resolved config, a marker with sizes."""
+    tag_dir = root / f"global_step{step}"
+    tag_dir.mkdir()
+    for name, data in files.items():
+        (tag_dir / name).write_bytes(data)
+    dump_config(cfg or load_config(None, []), str(tag_dir / "config.yaml"))
+    marker = {"step": step, "world_size": world_size,
+              "layout": ckpt.layout_of(cfg or load_config(None, []), world_size),
+              "files": ckpt._file_sizes(str(tag_dir))}
+    (tag_dir / ckpt.COMPLETE).write_text(json.dumps(marker))
+    return tag_dir
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """A complete-marked tag whose model file was cut short (a crash while a rerun rewrote it)
+    used to be chosen, and every resume then died with EOFError."""
+    save_tag(tmp_path, 2, {"mp_rank_00_model_states.pt": b"x" * 100})
+    newest = save_tag(tmp_path, 4, {"mp_rank_00_model_states.pt": b"x" * 100})
+    (newest / "mp_rank_00_model_states.pt").write_bytes(b"")
+    warnings = []
+    assert ckpt.find_resume_tag(str(tmp_path), "auto", log=warnings.append) == "global_step2"
+    assert warnings == [f"WARNING: skipping damaged checkpoint {tmp_path}/global_step4: "
+                        f"{newest}/mp_rank_00_model_states.pt has 0 bytes, 100 when saved"]
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.resume='global_step4' is damaged"):
+        ckpt.find_resume_tag(str(tmp_path), "global_step4")
+    (newest / "mp_rank_00_model_states.pt").unlink()
+    assert ckpt.damage(str(tmp_path), "global_step4").endswith("is missing")
+
+
+def test_unmark_makes_a_tag_incomplete_before_it_is_rewritten(tmp_path):
+    save_tag(tmp_path, 4, {"a.pt": b"1"})
+    ckpt._unmark(str(tmp_path), "global_step4")
+    assert not ckpt.is_complete(str(tmp_path), "global_step4")
+    ckpt._unmark(str(tmp_path), "global_step4")  # nothing to remove: fine
+
+
+def test_another_layout_is_refused_before_anything_starts(tmp_path):
+    tp2 = load_config(None, ["parallel.tensor_model_parallel_size=2"])
+    save_tag(tmp_path, 5, {"a.pt": b"1"}, cfg=tp2, world_size=2)
+    ckpt.check_same_layout(str(tmp_path), "global_step5", tp2, world_size=2)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+            "was written by layout TP2 x PP1 x DP1 (ZeRO-1) and this run is TP1 x PP1 x DP2 "
+            "(ZeRO-1); resuming across layouts is not supported yet. Resume on 2 rank(s) with "
+            "parallel.tensor_model_parallel_size=2")):
+        ckpt.check_same_layout(str(tmp_path), "global_step5", load_config(None, []), world_size=2)
+
+
+def test_layout_of_a_checkpoint_older_than_the_layout_record(tmp_path):
+    """Markers written before the layout was recorded: the saved config and world size say it."""
+    tag_dir = save_tag(tmp_path, 5, {}, cfg=load_config(None, ["train.zero_stage=3"]),
+                       world_size=4)
+    marker = json.loads((tag_dir / ckpt.COMPLETE).read_text())
+    del marker["layout"], marker["files"]
+    (tag_dir / ckpt.COMPLETE).write_text(json.dumps(marker))
+    assert ckpt.saved_layout(str(tmp_path), "global_step5") == {"tp": 1, "pp": 1, "dp": 4,
+                                                               "zero_stage": 3}
+    assert ckpt.damage(str(tmp_path), "global_step5") is None

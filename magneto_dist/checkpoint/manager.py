@@ -3,8 +3,11 @@
 DeepSpeed writes per-rank files and then `latest`, from rank 0, possibly before other ranks have
 finished theirs. Here `save_latest=False` is passed, every rank also writes its RNG state, and
 only after a barrier does rank 0 write `complete.json` into the tag directory and move `latest`
-atomically. Resume takes the newest tag with a `complete.json` and warns about any newer tag
-without one. The data position is the global consumed-sample count in the client state.
+atomically. The marker records every file's size and the layout that wrote the tag. A save into
+a tag that already has a marker (a rerun from an older tag) removes the marker first, so a crash
+mid-save never leaves a tag that looks complete. Resume takes the newest tag whose marker stands
+and whose files still have their recorded sizes, and warns about every tag it skips. The data
+position is the global consumed-sample count in the client state.
 """
 from __future__ import annotations
 
@@ -14,14 +17,14 @@ import random
 import re
 import shutil
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
-from ..config import Config, config_to_dict, dump_config
+from ..config import Config, config_from_dict, config_to_dict, dump_config
 from ..files import atomic_write
 from ..resilience.faults import maybe_inject
 
@@ -50,6 +53,34 @@ def is_complete(ckpt_dir: str, tag: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE))
 
 
+def read_marker(ckpt_dir: str, tag: str) -> dict:
+    with open(os.path.join(ckpt_dir, tag, COMPLETE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _file_sizes(tag_dir: str) -> Dict[str, int]:
+    return {os.path.relpath(os.path.join(root, name), tag_dir):
+            os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(tag_dir) for name in names if name != COMPLETE}
+
+
+def damage(ckpt_dir: str, tag: str) -> Optional[str]:
+    """Why a complete-marked tag cannot be loaded (a file missing or of another size than when it
+    was saved), or None. Markers without sizes (older checkpoints) are taken on trust."""
+    try:
+        recorded = read_marker(ckpt_dir, tag).get("files", {})
+    except (OSError, ValueError) as err:
+        return f"unreadable {COMPLETE} ({err})"
+    tag_dir = os.path.join(ckpt_dir, tag)
+    for name, size in sorted(recorded.items()):
+        path = os.path.join(tag_dir, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} has {os.path.getsize(path)} bytes, {size} when saved"
+    return None
+
+
 def find_resume_tag(ckpt_dir: str, resume: str, log=print) -> Optional[str]:
     """The tag to resume from: None for a fresh start."""
     if resume == "none":
@@ -59,13 +90,59 @@ def find_resume_tag(ckpt_dir: str, resume: str, log=print) -> Optional[str]:
             raise CheckpointError(f"checkpoint.resume={resume!r}: {ckpt_dir}/{resume} is missing "
                                   f"or incomplete (no {COMPLETE}); complete tags: "
                                   f"{[t for t in _tags_newest_first(ckpt_dir) if is_complete(ckpt_dir, t)]}")
+        problem = damage(ckpt_dir, resume)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume={resume!r} is damaged: {problem}; resume "
+                                  "from another tag (checkpoint.resume=auto takes the newest "
+                                  "good one)")
         return resume
     for tag in _tags_newest_first(ckpt_dir):
-        if is_complete(ckpt_dir, tag):
+        if not is_complete(ckpt_dir, tag):
+            log(f"WARNING: skipping incomplete checkpoint {ckpt_dir}/{tag} (no {COMPLETE}; a save "
+                "was interrupted)")
+            continue
+        problem = damage(ckpt_dir, tag)
+        if problem is None:
             return tag
-        log(f"WARNING: skipping incomplete checkpoint {ckpt_dir}/{tag} (no {COMPLETE}; a save "
-            "was interrupted)")
+        log(f"WARNING: skipping damaged checkpoint {ckpt_dir}/{tag}: {problem}")
     return None
+
+
+def layout_of(cfg: Config, world_size: int) -> dict:
+    """The parallel layout a checkpoint's files depend on."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    return {"tp": tp, "pp": pp, "dp": world_size // (tp * pp), "zero_stage": cfg.train.zero_stage}
+
+
+def _describe(layout: dict) -> str:
+    return (f"TP{layout['tp']} x PP{layout['pp']} x DP{layout['dp']} "
+            f"(ZeRO-{layout['zero_stage']})")
+
+
+def saved_layout(ckpt_dir: str, tag: str) -> dict:
+    """From the marker; for checkpoints older than the marker's "layout", from the saved config
+    and the marker's world size."""
+    marker = read_marker(ckpt_dir, tag)
+    if "layout" in marker:
+        return marker["layout"]
+    with open(os.path.join(ckpt_dir, tag, "config.yaml"), encoding="utf-8") as f:
+        saved = config_from_dict(yaml.safe_load(f))
+    return layout_of(saved, marker["world_size"])
+
+
+def check_same_layout(ckpt_dir: str, tag: str, cfg: Config, world_size: int) -> None:
+    """DeepSpeed loads a checkpoint only into the layout that wrote it (else: pages of size
+    mismatches, after the run's config.yaml was overwritten); refuse before anything starts."""
+    before, now = saved_layout(ckpt_dir, tag), layout_of(cfg, world_size)
+    if before != now:
+        ranks = before["tp"] * before["pp"] * before["dp"]
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}/{tag} was written by layout {_describe(before)} and this run "
+            f"is {_describe(now)}; resuming across layouts is not supported yet. Resume on "
+            f"{ranks} rank(s) with parallel.tensor_model_parallel_size={before['tp']} "
+            f"parallel.pipeline_model_parallel_size={before['pp']} "
+            f"train.zero_stage={before['zero_stage']}, or start over with a new logging.run_dir "
+            "(or checkpoint.resume=none)")
 
 
 def check_compatible(ckpt_dir: str, tag: str, cfg: Config) -> None:
@@ -101,11 +178,26 @@ def _rng_path(ckpt_dir: str, tag: str, rank: int) -> str:
     return os.path.join(ckpt_dir, tag, f"rng_rank{rank:05d}.pt")
 
 
+def _unmark(ckpt_dir: str, tag: str) -> None:
+    """Make a tag incomplete before anything is written into it again."""
+    marker = os.path.join(ckpt_dir, tag, COMPLETE)
+    if os.path.exists(marker):
+        os.remove(marker)
+        fd = os.open(os.path.dirname(marker), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the removal is on disk before any file of the tag changes
+        finally:
+            os.close(fd)
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config,
          keep_last: int, extra_rng: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the tag."""
     tag = tag_for(step)
     rank = dist.get_rank()
+    if rank == 0:
+        _unmark(ckpt_dir, tag)
+    dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     rng = rng_state()
     rng.update(extra_rng or {})
@@ -117,7 +209,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config,
     if rank == 0:
         dump_config(cfg, os.path.join(ckpt_dir, tag, "config.yaml"))
         marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time(),
-                  "consumed_samples": client_state.get("consumed_samples")}
+                  "consumed_samples": client_state.get("consumed_samples"),
+                  "layout": layout_of(cfg, dist.get_world_size()),
+                  "files": _file_sizes(os.path.join(ckpt_dir, tag))}
         atomic_write(os.path.join(ckpt_dir, tag, COMPLETE), json.dumps(marker) + "\n")
         atomic_write(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's tools read this
         prune(ckpt_dir, keep_last)
@@ -140,9 +234,14 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
 
 def load(engine, ckpt_dir: str, tag: str, load_optimizer: bool = True) -> dict:
     """Collective: load engine state; restore this rank's RNG if it saved one. -> client state."""
-    path, client_state = engine.load_checkpoint(
-        ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
-        load_lr_scheduler_states=load_optimizer)
+    try:
+        path, client_state = engine.load_checkpoint(
+            ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer)
+    except (EOFError, RuntimeError, OSError, KeyError) as err:
+        raise CheckpointError(f"could not load {ckpt_dir}/{tag} ({type(err).__name__}: "
+                              f"{str(err)[:300]}); move that directory aside and rerun to resume "
+                              "from the previous checkpoint") from err
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}/{tag}")
     rng_file = _rng_path(ckpt_dir, tag, dist.get_rank())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
@@ -19,18 +20,47 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+class SkipNonFiniteSteps:
+    """Optimizer mixin: a step whose gradients hold an inf or NaN on any rank applies nothing
+    (weights, moments and Adam's step count stay as they were), as DeepSpeed's fp16 loss scaler
+    does. DeepSpeed's ZeRO-1/2/3 optimizers skip such steps themselves (measured here, fp32);
+    without ZeRO (stage 0) the engine calls this optimizer directly and applied the NaN update,
+    which ruins every later step and checkpoint. This guard makes the rule hold whatever engine
+    path runs. DeepSpeed calls it on every rank (each with its own partition, or none), so the
+    flag is agreed over the world. `overflow` is what DeepSpeed's engine reads to count a
+    skipped step and hold the LR schedule.
+    """
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else self.param_groups[0]["params"][0].device
+        bad = torch.zeros(1, device=device)
+        if grads:
+            bad[0] = (~torch.stack([g.isfinite().all() for g in grads]).all()).float()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.overflow = bool(bad.item())
+        return None if self.overflow else super().step(closure)
+
+
+def _guarded(optimizer_class):
+    return type(f"SkipNonFinite{optimizer_class.__name__}", (SkipNonFiniteSteps, optimizer_class),
+                {})
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     groups = optimizer_param_groups(model, t.weight_decay)
     try:  # NVIDIA apex is optional; its fused Adam is a little faster than torch's on GPU
         from apex.optimizers import FusedAdam  # type: ignore
         if torch.cuda.is_available():
-            return FusedAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                             adam_w_mode=True)
+            return _guarded(FusedAdam)(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                       eps=t.adam_eps, adam_w_mode=True)
     except ImportError:
         pass
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                             fused=torch.cuda.is_available())
+    return _guarded(torch.optim.AdamW)(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                       eps=t.adam_eps, fused=torch.cuda.is_available())
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:

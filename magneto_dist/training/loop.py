@@ -1,7 +1,9 @@
 """The training loop: micro-batches through the DeepSpeed engine, metrics, eval, checkpoints,
-and a graceful stop on SIGTERM / Ctrl-C."""
+a graceful stop on SIGTERM / Ctrl-C / the launcher's exit, and a stop on a run of non-finite
+steps."""
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -13,14 +15,18 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..config import Config
 from ..data.datasets import GlobalSampleBatches
+from ..resilience.faults import fault_active
+from ..resilience.parent_watch import watch_launchers
 from .metrics import MetricsLogger
 from .tasks import move_batch
 
+EXIT_NONFINITE = 4     # stopped after train.max_nonfinite_steps non-finite steps in a row
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; rerun to resume
 
 
 class StopRequest:
-    """SIGTERM or the first Ctrl-C asks to stop after the current step; a second Ctrl-C aborts."""
+    """SIGTERM, the first Ctrl-C or the launcher's exit asks to stop after the current step; a
+    second Ctrl-C aborts."""
 
     def __init__(self):
         self.requested = False
@@ -29,12 +35,16 @@ class StopRequest:
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        watch_launchers(self.request)
+
+    def request(self, reason: str) -> None:
+        self.requested = True
+        self.signal_name = self.signal_name or reason
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
 
     def agreed(self, device: torch.device) -> bool:
         """Whether any rank was asked to stop (all ranks must stop at the same step)."""
@@ -47,6 +57,7 @@ class StopRequest:
 class TrainState:
     step: int = 0                 # optimizer steps done
     consumed_samples: int = 0     # global sample index of the next sample
+    nonfinite_streak: int = 0     # consecutive steps skipped for a non-finite loss / grad norm
 
 
 def dp_mean(value: torch.Tensor, group) -> float:
@@ -90,6 +101,8 @@ class Trainer:
         losses = []
         for _ in range(self.grad_accum):
             loss = self._loss(next(batches))
+            if fault_active("nonfinite_loss", dist.get_rank(), self.state.step + 1):
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
@@ -115,6 +128,20 @@ class Trainer:
         self.engine.train()
         return dp_mean(loss, self.dp_group)
 
+    def check_finite(self, loss: float, grad_norm: Optional[float]) -> bool:
+        """Count a step whose loss or grad norm is non-finite (its update was skipped, see
+        training/engine.py); False once train.max_nonfinite_steps of them came in a row. Both
+        values are global (all-reduced), so every rank decides alike."""
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            self.state.nonfinite_streak = 0
+            return True
+        self.state.nonfinite_streak += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        self.log(f"WARNING: step {self.state.step}: loss {loss}, grad norm {grad_norm}: update "
+                 f"skipped ({self.state.nonfinite_streak} of train.max_nonfinite_steps={limit} "
+                 "in a row)")
+        return self.state.nonfinite_streak < limit
+
     def save(self) -> None:
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
                   self.cfg, self.cfg.checkpoint.keep_last)
@@ -136,11 +163,18 @@ class Trainer:
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size
             interval_steps += 1
+            norm = self.engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else None
+            if not self.check_finite(loss, norm):
+                first = self.state.step - self.state.nonfinite_streak + 1
+                self.log(f"stopped: steps {first}-{self.state.step} all had a non-finite loss or "
+                         "grad norm; their updates were skipped and no checkpoint was written "
+                         "for them. Check the data, lower train.lr or lengthen the warm-up, then "
+                         "rerun to resume from the last checkpoint")
+                return EXIT_NONFINITE
             if self.state.step % t.log_interval == 0 or self.state.step == end:
                 seconds = time.perf_counter() - interval_start
-                norm = self.engine.get_global_grad_norm()
-                self.metrics.train(self.state.step, loss, self.engine.get_lr()[0],
-                                   float(norm) if norm is not None else None,
+                self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], norm,
                                    tokens_per_step * interval_steps, seconds,
                                    self.state.consumed_samples)
                 interval_start, interval_steps = time.perf_counter(), 0
@@ -148,7 +182,9 @@ class Trainer:
                 valid = self.evaluate()
                 if valid is not None:
                     self.metrics.valid(self.state.step, valid)
-            if c.save_interval and self.state.step % c.save_interval == 0:
+            # no periodic save inside a run of skipped steps: keep_last must not prune good ones
+            if (c.save_interval and self.state.step % c.save_interval == 0
+                    and not self.state.nonfinite_streak):
                 self.save()
                 saved_at = self.state.step
             if self.stop.agreed(self.device):

@@ -2,7 +2,9 @@
 
 metrics.jsonl rows: {"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s",
 "tflops_per_device", "mfu", "memory_gb", "consumed_samples", "time"} every log interval, and
-{"split": "valid", "step", "loss", "ppl", "time"} every eval interval.
+{"split": "valid", "step", "loss", "ppl", "time"} every eval interval, and
+{"split": "resume", "step", "tag", "time"} where a resumed run starts (the rows after it replay
+the steps after `step`: take the last occurrence of a step).
 """
 from __future__ import annotations
 
@@ -90,6 +92,12 @@ class MetricsLogger:
         print(f"step {step:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
         self._emit({"split": "valid", "step": step, "loss": loss, "ppl": ppl,
                     "time": time.time()})
+
+    def resumed(self, step: int, tag: str) -> None:
+        """A restart: rows after this one replay steps from `step` on; readers keep the last
+        occurrence of each step."""
+        if self.enabled:
+            self._emit({"split": "resume", "step": step, "tag": tag, "time": time.time()})
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -9,19 +9,23 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
 from ..config import Config, ConfigError, dump_config, load_config, validate
 from ..data.corpus import build_builtin_corpus
+from ..data.checks import check_exists, check_token_ids
 from ..data.datasets import DatasetRequest, build_datasets
 from ..data.tokenizer import SentencePieceTokenizer
 from ..model import build_model, flops_per_token
+from ..resilience.parent_watch import launcher_chain
 from .generate import sample
 from .loop import Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops
+from .preflight import PreflightError, RunLock, check_run_dir_writable, finished_message
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
@@ -77,16 +81,24 @@ def set_cpu_threads(ranks: RankInfo) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks.local_world_size)))
 
 
-def prepare_data(cfg: Config, task: str, ranks: RankInfo):
-    """Tokenizer and [train, valid, test] datasets; before torch.distributed starts."""
-    d, t = cfg.data, cfg.train
+def load_tokenizer(cfg: Config, ranks: RankInfo) -> Tuple[SentencePieceTokenizer, List[str]]:
+    """The tokenizer and the data prefixes (the built-in corpus is built here if needed)."""
+    d = cfg.data
     if d.prefixes:
-        prefixes, model_path = d.prefixes, d.tokenizer_model
-    else:
-        corpus = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
-                                      local_rank=ranks.local_rank, log=ranks.log)
-        prefixes, model_path = [corpus.data_prefix], corpus.tokenizer_model
-    tokenizer = SentencePieceTokenizer(model_path)
+        return SentencePieceTokenizer(d.tokenizer_model), list(d.prefixes)
+    corpus = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
+                                  local_rank=ranks.local_rank, log=ranks.log)
+    return SentencePieceTokenizer(corpus.tokenizer_model), [corpus.data_prefix]
+
+
+def prepare_data(cfg: Config, task: str, tokenizer: SentencePieceTokenizer,
+                 prefixes: List[str], ranks: RankInfo):
+    """Checked [train, valid, test] datasets; before torch.distributed starts."""
+    d, t = cfg.data, cfg.train
+    for prefix in prefixes:
+        check_exists(prefix)
+        checked = check_token_ids(prefix, tokenizer.vocab_size, tokenizer.model_path)
+        ranks.log(f"data check: {checked}")
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
     request = DatasetRequest(
         prefixes=prefixes, weights=d.weights, split=d.split, seq_len=cfg.model.max_seq_len,
@@ -95,7 +107,16 @@ def prepare_data(cfg: Config, task: str, ranks: RankInfo):
         num_samples=(t.train_iters * t.global_batch_size,
                      max(1, evals * t.eval_iters * t.global_batch_size),
                      max(1, t.eval_iters * t.global_batch_size)))
-    return tokenizer, build_datasets(request, tokenizer, local_rank=ranks.local_rank)
+    return build_datasets(request, tokenizer, local_rank=ranks.local_rank)
+
+
+def choose_resume_tag(cfg: Config, ckpt_dir: str, ranks: RankInfo) -> Optional[str]:
+    """The checkpoint to resume from, checked against this run's model and layout."""
+    tag = ckpt.find_resume_tag(ckpt_dir, cfg.checkpoint.resume, log=ranks.log)
+    if tag:
+        ckpt.check_compatible(ckpt_dir, tag, cfg)
+        ckpt.check_same_layout(ckpt_dir, tag, cfg, ranks.world_size)
+    return tag
 
 
 def resolve(task: str, argv) -> Config:
@@ -109,42 +130,89 @@ def resolve(task: str, argv) -> Config:
 
 
 def main(task: str, argv: Optional[List[str]] = None) -> int:
+    """Every check that can fail runs before torch.distributed starts; exit codes: 2 config or
+    data, 3 checkpoint, 4 non-finite loss, 75 stopped by a signal (rerun to resume)."""
     single_process_env()
+    launcher_chain()  # who launched us, noted while they are alive (see parent_watch)
     ranks = RankInfo()
     try:
         cfg = resolve(task, argv)
         validate(cfg, ranks.world_size, torch.cuda.is_available())
-    except ConfigError as err:
+        check_run_dir_writable(cfg.logging.run_dir)
+    except (ConfigError, PreflightError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if cfg.train.warmup_iters > cfg.train.train_iters:
+        ranks.log(f"train.warmup_iters={cfg.train.warmup_iters} is longer than "
+                  f"train.train_iters={cfg.train.train_iters}: warming up over all "
+                  f"{cfg.train.train_iters} steps")
     set_cpu_threads(ranks)
-    tokenizer, (train_ds, valid_ds, _) = prepare_data(cfg, task, ranks)
+    try:
+        tokenizer, prefixes = load_tokenizer(cfg, ranks)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if cfg.model.vocab_size != tokenizer.vocab_size:
         ranks.log(f"model.vocab_size set from the tokenizer: {tokenizer.vocab_size}")
     # The model has exactly the tokenizer's vocabulary; tensor parallelism pads its own shards.
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
     try:
-        resume_tag = ckpt.find_resume_tag(ckpt_dir, cfg.checkpoint.resume, log=ranks.log)
-        if resume_tag:
-            ckpt.check_compatible(ckpt_dir, resume_tag, cfg)
+        resume_tag = choose_resume_tag(cfg, ckpt_dir, ranks)
     except ckpt.CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
+    if resume_tag:
+        done = finished_message(cfg.logging.run_dir, resume_tag,
+                                ckpt.read_marker(ckpt_dir, resume_tag)["step"],
+                                cfg.train.train_iters, cfg.train.exit_at_step)
+        if done:  # a rerun of a finished command rewrites nothing
+            ranks.log(done)
+            return 0
+    try:
+        train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks)
+    except (FileNotFoundError, ValueError) as err:  # DataError is a ValueError
+        print(f"data error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     return train(cfg, TASKS[task](tokenizer.vocab_size), tokenizer, train_ds, valid_ds,
                  ckpt_dir, resume_tag, ranks)
+
+
+def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]:
+    """Collective: rank 0 takes RUN_DIR/run.lock; every rank learns whether it was refused."""
+    lock, refusal = RunLock(run_dir), [None]
+    if ranks.rank == 0:
+        try:
+            lock.acquire(log=ranks.log)
+        except PreflightError as err:
+            refusal = [str(err)]
+    dist.broadcast_object_list(refusal, src=0)
+    return lock, refusal[0]
 
 
 def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
           resume_tag: Optional[str], ranks: RankInfo) -> int:
     import deepspeed  # deferred: importing it costs seconds that config errors should not pay
-    from ..parallel.setup import setup_parallel
 
     if torch.cuda.is_available():  # before any group or generator touches "the" device
         torch.cuda.set_device(ranks.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    lock, refusal = lock_run_dir(cfg.logging.run_dir, ranks)
+    if refusal:
+        if ranks.rank == 0:
+            print(f"config error: {refusal}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    try:
+        return train_locked(cfg, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume_tag, ranks)
+    finally:
+        lock.release()
+
+
+def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
+                 resume_tag: Optional[str], ranks: RankInfo) -> int:
+    from ..parallel.setup import setup_parallel
+
     if ranks.rank == 0:
-        os.makedirs(cfg.logging.run_dir, exist_ok=True)
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
     torch.manual_seed(cfg.train.seed)
     # Identical full weights on every rank (same seed), sharded by setup_parallel; no reference
@@ -152,13 +220,19 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
     par = setup_parallel(build_model(cfg.model), cfg, task)
     state = TrainState()
     if resume_tag:
-        client = ckpt.load(par.engine, ckpt_dir, resume_tag)
+        try:
+            client = ckpt.load(par.engine, ckpt_dir, resume_tag)
+        except ckpt.CheckpointError as err:
+            print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
+            return EXIT_CHECKPOINT_ERROR
         state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
         ranks.log(f"resumed from {ckpt_dir}/{resume_tag}: step {state.step}, "
                   f"{state.consumed_samples} samples consumed")
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
                             device_peak_tflops(cfg.logging.peak_tflops))
+    if resume_tag:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
+        metrics.resumed(state.step, resume_tag)
     trainer = Trainer(cfg, task, par, train_ds, valid_ds, metrics, ckpt_dir, state,
                       lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
                                  **par.checkpoint_info},

@@ -1,44 +1,14 @@
 """launch/pretrain_gpt.py end to end: the default run, exact resume, incomplete checkpoints,
 SIGTERM, metrics.jsonl, incompatible checkpoints. Ranks are real processes on gloo."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from .gpt_runs import TINY, check_ok, gpt, read_metrics, wait_for_steps
 from .ranks import ROOT, free_port, kill_group, run_ranks, start_ranks
-
-# A model small enough that a 10-step run costs ~1 s after start-up.
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
-        "model.ffn_hidden_size=256", "model.max_seq_len=32", "data.builtin_vocab_size=1024",
-        "train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_iters=2",
-        "train.log_interval=1", "train.eval_interval=0", "logging.sample_prompt=",
-        "logging.tensorboard=false"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
-
-
-def read_metrics(run_dir, split="train"):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r for r in rows if r["split"] == split]
-
-
-def gpt(run_dir, cache_dir, *overrides):
-    return ["launch/pretrain_gpt.py", *TINY, f"data.cache_dir={cache_dir}",
-            f"logging.run_dir={run_dir}", *overrides]
-
-
-def check_ok(results):
-    for r in results:
-        assert r.returncode == 0, r.output[-4000:]
-    return results[0].output
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -110,11 +80,7 @@ def test_sigterm_saves_and_exits_with_distinct_code(tmp_path, cache_dir):
     args = gpt(run_dir, cache_dir, "train.train_iters=100000", "checkpoint.save_interval=0")
     (proc,) = start_ranks(args, 1)
     try:
-        deadline = time.monotonic() + 120
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, "no training progress"
-            time.sleep(0.2)
+        wait_for_steps(run_dir, proc)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:

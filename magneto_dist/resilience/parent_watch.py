@@ -1,0 +1,80 @@
+"""Ranks that notice their launcher is gone.
+
+DeepSpeed's runner forwards no signal on a single node: SIGTERM to the `deepspeed` command makes
+it exit 143 at once while its per-node launch.py and the ranks train on, unsupervised (measured).
+torchrun's workers likewise live on as orphans when their agent is killed (DESIGN.md). So a rank
+launched by one of these watches the launcher processes above it and, when one goes, asks for the
+same graceful stop as SIGTERM: finish the step, save, exit 75.
+
+Only known launchers are watched: a rank started from a shell (`python launch/pretrain_gpt.py`
+under nohup, say) must not stop because its terminal closed.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Callable, Optional, Tuple
+
+POLL_SECONDS = 1.0
+# Substrings of a launcher's command line: DeepSpeed's per-node launcher, torchrun's agent.
+LAUNCHER_MARKS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # gone, or no /proc (macOS): nothing to watch
+        return ""
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def launcher_chain() -> Tuple[Tuple[int, str], ...]:
+    """(pid, command line) of the launchers above this process, nearest first: the parent if it
+    is a known launcher, and for DeepSpeed's launch.py also the `deepspeed` runner above it.
+    Cached: the entry point calls it first thing, while they are all alive, so a launcher killed
+    during start-up is still noticed once training begins."""
+    parent = os.getppid()
+    cmd = _cmdline(parent)
+    if not any(mark in cmd for mark in LAUNCHER_MARKS):
+        return ()
+    chain = [(parent, cmd)]
+    if "deepspeed.launcher.launch" in cmd:
+        runner = _parent_of(parent)
+        runner_cmd = _cmdline(runner) if runner and runner > 1 else ""
+        if "deepspeed" in runner_cmd:
+            chain.append((runner, runner_cmd))
+    return tuple(chain)
+
+
+def _gone(pid: int, cmd: str) -> bool:
+    return _cmdline(pid) != cmd  # exited (or, after a pid reuse, became something else)
+
+
+def watch_launchers(on_gone: Callable[[str], None]) -> Optional[threading.Thread]:
+    """Start a daemon thread that calls on_gone(description) once, when a launcher above this
+    process exits. Returns the thread, or None when there is no launcher to watch."""
+    chain = launcher_chain()
+    if not chain:
+        return None
+
+    def poll():
+        event = threading.Event()
+        while not event.wait(POLL_SECONDS):
+            for pid, cmd in chain:
+                if _gone(pid, cmd):
+                    on_gone(f"launcher pid {pid} exited")
+                    return
+
+    thread = threading.Thread(target=poll, name="launcher-watch", daemon=True)
+    thread.start()
+    return thread

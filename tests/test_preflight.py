@@ -1,0 +1,104 @@
+"""What a run checks before it touches its run directory, and the optimizer's non-finite guard.
+All in one process, no process group: each mistake costs seconds and writes nothing."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from magneto_dist.config import load_config
+from magneto_dist.data.corpus import stdlib_sources
+from magneto_dist.data.tokenizer import train_sentencepiece
+from magneto_dist.training.engine import build_optimizer
+from magneto_dist.training.preflight import PreflightError, RunLock, finished_message
+from magneto_dist.training.run import main
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    (d / "text.txt").write_text("\n".join(text for _, text in list(stdlib_sources())[:40]))
+    return train_sentencepiece(str(d / "text.txt"), str(d / "spm"), vocab_size=400)
+
+
+def test_unwritable_run_dir_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main("gpt", [f"logging.run_dir={blocker}/run"]) == 2
+    assert (f"config error: logging.run_dir={blocker}/run cannot be written (Not a directory); "
+            "choose a writable directory") in capsys.readouterr().err
+
+
+def test_missing_data_prefix_is_one_line_exit_2(tmp_path, capsys, tokenizer_model):
+    args = [f"data.prefixes=[{tmp_path}/none_text_document]",
+            f"data.tokenizer_model={tokenizer_model}", f"logging.run_dir={tmp_path}/run"]
+    assert main("gpt", args) == 2
+    err = capsys.readouterr().err
+    assert (f"data error: data prefix {tmp_path}/none_text_document: {tmp_path}/none_text_"
+            "document.bin/.idx not found; create them with `python tools/preprocess_data.py") in err
+    assert os.listdir(tmp_path / "run") == []  # nothing written
+
+
+def test_tokenizer_that_is_not_sentencepiece_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "spm.model").write_text("garbage")
+    args = [f"data.prefixes=[{tmp_path}/x_text_document]", f"data.tokenizer_model={tmp_path}/"
+            "spm.model", f"logging.run_dir={tmp_path}/run"]
+    assert main("gpt", args) == 2
+    assert (f"data error: tokenizer model {tmp_path}/spm.model is not a sentencepiece model"
+            in capsys.readouterr().err)
+
+
+def write_lock(run_dir, pid, host=None):
+    (run_dir / "run.lock").write_text(json.dumps({"host": host or socket.gethostname(),
+                                                  "pid": pid, "since": "then"}))
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    lock = RunLock(str(tmp_path))
+    write_lock(tmp_path, os.getppid())  # a live process on this host
+    with pytest.raises(PreflightError, match=rf"{tmp_path} is in use by pid {os.getppid()} on "
+                       rf"{socket.gethostname()} \(since then\); stop that run or use another "
+                       rf"logging.run_dir. If no such run is alive, delete {tmp_path}/run.lock"):
+        lock.acquire()
+    # another host's lock cannot be checked from here: refused
+    write_lock(tmp_path, 1, host="elsewhere")
+    with pytest.raises(PreflightError, match="in use by pid 1 on elsewhere"):
+        lock.acquire()
+    # a holder killed with -9 leaves its lock behind: a dead pid on this host is stale, and so
+    # is this very process's pid (reused after the kill)
+    for stale_pid in (2**22 + 7, os.getpid()):
+        write_lock(tmp_path, stale_pid)
+        warnings = []
+        lock.acquire(log=warnings.append)
+        assert "removing stale lock" in warnings[0]
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+        lock.release()
+        assert not (tmp_path / "run.lock").exists()
+
+
+def test_finished_message():
+    assert finished_message("r", "global_step8", 8, 10, None) is None
+    assert finished_message("r", "global_step10", 10, 10, None) == (
+        "run r is finished: global_step10 is at step 10, train.train_iters=10; nothing to do. "
+        "Raise train.train_iters to train further, or use a new logging.run_dir")
+    assert "train.exit_at_step=5" in finished_message("r", "global_step5", 5, 10, 5)
+
+
+def test_optimizer_skips_a_step_with_non_finite_gradients():
+    """DeepSpeed's ZeRO-0/3 and bf16 paths apply a NaN gradient; this optimizer does not."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = build_optimizer(model, load_config(None, []))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 4)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.overflow  # what DeepSpeed's engine reads to hold the LR schedule
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state  # Adam's moments and step count untouched
+    opt.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert not opt.overflow
+    assert not torch.equal(before[0], model.weight)
