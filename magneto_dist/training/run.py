@@ -23,7 +23,7 @@ from ..data.tokenizer import SentencePieceTokenizer
 from ..model import build_model, flops_per_token
 from ..resilience.parent_watch import launcher_chain
 from .generate import sample
-from .loop import Trainer, TrainState
+from .loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops
 from .preflight import PreflightError, RunLock, check_run_dir_writable, finished_message
 from .tasks import GPTTask, MaskedLMTask
@@ -203,9 +203,16 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
             print(f"config error: {refusal}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
     try:
-        return train_locked(cfg, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume_tag, ranks)
+        code = train_locked(cfg, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume_tag, ranks)
     finally:
         lock.release()
+    if code in (0, EXIT_INTERRUPTED, EXIT_NONFINITE):  # codes every rank returns together
+        # Shut the process group down before the interpreter does: a rank that exited with
+        # gloo's threads still running once died with "terminate called without an active
+        # exception" (SIGABRT) after a complete run.
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
 
 
 def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
