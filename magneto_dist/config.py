@@ -54,7 +54,7 @@ class TrainConfig:
     precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16: GPU only, loss scaling)
     zero_stage: int = 1                    # DeepSpeed ZeRO stage 0-3
     seed: int = 1234                       # model init, data order, dropout
-    eval_interval: int = 100               # validate every N steps (0: never)
+    eval_interval: int = 100               # validate every N steps and at the end (0: never)
     eval_iters: int = 4                    # global batches per validation
     log_interval: int = 10                 # metrics every N steps
     max_nonfinite_steps: int = 3           # consecutive steps with a non-finite loss or grad
@@ -85,6 +85,8 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None    # per-device peak for MFU (None: table by device)
     sample_prompt: str = "def "            # prompt of the sample printed at the end ("" skips)
     sample_tokens: int = 48
+    diagnostics_interval: int = 0          # every N steps (and at step 0): per-layer grad norms,
+                                           # update ratios, residual RMS, model update (0: off)
 
 
 @dataclass
@@ -100,7 +102,7 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
-def _coerce(key: str, value: Any, hint) -> Any:
+def coerce(key: str, value: Any, hint) -> Any:
     """Check a YAML value against the field's annotation (ints for floats are fine)."""
     origin = getattr(hint, "__origin__", None)
     args = getattr(hint, "__args__", ())
@@ -110,12 +112,12 @@ def _coerce(key: str, value: Any, hint) -> Any:
         raise ConfigError(f"{key} may not be null")
     if origin is not None and type(None) in args:  # Optional[X]
         hint = next(a for a in args if a is not type(None))
-        return _coerce(key, value, hint)
+        return coerce(key, value, hint)
     if getattr(hint, "__origin__", None) in (list, List):
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list")
         (item,) = hint.__args__
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return [coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -128,7 +130,7 @@ def _coerce(key: str, value: Any, hint) -> Any:
     return value
 
 
-def _section_from_dict(name: str, values: dict, base):
+def section_from_dict(name: str, values: dict, base):
     cls = type(base)
     hints = get_type_hints(cls)
     if not isinstance(values, dict):
@@ -138,7 +140,7 @@ def _section_from_dict(name: str, values: dict, base):
         if key not in hints:
             raise ConfigError(f"unknown key {name}.{key}; known keys in {name}: "
                               f"{', '.join(sorted(hints))}")
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
     try:
         return cls(**kwargs)
     except ValueError as err:  # ModelConfig validates itself and names model.<field>
@@ -151,7 +153,7 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; sections are "
                           f"{', '.join(SECTIONS)}")
     default = Config()
-    return Config(**{name: _section_from_dict(name, raw.get(name) or {}, getattr(default, name))
+    return Config(**{name: section_from_dict(name, raw.get(name) or {}, getattr(default, name))
                      for name in SECTIONS})
 
 
@@ -281,6 +283,11 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
     parts = d.split.split(",")
     _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts),
              f"data.split={d.split!r} must be three comma-separated numbers (train,valid,test)")
+    _require(cfg.logging.diagnostics_interval >= 0, "logging.diagnostics_interval must be >= 0")
+    _require(not cfg.logging.diagnostics_interval or (tp == 1 and pp == 1 and t.zero_stage <= 2),
+             f"logging.diagnostics_interval={cfg.logging.diagnostics_interval} needs the whole "
+             f"model on one rank (TP1 x PP1, ZeRO 0-2); this run is TP{tp} x PP{pp}, ZeRO-"
+             f"{t.zero_stage}: set it to 0 or measure a TP1 x PP1 run")
     c = cfg.checkpoint
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
     _require(c.save_interval >= 0, "checkpoint.save_interval must be >= 0")

@@ -17,6 +17,7 @@ from ..config import Config
 from ..data.datasets import GlobalSampleBatches
 from ..resilience.faults import fault_active
 from ..resilience.parent_watch import watch_launchers
+from .diagnostics import Diagnostics
 from .metrics import MetricsLogger
 from .tasks import move_batch
 
@@ -85,6 +86,18 @@ class Trainer:
         # the pipeline engine replaces the micro-batch loops with its own schedule
         self.train_step_fn = par.train_step_fn or self._micro_batch_step
         self.eval_fn = par.eval_fn or self._micro_batch_eval
+        self.diagnostics = None
+        if cfg.logging.diagnostics_interval and dist.get_rank() == 0:
+            # a fixed probe batch: the first micro-batch of the training data
+            probe = torch.utils.data.default_collate(
+                [train_ds[i] for i in range(t.micro_batch_size)])
+            self.diagnostics = Diagnostics(self.engine.module, task,
+                                           move_batch(probe, self.device))
+
+    def diagnose(self) -> None:
+        interval = self.cfg.logging.diagnostics_interval
+        if self.diagnostics is not None and self.state.step % interval == 0:
+            self.metrics.diagnostics(self.diagnostics.measure(self.state.step))
 
     def loader(self, dataset, total: int, start: int):
         """Micro-batches of this DP rank for global samples [start, total)."""
@@ -157,6 +170,7 @@ class Trainer:
         self.stop.install()
         self.engine.train()
         saved_at = None
+        self.diagnose()  # at step 0: the gradients at initialization and F(x, theta_0)
         interval_start, interval_steps = time.perf_counter(), 0
         while self.state.step < end:
             loss = self.train_step(batches)
@@ -178,7 +192,11 @@ class Trainer:
                                    tokens_per_step * interval_steps, seconds,
                                    self.state.consumed_samples)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if t.eval_interval and self.state.step % t.eval_interval == 0:
+            diagnose_start = time.perf_counter()
+            self.diagnose()
+            interval_start += time.perf_counter() - diagnose_start  # not in tokens/s
+            if t.eval_interval and (self.state.step % t.eval_interval == 0
+                                    or self.state.step == t.train_iters):  # and at the end
                 valid = self.evaluate()
                 if valid is not None:
                     self.metrics.valid(self.state.step, valid)

@@ -1,10 +1,13 @@
 """Metrics on rank 0: console line, TensorBoard scalars, and one JSON object per line.
 
-metrics.jsonl rows: {"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s",
-"tflops_per_device", "mfu", "memory_gb", "consumed_samples", "time"} every log interval, and
-{"split": "valid", "step", "loss", "ppl", "time"} every eval interval, and
-{"split": "resume", "step", "tag", "time"} where a resumed run starts (the rows after it replay
-the steps after `step`: take the last occurrence of a step).
+metrics.jsonl rows:
+- {"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device",
+  "mfu", "memory_gb", "consumed_samples", "time"} every log interval;
+- {"split": "valid", "step", "loss", "ppl", "time"} every eval interval;
+- {"split": "diagnostics", "step", "grad_norm_per_layer", ...} every
+  logging.diagnostics_interval steps (see training/diagnostics.py);
+- {"split": "resume", "step", "tag", "time"} where a resumed run starts: the rows after it
+  replay the steps after `step` (take the last occurrence of a step).
 """
 from __future__ import annotations
 
@@ -65,6 +68,10 @@ class MetricsLogger:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+                elif isinstance(value, list):  # per-layer values: one scalar per layer
+                    for layer, item in enumerate(value):
+                        self.writer.add_scalar(f"{row['split']}/{key}/layer_{layer:03d}", item,
+                                               row["step"])
 
     def train(self, step: int, loss: float, lr: float, grad_norm: Optional[float],
               tokens: int, seconds: float, consumed_samples: int) -> None:
@@ -92,6 +99,11 @@ class MetricsLogger:
         print(f"step {step:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
         self._emit({"split": "valid", "step": step, "loss": loss, "ppl": ppl,
                     "time": time.time()})
+
+    def diagnostics(self, row: dict) -> None:
+        """A row of training/diagnostics.py (per-layer lists, model update, max |logit|)."""
+        if self.enabled:
+            self._emit({"split": "diagnostics", **row, "time": time.time()})
 
     def resumed(self, step: int, tag: str) -> None:
         """A restart: rows after this one replay steps from `step` on; readers keep the last

@@ -153,3 +153,18 @@ def test_bf16_under_tp2_tracks_fp32(tmp_path, cache_dir):
     assert len(bf16) == 12 and bf16 != fp32  # really ran in another precision
     assert max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.05, (bf16, fp32)
     assert bf16[-1] < bf16[0] - 0.3
+
+
+def test_diagnostics_leave_training_bit_identical(tmp_path, cache_dir):
+    """logging.diagnostics_interval measures on a probe batch under a forked RNG, in eval mode,
+    through autograd.grad: with dropout on, the losses equal a run without it, bit for bit."""
+    common = ["train.train_iters=6", "model.dropout=0.1"]
+    check_ok(run_ranks(gpt(tmp_path / "plain", cache_dir, *common), 1))
+    check_ok(run_ranks(gpt(tmp_path / "diag", cache_dir, *common,
+                           "logging.diagnostics_interval=2"), 1))
+    assert ([r["loss"] for r in read_metrics(tmp_path / "diag")]
+            == [r["loss"] for r in read_metrics(tmp_path / "plain")])
+    rows = read_metrics(tmp_path / "diag", "diagnostics")
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert rows[0]["model_update"] == 0.0 and rows[-1]["model_update"] > 0
+    assert all(len(r["grad_norm_per_layer"]) == 2 for r in rows)
