@@ -17,8 +17,10 @@ import threading
 from typing import Callable, Optional, Tuple
 
 POLL_SECONDS = 1.0
-# Substrings of a launcher's command line: DeepSpeed's per-node launcher, torchrun's agent.
-LAUNCHER_MARKS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
+# Substrings of a launcher's command line: DeepSpeed's per-node launcher, torchrun's agent, and
+# the stability sweep (its cells must not outlive it, even when it is killed with -9).
+LAUNCHER_MARKS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun",
+                  "stability_sweep.py")
 
 
 def _cmdline(pid: int) -> str:
