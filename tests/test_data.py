@@ -13,11 +13,12 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from magneto_dist.data import checks
+from magneto_dist.data import preprocess as preprocess_module
 from magneto_dist.data.checks import DataError, check_token_ids, split_sizes
 from magneto_dist.data.corpus import stdlib_sources
 from magneto_dist.data.datasets import DatasetRequest, GlobalSampleBatches, build_datasets
 from magneto_dist.data.jsonl import BadInputError
-from magneto_dist.data.preprocess import preprocess
+from magneto_dist.data.preprocess import WorkerDied, preprocess
 from magneto_dist.data.tokenizer import SentencePieceTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,3 +247,16 @@ def test_not_a_sentencepiece_model_is_named(tmp_path):
     bad.write_text("not a model")
     with pytest.raises(ValueError, match=rf"tokenizer model {bad} is not a sentencepiece model"):
         SentencePieceTokenizer(str(bad))
+
+
+def _die_in_worker(chunk):
+    os._exit(9)  # a worker killed mid-chunk (OOM killer, kill -9)
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(corpus, tmp_path, monkeypatch):
+    """multiprocessing.Pool waited forever for the chunk a dead worker held."""
+    monkeypatch.setattr(preprocess_module, "encode_chunk", _die_in_worker)
+    with fails_within(60), pytest.raises(WorkerDied, match="a tokenizing worker died"):
+        preprocess([corpus["a"]], corpus["model"], str(tmp_path / "out"), workers=2,
+                   progress=False)
+    assert os.listdir(tmp_path) == []  # nothing half-written

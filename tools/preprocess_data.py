@@ -14,7 +14,7 @@ import sys
 import _path  # noqa: F401
 
 from magneto_dist.data.jsonl import BadInputError
-from magneto_dist.data.preprocess import output_prefix_for, preprocess
+from magneto_dist.data.preprocess import WorkerDied, output_prefix_for, preprocess
 
 
 def main(argv=None):
@@ -38,7 +38,7 @@ def main(argv=None):
                            workers=args.workers, append_eod=args.append_eod,
                            split_sentences=args.split_sentences,
                            skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress)
-    except (BadInputError, FileNotFoundError) as err:
+    except (BadInputError, FileNotFoundError, WorkerDied) as err:
         sys.exit(f"error: {err}")
     for line in stats.skipped_lines[:10]:
         print(f"skipped {line}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Lines are read in order and sent to a worker pool in fixed-size chunks; at most `4 * workers`
 chunks are in flight (multiprocessing.Pool.imap would read the whole input ahead), and results are
-written back in submission order, so the output bytes do not depend on the worker count. Writing
+written back in submission order, so the output bytes do not depend on the worker count. The pool
+is concurrent.futures' ProcessPoolExecutor: a worker that dies (OOM killer, kill -9) breaks it
+with an error, where a multiprocessing.Pool waits forever for the lost chunk. Writing
 goes through megatron-core's IndexedDatasetBuilder to temporary names that are renamed only once
 every document is in.
 """
@@ -12,6 +14,8 @@ import collections
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Iterator, List, Sequence
 
@@ -22,6 +26,10 @@ from .jsonl import BadInputError, encode_chunk, init_worker, read_lines
 from .tokenizer import SentencePieceTokenizer
 
 CHUNK_LINES = 256
+
+
+class WorkerDied(RuntimeError):
+    """A tokenizing worker process died; nothing was written."""
 
 
 @dataclass
@@ -45,14 +53,14 @@ def _chunks(lines: Iterator, size: int) -> Iterator[list]:
 
 
 def _ordered_bounded_map(pool, func, items: Iterator, window: int) -> Iterator:
-    """Like pool.imap, but never reads more than `window` items ahead of the consumer."""
+    """Like pool.map, but never reads more than `window` items ahead of the consumer."""
     pending = collections.deque()
     for item in items:
-        pending.append(pool.apply_async(func, (item,)))
+        pending.append(pool.submit(func, item))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def output_prefix_for(output_prefix: str, key: str, sentences: bool) -> str:
@@ -75,17 +83,13 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str,
     start = time.perf_counter()
     init_args = (tokenizer_model, tuple(json_keys), append_eod, split_sentences)
     try:
-        # fork, not spawn: a spawned worker re-imports the caller's __main__ (torch, megatron:
-        # ~3 s each); workers only run sentencepiece and json, which are safe after fork.
-        with multiprocessing.get_context("fork").Pool(workers, init_worker, init_args) as pool, \
-                tqdm(unit=" docs", disable=not progress, mininterval=1.0) as bar:
-            chunks = _chunks(read_lines(inputs), CHUNK_LINES)
-            for results in _ordered_bounded_map(pool, encode_chunk, chunks, 4 * workers):
-                for result in results:
-                    _write_document(result, builders, json_keys, stats, skip_bad_lines)
-                bar.update(len(results))
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{stats.tokens / elapsed:,.0f} tokens/s", refresh=False)
+        try:
+            _tokenize_into(builders, inputs, json_keys, workers, init_args, stats,
+                           skip_bad_lines, progress)
+        except BrokenProcessPool as err:
+            raise WorkerDied(f"a tokenizing worker died ({err}); nothing was written to "
+                             f"{output_prefix}; rerun (with fewer --workers if memory ran out)"
+                             ) from None
         if stats.documents == 0:
             raise BadInputError(f"no documents in {', '.join(inputs)}: the input is empty"
                                 + (f" ({len(stats.skipped_lines)} bad lines skipped)"
@@ -102,6 +106,23 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str,
                     os.remove(path + ext)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _tokenize_into(builders, inputs, json_keys, workers, init_args, stats: PreprocessStats,
+                   skip_bad_lines: bool, progress: bool) -> None:
+    start = time.perf_counter()
+    # fork, not spawn: a spawned worker re-imports the caller's __main__ (torch, megatron:
+    # ~3 s each); workers only run sentencepiece and json, which are safe after fork.
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), init_worker,
+                             init_args) as pool, \
+            tqdm(unit=" docs", disable=not progress, mininterval=1.0) as bar:
+        chunks = _chunks(read_lines(inputs), CHUNK_LINES)
+        for results in _ordered_bounded_map(pool, encode_chunk, chunks, 4 * workers):
+            for result in results:
+                _write_document(result, builders, json_keys, stats, skip_bad_lines)
+            bar.update(len(results))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{stats.tokens / elapsed:,.0f} tokens/s", refresh=False)
 
 
 def _write_document(result, builders, keys, stats: PreprocessStats, skip_bad_lines: bool):

@@ -76,7 +76,7 @@ class Diagnostics:
             ratios = [_norm(a - b for a, b in zip(now, before)) / max(_norm(before), 1e-30)
                       for now, before in zip(current, self.previous)]
         self.previous = current
-        return {"step": step, "probe_loss": float(loss),
+        return {"step": step, "probe_loss": float(loss.detach()),
                 "grad_norm_per_layer": [_norm(g) for g in layer_grads],
                 "update_ratio_per_layer": ratios,
                 "residual_rms_per_layer": [float(o.detach().float().pow(2).mean().sqrt())
