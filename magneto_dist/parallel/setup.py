@@ -32,6 +32,8 @@ class ParallelSetup:
     eval_fn: Optional[Callable] = None   # None: the trainer's micro-batch loop
     sample_model: Optional[nn.Module] = None  # tokens -> full logits, or None (pipeline)
     checkpoint_info: dict = field(default_factory=dict)  # extra client state
+    tp_rng: Optional[TensorParallelRNG] = None  # the per-TP-rank dropout stream, when used:
+                                         # saved and restored with each rank's RNG state
 
 
 # How DeepSpeed's ds_to_universal must treat each parameter, as regexes it re.match-es against
@@ -90,7 +92,8 @@ def setup_parallel(model: nn.Module, cfg: Config, task) -> ParallelSetup:
                                        rng if tp > 1 else None)
     info = universal_checkpoint_info(model, cfg.model.vocab_size, pipelined=pp > 1)
     common = dict(dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
-                  dp_group=ps.get_data_parallel_group(), checkpoint_info=info)
+                  dp_group=ps.get_data_parallel_group(), checkpoint_info=info,
+                  tp_rng=rng if tp > 1 else None)
     if pp > 1:
         loss_fn = lambda logits, labels: task.loss(  # noqa: E731
             logits, {"labels": labels[0], "loss_mask": labels[1]})

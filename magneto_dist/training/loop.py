@@ -21,6 +21,7 @@ from .diagnostics import Diagnostics
 from .metrics import MetricsLogger
 from .tasks import move_batch
 
+TP_RNG_KEY = "tensor_parallel"  # the TP dropout stream's entry in a rank's saved RNG state
 EXIT_NONFINITE = 4     # stopped after train.max_nonfinite_steps non-finite steps in a row
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; rerun to resume
 
@@ -78,6 +79,7 @@ class Trainer:
         self.dp_rank, self.dp_size, self.dp_group = par.dp_rank, par.dp_size, par.dp_group
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
         self.client_state_fn = client_state_fn
+        self.tp_rng = par.tp_rng
         self.log = log
         self.device = self.engine.device
         self.stop = StopRequest()
@@ -103,8 +105,12 @@ class Trainer:
         """Micro-batches of this DP rank for global samples [start, total)."""
         t = self.cfg.train
         sampler = GlobalSampleBatches(total, start, t.micro_batch_size, self.dp_rank, self.dp_size)
+        # A generator of its own: an iterator draws its base seed from the loader's generator,
+        # which by default is the global one that dropout uses, so creating a loader after a
+        # resume (or for each evaluation) shifted every later dropout mask.
         return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                                num_workers=self.cfg.data.loader_workers))
+                                                num_workers=self.cfg.data.loader_workers,
+                                                generator=torch.Generator().manual_seed(t.seed)))
 
     def _loss(self, batch) -> torch.Tensor:
         batch = move_batch(batch, self.device)
@@ -156,9 +162,15 @@ class Trainer:
         return self.state.nonfinite_streak < limit
 
     def save(self) -> None:
+        extra_rng = {TP_RNG_KEY: self.tp_rng.state} if self.tp_rng is not None else None
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
-                  self.cfg, self.cfg.checkpoint.keep_last)
+                  self.cfg, self.cfg.checkpoint.keep_last, extra_rng=extra_rng)
         self.log(f"saved checkpoint {self.ckpt_dir}/{ckpt.tag_for(self.state.step)}")
+
+    def restore_tp_rng(self, saved_rng: Optional[dict]) -> None:
+        """The TP dropout stream where the checkpoint left it (exact resume with dropout)."""
+        if self.tp_rng is not None and saved_rng and TP_RNG_KEY in saved_rng:
+            self.tp_rng.state = saved_rng[TP_RNG_KEY]
 
     def train(self) -> int:
         """Run to train_iters (or exit_at_step); returns the process exit code."""

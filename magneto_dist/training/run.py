@@ -244,6 +244,8 @@ def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str
                       lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
                                  **par.checkpoint_info},
                       log=ranks.log)
+    if resume_tag:
+        trainer.restore_tp_rng(client.get("_rng"))
     code = trainer.train()
     metrics.close()
     if code == 0 and cfg.logging.sample_prompt and task.name == "gpt":

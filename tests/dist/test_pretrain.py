@@ -41,8 +41,10 @@ PP2 = "parallel.pipeline_model_parallel_size=2"
 
 
 @pytest.mark.parametrize("ranks,zero,layout", [
-    (1, 1, []), (1, 3, []), (2, 1, []), (2, 3, []), (2, 3, [TP2]), (4, 1, [TP2, PP2])],
-    ids=["1rank-zero1", "1rank-zero3", "dp2-zero1", "dp2-zero3", "tp2-zero3", "tp2-pp2-zero1"])
+    (1, 1, []), (1, 3, []), (2, 1, []), (2, 3, []), (2, 3, [TP2]), (4, 1, [TP2, PP2]),
+    (2, 1, [TP2, "model.dropout=0.1"]), (1, 1, ["model.dropout=0.1"])],
+    ids=["1rank-zero1", "1rank-zero3", "dp2-zero1", "dp2-zero3", "tp2-zero3", "tp2-pp2-zero1",
+         "tp2-dropout", "1rank-dropout"])
 def test_resume_is_exact(tmp_path, cache_dir, ranks, zero, layout):
     """10 steps straight == 5 steps, stop, resume, 5 more (per-step losses)."""
     common = [f"train.zero_stage={zero}", "train.train_iters=10", "checkpoint.save_interval=0",
