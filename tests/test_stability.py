@@ -88,6 +88,8 @@ def test_sweep_file_overrides_and_errors(tmp_path):
         load_sweep(str(path), ["grid.depth=[2]"])
     with pytest.raises(ConfigError, match=r"grid.schemes=\['postln'\] must be a non-empty list"):
         load_sweep(str(path), ["grid.schemes=[postln]"])
+    with pytest.raises(ConfigError, match=r"grid.depths=\[0, 2\]: every depth must be >= 1"):
+        load_sweep(str(path), ["grid.depths=[0,2]"])
     with pytest.raises(ConfigError, match="cell post_ln-layernorm-L2-lr0.001-s1-w0: override "
                                           "'model.num_heads=5'"):
         load_sweep(str(path), ["model.num_heads=5"])
@@ -122,10 +124,10 @@ def test_diagnostics_equal_a_hand_computation(small_model):
     rms = []
     for layer in layers:
         x = layer(x)
-        rms.append(float(x.pow(2).mean().sqrt()))
+        rms.append(float(x.detach().pow(2).mean().sqrt()))
     assert row["residual_rms_per_layer"] == pytest.approx(rms, rel=1e-5)
     logits = reference(batch["tokens"])
-    assert row["max_abs_logit"] == pytest.approx(float(logits.abs().max()), rel=1e-6)
+    assert row["max_abs_logit"] == pytest.approx(float(logits.detach().abs().max()), rel=1e-6)
     assert row["model_update"] == 0.0 and row["update_ratio_per_layer"] is None
     # move layer 2's weights only: its ratio is the relative change, the others' are 0
     before = [p.detach().clone() for p in layers[1].parameters()]
@@ -136,7 +138,7 @@ def test_diagnostics_equal_a_hand_computation(small_model):
     change = math.sqrt(sum(float((0.1 * b).pow(2).sum()) for b in before))
     size = math.sqrt(sum(float(b.pow(2).sum()) for b in before))
     assert later["update_ratio_per_layer"] == pytest.approx([0.0, change / size, 0.0], abs=1e-6)
-    moved = float((model.eval()(batch["tokens"]) - logits).pow(2).mean().sqrt())
+    moved = float((model.eval()(batch["tokens"]) - logits).detach().pow(2).mean().sqrt())
     assert later["model_update"] == pytest.approx(moved, rel=1e-5) and moved > 0
 
 

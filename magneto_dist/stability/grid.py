@@ -113,9 +113,12 @@ def _check_grid(g: GridConfig) -> None:
     for name in ("depths", "lrs", "seeds"):
         if not getattr(g, name):
             raise ConfigError(f"grid.{name} is empty; give at least one value")
-    if g.steps < 1 or g.warmup < 0 or min(g.depths) < 1 or min(g.lrs) <= 0:
-        raise ConfigError("grid.steps must be >= 1, grid.warmup >= 0, every depth >= 1 and "
-                          "every lr > 0")
+    for ok, message in ((g.steps >= 1, f"grid.steps={g.steps} must be at least 1"),
+                        (g.warmup >= 0, f"grid.warmup={g.warmup} must be at least 0"),
+                        (min(g.depths) >= 1, f"grid.depths={g.depths}: every depth must be >= 1"),
+                        (min(g.lrs) > 0, f"grid.lrs={g.lrs}: every lr must be > 0")):
+        if not ok:
+            raise ConfigError(message)
 
 
 def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None) -> Sweep:
