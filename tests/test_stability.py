@@ -12,6 +12,7 @@ import torch
 from magneto_dist.config import ConfigError
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.stability.grid import ROOT, load_sweep
+from magneto_dist.stability.sweep import drop_partial_line, read_rows
 from magneto_dist.stability.verdicts import (VerdictConfig, count_spikes, early_divergence,
                                              judge, unigram_entropy)
 from magneto_dist.training.diagnostics import Diagnostics
@@ -146,3 +147,15 @@ def test_diagnostics_equal_a_hand_computation(small_model):
                                                                "*.yaml"))))
 def test_shipped_sweeps_load_and_every_cell_validates(path):
     assert len(load_sweep(path, []).cells()) >= 24
+
+
+def test_a_line_cut_short_by_a_kill_is_left_out(tmp_path):
+    """A sweep or cell killed mid-append leaves half a line; the rerun must still read the rest."""
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"cell": "a"}\n{"cell": "b"}\n{"cell": "c", "verd')
+    assert [r["cell"] for r in read_rows(str(path))] == ["a", "b"]
+    drop_partial_line(str(path))  # before the sweep appends again
+    assert path.read_text() == '{"cell": "a"}\n{"cell": "b"}\n'
+    path.write_text('{"cell": "a"}\n{"cel\n{"cell": "c"}\n')
+    with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON line"):
+        read_rows(str(path))

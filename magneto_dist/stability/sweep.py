@@ -28,10 +28,19 @@ POLL_SECONDS = 1.0
 
 
 def read_rows(path: str) -> List[dict]:
+    """JSON lines; a last line cut short (its writer was killed mid-write) is left out."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON line") from None
+    return rows
 
 
 def train_losses(run_dir: str) -> List[float]:
@@ -59,6 +68,16 @@ def prepare_data(sweep: Sweep, log=print) -> float:
     entropy = unigram_entropy(counts)
     log(f"sweep: data ready; unigram entropy of the corpus {entropy:.3f} nats")
     return entropy
+
+
+def drop_partial_line(path: str) -> None:
+    """Cut a last line left unfinished by a killed writer, so the next row starts a line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 @dataclass
@@ -158,6 +177,7 @@ class SweepRunner:
         """Every cell not yet in results.jsonl; returns all rows. Ctrl-C stops the running
         cells; a rerun continues with the rest."""
         os.makedirs(os.path.join(self.sweep.out_dir, "logs"), exist_ok=True)
+        drop_partial_line(self.results_path)
         atomic_write(os.path.join(self.sweep.out_dir, "sweep.json"),
                      json.dumps({"grid": self.sweep.grid.__dict__,
                                  "run_overrides": self.sweep.run_overrides}, indent=1))

@@ -69,9 +69,9 @@ def count_spikes(losses: Sequence[float], cfg: VerdictConfig) -> tuple:
         rise = losses[t] - float(np.median(window))
         largest = max(largest, rise)
         spiking = rise > cfg.spike_threshold
-        spikes += spiking and not inside
+        spikes += int(spiking and not inside)
         inside = spiking
-    return spikes, largest
+    return spikes, float(largest)
 
 
 def judge(losses: List[float], unigram_entropy: Optional[float], cfg: VerdictConfig) -> Verdict:
