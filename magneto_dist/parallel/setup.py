@@ -20,6 +20,7 @@ from . import state
 from .pipeline import build_pipeline
 from .random import TensorParallelRNG, apply_activation_checkpointing, use_tensor_parallel_rng
 from .tensor_parallel import FullLogits, apply_tensor_parallel, vocab_parallel_cross_entropy
+from .tp_plan import REPLICATED, ROW, VOCAB, patterns_of
 
 
 @dataclass
@@ -36,14 +37,12 @@ class ParallelSetup:
                                          # saved and restored with each rank's RNG state
 
 
-# How DeepSpeed's ds_to_universal must treat each parameter, as regexes it re.match-es against
-# names (hence the ".*" prefix, which also covers pipeline-stage names such as "3.layer.ffn...").
+# How DeepSpeed's ds_to_universal must treat each parameter (it re.match-es these against
+# names), from the one TP plan; column-parallel and sliced parameters are its default (dim 0).
 UNIVERSAL_PATTERNS = {
-    ds_ckpt.TP_REPLICATED_PARAMETER_PATTERNS: [
-        r".*pre_norm\.", r".*post_norm\.", r".*output_norm\.", r".*final_norm\.",
-        r".*mlm_(dense|norm)\.", r".*position\.weight$", r".*out_proj\.bias$", r".*fc2\.bias$"],
-    ds_ckpt.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*out_proj\.weight$", r".*fc2\.weight$"],
-    ds_ckpt.VOCABULARY_PARAMETER_PATTERNS: [r".*word\.weight$", r".*lm_head\.weight$"],
+    ds_ckpt.TP_REPLICATED_PARAMETER_PATTERNS: patterns_of(REPLICATED),
+    ds_ckpt.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: patterns_of(ROW),
+    ds_ckpt.VOCABULARY_PARAMETER_PATTERNS: patterns_of(VOCAB),
 }
 
 
@@ -54,7 +53,7 @@ def universal_checkpoint_info(model: nn.Module, vocab_size: int, pipelined: bool
     info = {kind: [p for p in patterns if any(re.match(p, n) for n in names)]
             for kind, patterns in UNIVERSAL_PATTERNS.items()}
     info[ds_ckpt.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = (
-        [r".*word\.weight$"] if pipelined and model.config.tie_embeddings else [])
+        [r"(.*\.)?word\.weight$"] if pipelined and model.config.tie_embeddings else [])
     info[ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_KEY] = ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_VALUE
     info["original_vocab_size"] = vocab_size
     return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: info}

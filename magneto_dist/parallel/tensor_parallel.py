@@ -17,9 +17,9 @@ import torch
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
-from ..model.layers import Attention, FeedForward
 from ..model.norms import LayerNorm, RMSNorm
 from . import state
+from .tp_plan import COLUMN, ROW, SLICED, VOCAB, tp_kind
 
 
 def _megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
@@ -215,27 +215,34 @@ class FullLogits(nn.Module):
         return torch.cat(parts, dim=-1)                            # [b, s, V_padded]
 
 
+def _shard_children(module: nn.Module, prefix: str, config) -> None:
+    """Swap this module's Linear and norm children, and slice its own 1-D parameters (head
+    scales), each as the TP plan says."""
+    swaps = {COLUMN: column_from, ROW: row_from}
+    for name, child in list(module.named_children()):
+        full = f"{prefix}{name}"
+        if isinstance(child, nn.Linear) and tp_kind(f"{full}.weight") in swaps:
+            setattr(module, name, swaps[tp_kind(f"{full}.weight")](child, config))
+        elif isinstance(child, (LayerNorm, RMSNorm)) and tp_kind(f"{full}.weight") == SLICED:
+            setattr(module, name, sharded_norm(child))
+    if isinstance(module, (nn.Linear, nn.Embedding, LayerNorm, RMSNorm)):
+        return  # their parameters were handled with the module itself
+    for name, param in list(module.named_parameters(recurse=False)):
+        if tp_kind(f"{prefix}{name}") == SLICED:
+            sliced = nn.Parameter(torch.empty(param.numel() // state.tp_size(), dtype=param.dtype))
+            _load_shard(sliced, param, 0)
+            setattr(module, name, sliced)
+
+
 def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None:
-    """Shard a full model in place across the current TP group (see the module docstring)."""
+    """Shard a full model in place across the current TP group, every parameter as the TP plan
+    (tp_plan.py) says; a parameter it does not cover is an error before anything changes."""
+    for name, _ in model.named_parameters():
+        tp_kind(name)
     config = _megatron_config(state.tp_size(), next(model.parameters()).dtype)
-    for module in list(model.modules()):  # a list: children are replaced on the way
-        if isinstance(module, Attention):
-            for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(module, name, column_from(getattr(module, name), config))
-            module.out_proj = row_from(module.out_proj, config)
-            if module.inner_norm is not None:
-                module.inner_norm = sharded_norm(module.inner_norm)
-            if module.head_scale is not None:
-                full = module.head_scale
-                module.head_scale = nn.Parameter(torch.empty(full.numel() // state.tp_size()))
-                _load_shard(module.head_scale, full, 0)
-        elif isinstance(module, FeedForward):
-            module.fc1 = column_from(module.fc1, config)
-            if module.fc1_gate is not None:
-                module.fc1_gate = column_from(module.fc1_gate, config)
-            module.fc2 = row_from(module.fc2, config)
-            if module.inner_norm is not None:
-                module.inner_norm = sharded_norm(module.inner_norm)
+    for name, module in list(model.named_modules()):  # a list: children are replaced on the way
+        _shard_children(module, f"{name}." if name else "", config)
+    assert tp_kind("embed.word.weight") == tp_kind("lm_head.weight") == VOCAB
     padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple)
     model.embed.word = vocab_embedding_from(model.embed.word, padded, config)
     model.lm_head = vocab_head_from(model.lm_head, padded, config,
