@@ -274,7 +274,12 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
     for name in ("eval_interval", "log_interval"):
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _require(t.log_interval >= 1, "train.log_interval must be at least 1")
-    d = cfg.data
+    _validate_data_logging_checkpoint(cfg)
+    return dp
+
+
+def _validate_data_logging_checkpoint(cfg: Config) -> None:
+    d, t, p = cfg.data, cfg.train, cfg.parallel
     _require(not d.prefixes or d.tokenizer_model, "data.prefixes needs data.tokenizer_model "
              "(the sentencepiece model the data was preprocessed with)")
     _require(d.weights is None or len(d.weights) == len(d.prefixes),
@@ -283,12 +288,13 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
     parts = d.split.split(",")
     _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts),
              f"data.split={d.split!r} must be three comma-separated numbers (train,valid,test)")
-    _require(cfg.logging.diagnostics_interval >= 0, "logging.diagnostics_interval must be >= 0")
-    _require(not cfg.logging.diagnostics_interval or (tp == 1 and pp == 1 and t.zero_stage <= 2),
-             f"logging.diagnostics_interval={cfg.logging.diagnostics_interval} needs the whole "
-             f"model on one rank (TP1 x PP1, ZeRO 0-2); this run is TP{tp} x PP{pp}, ZeRO-"
-             f"{t.zero_stage}: set it to 0 or measure a TP1 x PP1 run")
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    interval = cfg.logging.diagnostics_interval
+    _require(interval >= 0, "logging.diagnostics_interval must be >= 0")
+    _require(not interval or (tp == 1 and pp == 1 and t.zero_stage <= 2),
+             f"logging.diagnostics_interval={interval} needs the whole model on one rank (TP1 x "
+             f"PP1, ZeRO 0-2); this run is TP{tp} x PP{pp}, ZeRO-{t.zero_stage}: set it to 0 or "
+             "measure a TP1 x PP1 run")
     c = cfg.checkpoint
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
     _require(c.save_interval >= 0, "checkpoint.save_interval must be >= 0")
-    return dp

@@ -59,6 +59,8 @@ def test_config_errors_name_the_key(overrides, message):
     (["train.exit_at_step=500", "train.train_iters=100"], 1, "train.exit_at_step=500"),
     (["data.prefixes=[x]"], 1, "data.prefixes needs data.tokenizer_model"),
     (["data.split=90,10"], 1, "data.split='90,10' must be three comma-separated numbers"),
+    (["logging.diagnostics_interval=5", "parallel.tensor_model_parallel_size=2"], 2,
+     "logging.diagnostics_interval=5 needs the whole model on one rank (TP1 x PP1, ZeRO 0-2)"),
 ])
 def test_cross_field_validation(overrides, world, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
