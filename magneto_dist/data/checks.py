@@ -69,6 +69,7 @@ def check_splits(prefix: str, num_elements: int, split: str) -> None:
 
 def check_token_ids(prefix: str, vocab_size: int, tokenizer_path: str) -> str:
     """Refuse token ids >= vocab_size in prefix.bin; returns how the check was done."""
+    check_exists(prefix)
     dataset = IndexedDataset(prefix)
     dtype = np.dtype(dataset.index.dtype)
     tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")

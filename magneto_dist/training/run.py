@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..config import Config, ConfigError, dump_config, load_config, validate
 from ..data.corpus import build_builtin_corpus
-from ..data.checks import check_exists, check_token_ids
+from ..data.checks import check_token_ids
 from ..data.datasets import DatasetRequest, build_datasets
 from ..data.tokenizer import SentencePieceTokenizer
 from ..model import build_model, flops_per_token
@@ -96,7 +96,6 @@ def prepare_data(cfg: Config, task: str, tokenizer: SentencePieceTokenizer,
     """Checked [train, valid, test] datasets; before torch.distributed starts."""
     d, t = cfg.data, cfg.train
     for prefix in prefixes:
-        check_exists(prefix)
         checked = check_token_ids(prefix, tokenizer.vocab_size, tokenizer.model_path)
         ranks.log(f"data check: {checked}")
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
