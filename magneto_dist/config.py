@@ -102,7 +102,7 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
-def coerce(key: str, value: Any, hint) -> Any:
+def _coerce(key: str, value: Any, hint) -> Any:
     """Check a YAML value against the field's annotation (ints for floats are fine)."""
     origin = getattr(hint, "__origin__", None)
     args = getattr(hint, "__args__", ())
@@ -112,12 +112,12 @@ def coerce(key: str, value: Any, hint) -> Any:
         raise ConfigError(f"{key} may not be null")
     if origin is not None and type(None) in args:  # Optional[X]
         hint = next(a for a in args if a is not type(None))
-        return coerce(key, value, hint)
+        return _coerce(key, value, hint)
     if getattr(hint, "__origin__", None) in (list, List):
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list")
         (item,) = hint.__args__
-        return [coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -140,7 +140,7 @@ def section_from_dict(name: str, values: dict, base):
         if key not in hints:
             raise ConfigError(f"unknown key {name}.{key}; known keys in {name}: "
                               f"{', '.join(sorted(hints))}")
-        kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     try:
         return cls(**kwargs)
     except ValueError as err:  # ModelConfig validates itself and names model.<field>

@@ -67,12 +67,17 @@ def check_splits(prefix: str, num_elements: int, split: str) -> None:
                     f"all; megatron-core would loop forever looking for samples); {advice}")
 
 
+def token_ids(prefix: str) -> np.memmap:
+    """Every token id of prefix.bin, in the dtype its .idx records (no copy)."""
+    check_exists(prefix)
+    return np.memmap(prefix + ".bin", dtype=np.dtype(IndexedDataset(prefix).index.dtype),
+                     mode="r")
+
+
 def check_token_ids(prefix: str, vocab_size: int, tokenizer_path: str) -> str:
     """Refuse token ids >= vocab_size in prefix.bin; returns how the check was done."""
-    check_exists(prefix)
-    dataset = IndexedDataset(prefix)
-    dtype = np.dtype(dataset.index.dtype)
-    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    tokens = token_ids(prefix)
+    dtype = tokens.dtype
     if np.iinfo(dtype).max < vocab_size:
         return f"{prefix}: dtype {dtype} cannot hold an id >= {vocab_size}"
     if len(tokens) <= FULL_SCAN_TOKENS:

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..data.checks import token_ids
 from ..files import atomic_write
 from .grid import ROOT, Cell, Sweep
 from .verdicts import early_divergence, judge, unigram_entropy
@@ -54,18 +55,13 @@ def prepare_data(sweep: Sweep, log=print) -> float:
     """Build the corpus and index caches once per distinct seed before any cell starts (cells
     starting together would build the same caches at once); -> the corpus's unigram entropy."""
     from ..training.run import RankInfo, load_tokenizer, prepare_data as prepare_run_data
-    ranks, counts = RankInfo(), None
+    ranks = RankInfo()
     for seed in sorted({cell.seed for cell in sweep.cells()}):
         cfg = sweep.cell_config(next(c for c in sweep.cells() if c.seed == seed))
         tokenizer, prefixes = load_tokenizer(cfg, ranks)
         prepare_run_data(cfg, "gpt", tokenizer, prefixes, ranks)
-    for prefix in prefixes:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-        tokens = np.memmap(prefix + ".bin", mode="r",
-                           dtype=np.dtype(IndexedDataset(prefix).index.dtype))
-        found = np.bincount(tokens, minlength=tokenizer.vocab_size)
-        counts = found if counts is None else counts + found
-    entropy = unigram_entropy(counts)
+    entropy = unigram_entropy(sum(np.bincount(token_ids(prefix), minlength=tokenizer.vocab_size)
+                                  for prefix in prefixes))
     log(f"sweep: data ready; unigram entropy of the corpus {entropy:.3f} nats")
     return entropy
 
