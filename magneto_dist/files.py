@@ -1,7 +1,12 @@
-"""Writing small files so that a reader never sees half of one."""
+"""Writing small files so that a reader never sees half of one, and waiting for a file that
+another local rank builds."""
 from __future__ import annotations
 
 import os
+import time
+from typing import Optional
+
+WAIT_TIMEOUT_S = 1800  # a node's other ranks wait this long for local rank 0's build
 
 
 def atomic_write(path: str, text: str) -> None:
@@ -12,3 +17,19 @@ def atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def wait_for_file(path: str, what: str, timeout_s: float = WAIT_TIMEOUT_S,
+                  failure: Optional[str] = None, not_before: float = 0.0) -> None:
+    """Until `path` exists (local rank 0 builds `what`, the node's other ranks call this). A
+    `failure` file written since `not_before` (a time.time()) means the build failed: raise
+    its message at once instead of waiting out the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if failure and os.path.exists(failure) and os.path.getmtime(failure) >= not_before:
+            with open(failure, encoding="utf-8") as f:
+                raise RuntimeError(f"local rank 0 failed to build {what}: {f.read().strip()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what} ({path}); did local rank 0 "
+                               "of this node fail? see its log")
+        time.sleep(0.2)

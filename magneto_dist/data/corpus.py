@@ -15,7 +15,7 @@ import sysconfig
 import time
 from typing import Iterator, NamedTuple, Tuple
 
-from .datasets import wait_for_file
+from ..files import wait_for_file
 from .jsonl import write_training_text
 from .preprocess import output_prefix_for, preprocess
 from .tokenizer import train_sentencepiece

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -27,11 +26,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from ..files import atomic_write
+from ..files import WAIT_TIMEOUT_S, atomic_write, wait_for_file
 from .checks import check_exists, check_splits
 from .tokenizer import SentencePieceTokenizer
 
-WAIT_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -83,15 +81,6 @@ def _marker_path(req: DatasetRequest, tokenizer: SentencePieceTokenizer) -> str:
                       tokenizer.sha256])
     digest = hashlib.md5(key.encode()).hexdigest()
     return os.path.join(req.cache_dir, f"built-{digest}.done")
-
-
-def wait_for_file(path: str, what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f}s for {what} ({path}); did local rank 0 "
-                               "of this node fail? see its log")
-        time.sleep(0.2)
 
 
 def build_datasets(req: DatasetRequest, tokenizer: SentencePieceTokenizer,
