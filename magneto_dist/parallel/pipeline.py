@@ -95,23 +95,50 @@ class SubmodulePipe(nn.Module):
         return getattr(self, self.attribute)(x)
 
 
+TIED_KEY = "word_embedding"  # DeepSpeed names a tied layer's parameters tied_modules.KEY.*
+
+
+def _pipe_plan(model: MagnetoGPT) -> list:
+    """The pipe layers in order: (kind, the full model's module name)."""
+    cfg = model.config
+    plan = [("word", "embed.word"), ("tail", None)]
+    plan += [("layer", f"decoder.layers.{i}") for i in range(len(model.decoder.layers))]
+    if model.decoder.final_norm is not None:
+        plan.append(("submodule", "decoder.final_norm"))
+    plan.append(("tied_head", "embed.word") if cfg.tie_embeddings else ("submodule", "lm_head"))
+    return plan
+
+
 def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
     cfg = model.config
-    tied = cfg.tie_embeddings
-    word = (TiedLayerSpec("word_embedding", WordEmbeddingPipe, source,
-                          tied_weight_attr="word.weight") if tied
-            else LayerSpec(WordEmbeddingPipe, source))
-    layers = [word, LayerSpec(EmbeddingTailPipe, source, cfg.position == "learned")]
-    layers += [LayerSpec(TransformerLayerPipe, source, f"decoder.layers.{i}", cfg)
-               for i in range(len(model.decoder.layers))]
-    if model.decoder.final_norm is not None:
-        layers.append(LayerSpec(SubmodulePipe, source, "decoder.final_norm"))
-    if tied:
-        layers.append(TiedLayerSpec("word_embedding", WordEmbeddingPipe, source,
-                                    forward_fn=tied_head, tied_weight_attr="word.weight"))
-    else:
-        layers.append(LayerSpec(SubmodulePipe, source, "lm_head"))
-    return layers
+    word = (TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source, tied_weight_attr="word.weight")
+            if cfg.tie_embeddings else LayerSpec(WordEmbeddingPipe, source))
+    specs = {
+        "word": lambda _: word,
+        "tail": lambda _: LayerSpec(EmbeddingTailPipe, source, cfg.position == "learned"),
+        "layer": lambda name: LayerSpec(TransformerLayerPipe, source, name, cfg),
+        "submodule": lambda name: LayerSpec(SubmodulePipe, source, name),
+        "tied_head": lambda _: TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source,
+                                             forward_fn=tied_head, tied_weight_attr="word.weight"),
+    }
+    return [specs[kind](name) for kind, name in _pipe_plan(model)]
+
+
+def pipe_prefixes(model: MagnetoGPT) -> dict:
+    """Parameter-name prefix in the PipelineModule -> the same parameters' prefix in the full
+    model ("5.layer." -> "decoder.layers.3."). Pipe indices count layers over all stages, so
+    these names do not depend on the PP degree or the partition; checkpoints map by them."""
+    prefixes = {}
+    for index, (kind, name) in enumerate(_pipe_plan(model)):
+        if kind == "word":
+            pipe = f"tied_modules.{TIED_KEY}.word." if model.config.tie_embeddings else "0.word."
+            prefixes[pipe] = f"{name}."
+        elif kind == "tail" and model.config.position == "learned":
+            prefixes[f"{index}.position."] = "embed.position."
+        elif kind in ("layer", "submodule"):
+            prefixes[f"{index}.{'layer' if kind == 'layer' else name.rsplit('.', 1)[-1]}."] = \
+                f"{name}."
+    return prefixes
 
 
 def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from magneto_dist.config import load_config
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.parallel import state
-from magneto_dist.parallel.pipeline import TransformerLayerPipe
+from magneto_dist.parallel.pipeline import TransformerLayerPipe, pipe_prefixes
 from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,
                                           use_tensor_parallel_rng)
 from magneto_dist.parallel.setup import setup_parallel
@@ -127,9 +127,43 @@ def pipeline_frees_other_stages() -> dict:
             "total": len(layers)}
 
 
+def pipe_names_map_to_model_names() -> dict:
+    """Every parameter of a PP stage, renamed by pipe_prefixes, is a parameter of the full
+    model with the same shape, and the stages together cover the model (tied and untied,
+    learned and rotary positions, with and without a final norm)."""
+    results = {}
+    for variant in (["model.tie_embeddings=true", "model.position=rope"],
+                    ["model.tie_embeddings=false", "model.position=learned"],
+                    ["model.norm=deepnorm"]):
+        cfg = load_config(None, ["model.num_layers=4", "model.hidden_size=32",
+                                 "model.num_heads=4", "model.vocab_size=100",
+                                 "model.max_seq_len=16", "train.micro_batch_size=1",
+                                 "train.global_batch_size=2",
+                                 f"parallel.pipeline_model_parallel_size={dist.get_world_size()}",
+                                 *variant])
+        model = build_model(cfg.model)
+        full = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        prefixes = pipe_prefixes(model)
+        par = setup_parallel(model, cfg, GPTTask(100))
+        mapped = {}
+        for name, param in par.engine.module.named_parameters():
+            match = [p for p in prefixes if name.startswith(p)]
+            mapped[prefixes[match[0]] + name[len(match[0]):] if len(match) == 1 else name] = \
+                tuple(param.shape)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mapped)
+        union = {k: v for stage in gathered for k, v in stage.items()}
+        results[" ".join(variant)] = {"equal": union == full,
+                                      "unmapped": sorted(set(union) - set(full)),
+                                      "missing": sorted(set(full) - set(union))}
+    return results
+
+
 def run_check(case: dict):
     if case["check"] == "pipeline_memory":
         return pipeline_frees_other_stages()
+    if case["check"] == "pipe_names":
+        return pipe_names_map_to_model_names()
     state.initialize_groups(dist.get_world_size(), 1)
     if case["check"] == "sub_ln":
         return sub_ln_block(case["norm"], case["norm_type"])

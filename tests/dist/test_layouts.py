@@ -45,6 +45,7 @@ CHECKS = [
      "norm_type": "layernorm"},
     {"name": "dropout", "check": "dropout"},
     {"name": "pipeline_memory", "check": "pipeline_memory"},
+    {"name": "pipe_names", "check": "pipe_names"},
 ]
 
 
@@ -115,3 +116,10 @@ def test_pipeline_stage_frees_other_stages_layers(group_results):
     r = group_results(2)["pipeline_memory"]
     assert r["total"] == 4 and r["local"] == 2, r
     assert r["alive"] == r["local"], r
+
+
+def test_pipeline_names_map_to_model_names(group_results):
+    """The renaming that lets a universal checkpoint move between pipelined and plain layouts
+    (parallel/pipeline.py pipe_prefixes), checked against DeepSpeed's real PipelineModule."""
+    for variant, r in group_results(2)["pipe_names"].items():
+        assert r["equal"], (variant, r)
