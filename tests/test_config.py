@@ -4,11 +4,12 @@ import os
 import re
 
 import pytest
+import torch
 import yaml
 
 from magneto_dist.config import ConfigError, dump_config, load_config, validate
 from magneto_dist.training.run import main
-from magneto_dist.training.schedule import lr_at
+from magneto_dist.training.schedule import lr_at, make_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,6 +112,16 @@ def test_lr_schedule_shapes():
     assert lr_at(35, cfg) == pytest.approx(1.0 - 0.9 * 0.25)
     cfg.lr_decay_style = "constant"
     assert lr_at(100, cfg) == 1.0
+
+
+def test_zero_lr_holds_the_weights_instead_of_dividing_by_zero():
+    """train.lr=0 (weights held) used to end in ZeroDivisionError inside the scheduler."""
+    t = load_config(None, ["train.lr=0", "train.min_lr=0"]).train
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=t.lr)
+    scheduler = make_scheduler(optimizer, t)
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr() == [0.0]
 
 
 def test_errors_name_the_override_not_the_file():

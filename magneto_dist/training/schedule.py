@@ -35,5 +35,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig):
-    # LambdaLR multiplies the optimizer's initial lr (set to t.lr) by the returned factor.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)
+    # LambdaLR multiplies the optimizer's initial lr (set to t.lr) by the returned factor;
+    # train.lr=0 (weights held, e.g. to measure or to check an import) has factor 0.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, t) / t.lr if t.lr else 0.0)
