@@ -76,6 +76,9 @@ class CheckpointConfig:
     save_interval: int = 100               # save every N steps (0: only at the end)
     keep_last: int = 2                     # complete checkpoints kept
     resume: str = "auto"                   # auto (newest complete, if any) | none | a tag
+    init_from: str = ""                    # start from a consolidated export's weights
+                                           # (tools/convert_checkpoint.py --to safetensors):
+                                           # fresh optimizer, step 0; unused when resuming
 
 
 @dataclass

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import reshard
 from magneto_dist.config import dump_config, load_config
 
 
@@ -80,21 +81,31 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 
 def test_unmark_makes_a_tag_incomplete_before_it_is_rewritten(tmp_path):
-    save_tag(tmp_path, 4, {"a.pt": b"1"})
+    """...and drops the tag's universal form, which would describe the old contents."""
+    tag_dir = save_tag(tmp_path, 4, {"a.pt": b"1"})
+    (tag_dir / ckpt.UNIVERSAL / "zero").mkdir(parents=True)
     ckpt._unmark(str(tmp_path), "global_step4")
     assert not ckpt.is_complete(str(tmp_path), "global_step4")
+    assert not (tag_dir / ckpt.UNIVERSAL).exists() and (tag_dir / "a.pt").exists()
     ckpt._unmark(str(tmp_path), "global_step4")  # nothing to remove: fine
 
 
-def test_another_layout_is_refused_before_anything_starts(tmp_path):
-    tp2 = load_config(None, ["parallel.tensor_model_parallel_size=2"])
-    save_tag(tmp_path, 5, {"a.pt": b"1"}, cfg=tp2, world_size=2)
-    ckpt.check_same_layout(str(tmp_path), "global_step5", tp2, world_size=2)
-    with pytest.raises(ckpt.CheckpointError, match=re.escape(
-            "was written by layout TP2 x PP1 x DP1 (ZeRO-1) and this run is TP1 x PP1 x DP2 "
-            "(ZeRO-1); resuming across layouts is not supported yet. Resume on 2 rank(s) with "
-            "parallel.tensor_model_parallel_size=2")):
-        ckpt.check_same_layout(str(tmp_path), "global_step5", load_config(None, []), world_size=2)
+def lay(tp=1, pp=1, dp=1, zero=1):
+    return {"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero}
+
+
+def test_layout_changes_deepspeed_cannot_load_are_refused_with_the_route_that_works():
+    assert reshard.refusal(lay(tp=2, zero=3), lay(zero=3)) is None  # TP2 ZeRO-3 -> TP1
+    assert reshard.refusal(lay(dp=2, zero=1), lay(dp=2, zero=3)) is None
+    assert reshard.refusal(lay(tp=2, pp=2), lay(dp=4)) is None
+    message = reshard.refusal(lay(), lay(tp=2, zero=3))
+    assert message.startswith("DeepSpeed's ZeRO-3 loader cannot re-slice tensor-parallel "
+                              "parameters; resume with train.zero_stage=1 at TP2")
+    assert message.endswith("resume on 1 rank(s) with parallel.tensor_model_parallel_size=1 "
+                            "parallel.pipeline_model_parallel_size=1 train.zero_stage=1")
+    for before, now in ((lay(zero=0), lay(dp=2, zero=0)), (lay(tp=2), lay(tp=2, zero=0))):
+        assert reshard.refusal(before, now).startswith(
+            "a layout change needs ZeRO's partitioned optimizer state on both sides")
 
 
 def test_layout_of_a_checkpoint_older_than_the_layout_record(tmp_path):

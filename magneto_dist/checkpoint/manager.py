@@ -29,6 +29,7 @@ from ..files import atomic_write
 from ..resilience.faults import maybe_inject
 
 COMPLETE = "complete.json"
+UNIVERSAL = "universal"  # a tag's universal form, when another layout resumed it (reshard.py)
 TAG = re.compile(r"^global_step(\d+)$")
 # Model fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE_MODEL_CHANGES = {"dropout"}
@@ -114,9 +115,10 @@ def layout_of(cfg: Config, world_size: int) -> dict:
     return {"tp": tp, "pp": pp, "dp": world_size // (tp * pp), "zero_stage": cfg.train.zero_stage}
 
 
-def _describe(layout: dict) -> str:
-    return (f"TP{layout['tp']} x PP{layout['pp']} x DP{layout['dp']} "
-            f"(ZeRO-{layout['zero_stage']})")
+def saved_config(tag_dir: str) -> Config:
+    """The resolved config saved beside a checkpoint."""
+    with open(os.path.join(tag_dir, "config.yaml"), encoding="utf-8") as f:
+        return config_from_dict(yaml.safe_load(f))
 
 
 def saved_layout(ckpt_dir: str, tag: str) -> dict:
@@ -125,33 +127,20 @@ def saved_layout(ckpt_dir: str, tag: str) -> dict:
     marker = read_marker(ckpt_dir, tag)
     if "layout" in marker:
         return marker["layout"]
-    with open(os.path.join(ckpt_dir, tag, "config.yaml"), encoding="utf-8") as f:
-        saved = config_from_dict(yaml.safe_load(f))
-    return layout_of(saved, marker["world_size"])
+    return layout_of(saved_config(os.path.join(ckpt_dir, tag)), marker["world_size"])
 
 
-def check_same_layout(ckpt_dir: str, tag: str, cfg: Config, world_size: int) -> None:
-    """DeepSpeed loads a checkpoint only into the layout that wrote it (else: pages of size
-    mismatches, after the run's config.yaml was overwritten); refuse before anything starts."""
-    before, now = saved_layout(ckpt_dir, tag), layout_of(cfg, world_size)
-    if before != now:
-        ranks = before["tp"] * before["pp"] * before["dp"]
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir}/{tag} was written by layout {_describe(before)} and this run "
-            f"is {_describe(now)}; resuming across layouts is not supported yet. Resume on "
-            f"{ranks} rank(s) with parallel.tensor_model_parallel_size={before['tp']} "
-            f"parallel.pipeline_model_parallel_size={before['pp']} "
-            f"train.zero_stage={before['zero_stage']}, or start over with a new logging.run_dir "
-            "(or checkpoint.resume=none)")
+def model_differences(saved_model: dict, cfg: Config) -> List[str]:
+    """"model.KEY: checkpoint X, config Y" for every model field that may not change."""
+    current = config_to_dict(cfg)["model"]
+    return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current[k]!r}"
+            for k in current if k not in RESUMABLE_MODEL_CHANGES and saved_model.get(k) != current[k]]
 
 
 def check_compatible(ckpt_dir: str, tag: str, cfg: Config) -> None:
     """Refuse a checkpoint whose model differs from the configured one, naming the fields."""
     with open(os.path.join(ckpt_dir, tag, "config.yaml"), encoding="utf-8") as f:
-        saved = yaml.safe_load(f)["model"]
-    current = config_to_dict(cfg)["model"]
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {current[k]!r}"
-             for k in current if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]]
+        diffs = model_differences(yaml.safe_load(f)["model"], cfg)
     if diffs:
         raise CheckpointError(f"checkpoint {ckpt_dir}/{tag} was written by a different model; "
                               f"{'; '.join(diffs)}. Use a new logging.run_dir, or "
@@ -179,8 +168,10 @@ def _rng_path(ckpt_dir: str, tag: str, rank: int) -> str:
 
 
 def _unmark(ckpt_dir: str, tag: str) -> None:
-    """Make a tag incomplete before anything is written into it again."""
+    """Make a tag incomplete before anything is written into it again; its universal form, if
+    one was built, would describe the old contents."""
     marker = os.path.join(ckpt_dir, tag, COMPLETE)
+    shutil.rmtree(os.path.join(ckpt_dir, tag, UNIVERSAL), ignore_errors=True)
     if os.path.exists(marker):
         os.remove(marker)
         fd = os.open(os.path.dirname(marker), os.O_RDONLY)

@@ -74,7 +74,8 @@ def _pipeline_steps(engine):
     return train_step, evaluate
 
 
-def setup_parallel(model: nn.Module, cfg: Config, task) -> ParallelSetup:
+def setup_parallel(model: nn.Module, cfg: Config, task, load_universal: bool = False
+                   ) -> ParallelSetup:
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = dist.get_world_size() // (tp * pp)
@@ -97,9 +98,9 @@ def setup_parallel(model: nn.Module, cfg: Config, task) -> ParallelSetup:
         loss_fn = lambda logits, labels: task.loss(  # noqa: E731
             logits, {"labels": labels[0], "loss_mask": labels[1]})
         engine = build_engine(build_pipeline(model, tp, pp, dp, loss_fn, p.pipeline_partition),
-                              cfg, dp)
+                              cfg, dp, load_universal=load_universal)
         train_step, evaluate = _pipeline_steps(engine)
         return ParallelSetup(engine=engine, train_step_fn=train_step, eval_fn=evaluate, **common)
-    engine = build_engine(model, cfg, dp, mpu=state.DeepSpeedMPU())
+    engine = build_engine(model, cfg, dp, mpu=state.DeepSpeedMPU(), load_universal=load_universal)
     sample_model = FullLogits(engine.module) if tp > 1 else engine.module
     return ParallelSetup(engine=engine, sample_model=sample_model, **common)

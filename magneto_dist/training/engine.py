@@ -10,14 +10,35 @@ from ..config import Config
 from .schedule import make_scheduler
 
 
+def group_weight_decays(weight_decay: float) -> list:
+    """The optimizer's parameter groups in order: matrices (projections, embeddings) decay;
+    biases, norm gains and head scales do not."""
+    return [weight_decay, 0.0]
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
-    """Decay matrices (projections, embeddings); not biases, norm gains or head scales."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": wd}
+            for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay))]
+
+
+def repair_zero3_universal_load(engine, cfg: Config) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal loader (stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3), measured as a resumed run drifting
+    from its second step on (4e-3 in loss by step 10):
+    - it copies the first parameter group's hyperparameters into every group, giving biases
+      and norm gains weight decay: put each group's own back (ours differ only in that);
+    - it gives every group the same `step` tensor, which Adam increments in place once per
+      group per step, so the second group's bias correction ran ahead: one tensor each."""
+    inner = engine.optimizer.optimizer
+    for group, wd in zip(inner.param_groups, group_weight_decays(cfg.train.weight_decay)):
+        group["weight_decay"] = wd
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 class SkipNonFiniteSteps:
@@ -63,7 +84,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
                                        eps=t.adam_eps, fused=torch.cuda.is_available())
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict:
     t = cfg.train
     zero = {"stage": t.zero_stage}
     if t.zero_stage == 3:
@@ -81,13 +102,16 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,  # our metrics logger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
+        # resuming another layout's checkpoint through its universal form (checkpoint/reshard.py)
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None):
+def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None,
+                 load_universal: bool = False):
     """-> DeepSpeed engine (optimizer, fp16/bf16, ZeRO and the LR schedule inside)."""
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg.train),
-        config=deepspeed_config(cfg, dp_size), mpu=mpu)
+        config=deepspeed_config(cfg, dp_size, load_universal), mpu=mpu)
     return engine

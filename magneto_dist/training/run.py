@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
+from ..checkpoint import reshard
+from ..checkpoint.export import check_consolidated, load_consolidated
 from ..config import Config, ConfigError, dump_config, load_config, validate
 from ..data.corpus import build_builtin_corpus
 from ..data.checks import check_token_ids
@@ -114,8 +116,24 @@ def choose_resume_tag(cfg: Config, ckpt_dir: str, ranks: RankInfo) -> Optional[s
     tag = ckpt.find_resume_tag(ckpt_dir, cfg.checkpoint.resume, log=ranks.log)
     if tag:
         ckpt.check_compatible(ckpt_dir, tag, cfg)
-        ckpt.check_same_layout(ckpt_dir, tag, cfg, ranks.world_size)
+        before, now = ckpt.saved_layout(ckpt_dir, tag), ckpt.layout_of(cfg, ranks.world_size)
+        why_not = reshard.refusal(before, now) if before != now else None
+        if why_not:
+            raise ckpt.CheckpointError(
+                f"checkpoint {ckpt_dir}/{tag} was written by layout {reshard.describe(before)} "
+                f"and this run is {reshard.describe(now)}: {why_not}")
     return tag
+
+
+def resume_source(cfg: Config, ckpt_dir: str, tag: str, ranks: RankInfo) -> reshard.ResumeSource:
+    """Where the engine loads `tag` from: the tag itself, or (another layout) its universal
+    form, built here before torch.distributed starts."""
+    before, now = ckpt.saved_layout(ckpt_dir, tag), ckpt.layout_of(cfg, ranks.world_size)
+    if before == now:
+        return reshard.ResumeSource(tag=tag, load_dir=ckpt_dir, load_tag=tag)
+    ranks.log(f"changing layouts: {tag} was written by {reshard.describe(before)}, this run is "
+              f"{reshard.describe(now)}; resuming through the universal checkpoint")
+    return reshard.universal_source(ckpt_dir, tag, ranks.local_rank, log=ranks.log)
 
 
 def resolve(task: str, argv) -> Config:
@@ -161,6 +179,12 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     except ckpt.CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
+    if not resume_tag and cfg.checkpoint.init_from:
+        try:
+            check_consolidated(cfg.checkpoint.init_from, cfg)
+        except ckpt.CheckpointError as err:
+            print(f"checkpoint error: {err}", file=sys.stderr)
+            return EXIT_CHECKPOINT_ERROR
     if resume_tag:
         done = finished_message(cfg.logging.run_dir, resume_tag,
                                 ckpt.read_marker(ckpt_dir, resume_tag)["step"],
@@ -173,8 +197,13 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # DataError is a ValueError
         print(f"data error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    try:
+        resume = resume_source(cfg, ckpt_dir, resume_tag, ranks) if resume_tag else None
+    except (reshard.ReshardError, TimeoutError) as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_ERROR
     return train(cfg, TASKS[task](tokenizer.vocab_size), tokenizer, train_ds, valid_ds,
-                 ckpt_dir, resume_tag, ranks)
+                 ckpt_dir, resume, ranks)
 
 
 def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]:
@@ -190,7 +219,7 @@ def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]
 
 
 def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
-          resume_tag: Optional[str], ranks: RankInfo) -> int:
+          resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
     import deepspeed  # deferred: importing it costs seconds that config errors should not pay
 
     if torch.cuda.is_available():  # before any group or generator touches "the" device
@@ -202,7 +231,7 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
             print(f"config error: {refusal}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
     try:
-        code = train_locked(cfg, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume_tag, ranks)
+        code = train_locked(cfg, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume, ranks)
     finally:
         lock.release()
     if code in (0, EXIT_INTERRUPTED, EXIT_NONFINITE):  # codes every rank returns together
@@ -215,42 +244,50 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
 
 
 def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
-                 resume_tag: Optional[str], ranks: RankInfo) -> int:
+                 resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
     from ..parallel.setup import setup_parallel
+    from .engine import repair_zero3_universal_load
 
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
     torch.manual_seed(cfg.train.seed)
-    # Identical full weights on every rank (same seed), sharded by setup_parallel; no reference
-    # is kept here, so a pipeline stage frees the other stages' layers.
-    par = setup_parallel(build_model(cfg.model), cfg, task)
+    # Identical full weights on every rank (same seed, or an export), sharded by setup_parallel;
+    # the reference is dropped after, so a pipeline stage frees the other stages' layers.
+    model = build_model(cfg.model)
+    if cfg.checkpoint.init_from and not resume:
+        load_consolidated(cfg.checkpoint.init_from, model)
+        ranks.log(f"weights from {cfg.checkpoint.init_from} (fresh optimizer, step 0)")
+    par = setup_parallel(model, cfg, task, load_universal=bool(resume and resume.universal))
+    del model
     state = TrainState()
-    if resume_tag:
+    if resume:
         try:
-            client = ckpt.load(par.engine, ckpt_dir, resume_tag)
+            client = ckpt.load(par.engine, resume.load_dir, resume.load_tag)
         except ckpt.CheckpointError as err:
             print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
             return EXIT_CHECKPOINT_ERROR
+        if resume.universal and cfg.train.zero_stage == 3:
+            repair_zero3_universal_load(par.engine, cfg)
         state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
-        ranks.log(f"resumed from {ckpt_dir}/{resume_tag}: step {state.step}, "
+        ranks.log(f"resumed from {ckpt_dir}/{resume.tag}: step {state.step}, "
                   f"{state.consumed_samples} samples consumed")
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
                             device_peak_tflops(cfg.logging.peak_tflops))
-    if resume_tag:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
-        metrics.resumed(state.step, resume_tag)
+    if resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
+        metrics.resumed(state.step, resume.tag)
     trainer = Trainer(cfg, task, par, train_ds, valid_ds, metrics, ckpt_dir, state,
                       lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
                                  **par.checkpoint_info},
                       log=ranks.log)
-    if resume_tag:
+    if resume:
         trainer.restore_tp_rng(client.get("_rng"))
     code = trainer.train()
     metrics.close()
     if code == 0 and cfg.logging.sample_prompt and task.name == "gpt":
         if par.sample_model is None:
             ranks.log("no sample: no rank of a pipeline-parallel model runs a whole forward "
-                      "(tools/generate.py reads TP1 x PP1 checkpoints)")
+                      "(tools/generate.py samples from its checkpoints)")
             return code
         ids = sample(par.sample_model, tokenizer.encode(cfg.logging.sample_prompt),
                      cfg.logging.sample_tokens, tokenizer.vocab_size, cfg.model.max_seq_len,

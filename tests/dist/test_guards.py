@@ -102,12 +102,15 @@ def test_rerun_of_a_finished_run_damaged_tag_and_other_layout(tmp_path, cache_di
     out = check_ok(run_ranks(args, 1))
     assert f"run {run_dir} is finished: global_step4 is at step 4, train.train_iters=4" in out
     assert snapshot(run_dir) == before
-    # 2. Another layout (2 data-parallel ranks): 172 lines of size mismatch, and config.yaml
-    # overwritten; now one line, exit 3, nothing written.
-    for res in run_ranks(gpt(run_dir, cache_dir, "train.train_iters=6"), 2):
+    # 2. A layout change DeepSpeed cannot load (TP2 under ZeRO-3): 172 lines of size mismatch,
+    # and config.yaml overwritten; now one line naming the routes that work, exit 3, nothing
+    # written.
+    for res in run_ranks(gpt(run_dir, cache_dir, "train.train_iters=6", "train.zero_stage=3",
+                             "parallel.tensor_model_parallel_size=2"), 2):
         assert res.returncode == 3, res.output[-3000:]
-        assert ("was written by layout TP1 x PP1 x DP1 (ZeRO-1) and this run is TP1 x PP1 x DP2 "
-                "(ZeRO-1)") in res.output
+        assert ("was written by layout TP1 x PP1 x DP1 (ZeRO-1) and this run is TP2 x PP1 x DP1 "
+                "(ZeRO-3): DeepSpeed's ZeRO-3 loader cannot re-slice tensor-parallel parameters; "
+                "resume with train.zero_stage=1 at TP2") in res.output
     assert snapshot(run_dir) == before
     # 3. A model file cut short in the newest complete tag: EOFError on every rerun; now the
     # previous tag is taken, with a warning, and the run continues from it.
