@@ -2,38 +2,33 @@
 
     python tools/generate.py --run runs/gpt_tiny --prompt "def fib(n):" [--tag global_step200]
 
-Reads the run's newest complete checkpoint (or --tag), rebuilds the model from the config saved
-beside it, and loads the fp32 weights through DeepSpeed's ZeRO consolidation (any ZeRO stage).
+Reads the run's newest complete checkpoint (or --tag) of any TP x PP x DP x ZeRO layout,
+rebuilds the model from the config saved beside it, and loads its full fp32 weights.
 """
 import argparse
 import os
 import sys
+import tempfile
 
 import _path  # noqa: F401
 import torch
-import yaml
 
 from magneto_dist.checkpoint import manager as ckpt
-from magneto_dist.config import config_from_dict
+from magneto_dist.checkpoint.export import full_parameters
 from magneto_dist.data.corpus import builtin_corpus_paths
 from magneto_dist.data.tokenizer import SentencePieceTokenizer
 from magneto_dist.model import build_model
 from magneto_dist.training.generate import sample
 
 
-def load_model_weights(ckpt_dir: str, tag: str, cfg):
-    """fp32 state dict of a TP1/PP1 checkpoint, whatever its ZeRO stage."""
-    par = cfg.parallel
-    if par.tensor_model_parallel_size > 1 or par.pipeline_model_parallel_size > 1:
-        sys.exit(f"error: {ckpt_dir}/{tag} is a TP{par.tensor_model_parallel_size} x "
-                 f"PP{par.pipeline_model_parallel_size} checkpoint; generation reads TP1 x PP1 "
-                 "ones (convert the checkpoint to that layout first)")
-    if cfg.train.zero_stage == 0:
-        states = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"),
-                            map_location="cpu", weights_only=False)
-        return states["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+def load_weights(model, tag_dir: str) -> None:
+    """The full fp32 weights of a checkpoint of any layout (through its universal form, built
+    in a temp directory unless the tag has one), one parameter at a time."""
+    params = dict(model.named_parameters())
+    with tempfile.TemporaryDirectory() as work_dir, torch.no_grad():
+        for name, full in full_parameters(tag_dir, work_dir,
+                                          log=lambda m: print(m, file=sys.stderr)):
+            params[name].copy_(full)
 
 
 def main():
@@ -53,13 +48,15 @@ def main():
         sys.exit(f"error: {err}")
     if tag is None:
         sys.exit(f"error: no complete checkpoint in {ckpt_dir}")
-    with open(os.path.join(ckpt_dir, tag, "config.yaml"), encoding="utf-8") as f:
-        cfg = config_from_dict(yaml.safe_load(f))
+    cfg = ckpt.saved_config(os.path.join(ckpt_dir, tag))
     tokenizer_path = cfg.data.tokenizer_model or builtin_corpus_paths(
         cfg.data.cache_dir, cfg.data.builtin_vocab_size).tokenizer_model
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     model = build_model(cfg.model)
-    model.load_state_dict(load_model_weights(ckpt_dir, tag, cfg))
+    try:
+        load_weights(model, os.path.join(ckpt_dir, tag))
+    except ckpt.CheckpointError as err:
+        sys.exit(f"error: {err}")
     ids = sample(model, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.vocab_size,
                  cfg.model.max_seq_len, temperature=args.temperature, top_k=args.top_k,
                  seed=args.seed, eod=tokenizer.eod)
