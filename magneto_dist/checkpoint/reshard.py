@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..files import atomic_write, wait_for_file
-from .manager import UNIVERSAL, saved_config
+from ..resilience.faults import maybe_inject
+from .manager import TAG, UNIVERSAL, saved_config
 
 _PROCESS_START = time.time()  # a failure marker older than this is a previous attempt's
 BUILT = "built.json"  # written into the universal form's temp directory last, before the rename
@@ -185,6 +186,25 @@ def _bridge_optimizer_state(universal_dir: str) -> None:
     torch.save(state, path)
 
 
+def _remove_dead_temps(final: str) -> None:
+    """Temp directories of conversions killed on this host (their pid is gone)."""
+    prefix = f"{os.path.basename(final)}.tmp-{socket.gethostname()}-"
+    parent = os.path.dirname(final)
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            try:
+                os.kill(int(name[len(prefix):]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            except PermissionError:  # alive, someone else's
+                pass
+
+
+def _step_of(tag_dir: str) -> int:
+    match = TAG.match(os.path.basename(tag_dir.rstrip("/")))
+    return int(match.group(1)) if match else -1
+
+
 def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
                     quiet: bool = True) -> str:
     """The universal form of a tag, in `final` (default TAG/universal), converted now unless
@@ -193,12 +213,13 @@ def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
     if os.path.isfile(os.path.join(final, BUILT)):
         log(f"reusing the universal form in {final}")
         return final
+    _remove_dead_temps(final)
     temp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
     start = time.monotonic()
     log(f"converting {tag_dir} to the universal form (once; DeepSpeed's ds_to_universal) ...")
     _convert(tag_dir, temp, quiet)
     try:
+        maybe_inject("kill_in_convert", int(os.environ.get("RANK", 0)), _step_of(tag_dir))
         model = _meta_model(saved_config(tag_dir).model)
         _shape_tensors(temp, model)
         _alias_parameters(temp, model)

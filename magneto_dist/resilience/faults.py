@@ -4,6 +4,8 @@ Set MAGNETO_DIST_FAULT=POINT:RANK:STEPS, where STEPS is one step (6), a range (6
 range (6-). Unset in normal runs: then every call is a no-op. Points:
 - kill_in_save: that rank dies with SIGKILL's exit status after DeepSpeed wrote its files of
   that step's checkpoint, before the completeness marker.
+- kill_in_convert: that rank dies while it converts the checkpoint of that step to its
+  universal form (resuming in another layout), after the conversion, before the rename.
 - nonfinite_loss: that rank's loss is NaN in those steps (so are its gradients); runs without
   a pipeline.
 """

@@ -62,3 +62,23 @@ def test_resume_in_another_layout_continues_exactly(tmp_path, cache_dir, straigh
     assert sorted(got) == [6, 7, 8, 9, 10]
     diffs = {step: abs(got[step] - expected[step]) for step in got}
     assert max(diffs.values()) < TOLERANCE, (diffs, got, expected)
+
+
+def test_kill_during_conversion_then_rerun(tmp_path, cache_dir, straight_runs):
+    """Killed while converting: no universal form is left that looks finished; the rerun
+    removes the dead conversion's temp directory, converts again and continues exactly."""
+    straight = straight_runs(TP2)
+    resumed = tmp_path / "resumed"
+    tag_dir = resumed / "checkpoints" / "global_step5"
+    shutil.copytree(straight / "checkpoints" / "global_step5", tag_dir)
+    args = gpt(resumed, cache_dir, *COMMON, *TP1["args"])
+    (killed,) = run_ranks(args, 1, extra_env={"MAGNETO_DIST_FAULT": "kill_in_convert:0:5"})
+    assert killed.returncode == 137, killed.output[-3000:]
+    assert not (tag_dir / "universal").exists()
+    assert [p.name for p in tag_dir.glob("universal.tmp-*")]  # what the kill left
+    check_ok(run_ranks(args, 1))
+    assert not list(tag_dir.glob("universal.tmp-*")) and (tag_dir / "universal").is_dir()
+    expected = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    got = {r["step"]: r["loss"] for r in read_metrics(resumed)}
+    assert sorted(got) == [6, 7, 8, 9, 10]
+    assert max(abs(got[s] - expected[s]) for s in got) < TOLERANCE
