@@ -100,7 +100,7 @@ def test_layout_changes_deepspeed_cannot_load_are_refused_with_the_route_that_wo
     assert reshard.refusal(lay(tp=2, pp=2), lay(dp=4)) is None
     message = reshard.refusal(lay(), lay(tp=2, zero=3))
     assert message.startswith("DeepSpeed's ZeRO-3 loader cannot re-slice tensor-parallel "
-                              "parameters; resume with train.zero_stage=1 at TP2")
+                              "parameters; resume with train.zero_stage=1 (or 2) at TP2")
     assert message.endswith("resume on 1 rank(s) with parallel.tensor_model_parallel_size=1 "
                             "parallel.pipeline_model_parallel_size=1 train.zero_stage=1")
     for before, now in ((lay(zero=0), lay(dp=2, zero=0)), (lay(tp=2), lay(tp=2, zero=0))):

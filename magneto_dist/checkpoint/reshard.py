@@ -51,10 +51,12 @@ class ResumeSource:
 
 
 def refusal(before: dict, now: dict) -> Optional[str]:
-    """Why `before` cannot be resumed as `now` (or None). Measured with DeepSpeed 0.19:
+    """Why `before` cannot be resumed as `now` (or None). Measured with DeepSpeed 0.19.8:
     - ZeRO-0 keeps the optimizer state as one torch state dict per model-parallel rank, which
-      ds_to_universal cannot read and the universal loader cannot fill;
-    - ZeRO-3's universal loader restores full parameters but does not re-slice TP shards."""
+      ds_to_universal cannot read; loading a universal form without ZeRO fails in DeepSpeed
+      (AttributeError: 'NoneType' object has no attribute 'copy');
+    - ZeRO-3's universal loader does not re-slice megatron TP shards: into TP2 it failed with
+      "start (81920) + length (16384) exceeds dimension size"."""
     same_size = f"resume on {before['tp'] * before['pp'] * before['dp']} rank(s) with " \
                 f"parallel.tensor_model_parallel_size={before['tp']} " \
                 f"parallel.pipeline_model_parallel_size={before['pp']} " \
@@ -66,8 +68,8 @@ def refusal(before: dict, now: dict) -> Optional[str]:
                 "(checkpoint.init_from)")
     if now["zero_stage"] == 3 and now["tp"] > 1:
         return (f"DeepSpeed's ZeRO-3 loader cannot re-slice tensor-parallel parameters; resume "
-                f"with train.zero_stage=1 at TP{now['tp']} (and switch to ZeRO-3 in a later "
-                f"run at the same TP), or at TP1 with ZeRO-3, or {same_size}")
+                f"with train.zero_stage=1 (or 2) at TP{now['tp']}, or with ZeRO-3 at TP1, or "
+                f"{same_size}")
     return None
 
 
@@ -132,7 +134,7 @@ def _parameter_dirs(universal_dir: str) -> dict:
 
 def _shape_tensors(universal_dir: str, model) -> None:
     """From a ZeRO-3 checkpoint without TP, ds_to_universal saves each state as a bare flat
-    tensor; the ZeRO-1/2 loader (and the exporter) read {"param": tensor of the full shape}."""
+    tensor (ZeRO-1/2 sources are already in the right form); the ZeRO-1/2 loader (and the exporter) read {"param": tensor of the full shape}."""
     import torch
     from deepspeed.checkpoint.constants import PARAM
 
@@ -220,8 +222,10 @@ def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
     _convert(tag_dir, temp, quiet)
     try:
         maybe_inject("kill_in_convert", int(os.environ.get("RANK", 0)), _step_of(tag_dir))
-        model = _meta_model(saved_config(tag_dir).model)
-        _shape_tensors(temp, model)
+        saved = saved_config(tag_dir)
+        model = _meta_model(saved.model)
+        if saved.train.zero_stage == 3:
+            _shape_tensors(temp, model)
         _alias_parameters(temp, model)
         _alias_model_states(temp)
         _bridge_optimizer_state(temp)
