@@ -1,7 +1,9 @@
-"""Writing small files so that a reader never sees half of one, and waiting for a file that
-another local rank builds."""
+"""Writing small files so that a reader never sees half of one, waiting for a file that another
+local rank builds, and one builder at a time when several nodes share a filesystem."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 from typing import Optional
@@ -33,3 +35,18 @@ def wait_for_file(path: str, what: str, timeout_s: float = WAIT_TIMEOUT_S,
             raise TimeoutError(f"waited {timeout_s:.0f}s for {what} ({path}); did local rank 0 "
                                "of this node fail? see its log")
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def build_lock(path: str):
+    """Exclusive while held: local rank 0 of every node builds shared caches, and on a shared
+    filesystem two nodes building the same files at once wrote into each other's temp files
+    (two launchers on one machine hung at start-up). The second builder waits here, then finds
+    the files built."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

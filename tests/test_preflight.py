@@ -102,3 +102,31 @@ def test_optimizer_skips_a_step_with_non_finite_gradients():
     opt.step()
     assert not opt.overflow
     assert not torch.equal(before[0], model.weight)
+
+
+def _hold_lock(path, log, seconds):
+    from magneto_dist.files import build_lock
+    import time
+    with build_lock(path):
+        with open(log, "a") as f:
+            f.write(f"in {time.monotonic()}\n")
+        time.sleep(seconds)
+        with open(log, "a") as f:
+            f.write(f"out {time.monotonic()}\n")
+
+
+def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
+    """Two nodes' local rank 0 built the built-in corpus into the same files at once on a
+    shared filesystem (two launchers on one machine hung); build_lock serializes them."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    log = tmp_path / "log"
+    procs = [ctx.Process(target=_hold_lock, args=(str(tmp_path / "x.lock"), str(log), 0.5))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    events = [line.split()[0] for line in log.read_text().splitlines()]
+    assert events == ["in", "out", "in", "out"]  # never both inside

@@ -15,7 +15,7 @@ import sysconfig
 import time
 from typing import Iterator, NamedTuple, Tuple
 
-from ..files import wait_for_file
+from ..files import build_lock, wait_for_file
 from .jsonl import write_training_text
 from .preprocess import output_prefix_for, preprocess
 from .tokenizer import train_sentencepiece
@@ -70,7 +70,14 @@ def build_builtin_corpus(cache_dir: str, vocab_size: int = 8192, workers: int = 
     if local_rank != 0:
         wait_for_file(paths.data_prefix + ".idx", "the built-in corpus")
         return paths
-    os.makedirs(cache_dir, exist_ok=True)
+    with build_lock(paths.data_prefix + ".lock"):  # another node may be building it
+        if not (os.path.exists(paths.data_prefix + ".idx")
+                and os.path.exists(paths.tokenizer_model)):
+            _build(paths, vocab_size, workers, log)
+    return paths
+
+
+def _build(paths: CorpusPaths, vocab_size: int, workers: int, log) -> None:
     start = time.perf_counter()
     if not os.path.exists(paths.jsonl):
         log(f"built-in corpus: writing the Python standard library to {paths.jsonl}")
@@ -91,4 +98,3 @@ def build_builtin_corpus(cache_dir: str, vocab_size: int = 8192, workers: int = 
                        workers=workers or os.cpu_count() or 1, append_eod=True, progress=False)
     log(f"built-in corpus: {stats.documents} documents, {stats.tokens:,} tokens, built in "
         f"{time.perf_counter() - start:.0f}s")
-    return paths

@@ -26,7 +26,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from ..files import WAIT_TIMEOUT_S, atomic_write, wait_for_file
+from ..files import WAIT_TIMEOUT_S, atomic_write, build_lock, wait_for_file
 from .checks import check_exists, check_splits
 from .tokenizer import SentencePieceTokenizer
 
@@ -99,7 +99,7 @@ def build_datasets(req: DatasetRequest, tokenizer: SentencePieceTokenizer,
     sizes = list(req.num_samples)
     if local_rank == 0:
         os.makedirs(req.cache_dir, exist_ok=True)
-        with _solo_process_group():
+        with build_lock(marker + ".lock"), _solo_process_group():  # one node at a time
             datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
         atomic_write(marker, "ok\n")
         return datasets

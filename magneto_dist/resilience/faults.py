@@ -1,7 +1,12 @@
 """Deterministic fault injection, for testing that failures at bad moments lose nothing.
 
-Set MAGNETO_DIST_FAULT=POINT:RANK:STEPS, where STEPS is one step (6), a range (6-8) or an open
-range (6-). Unset in normal runs: then every call is a no-op. Points:
+Set MAGNETO_DIST_FAULT=POINT:RANK:STEPS[,POINT:RANK:STEPS...], where STEPS is one step (6), a
+range (6-8) or an open range (6-). Unset in normal runs: then every call is a no-op. With
+MAGNETO_DIST_FAULT_ONCE_DIR set, each fault fires once per (point, rank, step) over all the
+attempts of a supervised run (a marker file there records it), so a restarted group replaying
+that step goes on. Points:
+- kill_at_step: that rank SIGKILLs itself at the start of that step.
+- hang: that rank stops making progress at the start of that step (sleeps forever).
 - kill_in_save: that rank dies with SIGKILL's exit status after DeepSpeed wrote its files of
   that step's checkpoint, before the completeness marker.
 - kill_in_convert: that rank dies while it converts the checkpoint of that step to its
@@ -12,8 +17,11 @@ range (6-). Unset in normal runs: then every call is a no-op. Points:
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 FAULT_ENV = "MAGNETO_DIST_FAULT"
+ONCE_ENV = "MAGNETO_DIST_FAULT_ONCE_DIR"
 
 
 def _parse(spec: str):
@@ -28,16 +36,40 @@ def _parse(spec: str):
                          "or POINT:RANK:FIRST-") from None
 
 
+def _first_time(point: str, rank: int, step: int) -> bool:
+    """False if this fault already fired in an earlier attempt (ONCE_ENV); marks it otherwise."""
+    once_dir = os.environ.get(ONCE_ENV)
+    if not once_dir:
+        return True
+    os.makedirs(once_dir, exist_ok=True)
+    try:
+        os.close(os.open(os.path.join(once_dir, f"{point}-{rank}-{step}"),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def fault_active(point: str, rank: int, step: int) -> bool:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return False
-    name, fault_rank, first, last = _parse(spec)
-    return name == point and fault_rank == rank and first <= step and (last is None or step <= last)
+    for one in spec.split(","):
+        name, fault_rank, first, last = _parse(one)
+        if (name == point and fault_rank == rank and first <= step
+                and (last is None or step <= last)):
+            return _first_time(point, rank, step)
+    return False
 
 
 def maybe_inject(point: str, rank: int, step: int) -> None:
-    """Die here if a kill fault is set for this point, rank and step."""
-    if fault_active(point, rank, step):
-        print(f"fault injection: rank {rank} dies at {point}, step {step}", flush=True)
-        os._exit(137)
+    """Die or hang here if a fault is set for this point, rank and step."""
+    if not fault_active(point, rank, step):
+        return
+    print(f"fault injection: rank {rank} at {point}, step {step}", flush=True)
+    if point == "hang":
+        while True:
+            time.sleep(3600)
+    if point == "kill_at_step":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(137)

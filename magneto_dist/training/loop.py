@@ -15,8 +15,9 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..config import Config
 from ..data.datasets import GlobalSampleBatches
-from ..resilience.faults import fault_active
+from ..resilience.faults import fault_active, maybe_inject
 from ..resilience.parent_watch import watch_launchers
+from ..resilience.watchdog import StepWatchdog
 from .diagnostics import Diagnostics
 from .metrics import MetricsLogger
 from .tasks import move_batch
@@ -172,6 +173,13 @@ class Trainer:
         if self.tp_rng is not None and saved_rng and TP_RNG_KEY in saved_rng:
             self.tp_rng.state = saved_rng[TP_RNG_KEY]
 
+    def _long_step(self, step: int) -> bool:
+        """Whether `step` evaluates or saves: the step watchdog gives it the long allowance."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        evaluates = t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters)
+        saves = c.save_interval and step % c.save_interval == 0
+        return bool(evaluates or saves or step == (t.exit_at_step or t.train_iters))
+
     def train(self) -> int:
         """Run to train_iters (or exit_at_step); returns the process exit code."""
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -180,49 +188,57 @@ class Trainer:
                                self.state.consumed_samples)
         tokens_per_step = t.global_batch_size * self.cfg.model.max_seq_len
         self.stop.install()
+        watchdog = StepWatchdog.from_env()  # a no-op unless launch/ft_launch.py enabled it
         self.engine.train()
         saved_at = None
         self.diagnose()  # at step 0: the gradients at initialization and F(x, theta_0)
         interval_start, interval_steps = time.perf_counter(), 0
         while self.state.step < end:
-            loss = self.train_step(batches)
-            self.state.step += 1
-            self.state.consumed_samples += t.global_batch_size
-            interval_steps += 1
-            norm = self.engine.get_global_grad_norm()
-            norm = float(norm) if norm is not None else None
-            if not self.check_finite(loss, norm):
-                first = self.state.step - self.state.nonfinite_streak + 1
-                self.log(f"stopped: steps {first}-{self.state.step} all had a non-finite loss or "
-                         "grad norm; their updates were skipped and no checkpoint was written "
-                         "for them. Check the data, lower train.lr or lengthen the warm-up, then "
-                         "rerun to resume from the last checkpoint")
-                return EXIT_NONFINITE
-            if self.state.step % t.log_interval == 0 or self.state.step == end:
-                seconds = time.perf_counter() - interval_start
-                self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], norm,
-                                   tokens_per_step * interval_steps, seconds,
-                                   self.state.consumed_samples)
-                interval_start, interval_steps = time.perf_counter(), 0
-            diagnose_start = time.perf_counter()
-            self.diagnose()
-            interval_start += time.perf_counter() - diagnose_start  # not in tokens/s
-            if t.eval_interval and (self.state.step % t.eval_interval == 0
-                                    or self.state.step == t.train_iters):  # and at the end
-                valid = self.evaluate()
-                if valid is not None:
-                    self.metrics.valid(self.state.step, valid)
-            # no periodic save inside a run of skipped steps: keep_last must not prune good ones
-            if (c.save_interval and self.state.step % c.save_interval == 0
-                    and not self.state.nonfinite_streak):
-                self.save()
-                saved_at = self.state.step
-            if self.stop.agreed(self.device):
-                if saved_at != self.state.step:
+            with watchdog.expires(long=self._long_step(self.state.step + 1)):
+                for point in ("kill_at_step", "hang"):
+                    maybe_inject(point, dist.get_rank(), self.state.step + 1)
+                loss = self.train_step(batches)
+                self.state.step += 1
+                self.state.consumed_samples += t.global_batch_size
+                interval_steps += 1
+                norm = self.engine.get_global_grad_norm()
+                norm = float(norm) if norm is not None else None
+                if not self.check_finite(loss, norm):
+                    first = self.state.step - self.state.nonfinite_streak + 1
+                    self.log(f"stopped: steps {first}-{self.state.step} all had a non-finite "
+                             "loss or grad norm; their updates were skipped and no checkpoint "
+                             "was written for them. Check the data, lower train.lr or lengthen "
+                             "the warm-up, then rerun to resume from the last checkpoint")
+                    return EXIT_NONFINITE
+                if self.state.step % t.log_interval == 0 or self.state.step == end:
+                    seconds = time.perf_counter() - interval_start
+                    self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], norm,
+                                       tokens_per_step * interval_steps, seconds,
+                                       self.state.consumed_samples)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                diagnose_start = time.perf_counter()
+                self.diagnose()
+                interval_start += time.perf_counter() - diagnose_start  # not in tokens/s
+                if t.eval_interval and (self.state.step % t.eval_interval == 0
+                                        or self.state.step == t.train_iters):  # and at the end
+                    valid = self.evaluate()
+                    if valid is not None:
+                        self.metrics.valid(self.state.step, valid)
+                # no periodic save inside a run of skipped steps: keep_last must not prune
+                # good ones
+                if (c.save_interval and self.state.step % c.save_interval == 0
+                        and not self.state.nonfinite_streak):
                     self.save()
+                    saved_at = self.state.step
+                stop = self.stop.agreed(self.device)
+            if stop:
+                with watchdog.expires(long=True):
+                    if saved_at != self.state.step:
+                        self.save()
                 self.log(f"stopped by {self.stop.signal_name or 'a signal on another rank'} at "
                          f"step {self.state.step}; rerun the same command to resume")
                 return EXIT_INTERRUPTED
         if saved_at != self.state.step:
-            self.save()
+            with watchdog.expires(long=True):
+                self.save()
         return 0

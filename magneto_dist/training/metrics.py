@@ -6,7 +6,8 @@ metrics.jsonl rows:
 - {"split": "valid", "step", "loss", "ppl", "time"} every eval interval;
 - {"split": "diagnostics", "step", "grad_norm_per_layer", ...} every
   logging.diagnostics_interval steps (see training/diagnostics.py);
-- {"split": "resume", "step", "tag", "time"} where a resumed run starts: the rows after it
+- {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
+  run starts: the rows after it
   replay the steps after `step` (take the last occurrence of a step).
 """
 from __future__ import annotations
@@ -105,11 +106,13 @@ class MetricsLogger:
         if self.enabled:
             self._emit({"split": "diagnostics", **row, "time": time.time()})
 
-    def resumed(self, step: int, tag: str) -> None:
+    def resumed(self, step: int, tag: str, process_start: float, load_start: float) -> None:
         """A restart: rows after this one replay steps from `step` on; readers keep the last
-        occurrence of each step."""
+        occurrence of each step. The times of the process start and of the checkpoint load's
+        start (time.time()) say where a restart's seconds went (tools/bench_recovery.py)."""
         if self.enabled:
-            self._emit({"split": "resume", "step": step, "tag": tag, "time": time.time()})
+            self._emit({"split": "resume", "step": step, "tag": tag, "time": time.time(),
+                        "process_start": process_start, "load_start": load_start})
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,6 +25,7 @@ from ..data.datasets import DatasetRequest, build_datasets
 from ..data.tokenizer import SentencePieceTokenizer
 from ..model import build_model, flops_per_token
 from ..resilience.parent_watch import launcher_chain
+from ..resilience.watchdog import die_with_parent
 from .generate import sample
 from .loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops
@@ -61,6 +63,19 @@ class RankInfo:
     def log(self, *args):
         if self.rank == 0:
             print(*args, flush=True)
+
+
+def process_start_time() -> float:
+    """When this process started (time.time() scale, 10 ms resolution; Linux), imports and
+    all: from /proc, since any clock read here comes after seconds of imports."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def single_process_env() -> None:
@@ -149,6 +164,7 @@ def resolve(task: str, argv) -> Config:
 def main(task: str, argv: Optional[List[str]] = None) -> int:
     """Every check that can fail runs before torch.distributed starts; exit codes: 2 config or
     data, 3 checkpoint, 4 non-finite loss, 75 stopped by a signal (rerun to resume)."""
+    die_with_parent()  # under launch/ft_launch.py: no rank outlives its agent
     single_process_env()
     launcher_chain()  # who launched us, noted while they are alive (see parent_watch)
     ranks = RankInfo()
@@ -260,6 +276,7 @@ def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str
     par = setup_parallel(model, cfg, task, load_universal=bool(resume and resume.universal))
     del model
     state = TrainState()
+    load_start = time.time()
     if resume:
         try:
             client = ckpt.load(par.engine, resume.load_dir, resume.load_tag)
@@ -275,7 +292,7 @@ def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
                             device_peak_tflops(cfg.logging.peak_tflops))
     if resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
-        metrics.resumed(state.step, resume.tag)
+        metrics.resumed(state.step, resume.tag, process_start_time(), load_start)
     trainer = Trainer(cfg, task, par, train_ds, valid_ds, metrics, ckpt_dir, state,
                       lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
                                  **par.checkpoint_info},

@@ -1,0 +1,182 @@
+"""launch/ft_launch.py on one machine ("nodes" are launchers on localhost): kills, a hang, a
+lost node, SIGTERM and a config error, each judged by the losses against an uninterrupted run."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from .gpt_runs import TINY, check_ok, read_metrics, wait_for_steps
+from .ranks import ROOT, free_port, kill_group, run_ranks
+
+COMMON = ["train.train_iters=24", "checkpoint.save_interval=2", "checkpoint.keep_last=3",
+          "train.micro_batch_size=2", "train.global_batch_size=8"]
+
+
+def script(run_dir, cache_dir, *overrides):
+    return ["launch/pretrain_gpt.py", *TINY, f"data.cache_dir={cache_dir}",
+            f"logging.run_dir={run_dir}", *COMMON, *overrides]
+
+
+def ft_launch(args, nproc=2, extra_env=None, launcher_args=()):
+    cmd = [sys.executable, "launch/ft_launch.py", "--nproc-per-node", str(nproc),
+           "--monitor-interval", "0.5", *launcher_args, *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout=600):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return proc.returncode, out
+
+
+def final_losses(run_dir):
+    """Step -> loss, the last occurrence of each step (rows after a resume replay steps)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+def incidents(run_dir):
+    path = run_dir / "restarts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def reference(tmp_path, cache_dir, ranks=2, *overrides):
+    run_dir = tmp_path / f"reference{ranks}"
+    check_ok(run_ranks(script(run_dir, cache_dir, *overrides), ranks, timeout=300))
+    return final_losses(run_dir)
+
+
+def test_ten_random_kills_finish_with_the_uninterrupted_losses(tmp_path, cache_dir):
+    rng = random.Random(2026)
+    steps = sorted(rng.sample(range(2, 24), 8))
+    faults = [f"kill_at_step:{rng.randrange(2)}:{s}" for s in steps]
+    faults += ["kill_in_save:1:6", "kill_in_save:0:14"]  # two mid-save, leaving tags unmarked
+    run_dir = tmp_path / "run"
+    code, out = finish(ft_launch(script(run_dir, cache_dir), launcher_args=["--max-restarts", "12"],
+                                 extra_env={"MAGNETO_DIST_FAULT": ",".join(faults),
+                                            "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}))
+    assert code == 0, out[-5000:]
+    rows = incidents(run_dir)
+    assert len(rows) == 10, rows
+    assert sorted(r["cause"] for r in rows).count("signal SIGKILL") == 8, rows
+    assert "10 incident(s)" in out and "goodput" in out
+    assert final_losses(run_dir) == reference(tmp_path, cache_dir)  # bit for bit, all 24 steps
+
+
+def test_a_hung_rank_is_killed_within_two_timeouts(tmp_path, cache_dir):
+    timeout_s = 6
+    run_dir = tmp_path / "run"
+    code, out = finish(ft_launch(script(run_dir, cache_dir),
+                                 launcher_args=["--step-timeout", str(timeout_s)],
+                                 extra_env={"MAGNETO_DIST_FAULT": "hang:1:7",
+                                            "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}))
+    assert code == 0, out[-5000:]
+    (row,) = incidents(run_dir)
+    assert row["cause"] == "hang" and row["step_reached"] == 6, row
+    hung_since = [r["time"] for r in read_metrics(run_dir) if r["step"] == 6][0]
+    assert row["time"] - hung_since < 2 * timeout_s, (row, hung_since)
+    assert final_losses(run_dir) == reference(tmp_path, cache_dir)
+
+
+def test_config_errors_are_not_retried(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    code, out = finish(ft_launch(script(run_dir, cache_dir, f"data.prefixes=[{tmp_path}/none]")))
+    assert code == 2, out[-3000:]
+    assert "not restarting: rank" in out and "exited 2 (config or data error)" in out
+    assert len(incidents(run_dir)) == 1
+    code, out = finish(ft_launch(script(run_dir, cache_dir, "train.zero_stage=7")))
+    assert code == 2 and "config error: " in out and "train.zero_stage" in out, out[-3000:]
+    port = free_port()  # nobody serves a rendezvous store there
+    code, out = finish(ft_launch(script(run_dir, cache_dir), launcher_args=[
+        "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf",
+        "is_host=false,join_timeout=2"]))
+    assert code == 2, out[-3000:]
+    assert f"ft_launch: error: cannot reach the rendezvous store at 127.0.0.1:{port} within 2 s" \
+        in out
+    code, out = finish(ft_launch(script(run_dir, cache_dir), launcher_args=["--nnodes", "2"]))
+    assert code == 2 and "--nnodes 2 needs --rdzv-endpoint HOST:PORT" in out, out[-3000:]
+
+
+def test_sigterm_saves_exits_for_requeue_and_resumes_exactly(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = script(run_dir, cache_dir, "checkpoint.save_interval=0")
+    proc = ft_launch(args)
+    wait_for_steps(run_dir, proc, rows=5)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, out = finish(proc, timeout=120)
+    assert code == 75, out[-5000:]
+    stopped_at = read_metrics(run_dir)[-1]["step"]
+    marker = run_dir / "checkpoints" / f"global_step{stopped_at}" / "complete.json"
+    assert marker.exists(), out[-3000:]
+    assert [r["cause"] for r in incidents(run_dir)] == ["preempted"]
+    code, out = finish(ft_launch(args))  # the requeued job
+    assert code == 0, out[-5000:]
+    assert final_losses(run_dir) == reference(tmp_path, cache_dir, 2, "checkpoint.save_interval=0")
+
+
+def test_a_lost_node_continues_on_the_other_with_the_same_global_batch(tmp_path, cache_dir):
+    """Two launchers of 2 ranks, a rendezvous store of its own; one launcher and its ranks are
+    killed: the other re-forms alone (DP 4 -> 2, accumulation doubles) and resumes through
+    the universal checkpoint; the losses match the uninterrupted 4-rank run within 1e-5."""
+    port = free_port()
+    store = subprocess.Popen([sys.executable, "tools/rdzv_store.py", "--port", str(port)],
+                             cwd=ROOT, start_new_session=True)
+    run_dir = tmp_path / "run"
+    launcher = ["--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf",
+                "is_host=false,last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3"]
+    try:
+        survivor = ft_launch(script(run_dir, cache_dir), launcher_args=launcher)
+        lost = ft_launch(script(run_dir, cache_dir), launcher_args=launcher)
+        wait_for_steps(run_dir, lost, rows=7, timeout=300)
+        kill_group(lost)  # the node: its launcher and every rank in its session
+        code, out = finish(survivor)
+    finally:
+        kill_group(store)
+    assert code == 0, out[-5000:]
+    assert "changing layouts" in out and "TP1 x PP1 x DP2" in out, out[-3000:]
+    assert "node lost" in [r["cause"] for r in incidents(run_dir)]
+    expected, got = reference(tmp_path, cache_dir, 4), final_losses(run_dir)
+    assert sorted(got) == list(range(1, 25))
+    assert max(abs(got[s] - expected[s]) for s in got) < 1e-5, (got, expected)
+
+
+def children(pid):
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path, cache_dir):
+    """Workers run in sessions of their own; a launcher killed by SIGKILL used to leave them
+    running as orphans. Now they die with it (PR_SET_PDEATHSIG)."""
+    run_dir = tmp_path / "run"
+    proc = ft_launch(script(run_dir, cache_dir, "train.train_iters=100000",
+                            "checkpoint.save_interval=0"))
+    ranks = []
+    try:
+        wait_for_steps(run_dir, proc, rows=3)
+        ranks = children(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{p}") for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [p for p in ranks if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+        assert not alive, alive
+    finally:
+        kill_group(proc)
+        proc.wait()
+        for p in ranks:  # if the test failed: leave nothing behind
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
