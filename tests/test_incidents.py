@@ -1,0 +1,37 @@
+"""restarts.jsonl bookkeeping of the fault-tolerant launcher, without processes."""
+import json
+
+from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.launcher.incidents import IncidentLog, cause_of, productive_seconds
+
+
+def test_cause_names_exit_codes_signals_and_hangs():
+    assert cause_of(1, hung=False) == "exit 1"
+    assert cause_of(-9, hung=False) == "signal SIGKILL"
+    assert cause_of(-9, hung=True) == "hang"
+
+
+def train(step, t):
+    return {"split": "train", "step": step, "time": t, "loss": 1.0}
+
+
+def test_productive_time_counts_only_the_steps_that_were_kept():
+    rows = [train(1, 10.0), train(2, 11.0), train(3, 12.0),          # attempt 1 (step 3 redone)
+            {"split": "resume", "step": 2, "time": 20.0},
+            train(3, 21.5), train(4, 22.5)]
+    # step 2 (1 s) and the redone step 3 (1.5 s) and step 4 (1 s); step 1 has no start time
+    assert productive_seconds(rows, since=0.0) == 3.5
+    assert productive_seconds(rows, since=21.0) == 2.5
+
+
+def test_an_incident_row_says_where_the_next_attempt_starts(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in [train(s, 100.0 + s) for s in range(1, 8)]) + '{"spl')
+    tag = tmp_path / "checkpoints" / "global_step4"
+    tag.mkdir(parents=True)
+    (tag / ckpt.COMPLETE).write_text(json.dumps({"step": 4}))
+    (tmp_path / "checkpoints" / "global_step6").mkdir()  # incomplete: never resumed from
+    row = IncidentLog(str(tmp_path), node="n1").record(attempt=0, cause="exit 1", rank=3)
+    assert (row["step_reached"], row["resumed_from"], row["node"], row["rank"]) == (7, 4, "n1", 3)
+    assert row["seconds_lost"] >= 0
+    assert json.loads((tmp_path / "restarts.jsonl").read_text()) == row
