@@ -114,7 +114,7 @@ def _alias_parameters(universal_dir: str, model) -> None:
     """DeepSpeed's universal loader finds each parameter under the loading module's name, and a
     PipelineModule names them otherwise than the model ("5.layer.fc1.weight" is
     "decoder.layers.3.fc1.weight"): link every parameter's directory under both names."""
-    from ..parallel.pipeline import pipe_prefixes
+    from ..parallel.pipe_names import pipe_prefixes
 
     prefixes = pipe_prefixes(model)
     zero = os.path.join(universal_dir, "zero")

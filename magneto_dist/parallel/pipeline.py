@@ -20,6 +20,7 @@ from torch import nn
 
 from ..model.layers import Rotary
 from ..model.models import MagnetoGPT
+from .pipe_names import TIED_KEY, pipe_plan
 
 
 class ModuleSource:
@@ -95,20 +96,6 @@ class SubmodulePipe(nn.Module):
         return getattr(self, self.attribute)(x)
 
 
-TIED_KEY = "word_embedding"  # DeepSpeed names a tied layer's parameters tied_modules.KEY.*
-
-
-def _pipe_plan(model: MagnetoGPT) -> list:
-    """The pipe layers in order: (kind, the full model's module name)."""
-    cfg = model.config
-    plan = [("word", "embed.word"), ("tail", None)]
-    plan += [("layer", f"decoder.layers.{i}") for i in range(len(model.decoder.layers))]
-    if model.decoder.final_norm is not None:
-        plan.append(("submodule", "decoder.final_norm"))
-    plan.append(("tied_head", "embed.word") if cfg.tie_embeddings else ("submodule", "lm_head"))
-    return plan
-
-
 def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
     cfg = model.config
     word = (TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source, tied_weight_attr="word.weight")
@@ -121,24 +108,7 @@ def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
         "tied_head": lambda _: TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source,
                                              forward_fn=tied_head, tied_weight_attr="word.weight"),
     }
-    return [specs[kind](name) for kind, name in _pipe_plan(model)]
-
-
-def pipe_prefixes(model: MagnetoGPT) -> dict:
-    """Parameter-name prefix in the PipelineModule -> the same parameters' prefix in the full
-    model ("5.layer." -> "decoder.layers.3."). Pipe indices count layers over all stages, so
-    these names do not depend on the PP degree or the partition; checkpoints map by them."""
-    prefixes = {}
-    for index, (kind, name) in enumerate(_pipe_plan(model)):
-        if kind == "word":
-            pipe = f"tied_modules.{TIED_KEY}.word." if model.config.tie_embeddings else "0.word."
-            prefixes[pipe] = f"{name}."
-        elif kind == "tail" and model.config.position == "learned":
-            prefixes[f"{index}.position."] = "embed.position."
-        elif kind in ("layer", "submodule"):
-            prefixes[f"{index}.{'layer' if kind == 'layer' else name.rsplit('.', 1)[-1]}."] = \
-                f"{name}."
-    return prefixes
+    return [specs[kind](name) for kind, name in pipe_plan(model)]
 
 
 def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn,

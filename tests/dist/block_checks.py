@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from magneto_dist.config import load_config
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.parallel import state
-from magneto_dist.parallel.pipeline import TransformerLayerPipe, pipe_prefixes
+from magneto_dist.parallel.pipe_names import pipe_prefixes
+from magneto_dist.parallel.pipeline import TransformerLayerPipe
 from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,
                                           use_tensor_parallel_rng)
 from magneto_dist.parallel.setup import setup_parallel

@@ -120,6 +120,6 @@ def test_pipeline_stage_frees_other_stages_layers(group_results):
 
 def test_pipeline_names_map_to_model_names(group_results):
     """The renaming that lets a universal checkpoint move between pipelined and plain layouts
-    (parallel/pipeline.py pipe_prefixes), checked against DeepSpeed's real PipelineModule."""
+    (parallel/pipe_names.py pipe_prefixes), checked against DeepSpeed's real PipelineModule."""
     for variant, r in group_results(2)["pipe_names"].items():
         assert r["equal"], (variant, r)
