@@ -35,3 +35,18 @@ def test_an_incident_row_says_where_the_next_attempt_starts(tmp_path):
     assert (row["step_reached"], row["resumed_from"], row["node"], row["rank"]) == (7, 4, "n1", 3)
     assert row["seconds_lost"] >= 0
     assert json.loads((tmp_path / "restarts.jsonl").read_text()) == row
+
+
+def test_step_allowance_is_long_at_first_and_for_saves_and_follows_measured_steps():
+    from magneto_dist.resilience.watchdog import AUTO_MIN_S, LONG_FACTOR, StepWatchdog
+    fixed = StepWatchdog("30", timer_file=None)
+    assert not fixed.enabled  # no launcher: every step runs without a timer
+    assert fixed.allowance(long=False) == 30.0 * LONG_FACTOR  # first steps
+    fixed.durations = [1.0] * 3
+    assert fixed.allowance(long=False) == 30.0 and fixed.allowance(long=True) == 300.0
+    auto = StepWatchdog("auto", timer_file=None)
+    assert auto.allowance(long=False) == AUTO_MIN_S * LONG_FACTOR
+    auto.durations = [2.0] * 5
+    assert auto.allowance(long=False) == AUTO_MIN_S  # 5 x 2 s is under the floor
+    auto.durations = [30.0] * 5
+    assert auto.allowance(long=False) == 150.0 and auto.allowance(long=True) == 1500.0

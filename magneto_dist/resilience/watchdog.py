@@ -43,7 +43,7 @@ class StepWatchdog:
     def __init__(self, setting: str, timer_file: Optional[str]):
         self.enabled = bool(timer_file) and setting not in ("", "0")
         self.auto = setting == "auto"
-        self.fixed = 0.0 if self.auto or not self.enabled else float(setting)
+        self.fixed = 0.0 if self.auto else float(setting or 0)
         self.durations: List[float] = []
         if self.enabled:
             from torch.distributed.elastic import timer
