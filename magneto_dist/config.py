@@ -5,11 +5,12 @@ error names the key (and the file) and says what would work.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional, get_type_hints
 
 import yaml
 
@@ -100,9 +101,15 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # DeepSpeed config keys merged into the one the project generates (training/engine.py):
+    # ZeRO-Offload, overlap_comm, bucket sizes, ... Checked by DeepSpeed's own config class
+    # before any process group forms; a key the project derives from the sections above is
+    # refused by name. Overrides nest: deepspeed.zero_optimization.overlap_comm=true
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+FREE_FORM = "deepspeed"  # the section that is a mapping passed on, not typed keys
 
 
 def _coerce(key: str, value: Any, hint) -> Any:
@@ -134,10 +141,12 @@ def _coerce(key: str, value: Any, hint) -> Any:
 
 
 def section_from_dict(name: str, values: dict, base):
-    cls = type(base)
-    hints = get_type_hints(cls)
     if not isinstance(values, dict):
         raise ConfigError(f"section {name!r} must be a mapping of keys to values")
+    if name == FREE_FORM:
+        return copy.deepcopy(values)
+    cls = type(base)
+    hints = get_type_hints(cls)
     kwargs = dataclasses.asdict(base)
     for key, value in values.items():
         if key not in hints:
@@ -173,9 +182,13 @@ def apply_override(raw: dict, override: str) -> None:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from None
-    raw.setdefault(section, {})
-    raw[section] = dict(raw[section] or {})
-    raw[section][key] = value
+    raw[section] = copy.deepcopy(raw.get(section) or {})
+    target, path = raw[section], key.split(".") if section == FREE_FORM else [key]
+    for part in path[:-1]:  # deepspeed.zero_optimization.overlap_comm=true nests
+        if not isinstance(target.get(part, {}), dict):
+            raise ConfigError(f"override {override!r}: {section}.{part} is not a mapping")
+        target = target.setdefault(part, {})
+    target[path[-1]] = value
 
 
 def _read_yaml(path: str) -> dict:

@@ -99,7 +99,7 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     assert load_config(str(out)) == cfg
     with open(out) as f:
         assert set(yaml.safe_load(f)) == {"model", "data", "train", "parallel", "checkpoint",
-                                          "logging"}
+                                          "logging", "deepspeed"}
 
 
 def test_lr_schedule_shapes():
@@ -147,3 +147,31 @@ def test_a_short_run_needs_one_override():
     with pytest.raises(ConfigError, match=r"train.exit_at_step=20 must be between 1 and "
                                           r"train.train_iters=10"):
         validate(load_config(None, ["train.train_iters=10", "train.exit_at_step=20"]), 1)
+
+
+def test_deepspeed_section_merges_nests_overrides_and_refuses_project_keys():
+    from magneto_dist.training.engine import check_deepspeed_section, deepspeed_config
+    cfg = load_config(None, ["deepspeed.zero_optimization.overlap_comm=true",
+                             "deepspeed.zero_optimization.reduce_bucket_size=1000000",
+                             "deepspeed.wall_clock_breakdown=true", "train.zero_stage=2"])
+    merged = deepspeed_config(cfg, dp_size=2)
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True,
+                                           "reduce_bucket_size": 1000000}
+    assert merged["wall_clock_breakdown"] is True and merged["gradient_accumulation_steps"] == 1
+    check_deepspeed_section(cfg, dp_size=2)  # DeepSpeed's own config class accepts it
+    for override, owner in (("deepspeed.zero_optimization.stage=3", "train.zero_stage"),
+                            ("deepspeed.train_batch_size=64", "train.global_batch_size"),
+                            ("deepspeed.bf16.enabled=true", "train.precision")):
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)} is set by the project from "
+                                              rf"{re.escape(owner)}; set that instead"):
+            deepspeed_config(load_config(None, [override]), dp_size=1)
+    bad = load_config(None, ["deepspeed.zero_optimization.overlap_comm=maybe"])
+    with pytest.raises(ConfigError, match="deepspeed: DeepSpeed rejects the merged config: .*"
+                                          "overlap_comm"):
+        check_deepspeed_section(bad, dp_size=1)
+    typo = load_config(None, ["deepspeed.zero_optimization.overlap_com=true"])
+    with pytest.raises(ConfigError, match="overlap_com.*Extra inputs are not permitted"):
+        check_deepspeed_section(typo, dp_size=1)
+    with pytest.raises(ConfigError, match="deepspeed.bf16 is not a mapping"):
+        load_config(None, ["deepspeed.bf16=1", "deepspeed.bf16.enabled=true"])

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .schedule import make_scheduler
 
 
@@ -84,6 +84,52 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
                                        eps=t.adam_eps, fused=torch.cuda.is_available())
 
 
+# DeepSpeed keys the project derives from its own config: the `deepspeed:` section may not set
+# them (they would silently disagree with what the trainer does), and says where they come from.
+PROJECT_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x DP)",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "optimizer": "train.lr, train.adam_* and train.weight_decay (the project builds AdamW)",
+    "scheduler": "train.warmup_iters, train.lr_decay_style and train.min_lr",
+    "checkpoint.load_universal": "the resume logic (set when resuming another layout)",
+}
+
+
+def _merge_user_keys(generated: dict, user: dict, prefix: str = "") -> dict:
+    """`user` deep-merged over `generated`; a key in PROJECT_KEYS is refused by name."""
+    merged = dict(generated)
+    for key, value in user.items():
+        dotted = f"{prefix}{key}"
+        if dotted in PROJECT_KEYS:
+            raise ConfigError(f"deepspeed.{dotted} is set by the project from "
+                              f"{PROJECT_KEYS[dotted]}; set that instead")
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_user_keys(merged[key], value, f"{dotted}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def check_deepspeed_section(cfg: Config, dp_size: int) -> None:
+    """The merged config through DeepSpeed's own config class, before any process group forms
+    (its pydantic models name a bad key or value). Without a process group DeepSpeed takes the
+    world size as 1, so the batch keys are checked for one data-parallel rank."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    merged = deepspeed_config(cfg, dp_size)
+    merged["train_batch_size"] = cfg.train.global_batch_size // dp_size
+    try:
+        DeepSpeedConfig(merged)
+    except Exception as err:  # pydantic's ValidationError, DeepSpeed's asserts and errors
+        raise ConfigError(f"deepspeed: DeepSpeed rejects the merged config: "
+                          f"{' '.join(str(err).split())[:400]}") from err
+
+
 def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict:
     t = cfg.train
     zero = {"stage": t.zero_stage}
@@ -91,7 +137,7 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
         # Partition every parameter: the default threshold (1e5) leaves small ones whole, which
         # under tensor parallelism mixes replicated and sharded layouts (DESIGN.md).
         zero["stage3_param_persistence_threshold"] = 0
-    return {
+    generated = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
@@ -105,6 +151,7 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
         # resuming another layout's checkpoint through its universal form (checkpoint/reshard.py)
         "checkpoint": {"load_universal": load_universal},
     }
+    return _merge_user_keys(generated, cfg.deepspeed)
 
 
 def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None,

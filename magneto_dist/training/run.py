@@ -170,7 +170,10 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     ranks = RankInfo()
     try:
         cfg = resolve(task, argv)
-        validate(cfg, ranks.world_size, torch.cuda.is_available())
+        dp_size = validate(cfg, ranks.world_size, torch.cuda.is_available())
+        if cfg.deepspeed:  # DeepSpeed's import costs seconds that other config errors skip
+            from .engine import check_deepspeed_section
+            check_deepspeed_section(cfg, dp_size)
         check_run_dir_writable(cfg.logging.run_dir)
     except (ConfigError, PreflightError) as err:
         print(f"config error: {err}", file=sys.stderr)
