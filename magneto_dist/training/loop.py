@@ -193,11 +193,15 @@ class Trainer:
         saved_at = None
         self.diagnose()  # at step 0: the gradients at initialization and F(x, theta_0)
         interval_start, interval_steps = time.perf_counter(), 0
+        first_step = True
         while self.state.step < end:
             with watchdog.expires(long=self._long_step(self.state.step + 1)):
                 for point in ("kill_at_step", "hang"):
                     maybe_inject(point, dist.get_rank(), self.state.step + 1)
                 loss = self.train_step(batches)
+                if first_step:
+                    self.metrics.started(self.state.step + 1)
+                    first_step = False
                 self.state.step += 1
                 self.state.consumed_samples += t.global_batch_size
                 interval_steps += 1

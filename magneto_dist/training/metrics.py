@@ -6,6 +6,7 @@ metrics.jsonl rows:
 - {"split": "valid", "step", "loss", "ppl", "time"} every eval interval;
 - {"split": "diagnostics", "step", "grad_norm_per_layer", ...} every
   logging.diagnostics_interval steps (see training/diagnostics.py);
+- {"split": "startup", "step", "startup_seconds", "time"} once, after this process's first step;
 - {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
   run starts: the rows after it
   replay the steps after `step` (take the last occurrence of a step).
@@ -44,6 +45,20 @@ def memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def process_start_time() -> float:
+    """When this process started (time.time() scale, 10 ms resolution; Linux), imports and
+    all: from /proc, since any clock read here comes after seconds of imports."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
 
 
 class MetricsLogger:
@@ -92,6 +107,16 @@ class MetricsLogger:
               f"{tokens_per_s:,.0f} tokens/s | {tflops * 1e3:.1f} GFLOP/s/device{mfu} | "
               f"mem {row['memory_gb']:.2f} GB", flush=True)
         self._emit(row)
+
+    def started(self, step: int) -> None:
+        """The first step of this process is done: start-up took this long since the command
+        (imports, data checks, process group, model, engine, checkpoint load, first step)."""
+        if not self.enabled:
+            return
+        seconds = time.time() - process_start_time()
+        print(f"start-up: {seconds:.1f} s from the command to the end of step {step}", flush=True)
+        self._emit({"split": "startup", "step": step, "startup_seconds": seconds,
+                    "time": time.time()})
 
     def valid(self, step: int, loss: float) -> None:
         if not self.enabled:

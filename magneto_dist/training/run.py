@@ -28,7 +28,7 @@ from ..resilience.parent_watch import launcher_chain
 from ..resilience.watchdog import die_with_parent
 from .generate import sample
 from .loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer, TrainState
-from .metrics import MetricsLogger, device_peak_tflops
+from .metrics import MetricsLogger, device_peak_tflops, process_start_time
 from .preflight import PreflightError, RunLock, check_run_dir_writable, finished_message
 from .tasks import GPTTask, MaskedLMTask
 
@@ -63,19 +63,6 @@ class RankInfo:
     def log(self, *args):
         if self.rank == 0:
             print(*args, flush=True)
-
-
-def process_start_time() -> float:
-    """When this process started (time.time() scale, 10 ms resolution; Linux), imports and
-    all: from /proc, since any clock read here comes after seconds of imports."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime", encoding="ascii") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
 
 
 def single_process_env() -> None:

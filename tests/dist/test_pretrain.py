@@ -30,6 +30,8 @@ def test_default_run_through_deepspeed_cli(tmp_path, cache_dir, ranks):
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     valid = read_metrics(run_dir, "valid")
     assert [r["step"] for r in valid] == [12, 24]
+    (startup,) = read_metrics(run_dir, "startup")  # from the command to the end of step 1
+    assert startup["step"] == 1 and 1 < startup["startup_seconds"] < 400, startup
     assert valid[1]["ppl"] == pytest.approx(2.718281828 ** valid[1]["loss"], rel=1e-6)
     assert "sample> def " in proc.stdout
     with open(run_dir / "checkpoints" / "latest") as f:
