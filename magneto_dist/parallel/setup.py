@@ -1,40 +1,42 @@
-"""From a full model to an engine, in small explicit steps (torchtitan's order):
-process groups -> tensor parallelism -> activation recompute -> pipeline stages or the
-data-parallel/ZeRO engine. The model itself holds no parallelism."""
+"""From a full model to this rank's shard, in small explicit steps (torchtitan's order):
+process groups -> tensor parallelism -> activation recompute -> pipeline stages. The model
+itself holds no parallelism, and nothing here knows about training: the DeepSpeed engine around
+the result is built in magneto_dist/training/engine.py."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
-import torch.distributed as dist
 from deepspeed.checkpoint import constants as ds_ckpt
 from megatron.core import parallel_state as ps
 from torch import nn
 
 from ..config import Config
-from ..training.engine import build_engine
-from ..training.tasks import move_batch
 from . import state
 from .pipeline import build_pipeline
 from .random import TensorParallelRNG, apply_activation_checkpointing, use_tensor_parallel_rng
-from .tensor_parallel import FullLogits, apply_tensor_parallel, vocab_parallel_cross_entropy
+from .tensor_parallel import apply_tensor_parallel
 from .tp_plan import REPLICATED, ROW, VOCAB, patterns_of
 
 
 @dataclass
-class ParallelSetup:
-    engine: object                       # the DeepSpeed engine (a PipelineEngine with PP > 1)
+class Parallelized:
+    module: nn.Module                    # this rank's shard; with PP > 1 its PipelineModule
+    tp: int
+    pp: int
     dp_rank: int
     dp_size: int
     dp_group: object
-    train_step_fn: Optional[Callable] = None  # None: the trainer's micro-batch loop
-    eval_fn: Optional[Callable] = None   # None: the trainer's micro-batch loop
-    sample_model: Optional[nn.Module] = None  # tokens -> full logits, or None (pipeline)
-    checkpoint_info: dict = field(default_factory=dict)  # extra client state
+    mpu: Optional[object] = None         # the groups for DeepSpeed's engine without a pipeline
+                                         # (a PipelineModule carries its own topology)
+    checkpoint_info: dict = field(default_factory=dict)  # client state ds_to_universal needs
     tp_rng: Optional[TensorParallelRNG] = None  # the per-TP-rank dropout stream, when used:
                                          # saved and restored with each rank's RNG state
+
+    @property
+    def pipelined(self) -> bool:
+        return self.pp > 1
 
 
 # How DeepSpeed's ds_to_universal must treat each parameter (it re.match-es these against
@@ -59,31 +61,17 @@ def universal_checkpoint_info(model: nn.Module, vocab_size: int, pipelined: bool
     return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: info}
 
 
-def _pipeline_steps(engine):
-    def pipe_batches(batches):
-        for b in batches:
-            b = move_batch(b, engine.device)
-            yield b["tokens"], (b["labels"], b["loss_mask"])
-
-    def train_step(batches):
-        return engine.train_batch(data_iter=pipe_batches(batches))
-
-    def evaluate(batches, global_batches: int):
-        it = pipe_batches(batches)
-        return torch.stack([engine.eval_batch(it) for _ in range(global_batches)]).mean()
-    return train_step, evaluate
-
-
-def setup_parallel(model: nn.Module, cfg: Config, task, load_universal: bool = False
-                   ) -> ParallelSetup:
+def parallelize(model: nn.Module, cfg: Config,
+                pipeline_loss: Optional[Callable] = None) -> Parallelized:
+    """Shard `model` for this rank. pipeline_loss(logits, (labels, loss_mask)) -> loss is the
+    last stage's loss when PP > 1 (DeepSpeed's PipelineModule computes it inside)."""
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    dp = dist.get_world_size() // (tp * pp)
     state.initialize_groups(tp, pp)
+    dp = ps.get_data_parallel_world_size()
     rng = TensorParallelRNG(cfg.train.seed, state.tp_rank())
     if tp > 1:
         apply_tensor_parallel(model, p.vocab_padding_multiple)
-        task.cross_entropy = vocab_parallel_cross_entropy
         if cfg.model.dropout > 0:
             use_tensor_parallel_rng(model, rng)
     if p.activation_checkpointing:
@@ -91,16 +79,12 @@ def setup_parallel(model: nn.Module, cfg: Config, task, load_universal: bool = F
         apply_activation_checkpointing([l for s in stacks for l in s.layers],
                                        rng if tp > 1 else None)
     info = universal_checkpoint_info(model, cfg.model.vocab_size, pipelined=pp > 1)
-    common = dict(dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
+    common = dict(tp=tp, pp=pp, dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
                   dp_group=ps.get_data_parallel_group(), checkpoint_info=info,
                   tp_rng=rng if tp > 1 else None)
     if pp > 1:
-        loss_fn = lambda logits, labels: task.loss(  # noqa: E731
-            logits, {"labels": labels[0], "loss_mask": labels[1]})
-        engine = build_engine(build_pipeline(model, tp, pp, dp, loss_fn, p.pipeline_partition),
-                              cfg, dp, load_universal=load_universal)
-        train_step, evaluate = _pipeline_steps(engine)
-        return ParallelSetup(engine=engine, train_step_fn=train_step, eval_fn=evaluate, **common)
-    engine = build_engine(model, cfg, dp, mpu=state.DeepSpeedMPU(), load_universal=load_universal)
-    sample_model = FullLogits(engine.module) if tp > 1 else engine.module
-    return ParallelSetup(engine=engine, sample_model=sample_model, **common)
+        if pipeline_loss is None:
+            raise ValueError("parallelize: PP > 1 needs pipeline_loss")
+        return Parallelized(module=build_pipeline(model, tp, pp, dp, pipeline_loss,
+                                                  p.pipeline_partition), **common)
+    return Parallelized(module=model, mpu=state.DeepSpeedMPU(), **common)

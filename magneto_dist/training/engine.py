@@ -1,5 +1,9 @@
-"""DeepSpeed engine set-up: optimizer parameter groups, the DeepSpeed config, initialize()."""
+"""DeepSpeed engine set-up around a parallelized model: optimizer parameter groups, the DeepSpeed
+config, initialize(), and the pipeline engine's train/eval steps."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import deepspeed
 import torch
@@ -7,7 +11,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError
+from ..parallel.setup import Parallelized, parallelize
+from ..parallel.tensor_parallel import FullLogits, vocab_parallel_cross_entropy
 from .schedule import make_scheduler
+from .tasks import move_batch
 
 
 def group_weight_decays(weight_decay: float) -> list:
@@ -162,3 +169,45 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None,
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg.train),
         config=deepspeed_config(cfg, dp_size, load_universal), mpu=mpu)
     return engine
+
+
+@dataclass
+class TrainingSetup:
+    engine: object                       # the DeepSpeed engine (a PipelineEngine with PP > 1)
+    par: Parallelized                    # what parallelize() made of the model
+    train_step_fn: Optional[Callable] = None  # None: the trainer's micro-batch loop
+    eval_fn: Optional[Callable] = None   # None: the trainer's micro-batch loop
+    sample_model: Optional[nn.Module] = None  # tokens -> full logits, or None (pipeline)
+
+
+def _pipeline_steps(engine):
+    def pipe_batches(batches):
+        for b in batches:
+            b = move_batch(b, engine.device)
+            yield b["tokens"], (b["labels"], b["loss_mask"])
+
+    def train_step(batches):
+        return engine.train_batch(data_iter=pipe_batches(batches))
+
+    def evaluate(batches, global_batches: int):
+        it = pipe_batches(batches)
+        return torch.stack([engine.eval_batch(it) for _ in range(global_batches)]).mean()
+    return train_step, evaluate
+
+
+def build_training(model: nn.Module, cfg: Config, task,
+                   load_universal: bool = False) -> TrainingSetup:
+    """parallelize() the model, then the DeepSpeed engine around this rank's shard."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    if (tp > 1) != (task.cross_entropy is vocab_parallel_cross_entropy):
+        raise ValueError(f"TP{tp}: the task's cross-entropy must be "
+                         f"{'vocab-parallel' if tp > 1 else 'the plain one'}; create it with "
+                         f"tensor_parallel={tp > 1}")
+    par = parallelize(model, cfg, pipeline_loss=task.pipeline_loss)
+    engine = build_engine(par.module, cfg, par.dp_size, mpu=par.mpu,
+                          load_universal=load_universal)
+    if par.pipelined:
+        train_step, evaluate = _pipeline_steps(engine)
+        return TrainingSetup(engine=engine, par=par, train_step_fn=train_step, eval_fn=evaluate)
+    sample_model = FullLogits(engine.module) if tp > 1 else engine.module
+    return TrainingSetup(engine=engine, par=par, sample_model=sample_model)

@@ -70,12 +70,13 @@ def dp_mean(value: torch.Tensor, group) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task, par, train_ds, valid_ds, metrics: MetricsLogger,
+    def __init__(self, cfg: Config, task, setup, train_ds, valid_ds, metrics: MetricsLogger,
                  ckpt_dir: str, state: TrainState, client_state_fn: Callable[[TrainState], dict],
                  log=print):
-        """par: a magneto_dist.parallel.setup.ParallelSetup (engine, DP rank/size/group, and
-        the pipeline's own train/eval steps when there is one)."""
-        self.cfg, self.task, self.engine = cfg, task, par.engine
+        """setup: a training/engine.py TrainingSetup (the engine, the parallelized model's DP
+        rank/size/group, and the pipeline's own train/eval steps when there is one)."""
+        par = setup.par
+        self.cfg, self.task, self.engine = cfg, task, setup.engine
         self.train_ds, self.valid_ds = train_ds, valid_ds
         self.dp_rank, self.dp_size, self.dp_group = par.dp_rank, par.dp_size, par.dp_group
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
@@ -87,8 +88,8 @@ class Trainer:
         t = cfg.train
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         # the pipeline engine replaces the micro-batch loops with its own schedule
-        self.train_step_fn = par.train_step_fn or self._micro_batch_step
-        self.eval_fn = par.eval_fn or self._micro_batch_eval
+        self.train_step_fn = setup.train_step_fn or self._micro_batch_step
+        self.eval_fn = setup.eval_fn or self._micro_batch_eval
         self.diagnostics = None
         if cfg.logging.diagnostics_interval and dist.get_rank() == 0:
             # a fixed probe batch: the first micro-batch of the training data

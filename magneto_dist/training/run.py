@@ -208,8 +208,9 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     except (reshard.ReshardError, TimeoutError) as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
-    return train(cfg, TASKS[task](tokenizer.vocab_size), tokenizer, train_ds, valid_ds,
-                 ckpt_dir, resume, ranks)
+    objective = TASKS[task](tokenizer.vocab_size,
+                            tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
+    return train(cfg, objective, tokenizer, train_ds, valid_ds, ckpt_dir, resume, ranks)
 
 
 def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]:
@@ -251,30 +252,29 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
 
 def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
                  resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
-    from ..parallel.setup import setup_parallel
-    from .engine import repair_zero3_universal_load
+    from .engine import build_training, repair_zero3_universal_load
 
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
     torch.manual_seed(cfg.train.seed)
-    # Identical full weights on every rank (same seed, or an export), sharded by setup_parallel;
+    # Identical full weights on every rank (same seed, or an export), sharded by parallelize();
     # the reference is dropped after, so a pipeline stage frees the other stages' layers.
     model = build_model(cfg.model)
     if cfg.checkpoint.init_from and not resume:
         load_consolidated(cfg.checkpoint.init_from, model)
         ranks.log(f"weights from {cfg.checkpoint.init_from} (fresh optimizer, step 0)")
-    par = setup_parallel(model, cfg, task, load_universal=bool(resume and resume.universal))
+    setup = build_training(model, cfg, task, load_universal=bool(resume and resume.universal))
     del model
     state = TrainState()
     load_start = time.time()
     if resume:
         try:
-            client = ckpt.load(par.engine, resume.load_dir, resume.load_tag)
+            client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
         except ckpt.CheckpointError as err:
             print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
             return EXIT_CHECKPOINT_ERROR
         if resume.universal and cfg.train.zero_stage == 3:
-            repair_zero3_universal_load(par.engine, cfg)
+            repair_zero3_universal_load(setup.engine, cfg)
         state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
         ranks.log(f"resumed from {ckpt_dir}/{resume.tag}: step {state.step}, "
                   f"{state.consumed_samples} samples consumed")
@@ -283,20 +283,20 @@ def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str
                             device_peak_tflops(cfg.logging.peak_tflops))
     if resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
         metrics.resumed(state.step, resume.tag, process_start_time(), load_start)
-    trainer = Trainer(cfg, task, par, train_ds, valid_ds, metrics, ckpt_dir, state,
+    trainer = Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
                       lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
-                                 **par.checkpoint_info},
+                                 **setup.par.checkpoint_info},
                       log=ranks.log)
     if resume:
         trainer.restore_tp_rng(client.get("_rng"))
     code = trainer.train()
     metrics.close()
     if code == 0 and cfg.logging.sample_prompt and task.name == "gpt":
-        if par.sample_model is None:
+        if setup.sample_model is None:
             ranks.log("no sample: no rank of a pipeline-parallel model runs a whole forward "
                       "(tools/generate.py samples from its checkpoints)")
             return code
-        ids = sample(par.sample_model, tokenizer.encode(cfg.logging.sample_prompt),
+        ids = sample(setup.sample_model, tokenizer.encode(cfg.logging.sample_prompt),
                      cfg.logging.sample_tokens, tokenizer.vocab_size, cfg.model.max_seq_len,
                      seed=cfg.train.seed, eod=tokenizer.eod)
         ranks.log(f"sample> {tokenizer.decode(ids)}")

@@ -30,9 +30,13 @@ class GPTTask:
     name = "gpt"
     arch = "decoder"
 
-    def __init__(self, vocab_size: int, cross_entropy: Callable = cross_entropy_unpadded):
+    def __init__(self, vocab_size: int, tensor_parallel: bool = False):
         self.vocab_size = vocab_size       # the tokenizer's, before padding
-        self.cross_entropy = cross_entropy  # tensor parallelism swaps in a vocab-parallel CE
+        # per-token CE over the logits; under TP each rank holds a vocabulary slice of them
+        self.cross_entropy: Callable = cross_entropy_unpadded
+        if tensor_parallel:  # imported here: megatron's import costs seconds a config error skips
+            from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
+            self.cross_entropy = vocab_parallel_cross_entropy
 
     def forward(self, model, batch: Batch) -> torch.Tensor:
         return model(batch["tokens"])
@@ -40,6 +44,11 @@ class GPTTask:
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         per_token = self.cross_entropy(logits, batch["labels"], self.vocab_size)
         return masked_mean(per_token, batch["loss_mask"])
+
+    def pipeline_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        """The loss as DeepSpeed's pipeline calls it on the last stage: labels is the
+        (labels, loss_mask) pair the pipeline's batches carry."""
+        return self.loss(logits, {"labels": labels[0], "loss_mask": labels[1]})
 
 
 class MaskedLMTask(GPTTask):

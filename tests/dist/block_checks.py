@@ -14,7 +14,7 @@ from magneto_dist.parallel.pipe_names import pipe_prefixes
 from magneto_dist.parallel.pipeline import TransformerLayerPipe
 from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,
                                           use_tensor_parallel_rng)
-from magneto_dist.parallel.setup import setup_parallel
+from magneto_dist.parallel.setup import parallelize
 from magneto_dist.parallel.tensor_parallel import (ShardedLayerNorm, ShardedRMSNorm,
                                                    apply_tensor_parallel)
 from magneto_dist.training.tasks import GPTTask
@@ -120,10 +120,10 @@ def pipeline_frees_other_stages() -> dict:
                              "train.micro_batch_size=1", "train.global_batch_size=2"])
     model = build_model(cfg.model)
     layers = [weakref.ref(layer) for layer in model.decoder.layers]
-    par = setup_parallel(model, cfg, GPTTask(100))
+    par = parallelize(model, cfg, pipeline_loss=GPTTask(100).pipeline_loss)
     del model
     gc.collect()
-    local = sum(isinstance(m, TransformerLayerPipe) for m in par.engine.module.modules())
+    local = sum(isinstance(m, TransformerLayerPipe) for m in par.module.modules())
     return {"alive": sum(ref() is not None for ref in layers), "local": local,
             "total": len(layers)}
 
@@ -145,9 +145,9 @@ def pipe_names_map_to_model_names() -> dict:
         model = build_model(cfg.model)
         full = {name: tuple(p.shape) for name, p in model.named_parameters()}
         prefixes = pipe_prefixes(model)
-        par = setup_parallel(model, cfg, GPTTask(100))
+        par = parallelize(model, cfg, pipeline_loss=GPTTask(100).pipeline_loss)
         mapped = {}
-        for name, param in par.engine.module.named_parameters():
+        for name, param in par.module.named_parameters():
             match = [p for p in prefixes if name.startswith(p)]
             mapped[prefixes[match[0]] + name[len(match[0]):] if len(match) == 1 else name] = \
                 tuple(param.shape)

@@ -1,5 +1,5 @@
 """Run on N ranks (tests/dist/ranks.py starts it): train each case of a JSON case list for a few
-steps through the production path (setup_parallel + Trainer.train_step) on a fixed synthetic
+steps through the production path (build_training + Trainer.train_step) on a fixed synthetic
 global batch sequence, and have rank 0 write {case name: result} to the output file.
 
     python tests/dist/layout_worker.py CASES.json OUT.json
@@ -19,7 +19,7 @@ import torch.distributed as dist  # noqa: E402
 
 from magneto_dist.config import load_config  # noqa: E402
 from magneto_dist.model import build_model  # noqa: E402
-from magneto_dist.parallel.setup import setup_parallel  # noqa: E402
+from magneto_dist.training.engine import build_training  # noqa: E402
 from magneto_dist.training.loop import Trainer, TrainState  # noqa: E402
 from magneto_dist.training.metrics import MetricsLogger  # noqa: E402
 from magneto_dist.training.tasks import GPTTask, MaskedLMTask  # noqa: E402
@@ -63,11 +63,12 @@ def case_config(case):
 
 def train_case(case):
     cfg = case_config(case)
-    task = (GPTTask if cfg.model.arch == "decoder" else MaskedLMTask)(VOCAB)
+    task = (GPTTask if cfg.model.arch == "decoder" else MaskedLMTask)(
+        VOCAB, tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
     torch.manual_seed(cfg.train.seed)
-    par = setup_parallel(build_model(cfg.model), cfg, task)
+    setup = build_training(build_model(cfg.model), cfg, task)
     data = synthetic_dataset(cfg.model.arch, case["steps"] * GLOBAL_BATCH)
-    trainer = Trainer(cfg, task, par, data, None, MetricsLogger("", False, False, 0, 1, None),
+    trainer = Trainer(cfg, task, setup, data, None, MetricsLogger("", False, False, 0, 1, None),
                       "", TrainState(), lambda s: {})
     batches = trainer.loader(data, len(data), 0)
     return [trainer.train_step(batches) for _ in range(case["steps"])]
