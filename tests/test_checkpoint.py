@@ -1,6 +1,5 @@
 """Checkpoint bookkeeping that needs no engine: resume choice, pruning, compatibility."""
 import json
-import re
 
 import pytest
 
