@@ -134,7 +134,8 @@ def _parameter_dirs(universal_dir: str) -> dict:
 
 def _shape_tensors(universal_dir: str, model) -> None:
     """From a ZeRO-3 checkpoint without TP, ds_to_universal saves each state as a bare flat
-    tensor (ZeRO-1/2 sources are already in the right form); the ZeRO-1/2 loader (and the exporter) read {"param": tensor of the full shape}."""
+    tensor; the ZeRO-1/2 loader (and the exporter) read {"param": tensor of the full shape},
+    which is what ZeRO-1/2 sources already have."""
     import torch
     from deepspeed.checkpoint.constants import PARAM
 
@@ -180,8 +181,9 @@ def _bridge_optimizer_state(universal_dir: str) -> None:
         step = state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
         for param_dir in params:
             torch.save(step, os.path.join(param_dir, "step.pt"))
-    else:
-        step = torch.load(os.path.join(params[0], "step.pt"), weights_only=False)
+    else:  # any parameter with optimizer state (a tied alias's directory holds only fp32)
+        with_step = next(p for p in params if os.path.isfile(os.path.join(p, "step.pt")))
+        step = torch.load(os.path.join(with_step, "step.pt"), weights_only=False)
     state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": state[PARAM_GROUPS]}
     state.pop("fp32_flat_groups", None)
     state.setdefault(DS_VERSION, deepspeed.__version__)
