@@ -65,7 +65,8 @@ def test_init_from_refuses_what_does_not_fit_the_model(tmp_path):
         export.check_consolidated(str(tmp_path / "absent"), cfg)
     out, _ = export_of(tmp_path, cfg, shapes_changed={
         "decoder.layers.1.ffn.fc1.weight": torch.zeros(64, 31)})
-    with pytest.raises(ckpt.CheckpointError, match=r"parameter 'decoder.layers.1.ffn.fc1.weight' is "
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"parameter 'decoder.layers.1.ffn.fc1.weight' is "
                        r"\[64, 31\], the model config needs \[64, 32\]"):
         export.check_consolidated(str(out), cfg)
     wider = load_config(None, SMALL + ["model.ffn_hidden_size=128"])

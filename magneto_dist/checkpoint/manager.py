@@ -134,7 +134,8 @@ def model_differences(saved_model: dict, cfg: Config) -> List[str]:
     """"model.KEY: checkpoint X, config Y" for every model field that may not change."""
     current = config_to_dict(cfg)["model"]
     return [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current[k]!r}"
-            for k in current if k not in RESUMABLE_MODEL_CHANGES and saved_model.get(k) != current[k]]
+            for k in current
+            if k not in RESUMABLE_MODEL_CHANGES and saved_model.get(k) != current[k]]
 
 
 def check_compatible(ckpt_dir: str, tag: str, cfg: Config) -> None:

@@ -184,7 +184,8 @@ def _bridge_optimizer_state(universal_dir: str) -> None:
     else:  # any parameter with optimizer state (a tied alias's directory holds only fp32)
         with_step = next(p for p in params if os.path.isfile(os.path.join(p, "step.pt")))
         step = torch.load(os.path.join(with_step, "step.pt"), weights_only=False)
-    state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": state[PARAM_GROUPS]}
+    state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}},
+                                   "param_groups": state[PARAM_GROUPS]}
     state.pop("fp32_flat_groups", None)
     state.setdefault(DS_VERSION, deepspeed.__version__)
     torch.save(state, path)

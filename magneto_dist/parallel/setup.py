@@ -75,7 +75,8 @@ def parallelize(model: nn.Module, cfg: Config,
         if cfg.model.dropout > 0:
             use_tensor_parallel_rng(model, rng)
     if p.activation_checkpointing:
-        stacks = [s for s in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if s]
+        stacks = [s for s in (getattr(model, "encoder", None), getattr(model, "decoder", None))
+                  if s]
         apply_activation_checkpointing([l for s in stacks for l in s.layers],
                                        rng if tp > 1 else None)
     info = universal_checkpoint_info(model, cfg.model.vocab_size, pipelined=pp > 1)

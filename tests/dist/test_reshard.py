@@ -14,7 +14,8 @@ from .gpt_runs import check_ok, gpt, read_metrics
 from .ranks import run_ranks
 
 TOLERANCE = 1e-5
-COMMON = ["train.train_iters=10", "train.micro_batch_size=2", "checkpoint.save_interval=5", "checkpoint.keep_last=2"]
+COMMON = ["train.train_iters=10", "train.micro_batch_size=2", "checkpoint.save_interval=5",
+          "checkpoint.keep_last=2"]
 
 
 def layout(name, ranks, tp=1, pp=1, zero=1):
