@@ -19,9 +19,8 @@ import torch
 
 from ..config import Config, config_to_dict
 from ..files import atomic_write
-from ..model import build_model
 from .manager import UNIVERSAL, CheckpointError, model_differences, saved_config
-from .reshard import BUILT, build_universal
+from .reshard import BUILT, build_universal, meta_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -32,8 +31,7 @@ _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
 def model_shapes(model_cfg) -> Dict[str, torch.Size]:
     """Every parameter's name and shape, from a model built on the meta device (no memory);
     a tied alias (lm_head.weight is embed.word.weight) appears once, under its owner's name."""
-    with torch.device("meta"):
-        return {name: p.shape for name, p in build_model(model_cfg).named_parameters()}
+    return {name: p.shape for name, p in meta_model(model_cfg).named_parameters()}
 
 
 def full_parameters(tag_dir: str, work_dir: str, log=print) -> Iterator[Tuple[str, torch.Tensor]]:

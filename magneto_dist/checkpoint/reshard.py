@@ -95,7 +95,7 @@ def _convert(tag_dir: str, out_dir: str, quiet: bool) -> None:
                            f"{chatter.getvalue()[-2000:]}") from err
 
 
-def _meta_model(model_cfg):
+def meta_model(model_cfg):
     """The model's structure, names and shapes, without memory for its weights."""
     import torch
 
@@ -226,7 +226,7 @@ def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
     try:
         maybe_inject("kill_in_convert", int(os.environ.get("RANK", 0)), _step_of(tag_dir))
         saved = saved_config(tag_dir)
-        model = _meta_model(saved.model)
+        model = meta_model(saved.model)
         if saved.train.zero_stage == 3:
             _shape_tensors(temp, model)
         _alias_parameters(temp, model)

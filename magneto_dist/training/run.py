@@ -113,26 +113,32 @@ def prepare_data(cfg: Config, task: str, tokenizer: SentencePieceTokenizer,
     return build_datasets(request, tokenizer, local_rank=ranks.local_rank)
 
 
-def choose_resume_tag(cfg: Config, ckpt_dir: str, ranks: RankInfo) -> Optional[str]:
-    """The checkpoint to resume from, checked against this run's model and layout."""
+def choose_resume_tag(cfg: Config, ckpt_dir: str,
+                      ranks: RankInfo) -> Tuple[Optional[str], Optional[Tuple[dict, dict]]]:
+    """The checkpoint to resume from, checked against this run's model and layout, and the
+    (saved, current) layouts when they differ."""
     tag = ckpt.find_resume_tag(ckpt_dir, cfg.checkpoint.resume, log=ranks.log)
-    if tag:
-        ckpt.check_compatible(ckpt_dir, tag, cfg)
-        before, now = ckpt.saved_layout(ckpt_dir, tag), ckpt.layout_of(cfg, ranks.world_size)
-        why_not = reshard.refusal(before, now) if before != now else None
-        if why_not:
-            raise ckpt.CheckpointError(
-                f"checkpoint {ckpt_dir}/{tag} was written by layout {reshard.describe(before)} "
-                f"and this run is {reshard.describe(now)}: {why_not}")
-    return tag
-
-
-def resume_source(cfg: Config, ckpt_dir: str, tag: str, ranks: RankInfo) -> reshard.ResumeSource:
-    """Where the engine loads `tag` from: the tag itself, or (another layout) its universal
-    form, built here before torch.distributed starts."""
+    if not tag:
+        return None, None
+    ckpt.check_compatible(ckpt_dir, tag, cfg)
     before, now = ckpt.saved_layout(ckpt_dir, tag), ckpt.layout_of(cfg, ranks.world_size)
     if before == now:
+        return tag, None
+    why_not = reshard.refusal(before, now)
+    if why_not:
+        raise ckpt.CheckpointError(
+            f"checkpoint {ckpt_dir}/{tag} was written by layout {reshard.describe(before)} "
+            f"and this run is {reshard.describe(now)}: {why_not}")
+    return tag, (before, now)
+
+
+def resume_source(ckpt_dir: str, tag: str, change: Optional[Tuple[dict, dict]],
+                  ranks: RankInfo) -> reshard.ResumeSource:
+    """Where the engine loads `tag` from: the tag itself, or (another layout) its universal
+    form, built here before torch.distributed starts."""
+    if change is None:
         return reshard.ResumeSource(tag=tag, load_dir=ckpt_dir, load_tag=tag)
+    before, now = change
     ranks.log(f"changing layouts: {tag} was written by {reshard.describe(before)}, this run is "
               f"{reshard.describe(now)}; resuming through the universal checkpoint")
     return reshard.universal_source(ckpt_dir, tag, ranks.local_rank, log=ranks.log)
@@ -181,7 +187,7 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
     try:
-        resume_tag = choose_resume_tag(cfg, ckpt_dir, ranks)
+        resume_tag, layout_change = choose_resume_tag(cfg, ckpt_dir, ranks)
     except ckpt.CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
@@ -204,7 +210,8 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
         print(f"data error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
-        resume = resume_source(cfg, ckpt_dir, resume_tag, ranks) if resume_tag else None
+        resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks) if resume_tag
+                  else None)
     except (reshard.ReshardError, TimeoutError) as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
