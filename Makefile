@@ -1,11 +1,12 @@
 # Set-up is part of every target: a virtual environment in .venv with the pinned requirements,
-# rebuilt only when requirements.txt changes.
+# rebuilt only when requirements.txt or pyproject.toml changes; the package is installed editable.
 PYTHON ?= python3
 BIN := .venv/bin
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv .venv
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .  # magneto_dist importable anywhere
 	touch $@
 
 .PHONY: train test

@@ -8,12 +8,10 @@ Restarts the group from the newest complete checkpoint when a rank dies or hangs
 with fewer nodes when one is lost, stops cleanly on SIGTERM (exit 75: requeue), and records
 every incident in RUN_DIR/restarts.jsonl.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from magneto_dist.launcher.cli import main  # noqa: E402
+from magneto_dist.launcher.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

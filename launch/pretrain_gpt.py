@@ -4,12 +4,10 @@
     deepspeed --num_gpus 2 launch/pretrain_gpt.py          # two data-parallel ranks
     deepspeed launch/pretrain_gpt.py --config configs/gpt_125m.yaml train.train_iters=1000
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from magneto_dist.training.run import main  # noqa: E402
+from magneto_dist.training.run import main
 
 if __name__ == "__main__":
     sys.exit(main("gpt"))

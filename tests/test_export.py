@@ -3,7 +3,6 @@ guard checkpoint.init_from, loading, and tools/convert_checkpoint.py's refusals 
 input untouched)."""
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ from magneto_dist.checkpoint import manager as ckpt
 from magneto_dist.config import config_to_dict, dump_config, load_config
 from magneto_dist.model import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-import convert_checkpoint  # noqa: E402
+from tools import convert_checkpoint
 
 SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4",
          "model.ffn_hidden_size=64", "model.max_seq_len=16", "model.vocab_size=50"]

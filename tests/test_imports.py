@@ -43,3 +43,13 @@ def test_the_reader_sees_imports_inside_functions_too(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from ..training.engine import build_engine\n")
     assert imported_packages(module) == {"training"}
+
+
+def test_no_script_edits_sys_path():
+    """The package is installed (pyproject.toml, `make`), so scripts and tests import it as is."""
+    root = PACKAGE.parent
+    scripts = [p for folder in ("launch", "tools", "tests") for p in (root / folder).rglob("*.py")]
+    assert len(scripts) > 20
+    offenders = [str(p.relative_to(root)) for p in scripts
+                 if "sys.path." + "insert" in p.read_text() or "sys.path." + "append" in p.read_text()]
+    assert not offenders

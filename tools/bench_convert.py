@@ -17,9 +17,8 @@ import sys
 import tempfile
 import time
 
-import _path  # noqa: F401
 
-ROOT = _path.ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 # ds_to_universal has no peak-memory report of its own: run it under a wrapper that prints one.
 REFERENCE = ("import resource, runpy, sys; sys.argv = ['ds_to_universal'] + sys.argv[1:]; "
              "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__'); "

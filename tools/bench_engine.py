@@ -11,7 +11,6 @@ import os
 import statistics
 import time
 
-import _path  # noqa: F401
 import torch
 
 from magneto_dist.config import load_config

@@ -9,18 +9,15 @@ a burst of noise on this shared machine hits every scheme alike; the ratio again
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from magneto_dist.model import ModelConfig, build_model, flops_per_token  # noqa: E402
-from magneto_dist.model.spec import SCHEMES  # noqa: E402
+from magneto_dist.model import ModelConfig, build_model, flops_per_token
+from magneto_dist.model.spec import SCHEMES
 
 
 def parse_args(argv=None):

@@ -14,7 +14,6 @@ import statistics
 import tempfile
 import time
 
-import _path  # noqa: F401
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-import _path  # noqa: F401
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 PHASES = ["detection", "re-rendezvous and spawn", "process start-up", "checkpoint load",
           "first step", "kill to first step"]
@@ -37,7 +37,7 @@ def one_round(args, work: str) -> dict:
            "logging.sample_prompt=", "logging.tensorboard=false", *args.overrides]
     env = dict(os.environ, MAGNETO_DIST_FAULT=f"kill_at_step:0:{args.kill_step}",
                MAGNETO_DIST_FAULT_ONCE_DIR=once)
-    subprocess.run(cmd, cwd=_path.ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     killed = os.path.getmtime(os.path.join(once, f"kill_at_step-0-{args.kill_step}"))
     (incident,) = rows(os.path.join(run_dir, "restarts.jsonl"))

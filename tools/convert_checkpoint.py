@@ -19,7 +19,6 @@ import resource
 import sys
 import time
 
-import _path  # noqa: F401
 from tqdm import tqdm
 
 from magneto_dist.checkpoint import manager as ckpt

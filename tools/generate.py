@@ -10,7 +10,6 @@ import os
 import sys
 import tempfile
 
-import _path  # noqa: F401
 import torch
 
 from magneto_dist.checkpoint import manager as ckpt

@@ -11,7 +11,6 @@ number, unless --skip-bad-lines.
 import argparse
 import sys
 
-import _path  # noqa: F401
 
 from magneto_dist.data.jsonl import BadInputError
 from magneto_dist.data.preprocess import WorkerDied, output_prefix_for, preprocess

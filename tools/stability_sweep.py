@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 
-import _path  # noqa: F401
 
 from magneto_dist.config import ConfigError
 from magneto_dist.stability.grid import load_sweep

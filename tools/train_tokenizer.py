@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 
-import _path  # noqa: F401
 
 from magneto_dist.data.jsonl import BadInputError, write_training_text
 from magneto_dist.data.tokenizer import train_sentencepiece

@@ -12,17 +12,15 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from magneto_dist.config import load_config  # noqa: E402
-from magneto_dist.model import build_model  # noqa: E402
-from magneto_dist.training.engine import build_training  # noqa: E402
-from magneto_dist.training.loop import Trainer, TrainState  # noqa: E402
-from magneto_dist.training.metrics import MetricsLogger  # noqa: E402
-from magneto_dist.training.tasks import GPTTask, MaskedLMTask  # noqa: E402
+from magneto_dist.config import load_config
+from magneto_dist.model import build_model
+from magneto_dist.training.engine import build_training
+from magneto_dist.training.loop import Trainer, TrainState
+from magneto_dist.training.metrics import MetricsLogger
+from magneto_dist.training.tasks import GPTTask, MaskedLMTask
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO_BATCH = 250, 16, 8, 2
 BASE_MODEL = dict(num_layers=4, hidden_size=32, num_heads=4, ffn_hidden_size=64,

@@ -1,7 +1,0 @@
-"""Lets `python tools/X.py` import magneto_dist from a checkout without installing it."""
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
