@@ -16,6 +16,7 @@ import yaml
 
 from .files import atomic_write
 from .model.config import ModelConfig
+from .parallel.dims import LayoutError, ParallelDims
 
 
 class ConfigError(ValueError):
@@ -235,21 +236,26 @@ def dump_config(cfg: Config, path: str) -> None:
     atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+def with_vocab_size(cfg: Config, vocab_size: int) -> Config:
+    """The run's config with the model's vocabulary set from its tokenizer: a new Config (the
+    model config revalidates itself), so no holder of the loaded one sees it change."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
-    """Cross-field checks that need the world size; returns the data-parallel size."""
+def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDims:
+    """Cross-field checks that need the world size; returns the run's validated layout, which
+    everything after reads its DP size and accumulation from."""
     t, p, m = cfg.train, cfg.parallel, cfg.model
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _require(tp >= 1 and pp >= 1, f"parallel.tensor_model_parallel_size={tp} and "
-             f"parallel.pipeline_model_parallel_size={pp} must be at least 1")
-    _require(world_size % (tp * pp) == 0,
-             f"world size {world_size} is not divisible by tensor x pipeline parallel size "
-             f"{tp} x {pp}; launch a multiple of {tp * pp} ranks")
-    dp = world_size // (tp * pp)
+    try:
+        dims = ParallelDims.of(cfg, world_size)
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
+    tp, pp = dims.tp, dims.pp
     _require(m.num_heads % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not divide "
              f"model.num_heads={m.num_heads}; use a TP size that divides it")
     _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
@@ -270,11 +276,6 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
              f"train.exit_at_step={t.exit_at_step} must be between 1 and "
              f"train.train_iters={t.train_iters}")
-    _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
-    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
-             f"train.global_batch_size={t.global_batch_size} is not divisible by "
-             f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
-             f"use a multiple of {t.micro_batch_size * dp}")
     _require(t.lr_decay_style in ("cosine", "linear", "constant"),
              f"train.lr_decay_style={t.lr_decay_style!r} must be cosine, linear or constant")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr")
@@ -291,7 +292,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> int:
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _require(t.log_interval >= 1, "train.log_interval must be at least 1")
     _validate_data_logging_checkpoint(cfg)
-    return dp
+    return dims
 
 
 def _validate_data_logging_checkpoint(cfg: Config) -> None:

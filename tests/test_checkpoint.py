@@ -6,6 +6,7 @@ import pytest
 from magneto_dist.checkpoint import manager as ckpt
 from magneto_dist.checkpoint import reshard
 from magneto_dist.config import dump_config, load_config
+from magneto_dist.parallel.dims import ParallelDims
 
 
 def make_tags(root, complete, incomplete=()):
@@ -57,7 +58,7 @@ def save_tag(root, step, files, cfg=None, world_size=1):
         (tag_dir / name).write_bytes(data)
     dump_config(cfg or load_config(None, []), str(tag_dir / "config.yaml"))
     marker = {"step": step, "world_size": world_size,
-              "layout": ckpt.layout_of(cfg or load_config(None, []), world_size),
+              "layout": ParallelDims.of(cfg or load_config(None, []), world_size).layout,
               "files": ckpt._file_sizes(str(tag_dir))}
     (tag_dir / ckpt.COMPLETE).write_text(json.dumps(marker))
     return tag_dir
@@ -109,7 +110,8 @@ def test_layout_changes_deepspeed_cannot_load_are_refused_with_the_route_that_wo
 
 def test_layout_of_a_checkpoint_older_than_the_layout_record(tmp_path):
     """Markers written before the layout was recorded: the saved config and world size say it."""
-    tag_dir = save_tag(tmp_path, 5, {}, cfg=load_config(None, ["train.zero_stage=3"]),
+    tag_dir = save_tag(tmp_path, 5, {}, cfg=load_config(None, ["train.zero_stage=3",
+                                                         "train.global_batch_size=32"]),
                        world_size=4)
     marker = json.loads((tag_dir / ckpt.COMPLETE).read_text())
     del marker["layout"], marker["files"]

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from magneto_dist.config import ConfigError, dump_config, load_config, validate
+from magneto_dist.parallel.dims import ParallelDims
 from magneto_dist.training.run import main
 from magneto_dist.training.schedule import lr_at, make_scheduler
 
@@ -154,24 +155,35 @@ def test_deepspeed_section_merges_nests_overrides_and_refuses_project_keys():
     cfg = load_config(None, ["deepspeed.zero_optimization.overlap_comm=true",
                              "deepspeed.zero_optimization.reduce_bucket_size=1000000",
                              "deepspeed.wall_clock_breakdown=true", "train.zero_stage=2"])
-    merged = deepspeed_config(cfg, dp_size=2)
+    merged = deepspeed_config(cfg, ParallelDims.of(cfg, 2))
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True,
                                            "reduce_bucket_size": 1000000}
     assert merged["wall_clock_breakdown"] is True and merged["gradient_accumulation_steps"] == 1
-    check_deepspeed_section(cfg, dp_size=2)  # DeepSpeed's own config class accepts it
+    check_deepspeed_section(cfg, ParallelDims.of(cfg, 2))  # DeepSpeed's own config class accepts it
     for override, owner in (("deepspeed.zero_optimization.stage=3", "train.zero_stage"),
                             ("deepspeed.train_batch_size=64", "train.global_batch_size"),
                             ("deepspeed.bf16.enabled=true", "train.precision")):
         key = override.split("=")[0]
         with pytest.raises(ConfigError, match=rf"^{re.escape(key)} is set by the project from "
                                               rf"{re.escape(owner)}; set that instead"):
-            deepspeed_config(load_config(None, [override]), dp_size=1)
+            deepspeed_config(load_config(None, [override]), ParallelDims.of(cfg, 1))
     bad = load_config(None, ["deepspeed.zero_optimization.overlap_comm=maybe"])
     with pytest.raises(ConfigError, match="deepspeed: DeepSpeed rejects the merged config: .*"
                                           "overlap_comm"):
-        check_deepspeed_section(bad, dp_size=1)
+        check_deepspeed_section(bad, ParallelDims.of(bad, 1))
     typo = load_config(None, ["deepspeed.zero_optimization.overlap_com=true"])
     with pytest.raises(ConfigError, match="overlap_com.*Extra inputs are not permitted"):
-        check_deepspeed_section(typo, dp_size=1)
+        check_deepspeed_section(typo, ParallelDims.of(typo, 1))
     with pytest.raises(ConfigError, match="deepspeed.bf16 is not a mapping"):
         load_config(None, ["deepspeed.bf16=1", "deepspeed.bf16.enabled=true"])
+
+
+def test_parallel_dims_is_the_one_source_of_dp_size_and_accumulation():
+    cfg = load_config(None, ["parallel.tensor_model_parallel_size=2", "train.micro_batch_size=2",
+                             "train.global_batch_size=16", "train.zero_stage=3"])
+    dims = validate(cfg, world_size=8)
+    assert (dims.tp, dims.pp, dims.dp, dims.world, dims.grad_accum) == (2, 1, 4, 8, 2)
+    assert dims.layout == {"tp": 2, "pp": 1, "dp": 4, "zero_stage": 3}
+    assert dims.describe() == "TP2 x PP1 x DP4 (ZeRO-3)"
+    from magneto_dist.training.engine import deepspeed_config
+    assert deepspeed_config(cfg, dims)["gradient_accumulation_steps"] == dims.grad_accum

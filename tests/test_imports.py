@@ -50,6 +50,7 @@ def test_no_script_edits_sys_path():
     root = PACKAGE.parent
     scripts = [p for folder in ("launch", "tools", "tests") for p in (root / folder).rglob("*.py")]
     assert len(scripts) > 20
+    edits = ("sys.path." + "insert", "sys.path." + "append")  # split: this file is scanned too
     offenders = [str(p.relative_to(root)) for p in scripts
-                 if "sys.path." + "insert" in p.read_text() or "sys.path." + "append" in p.read_text()]
+                 if any(edit in p.read_text() for edit in edits)]
     assert not offenders

@@ -20,7 +20,8 @@ import torch
 from ..config import Config, config_to_dict
 from ..files import atomic_write
 from .manager import UNIVERSAL, CheckpointError, model_differences, saved_config
-from .reshard import BUILT, build_universal, meta_model
+from ..model import model_skeleton
+from .reshard import BUILT, build_universal
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -31,7 +32,7 @@ _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
 def model_shapes(model_cfg) -> Dict[str, torch.Size]:
     """Every parameter's name and shape, from a model built on the meta device (no memory);
     a tied alias (lm_head.weight is embed.word.weight) appears once, under its owner's name."""
-    return {name: p.shape for name, p in meta_model(model_cfg).named_parameters()}
+    return {name: p.shape for name, p in model_skeleton(model_cfg).named_parameters()}
 
 
 def full_parameters(tag_dir: str, work_dir: str, log=print) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -154,10 +155,14 @@ def check_consolidated(init_dir: str, cfg: Config) -> None:
         raise CheckpointError(f"{weights}: parameters the model does not have: {extra[:5]}")
 
 
-def load_consolidated(init_dir: str, model: torch.nn.Module) -> None:
-    """Copy an export's weights into a full model (checked with check_consolidated first)."""
+def consolidated_weights(init_dir: str) -> Callable[[str], torch.Tensor]:
+    """name -> an export's full tensor, read one at a time (safetensors reads only that
+    tensor's bytes), for parallelize() to slice: a rank never holds the whole export."""
     from safetensors import safe_open
 
-    with safe_open(os.path.join(init_dir, WEIGHTS), framework="pt") as f, torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(f.get_tensor(name))
+    path = os.path.join(init_dir, WEIGHTS)
+
+    def full(name: str) -> torch.Tensor:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+    return full

@@ -26,6 +26,7 @@ import yaml
 
 from ..config import Config, config_from_dict, config_to_dict, dump_config
 from ..files import atomic_write
+from ..parallel.dims import ParallelDims
 from ..resilience.faults import maybe_inject
 
 COMPLETE = "complete.json"
@@ -109,12 +110,6 @@ def find_resume_tag(ckpt_dir: str, resume: str, log=print) -> Optional[str]:
     return None
 
 
-def layout_of(cfg: Config, world_size: int) -> dict:
-    """The parallel layout a checkpoint's files depend on."""
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    return {"tp": tp, "pp": pp, "dp": world_size // (tp * pp), "zero_stage": cfg.train.zero_stage}
-
-
 def saved_config(tag_dir: str) -> Config:
     """The resolved config saved beside a checkpoint."""
     with open(os.path.join(tag_dir, "config.yaml"), encoding="utf-8") as f:
@@ -127,7 +122,7 @@ def saved_layout(ckpt_dir: str, tag: str) -> dict:
     marker = read_marker(ckpt_dir, tag)
     if "layout" in marker:
         return marker["layout"]
-    return layout_of(saved_config(os.path.join(ckpt_dir, tag)), marker["world_size"])
+    return ParallelDims.of(saved_config(os.path.join(ckpt_dir, tag)), marker["world_size"]).layout
 
 
 def model_differences(saved_model: dict, cfg: Config) -> List[str]:
@@ -182,9 +177,9 @@ def _unmark(ckpt_dir: str, tag: str) -> None:
             os.close(fd)
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config,
+def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config, dims: ParallelDims,
          keep_last: int, extra_rng: Optional[dict] = None) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+    """Collective: every rank calls it. Returns the tag. The marker records dims' layout."""
     tag = tag_for(step)
     rank = dist.get_rank()
     if rank == 0:
@@ -202,7 +197,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config,
         dump_config(cfg, os.path.join(ckpt_dir, tag, "config.yaml"))
         marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time(),
                   "consumed_samples": client_state.get("consumed_samples"),
-                  "layout": layout_of(cfg, dist.get_world_size()),
+                  "layout": dims.layout,
                   "files": _file_sizes(os.path.join(ckpt_dir, tag))}
         atomic_write(os.path.join(ckpt_dir, tag, COMPLETE), json.dumps(marker) + "\n")
         atomic_write(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's tools read this

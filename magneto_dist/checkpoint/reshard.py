@@ -37,11 +37,6 @@ class ReshardError(RuntimeError):
     pass
 
 
-def describe(layout: dict) -> str:
-    return (f"TP{layout['tp']} x PP{layout['pp']} x DP{layout['dp']} "
-            f"(ZeRO-{layout['zero_stage']})")
-
-
 @dataclass
 class ResumeSource:
     tag: str                 # the checkpoint resumed (global_stepN)
@@ -93,16 +88,6 @@ def _convert(tag_dir: str, out_dir: str, quiet: bool) -> None:
         raise ReshardError(f"converting {tag_dir} to the universal form failed "
                            f"({type(err).__name__}: {err}); DeepSpeed said:\n"
                            f"{chatter.getvalue()[-2000:]}") from err
-
-
-def meta_model(model_cfg):
-    """The model's structure, names and shapes, without memory for its weights."""
-    import torch
-
-    from ..model import build_model
-
-    with torch.device("meta"):
-        return build_model(model_cfg)
 
 
 def _link(directory: str, name: str, alias: str) -> None:
@@ -226,7 +211,8 @@ def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
     try:
         maybe_inject("kill_in_convert", int(os.environ.get("RANK", 0)), _step_of(tag_dir))
         saved = saved_config(tag_dir)
-        model = meta_model(saved.model)
+        from ..model import model_skeleton  # deferred: torch is not needed to find a tag
+        model = model_skeleton(saved.model)
         if saved.train.zero_stage == 3:
             _shape_tensors(temp, model)
         _alias_parameters(temp, model)

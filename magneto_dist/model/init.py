@@ -15,9 +15,12 @@ times the gain (so absolute scales differ from the paper); it exists for compari
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .config import ModelConfig
@@ -75,14 +78,31 @@ def stack_gains(cfg: ModelConfig, side: str) -> dict:
     return gains
 
 
-def _init_linear(linear: nn.Module, gain: float, style: str) -> None:
-    if style == "paper":
-        nn.init.xavier_normal_(linear.weight, gain=gain)
-    else:  # torchscale: PyTorch's default Linear init, scaled
-        nn.Linear.reset_parameters(linear)
-        linear.weight.data.mul_(gain)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
+# How one full parameter starts. Each is made from its own generator, seeded by (seed, the
+# parameter's name): a rank that holds only a shard of the model makes exactly the full tensors
+# the single-process model has, one parameter at a time, and slices them (parallel/materialize.py).
+@dataclass(frozen=True)
+class ParamInit:
+    kind: str          # xavier | torchscale | normal | ones | zeros
+    scale: float = 1.0  # xavier / torchscale gain, normal std
+
+    def full(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """The full fp32 tensor on the CPU (CPU generators give the same numbers everywhere)."""
+        if self.kind == "ones":
+            return torch.ones(shape)
+        if self.kind == "zeros":
+            return torch.zeros(shape)
+        out = torch.empty(shape)
+        if self.kind == "normal":
+            return out.normal_(0.0, self.scale, generator=generator)
+        fan_out, fan_in = shape
+        if self.kind == "xavier":  # the paper recipe: xavier_normal_(W, gain)
+            return out.normal_(0.0, self.scale * math.sqrt(2.0 / (fan_in + fan_out)),
+                               generator=generator)
+        # torchscale: nn.Linear's default kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in),
+        # 1/sqrt(fan_in)), times the gain
+        bound = self.scale / math.sqrt(fan_in)
+        return out.uniform_(-bound, bound, generator=generator)
 
 
 def _linear_gains(model: nn.Module) -> dict:
@@ -101,16 +121,59 @@ def _linear_gains(model: nn.Module) -> dict:
     return gains
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Initialize every parameter of a freshly built model (single process, full weights):
-    each projection once with its gain, then the embedding tables (and an untied head)."""
-    gains = _linear_gains(model)
-    head = model.lm_head
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module is not head:
-            _init_linear(module, gains.get(id(module), 1.0), cfg.init_style)
-    if model.embed.position is not None:
-        nn.init.normal_(model.embed.position.weight, std=cfg.embedding_init_std)
-    nn.init.normal_(model.embed.word.weight, std=cfg.embedding_init_std)
-    if not cfg.tie_embeddings:  # GPT-2 / Megatron output init
-        nn.init.normal_(head.weight, std=cfg.embedding_init_std)
+def _module_inits(module: nn.Module, gains: dict, cfg: ModelConfig, head: nn.Module) -> dict:
+    """Local parameter name -> ParamInit for one module's own parameters."""
+    from .norms import is_norm
+
+    if isinstance(module, nn.Linear) and module is not head:
+        kind = "xavier" if cfg.init_style == "paper" else "torchscale"
+        return {"weight": ParamInit(kind, gains.get(id(module), 1.0)),
+                "bias": ParamInit("zeros")}
+    if isinstance(module, nn.Embedding) or module is head:  # GPT-2 / Megatron embedding init
+        return {"weight": ParamInit("normal", cfg.embedding_init_std)}
+    if is_norm(module):
+        return {"weight": ParamInit("ones"), "bias": ParamInit("zeros")}
+    return {"head_scale": ParamInit("ones")}  # NormFormer's per-head scales
+
+
+def init_plan(model: nn.Module, cfg: ModelConfig) -> Dict[str, Tuple[str, ParamInit]]:
+    """Every parameter name (tied aliases too) -> (the owner's name, which keys the generator;
+    its init), from the full model or its meta-device skeleton. A parameter no rule covers is
+    an error, so a new parameter cannot silently start from uninitialized memory."""
+    gains, head = _linear_gains(model), model.lm_head
+    owners, plan = {}, {}
+    for module_name, module in model.named_modules():
+        rules = _module_inits(module, gains, cfg, head)
+        for local, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{local}" if module_name else local
+            if local not in rules:
+                raise KeyError(f"parameter {name!r} has no init rule (magneto_dist/model/init.py)")
+            owner = owners.setdefault(id(param), name)
+            plan[name] = (owner, rules[local]) if owner == name else plan[owner]
+    return plan
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class InitWeights:
+    """name -> the full initial fp32 tensor of that parameter, made on demand from (seed, name):
+    the same numbers for every layout, whichever rank asks and in whatever order."""
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, seed: int):
+        self.plan, self.seed = init_plan(model, cfg), seed
+        self.shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        owner, init = self.plan[name]
+        return init.full(self.shapes[owner], _generator(self.seed, owner))
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Initialize every parameter of a full model in place, one parameter at a time."""
+    weights = InitWeights(model, cfg, seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights(name))

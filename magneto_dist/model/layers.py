@@ -40,9 +40,13 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
-        angles = torch.outer(torch.arange(cfg.max_seq_len).float(), inv_freq)  # [S, hd/2]
-        angles = torch.cat([angles, angles], dim=-1)                           # [S, hd]
+        # Made on the CPU even inside a meta-device build (model_skeleton): tables are derived,
+        # not initialized, so materializing a shard has no buffers to recompute.
+        cpu = torch.device("cpu")
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, device=cpu).float()
+                                           / cfg.head_dim)
+        angles = torch.outer(torch.arange(cfg.max_seq_len, device=cpu).float(), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)                            # [S, hd]
         # Not persistent: derived from the config, so checkpoints stay layout- and version-free.
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)

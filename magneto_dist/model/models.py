@@ -108,8 +108,19 @@ MODEL_CLASSES = {"decoder": MagnetoGPT, "encoder": MagnetoBert,
                  "encoder_decoder": MagnetoEncoderDecoder}
 
 
-def build_model(cfg: ModelConfig) -> LanguageModel:
-    """Build and initialize a full (unsharded) model on the current default device."""
+def model_skeleton(cfg: ModelConfig) -> LanguageModel:
+    """The model's structure, parameter names and shapes on the meta device: no memory and no
+    init. parallelize() gives one rank memory for its shard only (parallel/materialize.py)."""
+    with torch.device("meta"):
+        return MODEL_CLASSES[cfg.arch](cfg)
+
+
+def build_model(cfg: ModelConfig, seed: Optional[int] = None) -> LanguageModel:
+    """Build and initialize a full (unsharded) model on the current default device. Each
+    parameter comes from (seed, its name) (init.InitWeights); seed None draws one from torch's
+    global generator, so torch.manual_seed(s) then build_model(cfg) is reproducible."""
     model = MODEL_CLASSES[cfg.arch](cfg)
-    init_weights(model, cfg)
+    if seed is None:
+        seed = int(torch.randint(2 ** 62, ()).item())
+    init_weights(model, cfg, seed)
     return model

@@ -2,8 +2,10 @@
 
 The model becomes a flat list of pipe layers: word embedding, embedding tail (positions,
 dropout), one pipe layer per transformer layer, final norm, head. DeepSpeed builds only the
-layers of its own stage; each pipe layer wraps the module of the full model, so every stage
-holds exactly the single-process weights. DeepSpeed keeps every LayerSpec, arguments included,
+layers of its own stage; each pipe layer wraps the module of the model (a meta-device skeleton
+in production), which is materialized as the layer is built, so a stage gets memory for its
+own layers only, holding exactly the single-process weights (materialize.py). DeepSpeed keeps
+every LayerSpec, arguments included,
 for the whole run, so the specs name modules in a holder that is emptied after the build: the
 other stages' layers are then freed. With tied embeddings the word embedding is a
 TiedLayerSpec shared by the first and last stage (DeepSpeed all-reduces its gradient between
@@ -20,17 +22,25 @@ from torch import nn
 
 from ..model.layers import Rotary
 from ..model.models import MagnetoGPT
+from .materialize import FullWeights, materialize
 from .pipe_names import TIED_KEY, pipe_plan
 
 
 class ModuleSource:
-    """The full model's modules by dotted name, until release()."""
+    """The model's modules by dotted name, materialized on the way out (except while the
+    pipeline only counts parameters), until release()."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, weights: FullWeights, device: torch.device):
+        self.model, self.weights, self.device = model, weights, device
+        self.counting = False
 
     def get(self, name):
-        return self.model.get_submodule(name) if name is not None else None
+        if name is None:
+            return None
+        module = self.model.get_submodule(name)
+        if not self.counting:
+            materialize(module, name, self.weights, self.device)
+        return module
 
     def release(self) -> None:
         self.model = None
@@ -96,6 +106,21 @@ class SubmodulePipe(nn.Module):
         return getattr(self, self.attribute)(x)
 
 
+class ShardOnlyPipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule, except that balancing stages by parameter count, which
+    builds every layer spec on every rank (PipelineModule._count_layer_params), sees the
+    skeleton's meta modules: only the layers of this rank's stage, built after it, get memory."""
+
+    def _count_layer_params(self):
+        source = self._layer_specs[0].module_args[0]
+        assert isinstance(source, ModuleSource), type(source)
+        source.counting = True
+        try:
+            return super()._count_layer_params()
+        finally:
+            source.counting = False
+
+
 def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
     cfg = model.config
     word = (TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source, tied_weight_attr="word.weight")
@@ -111,14 +136,15 @@ def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
     return [specs[kind](name) for kind, name in pipe_plan(model)]
 
 
-def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn,
-                   partition: str) -> PipelineModule:
-    """partition: "parameters" balances parameter counts, "layers" transformer layers."""
+def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn, partition: str,
+                   weights: FullWeights, device: torch.device) -> PipelineModule:
+    """partition: "parameters" balances parameter counts (read from the shapes, so a meta
+    model partitions as a full one), "layers" transformer layers."""
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     method = "parameters" if partition == "parameters" else "type:TransformerLayerPipe"
-    source = ModuleSource(model)
-    pipe = PipelineModule(layers=pipeline_layers(model, source), topology=topology,
-                          loss_fn=loss_fn, partition_method=method,
-                          activation_checkpoint_interval=0)
+    source = ModuleSource(model, weights, device)
+    pipe = ShardOnlyPipelineModule(layers=pipeline_layers(model, source), topology=topology,
+                                   loss_fn=loss_fn, partition_method=method,
+                                   activation_checkpoint_interval=0)
     source.release()
     return pipe

@@ -1,7 +1,8 @@
-"""From a full model to this rank's shard, in small explicit steps (torchtitan's order):
-process groups -> tensor parallelism -> activation recompute -> pipeline stages. The model
-itself holds no parallelism, and nothing here knows about training: the DeepSpeed engine around
-the result is built in magneto_dist/training/engine.py."""
+"""From a model to this rank's shard, in small explicit steps (torchtitan's order): process
+groups -> tensor parallelism -> activation recompute -> pipeline stages -> memory for the shard.
+The model is normally a meta-device skeleton (model_skeleton) and only this rank's shard is ever
+materialized (materialize.py). The model itself holds no parallelism, and nothing here knows
+about training: the DeepSpeed engine around the result is built in training/engine.py."""
 from __future__ import annotations
 
 import re
@@ -10,10 +11,13 @@ from typing import Callable, Optional
 
 from deepspeed.checkpoint import constants as ds_ckpt
 from megatron.core import parallel_state as ps
+import torch
 from torch import nn
 
 from ..config import Config
 from . import state
+from .dims import ParallelDims
+from .materialize import FullWeights, is_meta, materialize, own_weights
 from .pipeline import build_pipeline
 from .random import TensorParallelRNG, apply_activation_checkpointing, use_tensor_parallel_rng
 from .tensor_parallel import apply_tensor_parallel
@@ -23,20 +27,14 @@ from .tp_plan import REPLICATED, ROW, VOCAB, patterns_of
 @dataclass
 class Parallelized:
     module: nn.Module                    # this rank's shard; with PP > 1 its PipelineModule
-    tp: int
-    pp: int
+    dims: ParallelDims                   # the layout it was made for
     dp_rank: int
-    dp_size: int
     dp_group: object
     mpu: Optional[object] = None         # the groups for DeepSpeed's engine without a pipeline
                                          # (a PipelineModule carries its own topology)
     checkpoint_info: dict = field(default_factory=dict)  # client state ds_to_universal needs
     tp_rng: Optional[TensorParallelRNG] = None  # the per-TP-rank dropout stream, when used:
                                          # saved and restored with each rank's RNG state
-
-    @property
-    def pipelined(self) -> bool:
-        return self.pp > 1
 
 
 # How DeepSpeed's ds_to_universal must treat each parameter (it re.match-es these against
@@ -61,14 +59,27 @@ def universal_checkpoint_info(model: nn.Module, vocab_size: int, pipelined: bool
     return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: info}
 
 
-def parallelize(model: nn.Module, cfg: Config,
+def local_device() -> torch.device:
+    return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+            else torch.device("cpu"))
+
+
+def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims,
+                weights: Optional[FullWeights] = None,
                 pipeline_loss: Optional[Callable] = None) -> Parallelized:
-    """Shard `model` for this rank. pipeline_loss(logits, (labels, loss_mask)) -> loss is the
-    last stage's loss when PP > 1 (DeepSpeed's PipelineModule computes it inside)."""
-    p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    """Shard `model` for this rank. A meta-device skeleton needs `weights` (name -> full
+    tensor, e.g. model.InitWeights) and gets memory for this rank's shard only, on this rank's
+    device; a full model is sliced from its own weights. pipeline_loss(logits, (labels,
+    loss_mask)) -> loss is the last stage's loss when PP > 1 (the PipelineModule computes it)."""
+    if weights is None:
+        if is_meta(model):
+            raise ValueError("parallelize: a meta-device model needs `weights` to fill its shard")
+        weights = own_weights(model)
+    p, (tp, pp, dp) = cfg.parallel, (dims.tp, dims.pp, dims.dp)
     state.initialize_groups(tp, pp)
-    dp = ps.get_data_parallel_world_size()
+    if ps.get_data_parallel_world_size() != dp:
+        raise ValueError(f"parallelize: the process groups have DP"
+                         f"{ps.get_data_parallel_world_size()}, the layout {dims.describe()}")
     rng = TensorParallelRNG(cfg.train.seed, state.tp_rank())
     if tp > 1:
         apply_tensor_parallel(model, p.vocab_padding_multiple)
@@ -80,12 +91,14 @@ def parallelize(model: nn.Module, cfg: Config,
         apply_activation_checkpointing([l for s in stacks for l in s.layers],
                                        rng if tp > 1 else None)
     info = universal_checkpoint_info(model, cfg.model.vocab_size, pipelined=pp > 1)
-    common = dict(tp=tp, pp=pp, dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
+    common = dict(dims=dims, dp_rank=ps.get_data_parallel_rank(),
                   dp_group=ps.get_data_parallel_group(), checkpoint_info=info,
                   tp_rng=rng if tp > 1 else None)
     if pp > 1:
         if pipeline_loss is None:
             raise ValueError("parallelize: PP > 1 needs pipeline_loss")
         return Parallelized(module=build_pipeline(model, tp, pp, dp, pipeline_loss,
-                                                  p.pipeline_partition), **common)
+                                                  p.pipeline_partition, weights, local_device()),
+                            **common)
+    materialize(model, "", weights, local_device())
     return Parallelized(module=model, mpu=state.DeepSpeedMPU(), **common)

@@ -5,8 +5,25 @@ DeepSpeed's PipeModelDataParallelTopology axes (pipe, data, model), so the group
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+
+
+def init_distributed() -> None:
+    """The world's process group through DeepSpeed: NCCL on GPUs, gloo on CPUs.
+
+    On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce when it starts
+    (about 30 s, once per machine: comm/torch.py build_shm_op) that only its inference path
+    uses (inference_all_reduce); training's collectives go through torch.distributed's gloo.
+    It is marked unavailable here, as on a machine that cannot build it (DeepSpeed keeps that
+    table for the process and reads it only there), so a fresh machine's first run skips it."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def initialize_groups(tp: int, pp: int) -> None:

@@ -2,8 +2,10 @@
 
 Q/K/V and W_1 (and the SwiGLU gate) become column-parallel, W_o and W_2 row-parallel, so each
 rank holds num_heads/TP heads and ffn/TP hidden units; the embedding, LM head and cross-entropy
-become vocab-parallel. Every TP module is filled with its slice of the full model's weights, so a
-TP run starts from exactly the single-process weights. Parameter names do not change.
+become vocab-parallel. The TP modules are made on the meta device, shard-shaped and marked, and
+materialize.py fills each with its slice of the full parameter, so a TP run starts from exactly
+the single-process weights without any rank holding the full model. Parameter names do not
+change.
 
 What megatron-core lacks, written here: the Sub-LN (and NormFormer FFN) norms, whose inputs TP
 has split along the normalized dimension. ShardedLayerNorm / ShardedRMSNorm all-reduce per-token
@@ -19,11 +21,12 @@ from torch import nn
 
 from ..model.norms import LayerNorm, RMSNorm
 from . import state
-from .tp_plan import COLUMN, ROW, SLICED, VOCAB, tp_kind
+from .materialize import materialize, own_weights
+from .tp_plan import COLUMN, ROW, SHARD_DIM, SLICED, VOCAB, tp_kind
 
 
 def _megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
-    # Weights are copied in from the full model, so megatron-core's own init is skipped.
+    # Weights are filled by materialize.py, so megatron-core's own init is skipped.
     return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                perform_initialization=False, params_dtype=dtype,
                                sequence_parallel=False, gradient_accumulation_fusion=False)
@@ -59,45 +62,31 @@ class VocabEmbedding(_NoExtraState, tensor_parallel.VocabParallelEmbedding):
     pass
 
 
-def _shard(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.chunk(state.tp_size(), dim=dim)[state.tp_rank()].detach().clone()
-
-
-def _load_shard(param: nn.Parameter, full: torch.Tensor, dim: int) -> None:
-    """Copy this rank's slice of `full` into `param` and mark it as TP-sharded. megatron-core
-    sets the marks only inside its own init (skipped here); DeepSpeed's grad norm counts an
-    unmarked parameter once per TP group, as if replicated, and so clips wrongly."""
-    with torch.no_grad():
-        param.copy_(_shard(full, dim))
+def _mark(param: nn.Parameter, kind: str) -> None:
+    """Mark a parameter as TP-sharded along its kind's dimension. megatron-core sets the marks
+    only inside its own init (skipped here); DeepSpeed's grad norm counts an unmarked parameter
+    once per TP group, as if replicated, and so clips wrongly."""
     # set directly: megatron's setter asserts the marks are unset, and it marks biases itself
-    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
-
-
-def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """The vocabulary table padded with zero rows (ids no token has)."""
-    full = torch.zeros(rows, weight.shape[1], dtype=weight.dtype)
-    full[: weight.shape[0]] = weight.detach()
-    return full
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = (
+        True, SHARD_DIM[kind], 1)
 
 
 def column_from(linear: nn.Linear, config) -> ColumnLinear:
     tp_linear = ColumnLinear(linear.in_features, linear.out_features, config=config,
                              init_method=_noop_init, bias=linear.bias is not None,
                              gather_output=False)
-    _load_shard(tp_linear.weight, linear.weight, 0)
-    if linear.bias is not None:
-        _load_shard(tp_linear.bias, linear.bias, 0)
+    for param in (tp_linear.weight, tp_linear.bias):
+        if param is not None:
+            _mark(param, COLUMN)
     return tp_linear
 
 
 def row_from(linear: nn.Linear, config) -> RowLinear:
+    # the bias is added after the all-reduce: replicated, unmarked
     tp_linear = RowLinear(linear.in_features, linear.out_features, config=config,
                           init_method=_noop_init, bias=linear.bias is not None,
                           input_is_parallel=True, skip_bias_add=False)
-    _load_shard(tp_linear.weight, linear.weight, 1)
-    if linear.bias is not None:  # added after the all-reduce: replicated
-        with torch.no_grad():
-            tp_linear.bias.copy_(linear.bias)
+    _mark(tp_linear.weight, ROW)
     return tp_linear
 
 
@@ -125,7 +114,7 @@ def _tp_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ShardedNorm:
-    """Mixin: built from the full norm, keeping this rank's slice of its gain (and bias)."""
+    """Mixin: shaped after the full norm, holding this rank's slice of its gain (and bias)."""
 
     def __init__(self, full: nn.Module):
         width = full.normalized_shape[0]
@@ -133,7 +122,7 @@ class _ShardedNorm:
         self.full_width = width
         for name in ("weight", "bias"):
             if getattr(self, name, None) is not None:
-                _load_shard(getattr(self, name), getattr(full, name), 0)
+                _mark(getattr(self, name), SLICED)
 
 
 class ShardedLayerNorm(_ShardedNorm, LayerNorm):
@@ -167,10 +156,10 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 
 def vocab_embedding_from(embedding: nn.Embedding, padded: int, config) -> VocabEmbedding:
-    """Padded rows are zero and never looked up (no token has their id)."""
+    """Padded rows are zero (materialize.py) and never looked up (no token has their id)."""
     tp_embedding = VocabEmbedding(padded, embedding.weight.shape[1], init_method=_noop_init,
                                   config=config)
-    _load_shard(tp_embedding.weight, _pad_rows(embedding.weight, padded), 0)
+    _mark(tp_embedding.weight, VOCAB)
     return tp_embedding
 
 
@@ -183,8 +172,8 @@ def vocab_head_from(head: nn.Linear, padded: int, config, tied_to=None) -> Vocab
                         bias=False, gather_output=False)
     if tied_to is not None:
         tp_head.weight = tied_to.weight  # same [V_padded/tp, d] slice as the embedding
-        return tp_head
-    _load_shard(tp_head.weight, _pad_rows(head.weight, padded), 0)
+    else:
+        _mark(tp_head.weight, VOCAB)
     return tp_head
 
 
@@ -230,21 +219,28 @@ def _shard_children(module: nn.Module, prefix: str, config) -> None:
     for name, param in list(module.named_parameters(recurse=False)):
         if tp_kind(f"{prefix}{name}") == SLICED:
             sliced = nn.Parameter(torch.empty(param.numel() // state.tp_size(), dtype=param.dtype))
-            _load_shard(sliced, param, 0)
+            _mark(sliced, SLICED)
             setattr(module, name, sliced)
 
 
 def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None:
-    """Shard a full model in place across the current TP group, every parameter as the TP plan
-    (tp_plan.py) says; a parameter it does not cover is an error before anything changes."""
+    """Swap a model's modules in place for TP modules of the current TP group, every parameter
+    as the TP plan (tp_plan.py) says; a parameter it does not cover is an error before anything
+    changes. The TP modules are shard-shaped meta-device modules: materialize.py fills them, here
+    at once from a full model's own weights, later (parallelize) for a meta-device skeleton."""
     for name, _ in model.named_parameters():
         tp_kind(name)
-    config = _megatron_config(state.tp_size(), next(model.parameters()).dtype)
-    for name, module in list(model.named_modules()):  # a list: children are replaced on the way
-        _shard_children(module, f"{name}." if name else "", config)
-    assert tp_kind("embed.word.weight") == tp_kind("lm_head.weight") == VOCAB
-    padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple)
-    model.embed.word = vocab_embedding_from(model.embed.word, padded, config)
-    model.lm_head = vocab_head_from(model.lm_head, padded, config,
-                                    tied_to=model.embed.word if model.config.tie_embeddings
-                                    else None)
+    param = next(model.parameters())
+    full = None if param.is_meta else own_weights(model)
+    config = _megatron_config(state.tp_size(), param.dtype)
+    with torch.device("meta"):
+        for name, module in list(model.named_modules()):  # a list: children change on the way
+            _shard_children(module, f"{name}." if name else "", config)
+        assert tp_kind("embed.word.weight") == tp_kind("lm_head.weight") == VOCAB
+        padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple)
+        model.embed.word = vocab_embedding_from(model.embed.word, padded, config)
+        model.lm_head = vocab_head_from(model.lm_head, padded, config,
+                                        tied_to=model.embed.word if model.config.tie_embeddings
+                                        else None)
+    if full is not None:
+        materialize(model, "", full, param.device)

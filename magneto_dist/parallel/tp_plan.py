@@ -35,6 +35,11 @@ TP_PLAN = (
 )
 
 
+# The dimension each kind splits (None: whole on every TP rank); the TP modules are marked with
+# it and the shards are cut along it (materialize.py).
+SHARD_DIM = {COLUMN: 0, ROW: 1, VOCAB: 0, SLICED: 0, REPLICATED: None}
+
+
 class NotInPlan(KeyError):
     pass
 

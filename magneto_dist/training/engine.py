@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError
+from ..parallel.dims import ParallelDims
+from ..parallel.materialize import FullWeights
 from ..parallel.setup import Parallelized, parallelize
 from ..parallel.tensor_parallel import FullLogits, vocab_parallel_cross_entropy
 from .schedule import make_scheduler
@@ -122,14 +124,14 @@ def _merge_user_keys(generated: dict, user: dict, prefix: str = "") -> dict:
     return merged
 
 
-def check_deepspeed_section(cfg: Config, dp_size: int) -> None:
+def check_deepspeed_section(cfg: Config, dims: ParallelDims) -> None:
     """The merged config through DeepSpeed's own config class, before any process group forms
     (its pydantic models name a bad key or value). Without a process group DeepSpeed takes the
     world size as 1, so the batch keys are checked for one data-parallel rank."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    merged = deepspeed_config(cfg, dp_size)
-    merged["train_batch_size"] = cfg.train.global_batch_size // dp_size
+    merged = deepspeed_config(cfg, dims)
+    merged["train_batch_size"] = cfg.train.global_batch_size // dims.dp
     try:
         DeepSpeedConfig(merged)
     except Exception as err:  # pydantic's ValidationError, DeepSpeed's asserts and errors
@@ -137,7 +139,7 @@ def check_deepspeed_section(cfg: Config, dp_size: int) -> None:
                           f"{' '.join(str(err).split())[:400]}") from err
 
 
-def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = False) -> dict:
     t = cfg.train
     zero = {"stage": t.zero_stage}
     if t.zero_stage == 3:
@@ -147,7 +149,7 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
     generated = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
+        "gradient_accumulation_steps": dims.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -161,13 +163,13 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
     return _merge_user_keys(generated, cfg.deepspeed)
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None,
+def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims, mpu=None,
                  load_universal: bool = False):
     """-> DeepSpeed engine (optimizer, fp16/bf16, ZeRO and the LR schedule inside)."""
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg.train),
-        config=deepspeed_config(cfg, dp_size, load_universal), mpu=mpu)
+        config=deepspeed_config(cfg, dims, load_universal), mpu=mpu)
     return engine
 
 
@@ -195,18 +197,20 @@ def _pipeline_steps(engine):
     return train_step, evaluate
 
 
-def build_training(model: nn.Module, cfg: Config, task,
+def build_training(model: nn.Module, cfg: Config, dims: ParallelDims, task,
+                   weights: Optional[FullWeights] = None,
                    load_universal: bool = False) -> TrainingSetup:
-    """parallelize() the model, then the DeepSpeed engine around this rank's shard."""
-    tp = cfg.parallel.tensor_model_parallel_size
+    """parallelize() the model (a meta-device skeleton filled from `weights`, or a full model),
+    then the DeepSpeed engine around this rank's shard."""
+    tp = dims.tp
     if (tp > 1) != (task.cross_entropy is vocab_parallel_cross_entropy):
         raise ValueError(f"TP{tp}: the task's cross-entropy must be "
                          f"{'vocab-parallel' if tp > 1 else 'the plain one'}; create it with "
                          f"tensor_parallel={tp > 1}")
-    par = parallelize(model, cfg, pipeline_loss=task.pipeline_loss)
-    engine = build_engine(par.module, cfg, par.dp_size, mpu=par.mpu,
+    par = parallelize(model, cfg, dims, weights, pipeline_loss=task.pipeline_loss)
+    engine = build_engine(par.module, cfg, dims, mpu=par.mpu,
                           load_universal=load_universal)
-    if par.pipelined:
+    if dims.pipelined:
         train_step, evaluate = _pipeline_steps(engine)
         return TrainingSetup(engine=engine, par=par, train_step_fn=train_step, eval_fn=evaluate)
     sample_model = FullLogits(engine.module) if tp > 1 else engine.module

@@ -78,7 +78,7 @@ class Trainer:
         par = setup.par
         self.cfg, self.task, self.engine = cfg, task, setup.engine
         self.train_ds, self.valid_ds = train_ds, valid_ds
-        self.dp_rank, self.dp_size, self.dp_group = par.dp_rank, par.dp_size, par.dp_group
+        self.dims, self.dp_rank, self.dp_group = par.dims, par.dp_rank, par.dp_group
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
         self.client_state_fn = client_state_fn
         self.tp_rng = par.tp_rng
@@ -86,7 +86,6 @@ class Trainer:
         self.device = self.engine.device
         self.stop = StopRequest()
         t = cfg.train
-        self.grad_accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         # the pipeline engine replaces the micro-batch loops with its own schedule
         self.train_step_fn = setup.train_step_fn or self._micro_batch_step
         self.eval_fn = setup.eval_fn or self._micro_batch_eval
@@ -106,7 +105,8 @@ class Trainer:
     def loader(self, dataset, total: int, start: int):
         """Micro-batches of this DP rank for global samples [start, total)."""
         t = self.cfg.train
-        sampler = GlobalSampleBatches(total, start, t.micro_batch_size, self.dp_rank, self.dp_size)
+        sampler = GlobalSampleBatches(total, start, t.micro_batch_size, self.dp_rank,
+                                      self.dims.dp)
         # A generator of its own: an iterator draws its base seed from the loader's generator,
         # which by default is the global one that dropout uses, so creating a loader after a
         # resume (or for each evaluation) shifted every later dropout mask.
@@ -120,7 +120,7 @@ class Trainer:
 
     def _micro_batch_step(self, batches) -> torch.Tensor:
         losses = []
-        for _ in range(self.grad_accum):
+        for _ in range(self.dims.grad_accum):
             loss = self._loss(next(batches))
             if fault_active("nonfinite_loss", dist.get_rank(), self.state.step + 1):
                 loss = loss * float("nan")
@@ -166,7 +166,7 @@ class Trainer:
     def save(self) -> None:
         extra_rng = {TP_RNG_KEY: self.tp_rng.state} if self.tp_rng is not None else None
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
-                  self.cfg, self.cfg.checkpoint.keep_last, extra_rng=extra_rng)
+                  self.cfg, self.dims, self.cfg.checkpoint.keep_last, extra_rng=extra_rng)
         self.log(f"saved checkpoint {self.ckpt_dir}/{ckpt.tag_for(self.state.step)}")
 
     def restore_tp_rng(self, saved_rng: Optional[dict]) -> None:
@@ -183,67 +183,78 @@ class Trainer:
 
     def train(self) -> int:
         """Run to train_iters (or exit_at_step); returns the process exit code."""
-        t, c = self.cfg.train, self.cfg.checkpoint
+        t = self.cfg.train
         end = t.exit_at_step or t.train_iters
         batches = self.loader(self.train_ds, t.train_iters * t.global_batch_size,
                                self.state.consumed_samples)
-        tokens_per_step = t.global_batch_size * self.cfg.model.max_seq_len
         self.stop.install()
         watchdog = StepWatchdog.from_env()  # a no-op unless launch/ft_launch.py enabled it
-        self.engine.train()
-        saved_at = None
-        self.diagnose()  # at step 0: the gradients at initialization and F(x, theta_0)
-        interval_start, interval_steps = time.perf_counter(), 0
-        first_step = True
+        self.start()
         while self.state.step < end:
             with watchdog.expires(long=self._long_step(self.state.step + 1)):
-                for point in ("kill_at_step", "hang"):
-                    maybe_inject(point, dist.get_rank(), self.state.step + 1)
-                loss = self.train_step(batches)
-                if first_step:
-                    self.metrics.started(self.state.step + 1)
-                    first_step = False
-                self.state.step += 1
-                self.state.consumed_samples += t.global_batch_size
-                interval_steps += 1
-                norm = self.engine.get_global_grad_norm()
-                norm = float(norm) if norm is not None else None
-                if not self.check_finite(loss, norm):
-                    first = self.state.step - self.state.nonfinite_streak + 1
-                    self.log(f"stopped: steps {first}-{self.state.step} all had a non-finite "
-                             "loss or grad norm; their updates were skipped and no checkpoint "
-                             "was written for them. Check the data, lower train.lr or lengthen "
-                             "the warm-up, then rerun to resume from the last checkpoint")
-                    return EXIT_NONFINITE
-                if self.state.step % t.log_interval == 0 or self.state.step == end:
-                    seconds = time.perf_counter() - interval_start
-                    self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], norm,
-                                       tokens_per_step * interval_steps, seconds,
-                                       self.state.consumed_samples)
-                    interval_start, interval_steps = time.perf_counter(), 0
-                diagnose_start = time.perf_counter()
-                self.diagnose()
-                interval_start += time.perf_counter() - diagnose_start  # not in tokens/s
-                if t.eval_interval and (self.state.step % t.eval_interval == 0
-                                        or self.state.step == t.train_iters):  # and at the end
-                    valid = self.evaluate()
-                    if valid is not None:
-                        self.metrics.valid(self.state.step, valid)
-                # no periodic save inside a run of skipped steps: keep_last must not prune
-                # good ones
-                if (c.save_interval and self.state.step % c.save_interval == 0
-                        and not self.state.nonfinite_streak):
-                    self.save()
-                    saved_at = self.state.step
-                stop = self.stop.agreed(self.device)
-            if stop:
+                code = self.step(batches)
+            if code == EXIT_NONFINITE:
+                return code
+            if code == EXIT_INTERRUPTED:
                 with watchdog.expires(long=True):
-                    if saved_at != self.state.step:
+                    if self.saved_at != self.state.step:
                         self.save()
                 self.log(f"stopped by {self.stop.signal_name or 'a signal on another rank'} at "
                          f"step {self.state.step}; rerun the same command to resume")
-                return EXIT_INTERRUPTED
-        if saved_at != self.state.step:
+                return code
+        if self.saved_at != self.state.step:
             with watchdog.expires(long=True):
                 self.save()
         return 0
+
+    def start(self) -> None:
+        """Before the first step: train mode, step-0 diagnostics, the first metrics interval."""
+        self.engine.train()
+        self.saved_at, self.first_step = None, True
+        self.diagnose()  # at step 0: the gradients at initialization and F(x, theta_0)
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+    def step(self, batches) -> Optional[int]:
+        """One optimizer step as the run takes it (fault points, the step, non-finite check,
+        metrics, diagnostics, evaluation, periodic save, the agreed stop); returns
+        EXIT_NONFINITE or EXIT_INTERRUPTED (not yet saved) to stop with, else None."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        end = t.exit_at_step or t.train_iters
+        for point in ("kill_at_step", "hang"):
+            maybe_inject(point, dist.get_rank(), self.state.step + 1)
+        loss = self.train_step(batches)
+        if self.first_step:
+            self.metrics.started(self.state.step + 1)
+            self.first_step = False
+        self.state.step += 1
+        self.state.consumed_samples += t.global_batch_size
+        self.interval_steps += 1
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        if not self.check_finite(loss, norm):
+            first = self.state.step - self.state.nonfinite_streak + 1
+            self.log(f"stopped: steps {first}-{self.state.step} all had a non-finite loss or grad "
+                     "norm; their updates were skipped and no checkpoint was written for them. "
+                     "Check the data, lower train.lr or lengthen the warm-up, then rerun to "
+                     "resume from the last checkpoint")
+            return EXIT_NONFINITE
+        if self.state.step % t.log_interval == 0 or self.state.step == end:
+            seconds = time.perf_counter() - self.interval_start
+            self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], norm,
+                               t.global_batch_size * self.cfg.model.max_seq_len
+                               * self.interval_steps, seconds, self.state.consumed_samples)
+            self.interval_start, self.interval_steps = time.perf_counter(), 0
+        diagnose_start = time.perf_counter()
+        self.diagnose()
+        self.interval_start += time.perf_counter() - diagnose_start  # not in tokens/s
+        if t.eval_interval and (self.state.step % t.eval_interval == 0
+                                or self.state.step == t.train_iters):  # and at the end
+            valid = self.evaluate()
+            if valid is not None:
+                self.metrics.valid(self.state.step, valid)
+        # no periodic save inside a run of skipped steps: keep_last must not prune good ones
+        if (c.save_interval and self.state.step % c.save_interval == 0
+                and not self.state.nonfinite_streak):
+            self.save()
+            self.saved_at = self.state.step
+        return EXIT_INTERRUPTED if self.stop.agreed(self.device) else None

@@ -6,7 +6,6 @@ happen before torch.distributed starts, so a mistake costs seconds, not a cluste
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -17,13 +16,14 @@ import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
 from ..checkpoint import reshard
-from ..checkpoint.export import check_consolidated, load_consolidated
-from ..config import Config, ConfigError, dump_config, load_config, validate
+from ..checkpoint.export import check_consolidated, consolidated_weights
+from ..config import Config, ConfigError, dump_config, load_config, validate, with_vocab_size
 from ..data.corpus import build_builtin_corpus
 from ..data.checks import check_token_ids
 from ..data.datasets import DatasetRequest, build_datasets
 from ..data.tokenizer import SentencePieceTokenizer
-from ..model import build_model, flops_per_token
+from ..model import InitWeights, flops_per_token, model_skeleton
+from ..parallel.dims import ParallelDims, describe
 from ..resilience.parent_watch import launcher_chain
 from ..resilience.watchdog import die_with_parent
 from .generate import sample
@@ -113,7 +113,7 @@ def prepare_data(cfg: Config, task: str, tokenizer: SentencePieceTokenizer,
     return build_datasets(request, tokenizer, local_rank=ranks.local_rank)
 
 
-def choose_resume_tag(cfg: Config, ckpt_dir: str,
+def choose_resume_tag(cfg: Config, dims: ParallelDims, ckpt_dir: str,
                       ranks: RankInfo) -> Tuple[Optional[str], Optional[Tuple[dict, dict]]]:
     """The checkpoint to resume from, checked against this run's model and layout, and the
     (saved, current) layouts when they differ."""
@@ -121,14 +121,14 @@ def choose_resume_tag(cfg: Config, ckpt_dir: str,
     if not tag:
         return None, None
     ckpt.check_compatible(ckpt_dir, tag, cfg)
-    before, now = ckpt.saved_layout(ckpt_dir, tag), ckpt.layout_of(cfg, ranks.world_size)
+    before, now = ckpt.saved_layout(ckpt_dir, tag), dims.layout
     if before == now:
         return tag, None
     why_not = reshard.refusal(before, now)
     if why_not:
         raise ckpt.CheckpointError(
-            f"checkpoint {ckpt_dir}/{tag} was written by layout {reshard.describe(before)} "
-            f"and this run is {reshard.describe(now)}: {why_not}")
+            f"checkpoint {ckpt_dir}/{tag} was written by layout {describe(before)} "
+            f"and this run is {describe(now)}: {why_not}")
     return tag, (before, now)
 
 
@@ -139,8 +139,8 @@ def resume_source(ckpt_dir: str, tag: str, change: Optional[Tuple[dict, dict]],
     if change is None:
         return reshard.ResumeSource(tag=tag, load_dir=ckpt_dir, load_tag=tag)
     before, now = change
-    ranks.log(f"changing layouts: {tag} was written by {reshard.describe(before)}, this run is "
-              f"{reshard.describe(now)}; resuming through the universal checkpoint")
+    ranks.log(f"changing layouts: {tag} was written by {describe(before)}, this run is "
+              f"{describe(now)}; resuming through the universal checkpoint")
     return reshard.universal_source(ckpt_dir, tag, ranks.local_rank, log=ranks.log)
 
 
@@ -163,10 +163,10 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     ranks = RankInfo()
     try:
         cfg = resolve(task, argv)
-        dp_size = validate(cfg, ranks.world_size, torch.cuda.is_available())
+        dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
         if cfg.deepspeed:  # DeepSpeed's import costs seconds that other config errors skip
             from .engine import check_deepspeed_section
-            check_deepspeed_section(cfg, dp_size)
+            check_deepspeed_section(cfg, dims)
         check_run_dir_writable(cfg.logging.run_dir)
     except (ConfigError, PreflightError) as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -184,10 +184,10 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     if cfg.model.vocab_size != tokenizer.vocab_size:
         ranks.log(f"model.vocab_size set from the tokenizer: {tokenizer.vocab_size}")
     # The model has exactly the tokenizer's vocabulary; tensor parallelism pads its own shards.
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    cfg = with_vocab_size(cfg, tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
     try:
-        resume_tag, layout_change = choose_resume_tag(cfg, ckpt_dir, ranks)
+        resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
     except ckpt.CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
@@ -217,7 +217,7 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
         return EXIT_CHECKPOINT_ERROR
     objective = TASKS[task](tokenizer.vocab_size,
                             tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
-    return train(cfg, objective, tokenizer, train_ds, valid_ds, ckpt_dir, resume, ranks)
+    return train(cfg, dims, objective, tokenizer, train_ds, valid_ds, ckpt_dir, resume, ranks)
 
 
 def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]:
@@ -232,20 +232,22 @@ def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]
     return lock, refusal[0]
 
 
-def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
+def train(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
           resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
-    import deepspeed  # deferred: importing it costs seconds that config errors should not pay
+    # deferred: importing DeepSpeed and megatron costs seconds that config errors should not pay
+    from ..parallel.state import init_distributed
 
     if torch.cuda.is_available():  # before any group or generator touches "the" device
         torch.cuda.set_device(ranks.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     lock, refusal = lock_run_dir(cfg.logging.run_dir, ranks)
     if refusal:
         if ranks.rank == 0:
             print(f"config error: {refusal}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
     try:
-        code = train_locked(cfg, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume, ranks)
+        code = train_locked(cfg, dims, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume,
+                            ranks)
     finally:
         lock.release()
     if code in (0, EXIT_INTERRUPTED, EXIT_NONFINITE):  # codes every rank returns together
@@ -257,21 +259,43 @@ def train(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
     return code
 
 
-def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
-                 resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
-    from .engine import build_training, repair_zero3_universal_load
+def build_setup(cfg: Config, dims: ParallelDims, task, resume: Optional[reshard.ResumeSource],
+                ranks: RankInfo):
+    """This rank's shard inside the DeepSpeed engine (engine.TrainingSetup). Every rank
+    materializes only its shard of the meta-device skeleton, each parameter sliced from its
+    full tensor made one at a time: from (seed, name), or read from an export."""
+    from .engine import build_training
+
+    torch.manual_seed(cfg.train.seed)  # the default stream: dropout, as in a single process
+    model = model_skeleton(cfg.model)
+    if cfg.checkpoint.init_from and not resume:
+        weights = consolidated_weights(cfg.checkpoint.init_from)
+        ranks.log(f"weights from {cfg.checkpoint.init_from} (fresh optimizer, step 0)")
+    else:
+        weights = InitWeights(model, cfg.model, cfg.train.seed)
+    return build_training(model, cfg, dims, task, weights,
+                          load_universal=bool(resume and resume.universal))
+
+
+def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, state: TrainState,
+                 ranks: RankInfo) -> Trainer:
+    """The training loop around a built setup, with its metrics logger."""
+    metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
+                            flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
+                            device_peak_tflops(cfg.logging.peak_tflops))
+    return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
+                   lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
+                              **setup.par.checkpoint_info},
+                   log=ranks.log)
+
+
+def train_locked(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, valid_ds,
+                 ckpt_dir: str, resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
+    from .engine import repair_zero3_universal_load
 
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
-    torch.manual_seed(cfg.train.seed)
-    # Identical full weights on every rank (same seed, or an export), sharded by parallelize();
-    # the reference is dropped after, so a pipeline stage frees the other stages' layers.
-    model = build_model(cfg.model)
-    if cfg.checkpoint.init_from and not resume:
-        load_consolidated(cfg.checkpoint.init_from, model)
-        ranks.log(f"weights from {cfg.checkpoint.init_from} (fresh optimizer, step 0)")
-    setup = build_training(model, cfg, task, load_universal=bool(resume and resume.universal))
-    del model
+    setup = build_setup(cfg, dims, task, resume, ranks)
     state = TrainState()
     load_start = time.time()
     if resume:
@@ -285,19 +309,12 @@ def train_locked(cfg: Config, task, tokenizer, train_ds, valid_ds, ckpt_dir: str
         state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
         ranks.log(f"resumed from {ckpt_dir}/{resume.tag}: step {state.step}, "
                   f"{state.consumed_samples} samples consumed")
-    metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
-                            flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
-                            device_peak_tflops(cfg.logging.peak_tflops))
+    trainer = make_trainer(cfg, task, setup, train_ds, valid_ds, ckpt_dir, state, ranks)
     if resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
-        metrics.resumed(state.step, resume.tag, process_start_time(), load_start)
-    trainer = Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
-                      lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
-                                 **setup.par.checkpoint_info},
-                      log=ranks.log)
-    if resume:
+        trainer.metrics.resumed(state.step, resume.tag, process_start_time(), load_start)
         trainer.restore_tp_rng(client.get("_rng"))
     code = trainer.train()
-    metrics.close()
+    trainer.metrics.close()
     if code == 0 and cfg.logging.sample_prompt and task.name == "gpt":
         if setup.sample_model is None:
             ranks.log("no sample: no rank of a pipeline-parallel model runs a whole forward "

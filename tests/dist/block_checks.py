@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from magneto_dist.config import load_config
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.parallel import state
+from magneto_dist.parallel.dims import ParallelDims
 from magneto_dist.parallel.pipe_names import pipe_prefixes
 from magneto_dist.parallel.pipeline import TransformerLayerPipe
 from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,
@@ -120,7 +121,8 @@ def pipeline_frees_other_stages() -> dict:
                              "train.micro_batch_size=1", "train.global_batch_size=2"])
     model = build_model(cfg.model)
     layers = [weakref.ref(layer) for layer in model.decoder.layers]
-    par = parallelize(model, cfg, pipeline_loss=GPTTask(100).pipeline_loss)
+    par = parallelize(model, cfg, ParallelDims.of(cfg, dist.get_world_size()),
+                      pipeline_loss=GPTTask(100).pipeline_loss)
     del model
     gc.collect()
     local = sum(isinstance(m, TransformerLayerPipe) for m in par.module.modules())
@@ -145,7 +147,8 @@ def pipe_names_map_to_model_names() -> dict:
         model = build_model(cfg.model)
         full = {name: tuple(p.shape) for name, p in model.named_parameters()}
         prefixes = pipe_prefixes(model)
-        par = parallelize(model, cfg, pipeline_loss=GPTTask(100).pipeline_loss)
+        par = parallelize(model, cfg, ParallelDims.of(cfg, dist.get_world_size()),
+                          pipeline_loss=GPTTask(100).pipeline_loss)
         mapped = {}
         for name, param in par.module.named_parameters():
             match = [p for p in prefixes if name.startswith(p)]
@@ -165,6 +168,9 @@ def run_check(case: dict):
         return pipeline_frees_other_stages()
     if case["check"] == "pipe_names":
         return pipe_names_map_to_model_names()
+    if case["check"] == "shard_only":
+        from shard_checks import shard_only_startup  # beside this file
+        return shard_only_startup(case["tp"], case["pp"])
     state.initialize_groups(dist.get_world_size(), 1)
     if case["check"] == "sub_ln":
         return sub_ln_block(case["norm"], case["norm_type"])

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from magneto_dist.config import load_config
-from magneto_dist.model import build_model
+from magneto_dist.model import InitWeights, model_skeleton
+from magneto_dist.parallel import state
+from magneto_dist.parallel.dims import ParallelDims
 from magneto_dist.training.engine import build_training
 from magneto_dist.training.loop import Trainer, TrainState
 from magneto_dist.training.metrics import MetricsLogger
@@ -64,7 +66,9 @@ def train_case(case):
     task = (GPTTask if cfg.model.arch == "decoder" else MaskedLMTask)(
         VOCAB, tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
     torch.manual_seed(cfg.train.seed)
-    setup = build_training(build_model(cfg.model), cfg, task)
+    skeleton = model_skeleton(cfg.model)  # the production path: each rank builds its shard only
+    setup = build_training(skeleton, cfg, ParallelDims.of(cfg, dist.get_world_size()), task,
+                           InitWeights(skeleton, cfg.model, cfg.train.seed))
     data = synthetic_dataset(cfg.model.arch, case["steps"] * GLOBAL_BATCH)
     trainer = Trainer(cfg, task, setup, data, None, MetricsLogger("", False, False, 0, 1, None),
                       "", TrainState(), lambda s: {})
@@ -74,14 +78,17 @@ def train_case(case):
 
 def main():
     cases_path, out_path = sys.argv[1:3]
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")
+    state.init_distributed()
     from block_checks import run_check  # beside this file
+    from memory_checks import memory_versus_plan
     with open(cases_path) as f:
         cases = json.load(f)
     results = {}
     for case in cases:
-        results[case["name"]] = run_check(case) if "check" in case else train_case(case)
+        if case.get("check") == "memory_plan":
+            results[case["name"]] = memory_versus_plan(case, case_config, synthetic_dataset)
+        else:
+            results[case["name"]] = run_check(case) if "check" in case else train_case(case)
         if dist.get_rank() == 0:
             print(f"{case['name']}: {results[case['name']]}", flush=True)
     if dist.get_rank() == 0:

@@ -46,7 +46,11 @@ CHECKS = [
     {"name": "dropout", "check": "dropout"},
     {"name": "pipeline_memory", "check": "pipeline_memory"},
     {"name": "pipe_names", "check": "pipe_names"},
-]
+    {"name": "shard_only_tp2", "check": "shard_only", "tp": 2, "pp": 1},
+    {"name": "shard_only_pp2", "check": "shard_only", "tp": 1, "pp": 2},
+] + [dict(case(f"memory_plan_{name}", **layout), check="memory_plan")
+     for name, layout in (("dp2_zero1", {}), ("tp2_zero1", {"tp": 2}), ("pp2_zero1", {"pp": 2}),
+                          ("dp2_zero3", {"zero": 3}))]
 
 
 def reference_name(c):
@@ -123,3 +127,23 @@ def test_pipeline_names_map_to_model_names(group_results):
     (parallel/pipe_names.py pipe_prefixes), checked against DeepSpeed's real PipelineModule."""
     for variant, r in group_results(2)["pipe_names"].items():
         assert r["equal"], (variant, r)
+
+
+@pytest.mark.parametrize("name", ["shard_only_tp2", "shard_only_pp2"])
+def test_start_up_holds_the_shard_and_one_full_parameter(name, group_results):
+    """Every CPU tensor parallelize() allocates, tracked while it lives (shard_checks.py): the
+    peak is this rank's shard plus at most one full parameter, where building the full model
+    first (the old path) peaks above the whole model."""
+    for rank in group_results(2)[name]:
+        assert rank["shard"] < 0.6 * rank["full_model"], rank  # really a shard
+        assert rank["largest_allocation"] <= rank["largest_full_param"], rank
+        assert rank["peak"] <= rank["shard"] + rank["largest_full_param"], rank
+        assert rank["full_path_peak"] > rank["full_model"], rank  # the check can fail
+        assert rank["replicated_params_equal_single_process"], rank
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CHECKS if c["check"] == "memory_plan"])
+def test_memory_planner_matches_measured_parameters_and_optimizer_state(name, group_results):
+    """tools/plan_memory.py's figures against what the busiest rank holds after a step."""
+    for key, r in group_results(2)[name].items():
+        assert r["measured"] > 0 and abs(r["planned"] / r["measured"] - 1) <= 0.10, (key, r)

@@ -1,0 +1,164 @@
+"""Per-rank memory of a training layout, from the model's shapes alone (a meta-device skeleton,
+so a 6.7B model costs nothing to plan): parameters, gradients, optimizer state by ZeRO stage,
+activations with and without recompute, and the start-up peak.
+
+The parameters a rank holds are counted exactly: the TP plan's slicing of every parameter
+(vocabulary padding included) and DeepSpeed's own stage partition (deepspeed.runtime.utils.
+partition_balanced over the pipe layers' parameter counts, as PipelineModule does). The model
+states per parameter follow DeepSpeed's ZeRO (its estimators' multipliers for mixed precision:
+16-bit weights and gradients, fp32 master weights, fp32 gradient partition, Adam's two fp32
+moments); activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation"),
+counted tensor by tensor for these blocks (Sub-LN's inner norms save the merged heads and the
+FFN hidden a second time) with memory-efficient attention (no s x s scores saved, as SDPA's
+flash and efficient kernels on GPU). Not counted: DeepSpeed's communication buckets, the CUDA
+allocator's fragmentation and the framework's own context (DeepSpeed's estimators allow 1.5x
+for such buffers on the host side).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List
+
+from ..model import model_skeleton
+from ..model.config import ModelConfig
+from ..parallel.dims import LayoutError, ParallelDims
+from ..parallel.pipe_names import pipe_plan
+from ..parallel.tp_plan import REPLICATED, SHARD_DIM, VOCAB, tp_kind
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GiB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Layout:
+    dims: ParallelDims
+    recompute: bool          # parallel.activation_checkpointing
+    micro_batch: int         # train.micro_batch_size
+    partition: str = "parameters"  # parallel.pipeline_partition
+    vocab_padding_multiple: int = 128
+
+
+def _local_numel(name: str, shape, tp: int, vocab_multiple: int) -> int:
+    """Elements of one parameter on one TP rank, as tensor_parallel.py slices it."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    kind = tp_kind(name) if tp > 1 else REPLICATED
+    if SHARD_DIM[kind] is None:
+        return numel
+    rows = shape[0]
+    if kind == VOCAB:  # padded to a multiple of vocab_padding_multiple x TP, then split
+        step = vocab_multiple * tp
+        return -(-rows // step) * step // tp * (numel // rows)
+    return numel // tp
+
+
+def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int) -> int:
+    """Saved-for-backward bytes of one transformer layer for `tokens` = micro-batch x seq."""
+    h, f, heads = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads
+    sub_ln = cfg.norm in ("magneto", "normformer")
+    replicated = 4 * h  # each sublayer's norm input and the normalized input to its matmuls
+    attention = 3 * h + h + (h if sub_ln else 0)  # q, k, v; attention output; inner-norm output
+    ffn_tensors = (5 if cfg.activation == "swiglu" else 2) + (1 if sub_ln else 0)
+    per_token = elem * (replicated + (attention + ffn_tensors * f) // tp) + 4 * heads // tp
+    if cfg.dropout > 0:
+        per_token += 2 * h  # the two residual dropout masks (bool)
+    return tokens * per_token
+
+
+def _optimizer_bytes(zero: int, precision: str, dp: int) -> float:
+    """Optimizer-state bytes per parameter: Adam's two fp32 moments, plus the fp32 master copy
+    DeepSpeed keeps under ZeRO (also of fp32 weights, measured) and for 16-bit weights; ZeRO
+    (and DeepSpeed's bf16 optimizer, which shards like ZeRO-1) divide it over the DP group."""
+    per_param = 12.0 if zero > 0 or precision != "fp32" else 8.0
+    return per_param / (dp if zero > 0 or precision == "bf16" else 1)
+
+
+class MemoryPlanner:
+    """One model's shapes (its meta-device skeleton, built once) planned in any layout."""
+
+    def __init__(self, model_cfg: ModelConfig, precision: str, seq_len: int):
+        self.cfg, self.precision, self.seq_len = model_cfg, precision, seq_len
+        model = model_skeleton(model_cfg)
+        self.shapes = {name: p.shape for name, p in model.named_parameters()}
+        self.pipe_layers = pipe_plan(model) if model_cfg.arch == "decoder" else []
+        self.largest_param = max(p.numel() for p in model.parameters())
+
+    def stage_params(self, layout: Layout) -> List[int]:
+        """Parameters held by one rank of each pipeline stage (one entry without PP)."""
+        from deepspeed.runtime import utils as ds_utils
+
+        tp, pp = layout.dims.tp, layout.dims.pp
+        local = {name: _local_numel(name, shape, tp, layout.vocab_padding_multiple)
+                 for name, shape in self.shapes.items()}
+        if pp == 1:
+            return [sum(local.values())]
+        counts, is_layer = [], []
+        for kind, module_name in self.pipe_layers:
+            prefix = "embed.position" if kind == "tail" else module_name
+            counts.append(sum(n for name, n in local.items()
+                              if prefix and (name == prefix or name.startswith(prefix + "."))))
+            is_layer.append(1 if kind == "layer" else 0)
+        weights = counts if layout.partition == "parameters" else is_layer
+        parts = ds_utils.partition_balanced(weights=weights, num_parts=pp)  # PipelineModule's
+        return [sum(counts[parts[s]:parts[s + 1]]) for s in range(pp)]
+
+    def plan(self, layout: Layout) -> Dict:
+        """Per-rank bytes of the busiest rank (the stage with the most parameters)."""
+        d, cfg = layout.dims, self.cfg
+        params = max(self.stage_params(layout))
+        elem, zero = BYTES[self.precision], d.zero_stage
+        grads = params * elem / (d.dp if zero >= 2 else 1)
+        if self.precision != "fp32" and zero > 0:
+            grads += params * 4 / d.dp  # the fp32 gradient partition the optimizer steps on
+        tokens = layout.micro_batch * self.seq_len
+        layers = -(-cfg.num_layers // d.pp)
+        in_flight = min(d.pp, d.grad_accum) if d.pp > 1 else 1  # 1F1B: stage 0 holds pp
+        per_layer = activation_bytes_per_layer(cfg, tokens, d.tp, elem)
+        logits = tokens * -(-cfg.vocab_size // d.tp) * (elem + 8)  # + fp32 copy and its grad
+        full = in_flight * (layers * per_layer + tokens * cfg.hidden_size * elem) + logits
+        recomputed = (in_flight * (layers + 1) * tokens * cfg.hidden_size * elem + per_layer
+                      + logits)
+        out = {"parameters": params * elem / (d.dp if zero >= 3 else 1), "gradients": grads,
+               "optimizer": params * _optimizer_bytes(zero, self.precision, d.dp),
+               "activations": recomputed if layout.recompute else full,
+               "activations_no_recompute": full, "activations_recompute": recomputed,
+               # the shard is made in fp32 (materialize.py), beside one full fp32 parameter
+               "startup_peak": (params + self.largest_param) * 4, "params_per_rank": params,
+               "largest_param": self.largest_param}
+        out["total"] = sum(out[k] for k in ("parameters", "gradients", "optimizer",
+                                            "activations"))
+        return out
+
+
+def deepspeed_estimate(params_per_rank: int, largest_param: int, dims: ParallelDims) -> float:
+    """DeepSpeed's own model-states estimate (GPU bytes, no offload; written for ZeRO-2 and 3
+    in mixed precision), with the DP group standing in for the GPUs that share one shard."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if dims.zero_stage == 3:
+        return estimate_zero3_model_states_mem_needs(params_per_rank, largest_param, dims.dp, 1,
+                                                     cpu_offload=False)[1]
+    return estimate_zero2_model_states_mem_needs(params_per_rank, dims.dp, 1,
+                                                 cpu_offload=False)[1]
+
+
+def candidate_layouts(model_cfg: ModelConfig, world: int, gpus_per_node: int,
+                      micro_batch: int, global_batch: int) -> Iterator[Layout]:
+    """Every layout the config validation would accept: TP within a node dividing the heads
+    and the FFN, PP up to the depth (decoder only, ZeRO 0-1), each ZeRO stage, recompute on
+    and off."""
+    for tp in (n for n in range(1, gpus_per_node + 1) if gpus_per_node % n == 0):
+        if model_cfg.num_heads % tp or model_cfg.ffn_hidden_size % tp:
+            continue
+        for pp in (n for n in range(1, world // tp + 1) if (world // tp) % n == 0):
+            if pp > model_cfg.num_layers or (pp > 1 and model_cfg.arch != "decoder"):
+                continue
+            for zero in range(4 if pp == 1 else 2):
+                try:
+                    dims = ParallelDims.build(world, tp, pp, micro_batch, global_batch, zero)
+                except LayoutError:
+                    continue
+                for recompute in (False, True):
+                    yield Layout(dims=dims, recompute=recompute, micro_batch=micro_batch)
