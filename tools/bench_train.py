@@ -1,0 +1,126 @@
+"""Whole-stack throughput: the real trainer's steady-state optimizer steps against a plain
+PyTorch loop over the same model and batch, in one process, interleaved.
+
+    python tools/bench_train.py [--config configs/gpt_tiny_cpu.yaml] [--rounds 5] [overrides]
+
+The trainer is the one `launch/pretrain_gpt.py` runs (training/run.py's build_setup and
+make_trainer): the data loader over the built-in corpus (or the config's data), the DeepSpeed
+engine with its ZeRO stage, the per-step grad norm, non-finite check, metrics logging and the
+agreed stop. Evaluation and checkpoint saves are switched off: they are not steady-state steps.
+The reference is a plain loop on the same weights (the same name-keyed init) and one fixed
+global batch: forward and backward per micro-batch, clipping, AdamW and the LR schedule. Rounds
+alternate (plain, trainer, plain, ...) and medians are compared, so this machine's noise hits
+both alike. On a GPU it also prints TFLOP/s and MFU (logging.peak_tflops or the known-GPU
+table). The last line is `overhead: X.XXXx` (trainer step time over plain step time).
+"""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from magneto_dist.config import load_config, validate, with_vocab_size
+from magneto_dist.model import build_model, flops_per_token
+from magneto_dist.parallel import state
+from magneto_dist.training.engine import build_optimizer
+from magneto_dist.training.loop import TrainState
+from magneto_dist.training.metrics import device_peak_tflops
+from magneto_dist.training.run import (ROOT, TASKS, RankInfo, build_setup, load_tokenizer,
+                                       make_trainer, prepare_data, single_process_env)
+from magneto_dist.training.schedule import make_scheduler
+
+
+def plain_loop(cfg, task, device, batches):
+    """The reference: the same model and optimizer settings, no engine, no loader."""
+    model = build_model(cfg.model, seed=cfg.train.seed).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg.train)
+
+    def step():
+        for batch in batches:
+            (task.loss(task.forward(model, batch), batch) / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(step, steps: int, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "gpt_tiny_cpu.yaml"))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    args = p.parse_args()
+    steps = args.warmup + args.rounds * args.steps
+    run_dir = tempfile.mkdtemp(prefix="bench_train-")
+    cfg = load_config(args.config, [*args.overrides, f"train.train_iters={steps + 1}",
+                                    "train.eval_interval=0", "checkpoint.save_interval=0",
+                                    f"logging.run_dir={run_dir}", "logging.tensorboard=true"])
+    single_process_env()
+    ranks = RankInfo()
+    dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    tokenizer, prefixes = load_tokenizer(cfg, ranks)
+    cfg = with_vocab_size(cfg, tokenizer.vocab_size)  # as the run does (training/run.py)
+    train_ds, _, _ = prepare_data(cfg, "gpt", tokenizer, prefixes, ranks)
+    task = TASKS["gpt"](tokenizer.vocab_size, tensor_parallel=dims.tp > 1)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    state.init_distributed()
+    setup = build_setup(cfg, dims, task, None, ranks)
+    trainer = make_trainer(cfg, task, setup, train_ds, None, os.path.join(run_dir, "ckpt"),
+                           TrainState(), ranks)
+    data = trainer.loader(train_ds, (steps + 1) * cfg.train.global_batch_size, 0)
+    trainer.start()
+    # the plain loop repeats the first global batch; the trainer goes on through the data
+    fixed = [{k: v.to(device) for k, v in next(data).items()} for _ in range(dims.grad_accum)]
+    loops = {"plain PyTorch": plain_loop(cfg, task, device, fixed),
+             "trainer": lambda: trainer.step(data)}
+    times = {name: [] for name in loops}
+    for name, step in loops.items():
+        timed(step, args.warmup, device)
+    for _ in range(args.rounds):
+        for name, step in loops.items():
+            times[name].append(timed(step, args.steps, device))
+    trainer.metrics.close()
+    report(cfg, device, times)
+
+
+def report(cfg, device, times) -> None:
+    t = cfg.train
+    tokens = t.global_batch_size * cfg.model.max_seq_len
+    flops = flops_per_token(cfg.model, cfg.model.max_seq_len) * tokens
+    peak = device_peak_tflops(cfg.logging.peak_tflops) if device.type == "cuda" else None
+    print(f"device={device} threads={torch.get_num_threads()} precision={t.precision} "
+          f"ZeRO-{t.zero_stage} global batch={t.global_batch_size} x {cfg.model.max_seq_len} "
+          f"tokens; medians of {len(times['trainer'])} rounds")
+    print(f"{'loop':<16}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'vs plain':>10}")
+    reference = statistics.median(times["plain PyTorch"])
+    for name, samples in times.items():
+        m = statistics.median(samples)
+        mfu = f"{flops / m / 1e12 / peak:.1%}" if peak else "-"
+        print(f"{name:<16}{m * 1e3:>10.1f}{tokens / m:>12,.0f}{flops / m / 1e12:>10.2f}"
+              f"{mfu:>8}{m / reference:>10.3f}")
+    print(f"overhead: {statistics.median(times['trainer']) / reference:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
