@@ -9,33 +9,38 @@ engine with its ZeRO stage, the per-step grad norm, non-finite check, metrics lo
 agreed stop. Evaluation and checkpoint saves are switched off: they are not steady-state steps.
 The reference is a plain loop on the same weights (the same name-keyed init) and one fixed
 global batch: forward and backward per micro-batch, clipping, AdamW and the LR schedule. Rounds
-alternate (plain, trainer, plain, ...) and medians are compared, so this machine's noise hits
-both alike. On a GPU it also prints TFLOP/s and MFU (logging.peak_tflops or the known-GPU
+alternate (plain then trainer, trainer then plain, ...) and medians are compared, so this
+machine's noise hits both alike. On a GPU it also prints TFLOP/s and MFU (logging.peak_tflops or the known-GPU
 table). The last line is `overhead: X.XXXx` (trainer step time over plain step time).
 """
 import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 
 from magneto_dist.config import load_config, validate, with_vocab_size
 from magneto_dist.model import build_model, flops_per_token
 from magneto_dist.parallel import state
-from magneto_dist.training.engine import build_optimizer
+from magneto_dist.training.engine import optimizer_param_groups
 from magneto_dist.training.loop import TrainState
 from magneto_dist.training.metrics import device_peak_tflops
 from magneto_dist.training.run import (ROOT, TASKS, RankInfo, build_setup, load_tokenizer,
                                        make_trainer, prepare_data, single_process_env)
 from magneto_dist.training.schedule import make_scheduler
 
+from bench_model import time_round  # beside this file
+
 
 def plain_loop(cfg, task, device, batches):
-    """The reference: the same model and optimizer settings, no engine, no loader."""
+    """The reference: the same model and optimizer settings in plain PyTorch (torch's AdamW
+    over the trainer's parameter groups), no engine, no loader."""
     model = build_model(cfg.model, seed=cfg.train.seed).to(device)
-    optimizer = build_optimizer(model, cfg)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
+                                  betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, cfg.train)
 
     def step():
@@ -46,17 +51,6 @@ def plain_loop(cfg, task, device, batches):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def timed(step, steps: int, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
 
 
 def main():
@@ -96,10 +90,10 @@ def main():
              "trainer": lambda: trainer.step(data)}
     times = {name: [] for name in loops}
     for name, step in loops.items():
-        timed(step, args.warmup, device)
-    for _ in range(args.rounds):
-        for name, step in loops.items():
-            times[name].append(timed(step, args.steps, device))
+        time_round(step, args.warmup, device)
+    for round_ in range(args.rounds):  # A B, then B A: neither always runs first
+        for name, step in list(loops.items())[::1 if round_ % 2 == 0 else -1]:
+            times[name].append(time_round(step, args.steps, device))
     trainer.metrics.close()
     report(cfg, device, times)
 

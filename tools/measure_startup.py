@@ -47,6 +47,7 @@ def worker(args) -> None:
     skeleton = model_skeleton(cfg.model)
     weights = InitWeights(skeleton, cfg.model, cfg.train.seed)
     largest = max(p.numel() for p in skeleton.parameters()) * 4
+    full_model = sum(p.numel() * 4 for p in skeleton.parameters())  # before TP reshapes it
     task = GPTTask(cfg.model.vocab_size, tensor_parallel=dims.tp > 1)
     before = _status_kib("VmRSS") * 1024
     model = build_model(cfg.model, seed=cfg.train.seed) if args.full_first else skeleton
@@ -63,7 +64,7 @@ def worker(args) -> None:
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, {"rank": dist.get_rank(), "shard": shard, "peak": peak,
                                    "largest_param": largest, "planned": planned,
-                                   "full_model": sum(q.numel() * 4 for q in skeleton.parameters()),
+                                   "full_model": full_model,
                                    "layout": dims.describe()})
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:

@@ -55,10 +55,12 @@ class SkipNonFiniteSteps:
     (weights, moments and Adam's step count stay as they were), as DeepSpeed's fp16 loss scaler
     does. DeepSpeed's ZeRO-1/2/3 optimizers skip such steps themselves (measured here, fp32);
     without ZeRO (stage 0) the engine calls this optimizer directly and applied the NaN update,
-    which ruins every later step and checkpoint. This guard makes the rule hold whatever engine
-    path runs. DeepSpeed calls it on every rank (each with its own partition, or none), so the
-    flag is agreed over the world. `overflow` is what DeepSpeed's engine reads to count a
-    skipped step and hold the LR schedule.
+    which ruins every later step and checkpoint. So the guard wraps the optimizer without ZeRO
+    only: under ZeRO it repeated DeepSpeed's own check, a pass over every gradient and an
+    all-reduce per step (about 1% of the default run's step, tools/bench_train.py), and
+    tests/dist/test_guards.py checks the skip on every stage. DeepSpeed calls it on every rank,
+    so the flag is agreed over the world. `overflow` is what DeepSpeed's engine reads to count
+    a skipped step and hold the LR schedule.
     """
     overflow = False
 
@@ -82,15 +84,16 @@ def _guarded(optimizer_class):
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     groups = optimizer_param_groups(model, t.weight_decay)
+    guard = _guarded if t.zero_stage == 0 else (lambda optimizer_class: optimizer_class)
     try:  # NVIDIA apex is optional; its fused Adam is a little faster than torch's on GPU
         from apex.optimizers import FusedAdam  # type: ignore
         if torch.cuda.is_available():
-            return _guarded(FusedAdam)(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                       eps=t.adam_eps, adam_w_mode=True)
+            return guard(FusedAdam)(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                    eps=t.adam_eps, adam_w_mode=True)
     except ImportError:
         pass
-    return _guarded(torch.optim.AdamW)(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                       eps=t.adam_eps, fused=torch.cuda.is_available())
+    return guard(torch.optim.AdamW)(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                    eps=t.adam_eps, fused=torch.cuda.is_available())
 
 
 # DeepSpeed keys the project derives from its own config: the `deepspeed:` section may not set
@@ -102,6 +105,7 @@ PROJECT_KEYS = {
     "gradient_clipping": "train.grad_clip",
     "zero_optimization.stage": "train.zero_stage",
     "bf16.enabled": "train.precision",
+    "bf16.check_grad_overflow": "the non-finite step rule (train.max_nonfinite_steps)",
     "fp16.enabled": "train.precision",
     "optimizer": "train.lr, train.adam_* and train.weight_decay (the project builds AdamW)",
     "scheduler": "train.warmup_iters, train.lr_decay_style and train.min_lr",
@@ -153,7 +157,9 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = Fal
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # ZeRO skips a non-finite bf16 step only with this set (its default today, kept
+        # explicit: SkipNonFiniteSteps is not repeated under ZeRO)
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,  # our metrics logger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,

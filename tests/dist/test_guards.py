@@ -59,11 +59,11 @@ def test_small_corpus_with_default_split_is_refused_not_hung(tmp_path, cache_dir
     assert "use e.g. data.split=98,1,1" in res.output
 
 
-@pytest.mark.parametrize("zero", [0, 3])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_a_non_finite_step_is_skipped(tmp_path, cache_dir, zero):
     """A NaN loss (so NaN gradients) at step 3 only. Without ZeRO, DeepSpeed applied the NaN
-    update (every later loss NaN); ZeRO-3's optimizer skips it itself. Either way the step is now
-    skipped: the model after step 3 is the model after step 2 (same validation loss, bit for bit)
+    update (every later loss NaN) and our optimizer guard skips it; ZeRO-1/2/3's optimizers skip
+    it themselves. Either way the step is skipped: the model after step 3 is the model after step 2 (same validation loss, bit for bit)
     and training goes on."""
     args = gpt(tmp_path / "run", cache_dir, "train.train_iters=5", f"train.zero_stage={zero}",
                "train.eval_interval=1", "train.eval_iters=1")
