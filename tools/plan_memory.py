@@ -12,7 +12,7 @@ most parameters); see magneto_dist/training/memory_plan.py for what is and is no
 """
 import argparse
 
-from magneto_dist.config import ConfigError, load_config, with_vocab_size
+from magneto_dist.config import ConfigError, load_config, validate, with_vocab_size
 from magneto_dist.parallel.dims import LayoutError, ParallelDims
 from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner, candidate_layouts,
                                                deepspeed_estimate)
@@ -67,18 +67,25 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         vocab, source = vocabulary(cfg, args.vocab_size)
         cfg = with_vocab_size(cfg, vocab)
-        dims = ParallelDims.of(cfg, world)
-    except (ConfigError, LayoutError, ValueError) as err:
+        # every check a run makes, on the fewest devices the configured TP x PP needs (the
+        # devices asked about may not fit it; the alternatives are listed all the same)
+        p = cfg.parallel
+        validate(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    except (ConfigError, ValueError) as err:
         print(f"config error: {err}")
         return 2
     t, par = cfg.train, cfg.parallel
     print(f"{args.config}: {args.nodes} node(s) x {args.gpus_per_node} devices of "
           f"{args.device_memory:g} GiB; vocabulary {vocab} ({source})\n")
-    configured = Layout(dims=dims, recompute=par.activation_checkpointing,
-                        micro_batch=t.micro_batch_size, partition=par.pipeline_partition,
-                        vocab_padding_multiple=par.vocab_padding_multiple)
     planner = MemoryPlanner(cfg.model, t.precision, cfg.model.max_seq_len)
-    print_plan(cfg, planner, configured)
+    try:
+        configured = Layout(dims=ParallelDims.of(cfg, world),
+                            recompute=par.activation_checkpointing,
+                            micro_batch=t.micro_batch_size, partition=par.pipeline_partition,
+                            vocab_padding_multiple=par.vocab_padding_multiple)
+        print_plan(cfg, planner, configured)
+    except LayoutError as err:  # the alternatives below may still fit these devices
+        print(f"the configured layout cannot run on {world} device(s): {err}")
     budget = args.device_memory * GiB
     fits = []
     for layout in candidate_layouts(cfg.model, world, args.gpus_per_node, t.micro_batch_size,

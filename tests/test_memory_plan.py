@@ -1,0 +1,69 @@
+"""The memory planner's own arithmetic and its CLI (its figures against measured ones are in
+tests/dist/test_layouts.py)."""
+import pytest
+
+from magneto_dist.config import load_config
+from magneto_dist.model import model_skeleton
+from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.training.memory_plan import GiB, Layout, MemoryPlanner
+from tools import plan_memory
+
+SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4",
+         "model.ffn_hidden_size=256", "model.vocab_size=1000", "model.max_seq_len=32",
+         "train.micro_batch_size=1", "train.global_batch_size=8"]
+
+
+def layout(cfg, world, recompute=False):
+    return Layout(dims=ParallelDims.of(cfg, world), recompute=recompute, micro_batch=1)
+
+
+def test_stages_together_hold_the_model_and_tp_splits_it():
+    cfg = load_config(None, SMALL + ["model.tie_embeddings=false"])
+    total = sum(p.numel() for p in model_skeleton(cfg.model).parameters())
+    pp2 = load_config(None, SMALL + ["model.tie_embeddings=false",
+                                     "parallel.pipeline_model_parallel_size=2"])
+    planner = MemoryPlanner(cfg.model, "fp32", 32)
+    assert planner.stage_params(layout(cfg, 1)) == [total]
+    stages = planner.stage_params(layout(pp2, 2))
+    assert len(stages) == 2 and sum(stages) == total and min(stages) > 0.3 * total
+    tp2 = load_config(None, SMALL + ["parallel.tensor_model_parallel_size=2",
+                                     "parallel.vocab_padding_multiple=8"])
+    (half,) = planner.stage_params(layout(tp2, 2))
+    assert 0.45 * total < half < 0.6 * total  # norms and biases stay whole on each rank
+
+
+def test_zero_stages_divide_what_they_partition_and_recompute_saves_activations():
+    cfg = load_config(None, SMALL)
+    planner = MemoryPlanner(cfg.model, "bf16", 32)
+    plans = {z: planner.plan(layout(load_config(None, SMALL + [f"train.zero_stage={z}"]), 4))
+             for z in (1, 2, 3)}
+    assert plans[3]["parameters"] == plans[1]["parameters"] / 4
+    assert plans[2]["gradients"] < plans[1]["gradients"]
+    assert plans[1]["optimizer"] == plans[3]["optimizer"]
+    assert plans[1]["activations_recompute"] < plans[1]["activations_no_recompute"]
+
+
+def test_cli_prints_the_configured_layout_and_alternatives(capsys):
+    assert plan_memory.main(["--config", "configs/gpt_6.7b.yaml", "--nodes", "2",
+                             "--gpus-per-node", "8", "--vocab-size", "50257"]) == 0
+    out = capsys.readouterr().out
+    assert "TP4 x PP2 x DP2 (ZeRO-1) recompute:" in out and "optimizer (ZeRO-1)" in out
+    assert "layouts that fit 80 GiB" in out and "TP1 x PP1 x DP16" in out
+
+
+def test_cli_names_a_layout_the_devices_cannot_run_and_a_bad_config(capsys):
+    assert plan_memory.main(["--config", "configs/gpt_1.3b.yaml", "--nodes", "1",
+                             "--gpus-per-node", "1", "--device-memory", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "the configured layout cannot run on 1 device(s): world size 1 is not divisible" in out
+    assert "none: lower train.micro_batch_size, or use more devices" in out
+    assert plan_memory.main(["--config", "configs/gpt_1.3b.yaml", "train.zero_stage=7"]) == 2
+    assert "train.zero_stage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision,per_param", [("fp32", 4), ("bf16", 2)])
+def test_parameter_bytes_follow_precision(precision, per_param):
+    cfg = load_config(None, SMALL)
+    plan = MemoryPlanner(cfg.model, precision, 32).plan(layout(cfg, 1))
+    assert plan["parameters"] == plan["params_per_rank"] * per_param
+    assert plan["total"] < GiB
