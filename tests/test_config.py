@@ -157,7 +157,11 @@ def test_deepspeed_section_merges_nests_overrides_and_refuses_project_keys():
                              "deepspeed.wall_clock_breakdown=true", "train.zero_stage=2"])
     merged = deepspeed_config(cfg, ParallelDims.of(cfg, 2))
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True,
-                                           "reduce_bucket_size": 1000000}
+                                           "reduce_bucket_size": 1000000,
+                                           "contiguous_gradients": False}  # CPU default
+    kept = load_config(None, ["deepspeed.zero_optimization.contiguous_gradients=true"])
+    assert deepspeed_config(kept, ParallelDims.of(kept, 1))["zero_optimization"][
+        "contiguous_gradients"] is True  # the user's choice wins
     assert merged["wall_clock_breakdown"] is True and merged["gradient_accumulation_steps"] == 1
     check_deepspeed_section(cfg, ParallelDims.of(cfg, 2))  # DeepSpeed's own config class accepts it
     for override, owner in (("deepspeed.zero_optimization.stage=3", "train.zero_stage"),

@@ -146,6 +146,12 @@ def check_deepspeed_section(cfg: Config, dims: ParallelDims) -> None:
 def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = False) -> dict:
     t = cfg.train
     zero = {"stage": t.zero_stage}
+    if t.zero_stage in (1, 2) and not torch.cuda.is_available():
+        # contiguous_gradients copies every gradient once more into a bucket to spare the GPU
+        # allocator fragmentation; on CPU it cost 4% of the default run's step (1 rank, one
+        # process beside the default and a plain loop; tools/bench_train.py measures the rest).
+        # A deepspeed: section may still set it.
+        zero["contiguous_gradients"] = False
     if t.zero_stage == 3:
         # Partition every parameter: the default threshold (1e5) leaves small ones whole, which
         # under tensor parallelism mixes replicated and sharded layouts (DESIGN.md).
