@@ -63,8 +63,8 @@ def test_small_corpus_with_default_split_is_refused_not_hung(tmp_path, cache_dir
 def test_a_non_finite_step_is_skipped(tmp_path, cache_dir, zero):
     """A NaN loss (so NaN gradients) at step 3 only. Without ZeRO, DeepSpeed applied the NaN
     update (every later loss NaN) and our optimizer guard skips it; ZeRO-1/2/3's optimizers skip
-    it themselves. Either way the step is skipped: the model after step 3 is the model after step 2 (same validation loss, bit for bit)
-    and training goes on."""
+    it themselves. Either way the step is skipped: the model after step 3 is the model after
+    step 2 (same validation loss, bit for bit) and training goes on."""
     args = gpt(tmp_path / "run", cache_dir, "train.train_iters=5", f"train.zero_stage={zero}",
                "train.eval_interval=1", "train.eval_iters=1")
     out = check_ok(run_ranks(args, 1, extra_env={"MAGNETO_DIST_FAULT": "nonfinite_loss:0:3"}))
