@@ -113,7 +113,8 @@ def _linear_gains(model: nn.Module) -> dict:
     for module in model.modules():
         if isinstance(module, Attention):
             gains.update({id(module.q_proj): 1.0, id(module.k_proj): 1.0,
-                          id(module.v_proj): module.init_gain, id(module.out_proj): module.init_gain})
+                          id(module.v_proj): module.init_gain,
+                          id(module.out_proj): module.init_gain})
         elif isinstance(module, FeedForward):
             for proj in (module.fc1, module.fc1_gate, module.fc2):
                 if proj is not None:
