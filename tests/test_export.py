@@ -2,7 +2,6 @@
 guard checkpoint.init_from, loading, and tools/convert_checkpoint.py's refusals (exit 3, the
 input untouched)."""
 import json
-import os
 
 import pytest
 import torch

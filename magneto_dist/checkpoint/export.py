@@ -19,8 +19,8 @@ import torch
 
 from ..config import Config, config_to_dict
 from ..files import atomic_write
-from .manager import UNIVERSAL, CheckpointError, model_differences, saved_config
 from ..model import model_skeleton
+from .manager import UNIVERSAL, CheckpointError, model_differences, saved_config
 from .reshard import BUILT, build_universal
 
 WEIGHTS = "model.safetensors"

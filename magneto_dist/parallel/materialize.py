@@ -16,7 +16,7 @@ real vocabulary with no padded full copy.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -52,11 +52,12 @@ def copy_shard(local: torch.Tensor, full: torch.Tensor, dim, rank: int, name: st
         local.narrow(dim, 0, kept).copy_(full.narrow(dim, start, kept))
 
 
-def materialize(module: nn.Module, prefix: str, weights: FullWeights,
+def materialize(module: nn.Module, prefix: str, weights: Optional[FullWeights],
                 device: torch.device) -> None:
     """Give every meta parameter under `module` (named `prefix` + its name in `module`) real
-    memory on `device`, holding this rank's shard. A parameter shared by two modules (a tied
-    head) stays shared; TP marks set on the meta parameter are kept."""
+    memory on `device`, holding this rank's shard (`weights` is asked only for those, so a
+    module with none needs no weights). A parameter shared by two modules (a tied head) stays
+    shared; TP marks set on the meta parameter are kept."""
     tp, rank = state.tp_size(), state.tp_rank()
     made: Dict[int, nn.Parameter] = {}
     with torch.no_grad():

@@ -5,13 +5,15 @@ dropout), one pipe layer per transformer layer, final norm, head. DeepSpeed buil
 layers of its own stage; each pipe layer wraps the module of the model (a meta-device skeleton
 in production), which is materialized as the layer is built, so a stage gets memory for its
 own layers only, holding exactly the single-process weights (materialize.py). DeepSpeed keeps
-every LayerSpec, arguments included,
-for the whole run, so the specs name modules in a holder that is emptied after the build: the
-other stages' layers are then freed. With tied embeddings the word embedding is a
-TiedLayerSpec shared by the first and last stage (DeepSpeed all-reduces its gradient between
-them). The topology (pipe, data, model) must match megatron-core's rank order, which it does.
+every LayerSpec, arguments included, for the whole run, so the specs name modules in a holder
+that is emptied after the build: the other stages' layers are then freed. With tied
+embeddings the word embedding is a TiedLayerSpec shared by the first and last stage (DeepSpeed
+all-reduces its gradient between them). The topology (pipe, data, model) must match
+megatron-core's rank order, which it does.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ class ModuleSource:
     """The model's modules by dotted name, materialized on the way out (except while the
     pipeline only counts parameters), until release()."""
 
-    def __init__(self, model: nn.Module, weights: FullWeights, device: torch.device):
+    def __init__(self, model: nn.Module, weights: Optional[FullWeights], device: torch.device):
         self.model, self.weights, self.device = model, weights, device
         self.counting = False
 
@@ -137,7 +139,7 @@ def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
 
 
 def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn, partition: str,
-                   weights: FullWeights, device: torch.device) -> PipelineModule:
+                   weights: Optional[FullWeights], device: torch.device) -> PipelineModule:
     """partition: "parameters" balances parameter counts (read from the shapes, so a meta
     model partitions as a full one), "layers" transformer layers."""
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)

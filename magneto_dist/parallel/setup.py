@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from deepspeed.checkpoint import constants as ds_ckpt
-from megatron.core import parallel_state as ps
 import torch
+from megatron.core import parallel_state as ps
 from torch import nn
 
 from ..config import Config
 from . import state
 from .dims import ParallelDims
-from .materialize import FullWeights, is_meta, materialize, own_weights
+from .materialize import FullWeights, is_meta, materialize
 from .pipeline import build_pipeline
 from .random import TensorParallelRNG, apply_activation_checkpointing, use_tensor_parallel_rng
 from .tensor_parallel import apply_tensor_parallel
@@ -69,12 +69,11 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims,
                 pipeline_loss: Optional[Callable] = None) -> Parallelized:
     """Shard `model` for this rank. A meta-device skeleton needs `weights` (name -> full
     tensor, e.g. model.InitWeights) and gets memory for this rank's shard only, on this rank's
-    device; a full model is sliced from its own weights. pipeline_loss(logits, (labels,
-    loss_mask)) -> loss is the last stage's loss when PP > 1 (the PipelineModule computes it)."""
-    if weights is None:
-        if is_meta(model):
-            raise ValueError("parallelize: a meta-device model needs `weights` to fill its shard")
-        weights = own_weights(model)
+    device; a full model is sliced from its own weights (apply_tensor_parallel), so it needs
+    none. pipeline_loss(logits, (labels, loss_mask)) -> loss is the last stage's loss when
+    PP > 1 (the PipelineModule computes it)."""
+    if weights is None and is_meta(model):
+        raise ValueError("parallelize: a meta-device model needs `weights` to fill its shard")
     p, (tp, pp, dp) = cfg.parallel, (dims.tp, dims.pp, dims.dp)
     state.initialize_groups(tp, pp)
     if ps.get_data_parallel_world_size() != dp:

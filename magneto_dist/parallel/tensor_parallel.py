@@ -21,7 +21,7 @@ from torch import nn
 
 from ..model.norms import LayerNorm, RMSNorm
 from . import state
-from .materialize import materialize, own_weights
+from .materialize import is_meta, materialize, own_weights
 from .tp_plan import COLUMN, ROW, SHARD_DIM, SLICED, VOCAB, tp_kind
 
 
@@ -231,7 +231,7 @@ def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None
     for name, _ in model.named_parameters():
         tp_kind(name)
     param = next(model.parameters())
-    full = None if param.is_meta else own_weights(model)
+    full = None if is_meta(model) else own_weights(model)
     config = _megatron_config(state.tp_size(), param.dtype)
     with torch.device("meta"):
         for name, module in list(model.named_modules()):  # a list: children change on the way
