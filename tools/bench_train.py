@@ -15,6 +15,7 @@ table). The last line is `overhead: X.XXXx` (trainer step time over plain step t
 """
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 
@@ -27,7 +28,8 @@ from magneto_dist.training.engine import optimizer_param_groups
 from magneto_dist.training.loop import TrainState
 from magneto_dist.training.metrics import device_peak_tflops
 from magneto_dist.training.run import (ROOT, TASKS, RankInfo, build_setup, load_tokenizer,
-                                       make_trainer, prepare_data, single_process_env)
+                                       make_trainer, prepare_data, set_cpu_threads,
+                                       single_process_env)
 from magneto_dist.training.schedule import make_scheduler
 
 from bench_model import time_round  # beside this file
@@ -69,7 +71,7 @@ def main():
     single_process_env()
     ranks = RankInfo()
     dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    set_cpu_threads(ranks)  # as the run does
     tokenizer, prefixes = load_tokenizer(cfg, ranks)
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)  # as the run does (training/run.py)
     train_ds, _, _ = prepare_data(cfg, "gpt", tokenizer, prefixes, ranks)
@@ -95,6 +97,7 @@ def main():
         for name, step in list(loops.items())[::1 if round_ % 2 == 0 else -1]:
             times[name].append(time_round(step, args.steps, device))
     trainer.metrics.close()
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics and TensorBoard of the timed steps
     report(cfg, device, times)
 
 

@@ -41,9 +41,9 @@ def worker(args) -> None:
     from magneto_dist.training.tasks import GPTTask
 
     torch.set_num_threads(1)
-    init_distributed()
     cfg = with_vocab_size(load_config(args.config, args.overrides), args.vocab_size)
-    dims = validate(cfg, dist.get_world_size())
+    dims = validate(cfg, int(os.environ["WORLD_SIZE"]))  # before any process group, as a run
+    init_distributed()
     skeleton = model_skeleton(cfg.model)
     weights = InitWeights(skeleton, cfg.model, cfg.train.seed)
     largest = max(p.numel() for p in skeleton.parameters()) * 4
