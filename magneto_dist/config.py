@@ -14,13 +14,10 @@ from typing import Any, Dict, List, Optional, get_type_hints
 
 import yaml
 
+from .errors import ConfigError
 from .files import atomic_write
 from .model.config import ModelConfig
 from .parallel.dims import LayoutError, ParallelDims
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the key."""
 
 
 @dataclass

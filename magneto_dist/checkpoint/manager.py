@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from .. import errors
 from ..config import Config, config_from_dict, config_to_dict, dump_config
 from ..files import atomic_write
 from ..parallel.dims import ParallelDims
@@ -36,8 +37,7 @@ TAG = re.compile(r"^global_step(\d+)$")
 RESUMABLE_MODEL_CHANGES = {"dropout"}
 
 
-class CheckpointError(RuntimeError):
-    pass
+CheckpointError = errors.CheckpointError  # raised by the checkpoint code, read by its callers
 
 
 def tag_for(step: int) -> str:

@@ -27,13 +27,13 @@ from typing import Optional
 
 from ..files import atomic_write, wait_for_file
 from ..resilience.faults import maybe_inject
-from .manager import TAG, UNIVERSAL, saved_config
+from .manager import TAG, UNIVERSAL, CheckpointError, saved_config
 
 _PROCESS_START = time.time()  # a failure marker older than this is a previous attempt's
 BUILT = "built.json"  # written into the universal form's temp directory last, before the rename
 
 
-class ReshardError(RuntimeError):
+class ReshardError(CheckpointError):
     pass
 
 

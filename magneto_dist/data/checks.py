@@ -16,16 +16,14 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix, parse_and_normalize_split)
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from ..errors import DataError
+
 SPLIT_NAMES = ("train", "valid", "test")
 # A .bin of up to this many tokens is scanned whole (0.015 s per 100M tokens from the page cache
 # here; a cold file reads at disk speed); a larger one is sampled in SAMPLE_CHUNKS evenly spaced
 # chunks, which still catches a wrong tokenizer (its ids fill the whole range) at a bounded cost.
 FULL_SCAN_TOKENS = 1 << 30
 SAMPLE_CHUNKS, CHUNK_TOKENS = 256, 1 << 20
-
-
-class DataError(ValueError):
-    """Data that cannot train this run; the message names the file and what to do."""
 
 
 def check_exists(prefix: str) -> None:

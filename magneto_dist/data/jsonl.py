@@ -14,10 +14,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import DataError
 from .tokenizer import SentencePieceTokenizer
 
 
-class BadInputError(ValueError):
+class BadInputError(DataError):
     """A line of the input that cannot be used; the message names file and line."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..errors import ConfigError
 
-class LayoutError(ValueError):
+
+class LayoutError(ConfigError):
     """A layout that cannot run; the message names the config keys (config.validate turns it
     into a ConfigError)."""
 

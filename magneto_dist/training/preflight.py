@@ -9,10 +9,12 @@ import tempfile
 import time
 from typing import Optional
 
+from ..errors import ConfigError
+
 LOCK_NAME = "run.lock"
 
 
-class PreflightError(RuntimeError):
+class PreflightError(ConfigError):
     """The run cannot start in this run_dir; the message says why and what to do."""
 
 
