@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from magneto_dist.config import ConfigError
+from magneto_dist.launch_env import ROOT
 from magneto_dist.model import ModelConfig, build_model
-from magneto_dist.stability.grid import ROOT, load_sweep
+from magneto_dist.stability.grid import load_sweep
 from magneto_dist.stability.sweep import drop_partial_line, read_rows
 from magneto_dist.stability.verdicts import (VerdictConfig, count_spikes, early_divergence,
                                              judge, unigram_entropy)

@@ -27,9 +27,9 @@ from magneto_dist.parallel import state
 from magneto_dist.training.engine import optimizer_param_groups
 from magneto_dist.training.loop import TrainState
 from magneto_dist.training.metrics import device_peak_tflops
-from magneto_dist.training.run import (ROOT, TASKS, RankInfo, build_setup, load_tokenizer,
-                                       make_trainer, prepare_data, set_cpu_threads,
-                                       single_process_env)
+from magneto_dist.data.setup import load_tokenizer, prepare_data
+from magneto_dist.launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
+from magneto_dist.training.run import TASKS, build_setup, make_trainer
 from magneto_dist.training.schedule import make_scheduler
 
 from bench_model import time_round  # beside this file
@@ -57,7 +57,7 @@ def plain_loop(cfg, task, device, batches):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "gpt_tiny_cpu.yaml"))
+    p.add_argument("--config", default=default_config("gpt"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")

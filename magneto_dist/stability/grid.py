@@ -19,11 +19,11 @@ from typing import List, Optional
 import yaml
 
 from ..config import SECTIONS, Config, ConfigError, load_config, section_from_dict, validate
+from ..launch_env import default_config
 from ..model.config import NORM_SCHEMES, NORM_TYPES
 from .verdicts import VerdictConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAINER_DEFAULTS = os.path.join(ROOT, "configs", "gpt_tiny_cpu.yaml")  # under every cell's keys
+TRAINER_DEFAULTS = default_config("gpt")  # under every cell's keys
 
 
 @dataclass

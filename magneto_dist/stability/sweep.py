@@ -21,7 +21,8 @@ import numpy as np
 
 from ..data.checks import token_ids
 from ..files import atomic_write
-from .grid import ROOT, Cell, Sweep
+from ..launch_env import ROOT
+from .grid import Cell, Sweep
 from .verdicts import early_divergence, judge, unigram_entropy
 
 RESULTS = "results.jsonl"
@@ -54,7 +55,8 @@ def train_losses(run_dir: str) -> List[float]:
 def prepare_data(sweep: Sweep, log=print) -> float:
     """Build the corpus and index caches once per distinct seed before any cell starts (cells
     starting together would build the same caches at once); -> the corpus's unigram entropy."""
-    from ..training.run import RankInfo, load_tokenizer, prepare_data as prepare_run_data
+    from ..data.setup import load_tokenizer, prepare_data as prepare_run_data
+    from ..launch_env import RankInfo
     ranks = RankInfo()
     for seed in sorted({cell.seed for cell in sweep.cells()}):
         cfg = sweep.cell_config(next(c for c in sweep.cells() if c.seed == seed))

@@ -18,10 +18,8 @@ from ..checkpoint import manager as ckpt
 from ..checkpoint import reshard
 from ..checkpoint.export import check_consolidated, consolidated_weights
 from ..config import Config, ConfigError, dump_config, load_config, validate, with_vocab_size
-from ..data.corpus import build_builtin_corpus
-from ..data.checks import check_token_ids
-from ..data.datasets import DatasetRequest, build_datasets
-from ..data.tokenizer import SentencePieceTokenizer
+from ..data.setup import load_tokenizer, prepare_data
+from ..launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from ..model import InitWeights, flops_per_token, model_skeleton
 from ..parallel.dims import ParallelDims, describe
 from ..resilience.parent_watch import launcher_chain
@@ -33,8 +31,6 @@ from .preflight import PreflightError, RunLock, check_run_dir_writable, finished
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
-DEFAULT_CONFIGS = {"gpt": "configs/gpt_tiny_cpu.yaml", "bert": "configs/bert_tiny_cpu.yaml"}
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXIT_CONFIG_ERROR = 2
 EXIT_CHECKPOINT_ERROR = 3
 
@@ -43,74 +39,11 @@ def parse_args(task: str, argv: Optional[List[str]]):
     p = argparse.ArgumentParser(
         description=f"Pretrain a Magneto {task.upper()} with DeepSpeed.",
         epilog="overrides: section.key=value, e.g. train.train_iters=100 model.norm=pre_ln")
-    p.add_argument("--config", default=os.path.join(ROOT, DEFAULT_CONFIGS[task]),
-                   help=f"YAML config (default {DEFAULT_CONFIGS[task]})")
+    p.add_argument("--config", default=default_config(task),
+                   help=f"YAML config (default {os.path.relpath(default_config(task))})")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
-
-
-class RankInfo:
-    """The launcher's environment (deepspeed, torchrun and our supervisor all set these)."""
-
-    def __init__(self):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                   os.environ.get("LOCAL_SIZE", 1)))
-
-    def log(self, *args):
-        if self.rank == 0:
-            print(*args, flush=True)
-
-
-def single_process_env() -> None:
-    """Plain `python launch/...py` (no launcher): a world of one on a free local port, instead
-    of DeepSpeed's fallback to MPI discovery."""
-    if "RANK" in os.environ:
-        return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-
-
-def set_cpu_threads(ranks: RankInfo) -> None:
-    """Ranks sharing a CPU split its cores; oversubscription made matmuls up to 20x slower."""
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
-        return
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks.local_world_size)))
-
-
-def load_tokenizer(cfg: Config, ranks: RankInfo) -> Tuple[SentencePieceTokenizer, List[str]]:
-    """The tokenizer and the data prefixes (the built-in corpus is built here if needed)."""
-    d = cfg.data
-    if d.prefixes:
-        return SentencePieceTokenizer(d.tokenizer_model), list(d.prefixes)
-    corpus = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
-                                  local_rank=ranks.local_rank, log=ranks.log)
-    return SentencePieceTokenizer(corpus.tokenizer_model), [corpus.data_prefix]
-
-
-def prepare_data(cfg: Config, task: str, tokenizer: SentencePieceTokenizer,
-                 prefixes: List[str], ranks: RankInfo):
-    """Checked [train, valid, test] datasets; before torch.distributed starts."""
-    d, t = cfg.data, cfg.train
-    for prefix in prefixes:
-        checked = check_token_ids(prefix, tokenizer.vocab_size, tokenizer.model_path)
-        ranks.log(f"data check: {checked}")
-    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
-    request = DatasetRequest(
-        prefixes=prefixes, weights=d.weights, split=d.split, seq_len=cfg.model.max_seq_len,
-        seed=t.seed, cache_dir=os.path.join(d.cache_dir, "index"), masked_lm=task == "bert",
-        masking_probability=d.masking_probability,
-        num_samples=(t.train_iters * t.global_batch_size,
-                     max(1, evals * t.eval_iters * t.global_batch_size),
-                     max(1, t.eval_iters * t.global_batch_size)))
-    return build_datasets(request, tokenizer, local_rank=ranks.local_rank)
 
 
 def choose_resume_tag(cfg: Config, dims: ParallelDims, ckpt_dir: str,
