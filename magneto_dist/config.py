@@ -34,14 +34,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    train_iters: int = 300                 # optimizer steps of the whole run
+    train_iters: int = 200                 # optimizer steps of the whole run
     exit_at_step: Optional[int] = None     # save and stop at this step (the schedule still
                                            # spans train_iters); for staged runs
     micro_batch_size: int = 8              # samples per rank per forward pass
     global_batch_size: int = 16            # samples per optimizer step, all ranks together
     lr: float = 3e-3                       # peak learning rate
     min_lr: float = 3e-4                   # floor of the decay
-    warmup_iters: int = 30                 # linear warm-up from 0 to lr (a run shorter than
+    warmup_iters: int = 20                 # linear warm-up from 0 to lr (a run shorter than
                                            # this warms up over all its steps)
     lr_decay_style: str = "cosine"         # cosine | linear | constant (after warm-up)
     lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters)
@@ -53,12 +53,17 @@ class TrainConfig:
     precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16: GPU only, loss scaling)
     zero_stage: int = 1                    # DeepSpeed ZeRO stage 0-3
     seed: int = 1234                       # model init, data order, dropout
-    eval_interval: int = 100               # validate every N steps and at the end (0: never)
+    eval_interval: int = 50                # validate every N steps and at the end (0: never)
     eval_iters: int = 4                    # global batches per validation
     log_interval: int = 10                 # metrics every N steps
     max_nonfinite_steps: int = 3           # consecutive steps with a non-finite loss or grad
                                            # norm (each skipped, not applied) before the run
                                            # stops with exit code 4
+
+    @property
+    def last_step(self) -> int:
+        """The step this run stops (and saves) at: exit_at_step, else train_iters."""
+        return self.exit_at_step or self.train_iters
 
 
 @dataclass

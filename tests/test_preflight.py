@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from magneto_dist.config import load_config
+from magneto_dist.config import TrainConfig, load_config
 from magneto_dist.data.corpus import stdlib_sources
 from magneto_dist.data.tokenizer import train_sentencepiece
 from magneto_dist.training.engine import build_optimizer
@@ -78,11 +78,13 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
 
 
 def test_finished_message():
-    assert finished_message("r", "global_step8", 8, 10, None) is None
-    assert finished_message("r", "global_step10", 10, 10, None) == (
+    ten = TrainConfig(train_iters=10)
+    assert finished_message("r", "global_step8", 8, ten) is None
+    assert finished_message("r", "global_step10", 10, ten) == (
         "run r is finished: global_step10 is at step 10, train.train_iters=10; nothing to do. "
         "Raise train.train_iters to train further, or use a new logging.run_dir")
-    assert "train.exit_at_step=5" in finished_message("r", "global_step5", 5, 10, 5)
+    five = TrainConfig(train_iters=10, exit_at_step=5)
+    assert "train.exit_at_step=5" in finished_message("r", "global_step5", 5, five)
 
 
 def test_optimizer_skips_a_step_with_non_finite_gradients():

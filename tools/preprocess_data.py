@@ -12,7 +12,7 @@ import argparse
 import sys
 
 
-from magneto_dist.data.jsonl import BadInputError
+from magneto_dist.errors import MagnetoError
 from magneto_dist.data.preprocess import WorkerDied, output_prefix_for, preprocess
 
 
@@ -37,7 +37,7 @@ def main(argv=None):
                            workers=args.workers, append_eod=args.append_eod,
                            split_sentences=args.split_sentences,
                            skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress)
-    except (BadInputError, FileNotFoundError, WorkerDied) as err:
+    except (MagnetoError, FileNotFoundError, WorkerDied) as err:
         sys.exit(f"error: {err}")
     for line in stats.skipped_lines[:10]:
         print(f"skipped {line}", file=sys.stderr)

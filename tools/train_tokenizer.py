@@ -14,7 +14,8 @@ import tempfile
 import time
 
 
-from magneto_dist.data.jsonl import BadInputError, write_training_text
+from magneto_dist.data.jsonl import write_training_text
+from magneto_dist.errors import MagnetoError
 from magneto_dist.data.tokenizer import train_sentencepiece
 
 
@@ -35,7 +36,7 @@ def main(argv=None):
             lines = write_training_text(
                 args.input, args.json_keys, text, args.max_lines,
                 log=lambda m: print(m, file=sys.stderr, flush=True))
-        except (BadInputError, FileNotFoundError) as err:
+        except (MagnetoError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
         text.flush()
         if lines == 0:

@@ -26,6 +26,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from ..errors import DataError
 from ..files import WAIT_TIMEOUT_S, atomic_write, build_lock, wait_for_file
 from .checks import check_exists, check_splits
 from .tokenizer import SentencePieceTokenizer
@@ -53,7 +54,7 @@ def _megatron_config(req: DatasetRequest, tokenizer: SentencePieceTokenizer):
                   path_to_cache=req.cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=0.005)
     if req.masked_lm:
         if not tokenizer.has_masked_lm_pieces:
-            raise ValueError(f"tokenizer {tokenizer.model_path} has no <cls>/<sep>/<mask> pieces; "
+            raise DataError(f"tokenizer {tokenizer.model_path} has no <cls>/<sep>/<mask> pieces; "
                              "train one with tools/train_tokenizer.py for masked-LM data")
         return BERTMaskedWordPieceDataset, BERTMaskedWordPieceDatasetConfig(
             masking_probability=req.masking_probability, short_sequence_probability=0.1,

@@ -15,6 +15,8 @@ from typing import Iterable, List
 
 import sentencepiece as spm
 
+from ..errors import DataError
+
 # Special pieces every tokenizer we train has, at fixed ids (pad, unk, bos, eos first).
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MASKED_LM_PIECES = ("<cls>", "<sep>", "<mask>")
@@ -33,14 +35,14 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model {model_path} does not exist; train one with "
+            raise DataError(f"tokenizer model {model_path} does not exist; train one with "
                                     "`python tools/train_tokenizer.py` or fix the path")
         self.model_path = os.path.abspath(model_path)
         self.sha256 = file_sha256(model_path)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as err:  # sentencepiece: "could not parse ModelProto"
-            raise ValueError(f"tokenizer model {model_path} is not a sentencepiece model "
+            raise DataError(f"tokenizer model {model_path} is not a sentencepiece model "
                              f"({str(err).strip()}); pass the .model file written by "
                              "tools/train_tokenizer.py") from None
         self.vocab_size = self.sp.get_piece_size()
@@ -51,7 +53,7 @@ class SentencePieceTokenizer:
         # megatron-core's pad/eod collision check holds.
         self.pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk
         if self.eod < 0:
-            raise ValueError(f"tokenizer model {model_path} has no end-of-sequence piece; "
+            raise DataError(f"tokenizer model {model_path} has no end-of-sequence piece; "
                              "train it with eos_id set (tools/train_tokenizer.py does)")
         self.cls, self.sep, self.mask = (self.sp.piece_to_id(p) for p in MASKED_LM_PIECES)
 

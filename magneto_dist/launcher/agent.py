@@ -1,11 +1,11 @@
-"""torchrun's elastic agent with the policies it lacks (DESIGN.md, "Fault tolerance").
+"""torchrun's elastic agent with the policies it lacks.
 
 torch.distributed.elastic already supervises a node's workers, restarts the group on a failure,
 re-forms the rendezvous with fewer or more nodes and forwards SIGTERM. Added here:
 - every failure is recorded in RUN_DIR/restarts.jsonl (incidents.py), its cause told apart
   (exit code, signal, a hang killed by the step watchdog, a lost node);
-- exit codes that a restart cannot fix (2: config or data, 3: checkpoint, 4: non-finite loss,
-  which a replay of the same data reproduces) are not retried;
+- exit codes that a restart cannot fix (errors.NOT_RETRIED: config or data, checkpoint,
+  non-finite loss, which a replay of the same data reproduces, no space) are not retried;
 - the step watchdog kills only the hung worker: stock FileTimerServer then SIGKILLs the agent
   itself ("Terminating the server process ... because of expired timers", exit 137, no restart).
 """
@@ -18,9 +18,8 @@ import torch.distributed.elastic.timer as timer
 from torch.distributed.elastic.agent.server.api import WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
+from ..errors import NOT_RETRIED
 from .incidents import IncidentLog, cause_of
-
-NOT_RETRIED = {2: "config or data error", 3: "checkpoint error", 4: "non-finite loss"}
 log = logging.getLogger("ft_launch")
 
 

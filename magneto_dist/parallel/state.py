@@ -50,7 +50,8 @@ class DeepSpeedMPU:
     ZeRO partitioning, the model-parallel group for the grad norm and checkpoint file names.
 
     Deliberately no `initialize_sequence_parallel`: DeepSpeed takes its presence as a sequence-
-    parallel mpu and then ignores the model-parallel group (DESIGN.md).
+    parallel mpu and then ignores the model-parallel group, which trains without error and
+    gives wrong losses under TP.
     """
 
     get_data_parallel_group = staticmethod(ps.get_data_parallel_group)

@@ -22,6 +22,7 @@ import numpy as np
 from ..data.checks import token_ids
 from ..files import atomic_write
 from ..launch_env import ROOT
+from ..resilience.parent_watch import SUPERVISOR_ENV
 from .grid import Cell, Sweep
 from .verdicts import early_divergence, judge, unigram_entropy
 
@@ -91,7 +92,8 @@ def _cell_env(slot: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                         "MASTER_PORT")}  # each cell is a world of one on its own free port
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # the cells stop (saving) when the sweep is gone, even when it is killed with -9
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **{SUPERVISOR_ENV: str(os.getpid())})
     if _gpus():
         env["CUDA_VISIBLE_DEVICES"] = str(slot)
     return env

@@ -154,7 +154,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = Fal
         zero["contiguous_gradients"] = False
     if t.zero_stage == 3:
         # Partition every parameter: the default threshold (1e5) leaves small ones whole, which
-        # under tensor parallelism mixes replicated and sharded layouts (DESIGN.md).
+        # under tensor parallelism mixes replicated and sharded layouts in one partition.
         zero["stage3_param_persistence_threshold"] = 0
     generated = {
         "train_batch_size": t.global_batch_size,

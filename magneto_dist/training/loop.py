@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..config import Config
 from ..data.datasets import GlobalSampleBatches
+from ..errors import ExitCode
 from ..resilience.faults import fault_active, maybe_inject
 from ..resilience.parent_watch import watch_launchers
 from ..resilience.watchdog import StepWatchdog
@@ -23,8 +24,6 @@ from .metrics import MetricsLogger
 from .tasks import move_batch
 
 TP_RNG_KEY = "tensor_parallel"  # the TP dropout stream's entry in a rank's saved RNG state
-EXIT_NONFINITE = 4     # stopped after train.max_nonfinite_steps non-finite steps in a row
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; rerun to resume
 
 
 class StopRequest:
@@ -183,12 +182,12 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         evaluates = t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters)
         saves = c.save_interval and step % c.save_interval == 0
-        return bool(evaluates or saves or step == (t.exit_at_step or t.train_iters))
+        return bool(evaluates or saves or step == t.last_step)
 
     def train(self) -> int:
         """Run to train_iters (or exit_at_step); returns the process exit code."""
         t = self.cfg.train
-        end = t.exit_at_step or t.train_iters
+        end = t.last_step
         batches = self.loader(self.train_ds, t.train_iters * t.global_batch_size,
                                self.state.consumed_samples)
         self.stop.install()
@@ -197,9 +196,9 @@ class Trainer:
         while self.state.step < end:
             with watchdog.expires(long=self._long_step(self.state.step + 1)):
                 code = self.step(batches)
-            if code == EXIT_NONFINITE:
+            if code == ExitCode.NONFINITE:
                 return code
-            if code == EXIT_INTERRUPTED:
+            if code == ExitCode.INTERRUPTED:
                 with watchdog.expires(long=True):
                     if self.saved_at != self.state.step:
                         self.save()
@@ -221,9 +220,9 @@ class Trainer:
     def step(self, batches) -> Optional[int]:
         """One optimizer step as the run takes it (fault points, the step, non-finite check,
         metrics, diagnostics, evaluation, periodic save, the agreed stop); returns
-        EXIT_NONFINITE or EXIT_INTERRUPTED (not yet saved) to stop with, else None."""
+        ExitCode.NONFINITE or ExitCode.INTERRUPTED (not yet saved) to stop with, else None."""
         t, c = self.cfg.train, self.cfg.checkpoint
-        end = t.exit_at_step or t.train_iters
+        end = t.last_step
         for point in ("kill_at_step", "hang"):
             maybe_inject(point, dist.get_rank(), self.state.step + 1)
         loss = self.train_step(batches)
@@ -241,7 +240,7 @@ class Trainer:
                      "norm; their updates were skipped and no checkpoint was written for them. "
                      "Check the data, lower train.lr or lengthen the warm-up, then rerun to "
                      "resume from the last checkpoint")
-            return EXIT_NONFINITE
+            return ExitCode.NONFINITE
         if self.state.step % t.log_interval == 0 or self.state.step == end:
             seconds = time.perf_counter() - self.interval_start
             self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], norm,
@@ -261,4 +260,4 @@ class Trainer:
                 and not self.state.nonfinite_streak):
             self.save()
             self.saved_at = self.state.step
-        return EXIT_INTERRUPTED if self.stop.agreed(self.device) else None
+        return ExitCode.INTERRUPTED if self.stop.agreed(self.device) else None

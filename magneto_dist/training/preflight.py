@@ -9,6 +9,7 @@ import tempfile
 import time
 from typing import Optional
 
+from ..config import TrainConfig
 from ..errors import ConfigError
 
 LOCK_NAME = "run.lock"
@@ -88,13 +89,11 @@ class RunLock:
                 pass
 
 
-def finished_message(run_dir: str, tag: str, step: int, train_iters: int,
-                     exit_at_step: Optional[int]) -> Optional[str]:
+def finished_message(run_dir: str, tag: str, step: int, train: TrainConfig) -> Optional[str]:
     """Why there is nothing to do (the resume tag already reached the end), or None."""
-    end = exit_at_step or train_iters
-    if step < end:
+    if step < train.last_step:
         return None
-    reached = (f"train.exit_at_step={exit_at_step}" if exit_at_step
-               else f"train.train_iters={train_iters}")
+    reached = (f"train.exit_at_step={train.exit_at_step}" if train.exit_at_step
+               else f"train.train_iters={train.train_iters}")
     return (f"run {run_dir} is finished: {tag} is at step {step}, {reached}; nothing to do. "
             "Raise train.train_iters to train further, or use a new logging.run_dir")

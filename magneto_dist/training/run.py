@@ -17,22 +17,21 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..checkpoint import reshard
 from ..checkpoint.export import check_consolidated, consolidated_weights
-from ..config import Config, ConfigError, dump_config, load_config, validate, with_vocab_size
+from ..config import Config, dump_config, load_config, validate, with_vocab_size
 from ..data.setup import load_tokenizer, prepare_data
+from ..errors import ConfigError, ExitCode, MagnetoError
 from ..launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from ..model import InitWeights, flops_per_token, model_skeleton
 from ..parallel.dims import ParallelDims, describe
 from ..resilience.parent_watch import launcher_chain
 from ..resilience.watchdog import die_with_parent
 from .generate import sample
-from .loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer, TrainState
+from .loop import Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops, process_start_time
 from .preflight import PreflightError, RunLock, check_run_dir_writable, finished_message
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
-EXIT_CONFIG_ERROR = 2
-EXIT_CHECKPOINT_ERROR = 3
 
 
 def parse_args(task: str, argv: Optional[List[str]]):
@@ -88,66 +87,57 @@ def resolve(task: str, argv) -> Config:
 
 
 def main(task: str, argv: Optional[List[str]] = None) -> int:
-    """Every check that can fail runs before torch.distributed starts; exit codes: 2 config or
-    data, 3 checkpoint, 4 non-finite loss, 75 stopped by a signal (rerun to resume)."""
+    """The process's exit code (errors.ExitCode). The project's own errors (config, data,
+    checkpoint, no space) end it with one line and their code; anything else is unexpected and
+    keeps its traceback (exit 1, which the fault-tolerant launcher retries)."""
     die_with_parent()  # under launch/ft_launch.py: no rank outlives its agent
     single_process_env()
     launcher_chain()  # who launched us, noted while they are alive (see parent_watch)
     ranks = RankInfo()
     try:
-        cfg = resolve(task, argv)
-        dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
-        if cfg.deepspeed:  # DeepSpeed's import costs seconds that other config errors skip
-            from .engine import check_deepspeed_section
-            check_deepspeed_section(cfg, dims)
-        check_run_dir_writable(cfg.logging.run_dir)
-    except (ConfigError, PreflightError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return int(run(task, argv, ranks))
+    except MagnetoError as err:
+        print(f"{err.label}: {err}", file=sys.stderr, flush=True)
+        return int(err.exit_code)
+
+
+def preflight(task: str, argv, ranks: RankInfo) -> Tuple[Config, ParallelDims]:
+    """The validated config and layout; the run directory writable."""
+    cfg = resolve(task, argv)
+    dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
+    if cfg.deepspeed:  # DeepSpeed's import costs seconds that other config errors skip
+        from .engine import check_deepspeed_section
+        check_deepspeed_section(cfg, dims)
+    check_run_dir_writable(cfg.logging.run_dir)
     if cfg.train.warmup_iters > cfg.train.train_iters:
         ranks.log(f"train.warmup_iters={cfg.train.warmup_iters} is longer than "
                   f"train.train_iters={cfg.train.train_iters}: warming up over all "
                   f"{cfg.train.train_iters} steps")
+    return cfg, dims
+
+
+def run(task: str, argv, ranks: RankInfo) -> ExitCode:
+    """Every check that can fail runs before torch.distributed starts: config, tokenizer, the
+    resume point and its layout, data and index caches, a layout change's universal form."""
+    cfg, dims = preflight(task, argv, ranks)
     set_cpu_threads(ranks)
-    try:
-        tokenizer, prefixes = load_tokenizer(cfg, ranks)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"data error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    tokenizer, prefixes = load_tokenizer(cfg, ranks)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         ranks.log(f"model.vocab_size set from the tokenizer: {tokenizer.vocab_size}")
     # The model has exactly the tokenizer's vocabulary; tensor parallelism pads its own shards.
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
-    try:
-        resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
-    except ckpt.CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT_ERROR
+    resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
     if not resume_tag and cfg.checkpoint.init_from:
-        try:
-            check_consolidated(cfg.checkpoint.init_from, cfg)
-        except ckpt.CheckpointError as err:
-            print(f"checkpoint error: {err}", file=sys.stderr)
-            return EXIT_CHECKPOINT_ERROR
+        check_consolidated(cfg.checkpoint.init_from, cfg)
     if resume_tag:
         done = finished_message(cfg.logging.run_dir, resume_tag,
-                                ckpt.read_marker(ckpt_dir, resume_tag)["step"],
-                                cfg.train.train_iters, cfg.train.exit_at_step)
+                                ckpt.read_marker(ckpt_dir, resume_tag)["step"], cfg.train)
         if done:  # a rerun of a finished command rewrites nothing
             ranks.log(done)
-            return 0
-    try:
-        train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks)
-    except (FileNotFoundError, ValueError) as err:  # DataError is a ValueError
-        print(f"data error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    try:
-        resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks) if resume_tag
-                  else None)
-    except (reshard.ReshardError, TimeoutError) as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT_ERROR
+            return ExitCode.OK
+    train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks)
+    resume = resume_source(ckpt_dir, resume_tag, layout_change, ranks) if resume_tag else None
     objective = TASKS[task](tokenizer.vocab_size,
                             tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
     return train(cfg, dims, objective, tokenizer, train_ds, valid_ds, ckpt_dir, resume, ranks)
@@ -166,7 +156,7 @@ def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]
 
 
 def train(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
-          resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
+          resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> ExitCode:
     # deferred: importing DeepSpeed and megatron costs seconds that config errors should not pay
     from ..parallel.state import init_distributed
 
@@ -174,16 +164,16 @@ def train(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, valid_ds, 
         torch.cuda.set_device(ranks.local_rank)
     init_distributed()
     lock, refusal = lock_run_dir(cfg.logging.run_dir, ranks)
-    if refusal:
+    if refusal:  # said once, by rank 0; the other ranks exit with the same code
         if ranks.rank == 0:
-            print(f"config error: {refusal}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+            raise PreflightError(refusal)
+        return ExitCode.CONFIG
     try:
         code = train_locked(cfg, dims, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume,
                             ranks)
     finally:
         lock.release()
-    if code in (0, EXIT_INTERRUPTED, EXIT_NONFINITE):  # codes every rank returns together
+    if code in (ExitCode.OK, ExitCode.INTERRUPTED, ExitCode.NONFINITE):  # every rank together
         # Shut the process group down before the interpreter does: a rank that exited with
         # gloo's threads still running once died with "terminate called without an active
         # exception" (SIGABRT) after a complete run.
@@ -223,7 +213,8 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
 
 
 def train_locked(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, valid_ds,
-                 ckpt_dir: str, resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
+                 ckpt_dir: str, resume: Optional[reshard.ResumeSource],
+                 ranks: RankInfo) -> ExitCode:
     from .engine import repair_zero3_universal_load
 
     if ranks.rank == 0:
@@ -232,11 +223,7 @@ def train_locked(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, val
     state = TrainState()
     load_start = time.time()
     if resume:
-        try:
-            client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
-        except ckpt.CheckpointError as err:
-            print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
-            return EXIT_CHECKPOINT_ERROR
+        client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
         if resume.universal and cfg.train.zero_stage == 3:
             repair_zero3_universal_load(setup.engine, cfg)
         state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
