@@ -49,6 +49,23 @@ def test_tokenizer_that_is_not_sentencepiece_is_one_line_exit_2(tmp_path, capsys
             in capsys.readouterr().err)
 
 
+def test_an_unexpected_error_keeps_its_traceback_instead_of_becoming_a_data_error(
+        tmp_path, monkeypatch, tokenizer_model):
+    """Only the project's own errors become one line and exit 2/3 (never retried by the
+    launcher); a bug (here a KeyError while preparing data) propagates with its traceback, and
+    traceback and the script exits 1, which the launcher retries. It was printed as "data error"."""
+    from magneto_dist.training import run as run_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(run_module, "prepare_data", broken)
+    args = [f"data.prefixes=[{tmp_path}/none_text_document]",
+            f"data.tokenizer_model={tokenizer_model}", f"logging.run_dir={tmp_path}/run"]
+    with pytest.raises(ValueError, match="a bug"):
+        main("gpt", args)
+
+
 def write_lock(run_dir, pid, host=None):
     (run_dir / "run.lock").write_text(json.dumps({"host": host or socket.gethostname(),
                                                   "pid": pid, "since": "then"}))
