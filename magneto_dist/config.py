@@ -17,7 +17,7 @@ import yaml
 from .errors import ConfigError
 from .files import atomic_write
 from .model.config import ModelConfig
-from .parallel.dims import LayoutError, ParallelDims
+from .dims import LayoutError, ParallelDims
 
 
 @dataclass

@@ -9,7 +9,7 @@ import yaml
 
 from magneto_dist.config import Config, ConfigError, config_to_dict, dump_config, load_config, validate
 from magneto_dist.launch_env import default_config
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 from magneto_dist.training.run import main
 from magneto_dist.training.schedule import lr_at, make_scheduler
 

@@ -12,7 +12,7 @@ from magneto_dist.checkpoint import export
 from magneto_dist.checkpoint import manager as ckpt
 from magneto_dist.config import config_to_dict, dump_config, load_config
 from magneto_dist.model import build_model
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 
 from tools import convert_checkpoint
 

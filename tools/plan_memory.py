@@ -13,7 +13,7 @@ most parameters); see magneto_dist/training/memory_plan.py for what is and is no
 import argparse
 
 from magneto_dist.config import ConfigError, load_config, validate, with_vocab_size
-from magneto_dist.parallel.dims import LayoutError, ParallelDims
+from magneto_dist.dims import LayoutError, ParallelDims
 from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner, candidate_layouts,
                                                deepspeed_estimate)
 

@@ -11,7 +11,6 @@ What megatron-core lacks and is written here:
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from ..compat.megatron import solo_process_group
 from ..errors import DataError
 from ..files import WAIT_TIMEOUT_S, atomic_write, build_lock, wait_for_file
 from .checks import check_exists, check_splits
@@ -65,17 +65,6 @@ def _megatron_config(req: DatasetRequest, tokenizer: SentencePieceTokenizer):
                                         eod_mask_loss=False, create_attention_mask=False, **common)
 
 
-@contextlib.contextmanager
-def _solo_process_group():
-    """A world of one, so megatron-core's "rank 0 builds the cache" path runs on this process."""
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _marker_path(req: DatasetRequest, tokenizer: SentencePieceTokenizer) -> str:
     key = json.dumps([list(req.prefixes), req.weights, req.split, req.seq_len, req.seed,
                       list(req.num_samples), req.masked_lm, req.masking_probability,
@@ -100,7 +89,7 @@ def build_datasets(req: DatasetRequest, tokenizer: SentencePieceTokenizer,
     sizes = list(req.num_samples)
     if local_rank == 0:
         os.makedirs(req.cache_dir, exist_ok=True)
-        with build_lock(marker + ".lock"), _solo_process_group():  # one node at a time
+        with build_lock(marker + ".lock"), solo_process_group():  # one node at a time
             datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
         atomic_write(marker, "ok\n")
         return datasets

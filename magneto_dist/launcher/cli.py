@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher import api as launcher_api
 
+from ..compat.elastic import install_agent, rendezvous_hosted_here
 from ..config import load_config
 from ..errors import NOT_RETRIED, ConfigError, ExitCode
 from ..launch_env import default_config, task_of_script
@@ -80,16 +81,10 @@ def unreachable_store(args) -> Optional[str]:
     from datetime import timedelta
 
     from torch.distributed import TCPStore
-    from torch.distributed.elastic.rendezvous.utils import (_matches_machine_hostname,
-                                                            _parse_rendezvous_config,
-                                                            parse_rendezvous_endpoint)
 
     if args.rdzv_backend != "c10d" or not args.rdzv_endpoint:
         return None
-    host, port = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=29400)
-    conf = _parse_rendezvous_config(args.rdzv_conf)
-    hosting = conf.get("is_host", "").lower() not in ("false", "0") and \
-        _matches_machine_hostname(host)
+    host, port, hosting, conf = rendezvous_hosted_here(args.rdzv_endpoint, args.rdzv_conf)
     if hosting:
         return None
     wait_s = min(60.0, float(conf.get("join_timeout", 600)))
@@ -123,9 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.rdzv_endpoint = "localhost:0"  # one machine: the agent hosts it on a free port
     incidents = IncidentLog(run_dir)
     SupervisingAgent.incidents = incidents
-    # torchrun builds LocalElasticAgent by this name inside launch_agent, with no hook to pass
-    # another class; our subclass only adds policies (agent.py).
-    launcher_api.LocalElasticAgent = SupervisingAgent
+    install_agent(SupervisingAgent)  # torchrun has no way to pass another agent class
     code = _launch(args)
     print(f"[ft_launch] {incidents.summary()}", file=sys.stderr, flush=True)
     return code

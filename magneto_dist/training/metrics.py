@@ -18,9 +18,20 @@ import math
 import os
 import resource
 import time
-from typing import Optional
+from typing import List, Optional
 
 import torch
+
+from ..files import read_jsonl
+
+METRICS = "metrics.jsonl"  # in the run directory
+
+
+def read_metrics(run_dir: str, split: Optional[str] = None) -> List[dict]:
+    """A run's metrics.jsonl rows (of one split, when given), in the order written. A resumed
+    run replays steps: the last row of a step is the one that counts."""
+    rows = read_jsonl(os.path.join(run_dir, METRICS))
+    return [r for r in rows if split is None or r.get("split") == split]
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s per device (vendor datasheets, SXM parts); fp32 runs on
 # GPUs are compared with the same peak, as MFU is conventionally quoted.
@@ -72,7 +83,7 @@ class MetricsLogger:
         self.jsonl = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            self.jsonl = open(os.path.join(run_dir, METRICS), "a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))

@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..files import pid_alive
 
 LOCK_NAME = "run.lock"
 
@@ -27,16 +28,6 @@ def check_run_dir_writable(run_dir: str) -> None:
     except OSError as err:
         raise PreflightError(f"logging.run_dir={run_dir} cannot be written ({err.strerror or err}"
                              f"); choose a writable directory") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class RunLock:
@@ -66,7 +57,7 @@ class RunLock:
                 holder = self._holder()
                 pid = int((holder or {}).get("pid", -1))
                 if holder and (holder.get("host") != socket.gethostname()
-                               or (pid != os.getpid() and _alive(pid))):
+                               or (pid != os.getpid() and pid_alive(pid))):
                     raise PreflightError(
                         f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
                         f"{holder.get('host')} (since {holder.get('since')}); stop that run or use "
