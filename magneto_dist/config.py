@@ -52,6 +52,8 @@ class TrainConfig:
     grad_clip: float = 1.0                 # global grad-norm clip (0 disables)
     precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16: GPU only, loss scaling)
     zero_stage: int = 1                    # DeepSpeed ZeRO stage 0-3
+    compile: str = "off"                   # off | blocks: torch.compile each transformer
+                                           # block (after TP and recompute are applied)
     seed: int = 1234                       # model init, data order, dropout
     eval_interval: int = 50                # validate every N steps and at the end (0: never)
     eval_iters: int = 4                    # global batches per validation
@@ -142,6 +144,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
             return float(value)
         except ValueError:
             pass
+    if hint is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads off/on (train.compile) as booleans
     if hint in (int, float, str, bool) and not (type(value) is hint):
         raise ConfigError(f"{key}={value!r} must be {hint.__name__}")
     return value
@@ -295,6 +299,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     _require(t.warmup_iters >= 0, f"train.warmup_iters={t.warmup_iters} must be at least 0")
     _require(t.max_nonfinite_steps >= 1,
              f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1")
+    _require(t.compile in ("off", "blocks"),
+             f"train.compile={t.compile!r} must be off or blocks")
     _require(t.precision in ("fp32", "bf16", "fp16"),
              f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
     _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "

@@ -5,8 +5,8 @@ global batch sequence, and have rank 0 write {case name: result} to the output f
     python tests/dist/layout_worker.py CASES.json OUT.json
 
 A training case: {"name", "tp", "pp", "zero", "model": {ModelConfig overrides}, "steps",
-"recompute", "partition", "precision", "deepspeed": [key=value of the deepspeed: section]}
--> [loss per step]. A case with "check" runs one of block_checks.py instead.
+"recompute", "partition", "precision", "compile", "deepspeed": [key=value of the deepspeed:
+section]} -> [loss per step] ({"losses", "note"} with "compile": the start-up note). A case with "check" runs one of block_checks.py instead.
 Starting ranks costs seconds, so one group of ranks goes through many cases.
 """
 import json
@@ -57,6 +57,7 @@ def case_config(case):
                   f"parallel.pipeline_partition={case.get('partition', 'parameters')}",
                   f"train.zero_stage={case['zero']}", f"train.micro_batch_size={MICRO_BATCH}",
                   f"train.precision={case.get('precision', 'fp32')}",
+                  f"train.compile={case.get('compile', 'off')}",
                   f"train.global_batch_size={GLOBAL_BATCH}", "train.lr=3e-3",
                   "train.warmup_iters=1", f"train.train_iters={case['steps']}",
                   "train.grad_clip=0.5", "train.seed=7"]  # clipping active: tests the TP norm
@@ -76,7 +77,10 @@ def train_case(case):
     trainer = Trainer(cfg, task, setup, data, None, MetricsLogger("", False, False, 0, 1, None),
                       "", TrainState(), lambda s: {})
     batches = trainer.loader(data, len(data), 0)
-    return [trainer.train_step(batches) for _ in range(case["steps"])]
+    losses = [trainer.train_step(batches) for _ in range(case["steps"])]
+    if case.get("compile", "off") == "off":
+        return losses
+    return {"losses": losses, "note": setup.par.compile_note}
 
 
 def main():

@@ -1,0 +1,74 @@
+"""Compiled blocks (train.compile=blocks): torch.compile on each transformer block, torchtitan's
+way. A block's forward is compiled in place (nn.Module.compile, so parameter names and
+checkpoints do not change), after tensor parallelism and activation recompute are applied and
+before pipeline stages are cut; compiling happens at the block's first call (the first step).
+Identical blocks share one compiled graph (dynamo guards on the code and on what it reads, not
+on the module), so a model compiles its block once, not once per layer.
+
+fullgraph: a block that cannot be traced whole is an error at the first step, never a block
+silently cut into slow pieces. What each layout needed, found by compiling it:
+- TP: megatron-core's column-parallel linear all-reduces its input gradient with
+  `async_op=True` inside its autograd function, which dynamo cannot trace; those layers do the
+  same all-reduce synchronously (compat.megatron.synchronous_input_grad_all_reduce). The TP
+  Sub-LN's all-reduces (tensor_parallel._SumOverTP) and megatron's row-parallel reduction
+  trace as functional collectives. megatron-core warns on rank 0 only inside the row-parallel
+  forward; warnings are ignored in compiled code (compat.dynamo), or rank 0 alone broke the
+  graph and the other ranks waited for it forever.
+- Activation recompute traces as torch.utils.checkpoint without a custom context
+  (parallel/random.py checkpointed).
+- Dropout: compiled code draws from torch's generator as eager does (compat.dynamo
+  eager_random_in_compiled_code), so the masks, the losses and a resume are eager's.
+Run eager instead, with the reason at start-up (eager_reason):
+- ZeRO-3: DeepSpeed gathers each submodule's parameters in forward hooks it marks
+  torch.compiler.disable, so no block traces whole;
+- dropout under TP: attention dropout draws from the per-rank stream by swapping the
+  generator state (random.TensorParallelRNG.fork), which dynamo refuses to trace.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..config import Config
+from ..dims import ParallelDims
+
+
+def transformer_blocks(model: nn.Module) -> list:
+    stacks = [s for s in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if s]
+    return [layer for stack in stacks for layer in stack.layers]
+
+
+def eager_reason(cfg: Config, dims: ParallelDims) -> Optional[str]:
+    """Why this layout's blocks run eager under train.compile=blocks, or None."""
+    if dims.zero_stage == 3:
+        return ("ZeRO-3 gathers each submodule's parameters in forward hooks that DeepSpeed "
+                "keeps out of torch.compile, so no block compiles whole")
+    if dims.tp > 1 and cfg.model.dropout > 0:
+        return ("attention dropout under tensor parallelism swaps in the per-rank RNG stream "
+                "(torch.get_rng_state/set_rng_state), which torch.compile cannot trace")
+    return None
+
+
+def compile_blocks(model: nn.Module, cfg: Config, dims: ParallelDims) -> str:
+    """Mark every transformer block of `model` for compiling, or leave them eager where the
+    layout cannot compile; -> what was done, for the start-up log."""
+    reason = eager_reason(cfg, dims)
+    if reason:
+        return f"train.compile=blocks: the blocks run eager: {reason}"
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from ..compat.dynamo import eager_random_in_compiled_code, ignore_warnings_in_compiled_code
+    from ..compat.megatron import synchronous_input_grad_all_reduce
+
+    ignore_warnings_in_compiled_code()
+    if cfg.model.dropout > 0:
+        eager_random_in_compiled_code()  # the same dropout masks as eager
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, ColumnParallelLinear):
+                synchronous_input_grad_all_reduce(module)
+        block.compile(fullgraph=True, dynamic=False)
+    return (f"train.compile=blocks: {len(blocks)} transformer blocks compile at the first "
+            "step (torch.compile, fullgraph)")
