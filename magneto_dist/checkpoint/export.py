@@ -2,6 +2,10 @@
 as safetensors (with the model config as JSON) and read back into a model
 (`checkpoint.init_from`, tools/generate.py).
 
+An export records each tensor's content digest (integrity.py's XXH3-64 of its bytes, taken as
+they are written) in config.json; a run starting from it checks every tensor it reads against
+its digest and refuses one holding NaN or inf, by name.
+
 The parameters come from the checkpoint's universal form (reshard.py: full fp32 master weights
 by the model's own names, whatever TP x PP x DP x ZeRO wrote them), one at a time, so memory
 holds one full parameter, not the model. A ZeRO-0 checkpoint has no universal form; its TP1 x PP1
@@ -13,15 +17,16 @@ import json
 import os
 import shutil
 import struct
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from ..config import Config, config_to_dict
 from ..files import atomic_write
 from ..model import model_skeleton
+from . import integrity
 from .manager import UNIVERSAL, CheckpointError, model_differences, saved_config
-from .reshard import BUILT, build_universal
+from .reshard import build_universal, source_identity, universal_problem
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -44,7 +49,7 @@ def full_parameters(tag_dir: str, work_dir: str, log=print) -> Iterator[Tuple[st
         yield from _zero0_parameters(tag_dir, cfg, shapes)
         return
     universal = os.path.join(tag_dir, UNIVERSAL)
-    if not os.path.isfile(os.path.join(universal, BUILT)):
+    if universal_problem(universal, source_identity(tag_dir)):  # the input is only read
         universal = build_universal(tag_dir, log, final=os.path.join(work_dir, UNIVERSAL))
     for name, shape in shapes.items():
         path = os.path.join(universal, "zero", name, "fp32.pt")
@@ -75,13 +80,19 @@ def _checked(name: str, tensor: torch.Tensor, shape, source: str) -> torch.Tenso
     return tensor
 
 
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """The digest of a tensor's bytes as stored (its dtype, row-major)."""
+    return integrity.buffer_digest(tensor.contiguous().view(torch.uint8).numpy())
+
+
 def write_safetensors(path: str, shapes: Dict[str, torch.Size], dtype: torch.dtype,
                       tensors: Iterator[Tuple[str, torch.Tensor]], metadata: Dict[str, str],
-                      progress: Callable = lambda it, total: it) -> None:
-    """Stream tensors into one safetensors file, in `shapes` order. safetensors' own save_file
-    needs every tensor in memory at once; its format is simple and documented (8-byte
-    little-endian header size, a JSON header of dtypes, shapes and byte offsets, then the raw
-    bytes), so with the shapes known up front each tensor is written as it arrives."""
+                      progress: Callable = lambda it, total: it) -> Dict[str, str]:
+    """Stream tensors into one safetensors file, in `shapes` order; -> each tensor's digest.
+    safetensors' own save_file needs every tensor in memory at once; its format is simple and
+    documented (8-byte little-endian header size, a JSON header of dtypes, shapes and byte
+    offsets, then the raw bytes), so with the shapes known up front each tensor is written as
+    it arrives."""
     header, offset = {"__metadata__": metadata}, 0
     itemsize = torch.empty((), dtype=dtype).element_size()
     for name, shape in shapes.items():
@@ -91,14 +102,18 @@ def write_safetensors(path: str, shapes: Dict[str, torch.Size], dtype: torch.dty
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    digests = {}
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for (name, tensor), expected in progress(zip(tensors, shapes), len(shapes)):
             assert name == expected, (name, expected)  # full_parameters yields in shapes order
-            f.write(tensor.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+            stored = tensor.to(dtype).contiguous()
+            digests[name] = _tensor_digest(stored)
+            f.write(stored.view(torch.uint8).numpy().tobytes())
         f.flush()
         os.fsync(f.fileno())
+    return digests
 
 
 def export_safetensors(tag_dir: str, out_dir: str, dtype: str = "fp32", log=print,
@@ -111,13 +126,15 @@ def export_safetensors(tag_dir: str, out_dir: str, dtype: str = "fp32", log=prin
     os.makedirs(temp)
     try:
         shapes = model_shapes(cfg.model)
-        write_safetensors(os.path.join(temp, WEIGHTS), shapes, DTYPES[dtype],
-                          full_parameters(tag_dir, temp, log),
-                          {"format": "pt", "source": os.path.abspath(tag_dir)}, progress)
+        digests = write_safetensors(os.path.join(temp, WEIGHTS), shapes, DTYPES[dtype],
+                                    full_parameters(tag_dir, temp, log),
+                                    {"format": "pt", "source": os.path.abspath(tag_dir)},
+                                    progress)
         shutil.rmtree(os.path.join(temp, UNIVERSAL), ignore_errors=True)
         atomic_write(os.path.join(temp, CONFIG), json.dumps(
             {"model": config_to_dict(cfg)["model"], "dtype": dtype,
-             "source": os.path.abspath(tag_dir)}, indent=1) + "\n")
+             "source": os.path.abspath(tag_dir), "digest": integrity.DIGEST,
+             "digests": digests}, indent=1) + "\n")
         os.rename(temp, out_dir)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -155,14 +172,33 @@ def check_consolidated(init_dir: str, cfg: Config) -> None:
         raise CheckpointError(f"{weights}: parameters the model does not have: {extra[:5]}")
 
 
+def checked_tensor(path: str, name: str, tensor: torch.Tensor, digest: Optional[str]
+                   ) -> torch.Tensor:
+    """An export's tensor as read, refused if its bytes differ from the recorded digest or it
+    holds NaN or inf (training from it would be NaN from the first step)."""
+    if digest is not None and _tensor_digest(tensor) != digest:
+        raise CheckpointError(f"{path}: parameter {name!r} has other contents than when "
+                              f"exported ({integrity.DIGEST} {_tensor_digest(tensor)}, {digest} "
+                              "recorded); export the checkpoint again")
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(f"{path}: parameter {name!r} has {bad} NaN or inf value(s) of "
+                              f"{tensor.numel()}; start from an export of a checkpoint "
+                              "written before the run diverged")
+    return tensor
+
+
 def consolidated_weights(init_dir: str) -> Callable[[str], torch.Tensor]:
     """name -> an export's full tensor, read one at a time (safetensors reads only that
-    tensor's bytes), for parallelize() to slice: a rank never holds the whole export."""
+    tensor's bytes) and checked (checked_tensor), for parallelize() to slice: a rank never
+    holds the whole export."""
     from safetensors import safe_open
 
     path = os.path.join(init_dir, WEIGHTS)
+    with open(os.path.join(init_dir, CONFIG), encoding="utf-8") as f:
+        digests = json.load(f).get("digests", {})  # exports older than digests have none
 
     def full(name: str) -> torch.Tensor:
         with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)
+            return checked_tensor(path, name, f.get_tensor(name), digests.get(name))
     return full

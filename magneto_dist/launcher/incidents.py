@@ -53,7 +53,7 @@ class IncidentLog:
         steps = train_rows(self.run_dir)
         reached = steps[-1]["step"] if steps else 0
         tag = ckpt.find_resume_tag(os.path.join(self.run_dir, "checkpoints"), "auto",
-                                   log=lambda _: None)
+                                   log=lambda _: None, share=None)  # sizes: no reading
         resumed = int(ckpt.TAG.match(tag).group(1)) if tag else 0
         since = [r["time"] for r in steps if r["step"] == resumed]
         start = since[-1] if since else (steps[0]["time"] if steps else time.time())
