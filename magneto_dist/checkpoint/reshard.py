@@ -164,14 +164,20 @@ def _temp_of(final: str, host: str, pid: int) -> str:
     return f"{final}.tmp-{host}-{pid}"
 
 
+def _remove_temps(final: str, host: str, pid: int) -> None:
+    """A converter's temp directory and its view of the source (compat.ds_universal)."""
+    for path in (_temp_of(final, host, pid), f"{_temp_of(final, host, pid)}.source"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _remove_dead_temps(final: str) -> None:
-    """Temp directories of conversions killed on this host (their pid is gone)."""
+    """What conversions killed on this host (their pid is gone) left."""
     prefix = f"{os.path.basename(final)}.tmp-{socket.gethostname()}-"
     parent = os.path.dirname(final)
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        pid = name[len(prefix):] if name.startswith(prefix) else ""
+        pid = name[len(prefix):].split(".")[0] if name.startswith(prefix) else ""
         if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            _remove_temps(final, socket.gethostname(), int(pid))
 
 
 def _convert(tag_dir: str, final: str, lock: ProgressLock, log, quiet: bool, faults: Faults,
@@ -241,8 +247,7 @@ def _taken_over(lock: ProgressLock, why: str, log) -> bool:
         return False
     log(f"taking over the conversion: the converter on {why}")
     if holder.get("host") and holder.get("pid"):
-        final = lock.path[:-len(".lock")]
-        shutil.rmtree(_temp_of(final, holder["host"], holder["pid"]), ignore_errors=True)
+        _remove_temps(lock.path[:-len(".lock")], holder["host"], holder["pid"])
     return True
 
 
