@@ -108,7 +108,7 @@ class ProgressLock:
     correctness: a builder must still publish its result with an atomic rename that the first
     one wins."""
 
-    HEARTBEAT_S = 5.0   # how often the holder writes its progress
+    HEARTBEAT_S = 15.0  # how often the holder writes its progress (well inside any stall_s)
     SETTLE_S = 1.0      # a takeover re-reads the lock after this long
 
     def __init__(self, path: str, stall_s: Optional[float] = None):

@@ -1,8 +1,7 @@
 """Checkpoint bookkeeping that needs no engine: resume choice, pruning, compatibility, content
-digests, disk space, the data position's sizing, the conversion lock."""
+digests, disk space, the data position's sizing, ranks that disagree on the resume tag."""
 import errno
 import json
-import os
 import shutil
 from collections import namedtuple
 
@@ -11,7 +10,7 @@ import pytest
 from magneto_dist import errors
 from magneto_dist.checkpoint import integrity
 from magneto_dist.checkpoint import manager as ckpt
-from magneto_dist.checkpoint import reshard
+from magneto_dist.checkpoint import reshard, storage
 from magneto_dist.data.datasets import train_samples
 from magneto_dist.config import dump_config, load_config
 from magneto_dist.dims import ParallelDims
@@ -261,3 +260,39 @@ def test_a_resume_that_changes_the_data_order_is_named(tmp_path):
         load_config(None, ["train.seed=2", "data.split=98,1,1", "train.lr=1e-4"])) == [
         "train.seed: checkpoint 1, config 2", "data.split: checkpoint '969,30,1', config "
         "'98,1,1'"]
+
+
+def view(host, tag, complete=True, damaged=False, missing=()):
+    return {"host": host, "tag": tag, "complete": complete, "damaged": damaged,
+            "missing": list(missing)}
+
+
+def test_ranks_that_chose_another_resume_tag_are_named_by_host():
+    """Node-local disks: rank 0 resumed while the other node (no complete.json there) started
+    fresh, a hang or a silent divergence; now one error names the node and what it lacks."""
+    files = ["a.pt", "b.pt", "c.pt"]
+    error = storage._disagreement("/ckpt", "global_step4", [
+        view("node-a", "global_step4"), view("node-a", "global_step4"),
+        view("node-b", None, complete=False, missing=["a.pt", "b.pt"]),
+        view("node-b", None, complete=False, missing=["a.pt", "b.pt"])], files)
+    assert isinstance(error, errors.CheckpointError) and error.exit_code == 3
+    assert str(error).startswith(
+        "the ranks do not see the same checkpoints in /ckpt: rank 0 on node-a resumes "
+        "global_step4; node-b (ranks 2-3) would start fresh: it lacks global_step4/complete.json "
+        "and 2 of its 3 files (a.pt, b.pt). Every rank must see one checkpoint directory"), error
+    error = storage._disagreement("/ckpt", None, [view("node-a", None), view("node-b",
+                                                                             "global_step4")], [])
+    assert "rank 0 on node-a resumes nothing (a fresh start); node-b (rank 1) would resume " \
+           "global_step4." in str(error)
+
+
+def test_a_tag_another_rank_found_damaged_or_a_stale_listing_needs_a_restart():
+    damaged = storage._disagreement("/ckpt", "global_step4", [
+        view("a", "global_step4", complete=False, damaged=True),
+        view("a", "global_step2", complete=False, damaged=True)], ["x.pt"])
+    assert isinstance(damaged, errors.RestartNeeded) and damaged.exit_code.retried
+    assert "which another rank found damaged since" in str(damaged)
+    stale = storage._disagreement("/ckpt", "global_step4", [
+        view("a", "global_step4"), view("b", "global_step2")], ["x.pt"])
+    assert isinstance(stale, errors.RestartNeeded) and "a stale directory listing" in str(stale)
+    assert storage._ranks_text([0, 2, 3, 4, 7]) == "ranks 0, 2-4, 7"

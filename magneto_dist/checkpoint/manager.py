@@ -274,8 +274,10 @@ def space_shortfall(ckpt_dir: str, tag: str) -> Optional[str]:
     """Why the filesystem cannot hold a save of `tag` (its free space is less than the
     previous tag took), or None."""
     needed, measured_on = space_needed(ckpt_dir, tag)
+    if not needed:
+        return None
     reusable = _tag_bytes(ckpt_dir, tag) if os.path.isdir(os.path.join(ckpt_dir, tag)) else 0
-    free = shutil.disk_usage(ckpt_dir).free
+    free = _free_bytes(ckpt_dir)
     if free + reusable >= needed:
         return None
     return (f"no space left on {ckpt_dir} (needs about {_size(needed)} for {tag}, as "
@@ -291,13 +293,20 @@ def check_space(ckpt_dir: str, tag: str) -> None:
         raise errors.NoSpaceError(verdict[0])
 
 
+def _free_bytes(path: str) -> int:
+    """Free space on the filesystem of path (or of its nearest existing parent)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
 def _out_of_space(err: BaseException, ckpt_dir: str, needed: int) -> bool:
     """Whether a failed write ran out of space: the OS said so, or (torch's writer reports a
     full disk as "basic_ios::clear: iostream error" or "unexpected pos", without an errno)
     the filesystem has less free than the save needs."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return shutil.disk_usage(ckpt_dir).free < max(needed, LOW_SPACE_BYTES)
+    return _free_bytes(ckpt_dir) < max(needed, LOW_SPACE_BYTES)
 
 
 @contextlib.contextmanager
@@ -314,7 +323,7 @@ def full_disk_as_no_space(ckpt_dir: str, tag: str):
         need = (f"needs about {_size(needed)}, as {measured_on} took" if needed else
                 f"needs more than the {_size(written)} written before it ran out")
         raise errors.NoSpaceError(
-            f"no space left on {ckpt_dir} ({need}; {_size(shutil.disk_usage(ckpt_dir).free)} "
+            f"no space left on {ckpt_dir} ({need}; {_size(_free_bytes(ckpt_dir))} "
             f"free) while saving {tag} ({type(err).__name__}: {str(err)[:200]}). {tag} is not "
             f"marked complete; free space (or lower checkpoint.keep_last) and rerun to resume "
             f"from {measured_on or 'the start'}") from err

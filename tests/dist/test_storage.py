@@ -1,6 +1,6 @@
-"""Where checkpoints are written: a full disk during a save (a real one: a small tmpfs), and
-node-local disks, simulated as two "nodes" on this machine whose ranks each see their own
-run directory."""
+"""What the disk does to checkpoints: contents damaged at the same size, a full disk during a
+save (a real one: a small tmpfs), and node-local disks, simulated as two "nodes" on this
+machine whose ranks each see their own run directory."""
 import json
 import os
 import subprocess
@@ -9,8 +9,31 @@ import sys
 import pytest
 
 from .gpt_runs import check_ok, gpt, read_metrics
-from .ranks import ROOT, free_port, rank_env, wait_ranks
-from .test_ft_launch import finish, ft_launch
+from .ranks import ROOT, free_port, rank_env, run_ranks, wait_ranks
+from .test_ft_launch import final_losses, finish, ft_launch, reference, script
+
+
+def test_contents_damaged_at_the_same_size_fall_back_to_the_previous_tag(tmp_path, cache_dir):
+    """64 KiB of random bytes inside a complete tag's optimizer file: the run resumed from it,
+    trained on NaN and stopped with exit 4, telling the user to check the data or lower the LR.
+    Now the rank whose share of the files holds it finds it, the tag is marked damaged, and the
+    run (restarted by the launcher when the other rank had already chosen the tag) resumes
+    from the previous one: every loss equals the uninterrupted run's."""
+    run_dir, steps = tmp_path / "run", "train.train_iters=8"
+    check_ok(run_ranks(script(run_dir, cache_dir, steps, "train.exit_at_step=6"), 2))
+    victim = run_dir / "checkpoints" / "global_step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(victim, "r+b") as f:  # rank 1's share of the six files
+        f.seek(100_000)
+        f.write(os.urandom(64 * 1024))
+    code, out = finish(ft_launch(script(run_dir, cache_dir, steps)))
+    assert code == 0, out[-5000:]
+    assert (f"rank 1: WARNING: skipping damaged checkpoint {run_dir}/checkpoints/global_step6: "
+            f"{victim} has other contents than when saved") in out
+    if "restart needed: " in out:  # rank 0 had chosen the tag before rank 1 marked it
+        assert f"skipping damaged checkpoint {run_dir}/checkpoints/global_step6 (marked in " \
+               "damaged.json)" in out
+    assert "resumed from" in out and "step 4, 32 samples consumed" in out
+    assert final_losses(run_dir) == reference(tmp_path, cache_dir, 2, steps)
 
 
 @pytest.fixture
