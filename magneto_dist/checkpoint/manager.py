@@ -355,6 +355,11 @@ def write_marker(ckpt_dir: str, tag: str, step: int, client_state: dict, dims: P
     atomic_write(os.path.join(ckpt_dir, tag, COMPLETE), json.dumps(marker) + "\n")
 
 
+def write_latest(ckpt_dir: str, tag: str) -> None:
+    """`latest`, which DeepSpeed's own tools (zero_to_fp32.py) read, moved atomically."""
+    atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config, dims: ParallelDims,
          keep_last: int, extra_rng: Optional[dict] = None, faults: Faults = NO_FAULTS,
          log=None) -> str:
@@ -377,7 +382,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config, dims
     if rank == 0:
         with full_disk_as_no_space(ckpt_dir, tag):
             write_marker(ckpt_dir, tag, step, client_state, dims, files, shared)
-            atomic_write(os.path.join(ckpt_dir, "latest"), tag)  # DeepSpeed's tools read this
+            write_latest(ckpt_dir, tag)
         prune(ckpt_dir, keep_last)
     dist.barrier()
     if log:
