@@ -209,7 +209,8 @@ def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]
 
 
 def train(plan: RunPlan) -> ExitCode:
-    """The process group, the run directory's lock, then the run itself."""
+    """The process group, the run directory's lock, every rank agreeing on the resume tag,
+    then the run itself."""
     # deferred: importing DeepSpeed and megatron costs seconds that config errors should not pay
     from ..parallel.state import init_distributed
 
