@@ -112,8 +112,6 @@ def test_a_damaged_universal_form_is_rebuilt(tmp_path, cache_dir, straight_runs)
     got = {r["step"]: r["loss"] for r in read_metrics(resumed)}  # the last run's rows
     assert sorted(got) == [6, 7, 8, 9, 10]
     assert max(abs(got[s] - expected[s]) for s in got) < TOLERANCE
-    out = check_ok(run_ranks(args, 1))  # intact now: verified and reused
-    assert "reusing the universal form in" in out and "(its files verified in" in out
 
 
 def node(ckpt_dir, local_rank, fault=None):
