@@ -15,9 +15,10 @@ from typing import Callable, List, Optional
 
 WAIT_TIMEOUT_S = 1800  # a node's other ranks wait this long for local rank 0's build
 # A ProgressLock holder whose progress has not changed for this long is presumed hung (or its
-# host dead) and is taken over. Its longest silent stretch measured: DeepSpeed's
-# ds_to_universal loading one rank's optimizer file before writing its slices (~1 s per GB on
-# this CPU), so 10 minutes covers a 500 GB file.
+# host dead) and is taken over. A converter's longest silent stretch is ds_to_universal loading
+# one rank's optimizer file before writing its slices: torch.load took 1.8-4.5 s per GB on this
+# (busy) CPU, so 10 minutes covers a file of 130 GB; 6.7B under ZeRO-1 on 64 ranks has ~1.3 GB
+# of optimizer state per rank.
 STALL_S = 600
 
 
@@ -118,9 +119,9 @@ class ProgressLock:
         self._stop = threading.Event()
         self._seen, self._seen_at = None, time.monotonic()  # a waiter's last view, and when
 
-    def _record(self, progress, extra: dict) -> str:
+    def _record(self, progress) -> str:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                           "progress": progress, "time": time.time(), **extra})
+                           "progress": progress, "time": time.time()})
 
     def holder(self) -> Optional[dict]:
         """The lock's contents; None when there is no lock (or a half-written one)."""
@@ -130,14 +131,14 @@ class ProgressLock:
         except (OSError, ValueError):
             return None
 
-    def acquire(self, extra: Optional[dict] = None) -> bool:
+    def acquire(self) -> bool:
         """Take the lock if nobody holds it (never blocks)."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self._record(None, extra or {}))
+            f.write(self._record(None))
         return True
 
     def quiet_s(self) -> float:
@@ -161,20 +162,19 @@ class ProgressLock:
             return f"{who} made no progress for {self.quiet_s():.0f} s"
         return None
 
-    def take_over(self, extra: Optional[dict] = None) -> bool:
+    def take_over(self) -> bool:
         """Replace a stale holder; True if this process holds the lock afterwards."""
-        atomic_write(self.path, self._record(None, extra or {}))
+        atomic_write(self.path, self._record(None))
         time.sleep(self.SETTLE_S)
         return (self.holder() or {}).get("token") == self.token
 
-    def start_heartbeat(self, progress: Callable[[], object], extra: Optional[dict] = None
-                        ) -> None:
+    def start_heartbeat(self, progress: Callable[[], object]) -> None:
         """While held: write progress() into the lock every HEARTBEAT_S seconds."""
         def beat():
             while not self._stop.wait(self.HEARTBEAT_S):
                 if (self.holder() or {}).get("token") != self.token:
                     return  # taken over: this process judged hung; its result may still win
-                atomic_write(self.path, self._record(progress(), extra or {}))
+                atomic_write(self.path, self._record(progress()))
         self._stop.clear()
         self._beat = threading.Thread(target=beat, name="progress-lock", daemon=True)
         self._beat.start()
