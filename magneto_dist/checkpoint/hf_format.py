@@ -121,10 +121,15 @@ class HFDirectory:
 
         shapes = {}
         for path in sorted(set(self.files.values())):
+            names = [name for name, file in self.files.items() if file == path]
             try:
                 with safe_open(path, framework="pt") as f:
+                    missing = sorted(set(names) - set(f.keys()))
+                    if missing:
+                        raise CheckpointError(f"{self.directory}/{INDEX} puts {missing[0]!r} in "
+                                              f"{path}, which does not hold it")
                     shapes.update({native_name(name): list(f.get_slice(name).get_shape())
-                                   for name in f.keys() if self.files.get(name) == path})
+                                   for name in names})
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
         return shapes

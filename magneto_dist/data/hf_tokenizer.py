@@ -20,12 +20,12 @@ out of the text after normalization, so the dummy prefix lands before them as se
 """
 from __future__ import annotations
 
+import functools
 import itertools
-import json
 import os
 import re
 import shutil
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from ..errors import CheckpointError
 from .corpus import builtin_corpus_paths, stdlib_sources
@@ -58,6 +58,7 @@ def tokenizer_of_path(path: str) -> Tuple[str, List[str]]:
     return ("huggingface" if os.path.isdir(path) else "sentencepiece"), [path]
 
 
+@functools.lru_cache(maxsize=1)
 def default_samples() -> List[str]:
     """The awkward strings and excerpts of the standard library's sources."""
     excerpts = (text[:STDLIB_CHARS] for _, text in itertools.islice(stdlib_sources(), 0, None, 15))
@@ -65,24 +66,33 @@ def default_samples() -> List[str]:
 
 
 class HFDirectoryTokenizer:
-    """encode/decode of a tokenizer.json as a run uses it: the text's ids, nothing added;
-    eod is its eos token."""
+    """A Hugging Face tokenizer directory as a run reads it (AutoTokenizer): the text's ids,
+    nothing added; eod is its eos token. Remote code is never run: where the directory is a
+    model with custom code (an export), AutoTokenizer takes its config as a plain one."""
 
     def __init__(self, directory: str):
-        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
+        from transformers.utils import logging
 
-        self.tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-        self.vocab_size = self.tokenizer.get_vocab_size()
-        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        self.eod = self.tokenizer.token_to_id(eos) if eos else None
+        missing = [name for name in HF_FILES if not os.path.isfile(os.path.join(directory, name))]
+        if missing:
+            raise CheckpointError(f"tokenizer directory {directory} has no "
+                                  f"{' or '.join(missing)}; pass a directory written by a fast "
+                                  "tokenizer's save_pretrained")
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()  # "model of type magneto ... of type ''": expected here
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        finally:
+            logging.set_verbosity(level)
+        self.vocab_size = len(self.tokenizer)
+        self.eod = self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> List[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: List[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids)
 
 
 def run_tokenizer(kind: str, paths: Sequence[str]):
@@ -97,11 +107,11 @@ def run_tokenizer(kind: str, paths: Sequence[str]):
         raise CheckpointError(f"tokenizer {paths[0]}: cannot be read ({err})") from None
 
 
-def write_hf_tokenizer(kind: str, paths: Sequence[str], out_dir: str, model_max_length: int,
-                       samples: Iterable[str] = ()) -> Dict[str, int]:
+def write_hf_tokenizer(kind: str, paths: Sequence[str], out_dir: str,
+                       model_max_length: int) -> Dict[str, int]:
     """Write the tokenizer files of (kind, paths) into out_dir (an existing, new directory) and
-    check them against run_tokenizer(kind, paths) on default_samples() plus `samples`. Returns
-    the special ids {bos, eos, pad, unk} (None where it has none)."""
+    check them against run_tokenizer(kind, paths) on default_samples(). Returns the special
+    ids {bos, eos, pad, unk} (None where it has none)."""
     reference = run_tokenizer(kind, paths)
     WRITERS[kind](list(paths), out_dir, model_max_length)
     from transformers import AutoTokenizer
@@ -111,8 +121,10 @@ def write_hf_tokenizer(kind: str, paths: Sequence[str], out_dir: str, model_max_
         raise CheckpointError(f"tokenizer {paths[0]}: its Hugging Face conversion has "
                               f"{len(loaded)} tokens, the run's {reference.vocab_size}")
     encode, decode = reference.encode, reference.decode
-    for text in itertools.chain(default_samples(), samples):
-        expected, got = encode(text), loaded(text, add_special_tokens=False)["input_ids"]
+    for text in default_samples():
+        expected = encode(text)
+        # verbose=False: a sample longer than model_max_length is no problem here
+        got = loaded(text, add_special_tokens=False, verbose=False)["input_ids"]
         if got != expected:
             at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
                       min(len(expected), len(got)))
@@ -129,10 +141,6 @@ def write_hf_tokenizer(kind: str, paths: Sequence[str], out_dir: str, model_max_
 def _copy_hf_directory(paths: List[str], out_dir: str, model_max_length: int) -> None:
     """A Hugging Face tokenizer directory: its files are already the format."""
     source = paths[0]
-    missing = [name for name in HF_FILES if not os.path.isfile(os.path.join(source, name))]
-    if missing:
-        raise CheckpointError(f"tokenizer directory {source} has no {' or '.join(missing)}; "
-                              "pass a directory written by a fast tokenizer's save_pretrained")
     for name in HF_FILES + HF_OPTIONAL_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
@@ -192,8 +200,12 @@ def _sentencepiece_pipeline(proto, path: str):
         tokenizer.pre_tokenizer = pre_tokenizers.Split(
             Regex("|".join(re.escape(piece) for piece in sorted(user, key=len, reverse=True))),
             behavior="isolated")
-    steps = [decoders.Replace(SPACE, " ")] if norm.escape_whitespaces else []
-    steps += [decoders.ByteFallback(), decoders.Fuse()] if trainer.byte_fallback else []
+    # Decoding works on each token's text, then on the fused string: <unk> reads as
+    # sentencepiece's unk surface, byte pieces become their bytes, the dummy prefix goes.
+    steps = [decoders.Replace(proto.pieces[trainer.unk_id].piece, trainer.unk_surface)]
+    steps += [decoders.Replace(SPACE, " ")] if norm.escape_whitespaces else []
+    steps += [decoders.ByteFallback()] if trainer.byte_fallback else []
+    steps.append(decoders.Fuse())
     if norm.add_dummy_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     tokenizer.decoder = decoders.Sequence(steps)
@@ -202,7 +214,8 @@ def _sentencepiece_pipeline(proto, path: str):
 
 def _sentencepiece_model(proto, path: str, user_pieces: bool):
     """BPE with merges in score order, or Unigram with the pieces' scores. Pieces that text
-    never produces in sentencepiece (control, unused, byte) cannot win in a Unigram lattice."""
+    never produces in sentencepiece (unknown, control, unused, byte) cannot win in a Unigram
+    lattice."""
     from tokenizers.models import BPE, Unigram
 
     trainer, pieces = proto.trainer_spec, proto.pieces
@@ -224,7 +237,7 @@ def _sentencepiece_model(proto, path: str, user_pieces: bool):
         return BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                    byte_fallback=trainer.byte_fallback, ignore_merges=user_pieces)
     if trainer.model_type == 1:  # Unigram
-        never = (CONTROL, UNUSED, BYTE)
+        never = (UNKNOWN, CONTROL, UNUSED, BYTE)
         vocab = [(p.piece, -1e9 if p.type in never else p.score) for p in pieces]
         return Unigram(vocab, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback)
     raise CheckpointError(f"tokenizer {path}: sentencepiece model type {trainer.model_type} "

@@ -201,8 +201,9 @@ class MagnetoStack(nn.Module):
 def attention_mask_4d(attention_mask, s, t, causal, device):
     """(bool mask [b, 1, s, t] or None, is_causal) for s queries over t keys, the last s of
     which are the queries themselves. Without padding the plain kernels run (is_causal when
-    queries and keys coincide), as in training; a padded query may still see itself, so no row
-    is all -inf (whose NaN would leak into later layers through 0 * NaN)."""
+    queries and keys coincide), as in training. A padded query may still see itself: a row
+    with nothing to attend to is 0 in torch 2.13 but NaN in older versions, and a NaN would
+    leak into later layers through 0 * NaN."""
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (not causal or s == t):
         return None, causal
