@@ -160,8 +160,9 @@ def test_from_config_initializes_as_the_trainer_does():
         if k not in ("architectures", "auto_map", "model_type", "dtype")})
     model = modeling_magneto.MagnetoForCausalLM(config)
     native = build_model(cfg, seed=0)
-    for name in ("decoder.layers.0.self_attn.q_proj.weight", "decoder.layers.0.self_attn.v_proj.weight",
-                 "decoder.layers.1.ffn.fc1.weight", "embed.word.weight"):
+    for name in ("decoder.layers.0.self_attn.q_proj.weight",
+                 "decoder.layers.0.self_attn.v_proj.weight", "decoder.layers.1.ffn.fc1.weight",
+                 "embed.word.weight"):
         ours = model.get_parameter(hf_format.hf_name(name))
         assert abs(ours.std() / native.get_parameter(name).std() - 1) < 0.05, name
     assert torch.equal(model.get_parameter("model.decoder.layers.0.ffn.inner_norm.weight"),

@@ -117,8 +117,9 @@ def hf_model(hf_dir: str, batch_size: int, device: str):
                            batch_size, device)
 
 
-def run_lm_eval(lm, tasks, limit, metadata: dict) -> dict:
-    import lm_eval
+def task_manager(tasks, metadata: dict):
+    """lm-eval's task index with the local tasks; every task name checked before a model
+    loads. The built-in tasks (thousands of YAML files) are indexed only when asked for."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=LOCAL_TASKS_DIR, metadata=metadata,
@@ -127,6 +128,12 @@ def run_lm_eval(lm, tasks, limit, metadata: dict) -> dict:
     if unknown:
         raise ConfigError(f"--tasks: lm-eval knows no task {', '.join(unknown)} (local: "
                           f"{', '.join(LOCAL_TASKS)}; `lm_eval ls tasks` lists the others)")
+    return manager
+
+
+def run_lm_eval(lm, tasks, limit, manager) -> dict:
+    import lm_eval
+
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
                                       task_manager=manager, log_samples=False)
     return {"results": results["results"], "versions": results.get("versions"),
@@ -160,14 +167,14 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as work:
             tag_dir = None if args.hf else checkpoint_of(args)
+            manager = task_manager(tasks, task_metadata(tag_dir) if tag_dir else {})
             if tag_dir and args.through == "native":
                 lm = native_model(tag_dir, args.batch_size, device)
             else:
                 hf_dir = args.hf or export_hf(tag_dir, os.path.join(work, "hf"),
                                               log=lambda m: print(m, file=sys.stderr))
                 lm = hf_model(hf_dir, args.batch_size, device)
-            results = run_lm_eval(lm, tasks, args.limit,
-                                  task_metadata(tag_dir) if tag_dir else {})
+            results = run_lm_eval(lm, tasks, args.limit, manager)
     except MagnetoError as err:
         print(f"{err.label}: {err}", file=sys.stderr)
         return err.exit_code

@@ -20,8 +20,8 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from ..config import Config, config_to_dict
-from ..files import atomic_write
 from ..data.hf_tokenizer import tokenizer_of_run
+from ..files import atomic_write
 from ..model import ModelConfig, build_model, model_skeleton
 from .hf_format import HFDirectory, is_hf_directory
 from .manager import (COMPLETE, UNIVERSAL, CheckpointError, damage, is_complete,
@@ -229,9 +229,13 @@ class SafetensorsExport:
                 f"{directory}: not a consolidated export (needs {CONFIG} and {WEIGHTS}, or a "
                 "Hugging Face export; tools/convert_checkpoint.py --to safetensors|hf writes "
                 "them)")
-        with open(self.config_path, encoding="utf-8") as f:
-            self.config = json.load(f)
-        self.model = self.config.get("model", {})
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                self.config = json.load(f)
+            self.model = self.config["model"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{self.config_path}: not the config of an export of this "
+                                  f"project (no model section: {err!r})") from None
 
     def model_config(self) -> ModelConfig:
         try:
@@ -270,7 +274,12 @@ def check_consolidated(init_dir: str, cfg: Config) -> None:
     if diffs:
         raise CheckpointError(f"checkpoint.init_from={init_dir} holds another model: "
                               f"{'; '.join(diffs)}")
-    shapes, found = model_shapes(cfg.model), export.shapes()
+    check_shapes(export, cfg.model)
+
+
+def check_shapes(export, model_cfg: ModelConfig) -> None:
+    """Every parameter of the model, of its shape, and nothing else, in an export read back."""
+    shapes, found = model_shapes(model_cfg), export.shapes()
     for name, shape in shapes.items():
         if found.get(name) != list(shape):
             raise CheckpointError(

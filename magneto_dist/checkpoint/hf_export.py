@@ -5,8 +5,9 @@ trust_remote_code=True, on a machine that never installed this project:
     config.json                     model_type magneto, auto_map, the model's hyperparameters
     configuration_magneto.py        the shipped model code (hf_model/, copied verbatim: torch
     modeling_magneto.py             and transformers only)
-    model.safetensors               or model-0000k-of-0000n.safetensors + model.safetensors.index.json
-                                    above --max-shard-size (transformers' own sharding rule)
+    model.safetensors               or model-0000k-of-0000n.safetensors and
+                                    model.safetensors.index.json above --max-shard-size
+                                    (transformers' own sharding rule)
     generation_config.json          decoders
     tokenizer.json, tokenizer_config.json   checked to give the run's ids (data/hf_tokenizer.py)
 
@@ -27,8 +28,8 @@ import torch
 from ..data.hf_tokenizer import run_tokenizer, tokenizer_of_run, write_hf_tokenizer
 from ..files import atomic_write
 from ..model import ModelConfig
-from .export import (DTYPES, full_parameters, model_shapes, open_consolidated, refuse_existing,
-                     staged_output, write_safetensors_files)
+from .export import (DTYPES, check_shapes, full_parameters, model_shapes, open_consolidated,
+                     refuse_existing, staged_output, write_safetensors_files)
 from .hf_format import CONFIG, INDEX, HFDirectory, hf_config, hf_name
 from .manager import CheckpointError, saved_config
 
@@ -52,11 +53,7 @@ def export_source(input_dir: str, log=print) -> ExportSource:
                             lambda work_dir: full_parameters(input_dir, work_dir, log))
     export = open_consolidated(input_dir)
     model = export.model_config()
-    shapes, found = model_shapes(model), export.shapes()
-    if {n: list(s) for n, s in shapes.items()} != found:
-        wrong = sorted(set(shapes) ^ set(found)) or [n for n in shapes if list(shapes[n]) != found[n]]
-        raise CheckpointError(f"--input {input_dir}: its weights do not fit its own config "
-                              f"(e.g. {wrong[0]!r})")
+    check_shapes(export, model)
     if isinstance(export, HFDirectory):
         tokenizer = ("huggingface", [input_dir])
     else:
@@ -64,7 +61,7 @@ def export_source(input_dir: str, log=print) -> ExportSource:
         tokenizer = (record["kind"], record["paths"]) if record else None
     read = export.reader()
     return ExportSource(model, tokenizer,
-                        lambda work_dir: ((name, read(name)) for name in shapes))
+                        lambda work_dir: ((name, read(name)) for name in model_shapes(model)))
 
 
 def export_hf(input_dir: str, out_dir: str, dtype: str = "fp32",

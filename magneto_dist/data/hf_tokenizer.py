@@ -34,7 +34,8 @@ from .tokenizer import SentencePieceTokenizer
 # Strings where converted tokenizers usually go wrong: leading, repeated and mixed whitespace,
 # digits, bytes outside the vocabulary, the pieces' own spellings as text.
 AWKWARD = ["", " ", "  ", "a", " a", "a ", "hello world", "  two  spaces\n\ttab\r\nend",
-           "x\n\n\ny", "12345 3.14159 0x7f", "emoji \U0001f916 \u00fcn\u00efc\u00f6d\u00e9 \u4e2d\u6587",
+           "x\n\n\ny", "12345 3.14159 0x7f",
+           "emoji \U0001f916 \u00fcn\u00efc\u00f6d\u00e9 \u4e2d\u6587",
            "<s> </s> <pad> <unk>", "<mask>", " <cls> a<sep>b <mask>x", "<0x41> \u2581 \u2581\u2581",
            "def f(x):\n    return x + 1  # comment\n"]
 STDLIB_MODULES, STDLIB_CHARS = 40, 20000  # real text: every 15th stdlib module, truncated
@@ -185,7 +186,8 @@ def _sentencepiece_pipeline(proto, path: str):
 
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     space = SPACE if norm.escape_whitespaces else " "
-    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    charsmap = norm.precompiled_charsmap
+    steps = [normalizers.Precompiled(charsmap)] if charsmap else []
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Strip(left=True, right=True),
                   normalizers.Replace(Regex(" {2,}"), " ")]

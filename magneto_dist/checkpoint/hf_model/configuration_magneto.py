@@ -71,7 +71,8 @@ class MagnetoConfig(PretrainedConfig):
         residual_alpha=1.0,              # DeepNorm's alpha (x <- LN(alpha x + f(x))), else 1
         init_gain=1.0,                   # xavier gain of W_v, W_o, W_1, W_2 at init (Magneto
                                          # gamma, DeepNet beta); W_q, W_k get 1
-        init_style="paper",              # paper: xavier_normal(gain) | torchscale: U(+-1/sqrt(fan_in)) x gain
+        init_style="paper",              # paper: xavier_normal(gain) | torchscale:
+                                         # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) x gain
         embedding_init_std=0.02,         # token/position embedding (and untied head) init std
         tie_word_embeddings=True,
         use_cache=True,
