@@ -22,6 +22,7 @@ Exit codes: 0 done, 3 the input cannot be converted (the message says why and wh
 import argparse
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -44,7 +45,14 @@ def to_universal(tag_dir: str, out_dir: str) -> None:
             "universal form is made from ZeRO's partitioned optimizer state, which it lacks; "
             "--to safetensors exports its weights (TP1 x PP1)")
     refuse_existing(out_dir)
-    build_universal(tag_dir, final=out_dir, quiet=False)
+    # Built one level down in a scratch folder and moved: DeepSpeed's converter also writes
+    # `latest_universal` beside its output, which must not land next to --output.
+    scratch = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
+    try:
+        os.rename(build_universal(tag_dir, final=os.path.join(scratch, "universal"),
+                                  quiet=False), out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def disk_bytes(path: str) -> int:

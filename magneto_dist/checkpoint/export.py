@@ -72,7 +72,10 @@ def full_parameters(tag_dir: str, work_dir: str, log=print) -> Iterator[Tuple[st
         return
     universal = os.path.join(tag_dir, UNIVERSAL)
     if not os.path.isfile(os.path.join(universal, BUILT)):
-        universal = build_universal(tag_dir, log, final=os.path.join(work_dir, UNIVERSAL))
+        # one level down: DeepSpeed's converter also writes `latest_universal` beside its
+        # output, which must stay inside work_dir/universal (an export removes that folder)
+        universal = build_universal(tag_dir, log,
+                                    final=os.path.join(work_dir, UNIVERSAL, UNIVERSAL))
     for name, shape in shapes.items():
         path = os.path.join(universal, "zero", name, "fp32.pt")
         if not os.path.isfile(path):

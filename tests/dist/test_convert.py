@@ -65,6 +65,8 @@ def test_exports_of_tp1_and_tp2_pp2_are_equal_and_round_trip(tmp_path, cache_dir
     before = files_of(source)
     out = convert("--input", source, "--to", "safetensors", "--output", tmp_path / "export")
     assert "peak RSS" in out
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json",
+                                                                       "model.safetensors"]
     convert("--input", tp1 / "checkpoints" / "global_step2", "--to", "safetensors",
             "--output", tmp_path / "export_tp1")
     assert files_of(source) == before  # the input is only read
@@ -92,6 +94,9 @@ def test_exports_of_tp1_and_tp2_pp2_are_equal_and_round_trip(tmp_path, cache_dir
     # The Hugging Face export of the TP2 x PP2 checkpoint: the same weights, under the shipped
     # model code, giving the native logits
     convert("--input", source, "--to", "hf", "--output", tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "configuration_magneto.py", "generation_config.json", "model.safetensors",
+        "modeling_magneto.py", "tokenizer.json", "tokenizer_config.json"]
     from_hf = consolidated_weights(str(tmp_path / "hf"))
     assert all(torch.equal(from_hf(n), t) for n, t in reference.items())
     check_hf_logits(tmp_path / "hf", tp1, reference)
@@ -139,6 +144,7 @@ def test_universal_output_and_a_model_mismatch_on_init_from(tmp_path, cache_dir)
     check_ok(run_ranks(gpt(run_dir, cache_dir, *FROZEN, TP2), 2))
     source = run_dir / "checkpoints" / "global_step2"
     convert("--input", source, "--to", "universal", "--output", tmp_path / "universal")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "universal"]  # nothing beside it
     merged = torch.load(tmp_path / "universal" / "zero" / "embed.word.weight" / "fp32.pt",
                         weights_only=False)["param"]
     assert merged.shape == (1000, 64)
