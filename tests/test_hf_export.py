@@ -190,6 +190,7 @@ def convert(capsys, *argv):
     ("encoder_decoder", "model.arch='encoder_decoder' cannot be exported to Hugging Face"),
     ("inexact_tokenizer", "its Hugging Face conversion gives other ids on"),
     ("no_tokenizer_record", "does not record its tokenizer"),
+    ("tokenizer_gone", "gone.model: cannot be read (tokenizer model "),
     ("other_vocabulary", "has 600 tokens but the model's vocabulary is 512"),
     ("bad_shard_size", "--max-shard-size 5 apples"),
 ])
@@ -198,7 +199,8 @@ def test_hf_export_refusals_exit_3_in_one_line_and_write_nothing(tmp_path, capsy
     arch = "encoder_decoder" if case == "encoder_decoder" else "decoder"
     source, _, _ = safetensors_source(
         tmp_path / "src", TINY + [f"model.arch={arch}"],
-        None if case == "no_tokenizer_record" else tokenizer)
+        {"no_tokenizer_record": None, "tokenizer_gone": str(tmp_path / "gone.model")}.get(
+            case, tokenizer))
     args = ["--input", source, "--to", "hf", "--output", tmp_path / "out"]
     if case == "not_a_checkpoint":
         args[1] = tmp_path / "src" / "empty"
@@ -214,6 +216,8 @@ def test_hf_export_refusals_exit_3_in_one_line_and_write_nothing(tmp_path, capsy
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     code, err = convert(capsys, *args)
     assert code == 3 and expected in err, err
+    if case == "tokenizer_gone":  # a run's relative data.cache_dir seen from elsewhere
+        assert err.rstrip().endswith("; pass --tokenizer MODEL_OR_DIR")
     assert err.startswith("checkpoint error: ") and err.count("\n") == 1, err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no output, no temp left
 

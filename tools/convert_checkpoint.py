@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--input", required=True, help="checkpoint tag: RUN/checkpoints/global_stepN")
+    p.add_argument("--input", required=True, help="checkpoint tag: RUN/checkpoints/global_stepN "
+                                                  "(for --to hf also an export directory)")
     p.add_argument("--to", required=True, choices=["universal", "safetensors", "hf"])
     p.add_argument("--output", required=True, help="new directory to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",

@@ -78,7 +78,11 @@ def export_hf(input_dir: str, out_dir: str, dtype: str = "fp32",
     if kind is None:
         raise CheckpointError(f"--input {input_dir} does not record its tokenizer (an export "
                               "older than the record); pass --tokenizer MODEL_OR_DIR")
-    vocab = run_tokenizer(kind, paths).vocab_size
+    try:
+        vocab = run_tokenizer(kind, paths).vocab_size
+    except CheckpointError as err:  # e.g. a run's relative data.cache_dir, from elsewhere
+        raise CheckpointError(f"{err}; pass --tokenizer MODEL_OR_DIR" if tokenizer is None
+                              else str(err)) from None
     if vocab != source.model.vocab_size:
         raise CheckpointError(f"tokenizer {paths[0]} has {vocab} tokens but the model's "
                               f"vocabulary is {source.model.vocab_size}; pass the run's "
