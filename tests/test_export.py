@@ -72,6 +72,10 @@ def test_init_from_refuses_what_does_not_fit_the_model(tmp_path):
     (out / export.WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ckpt.CheckpointError, match="unreadable safetensors file"):
         export.check_consolidated(str(out), cfg)
+    (out / export.CONFIG).write_text('{"model_type": "gpt2"}')  # another library's model
+    with pytest.raises(ckpt.CheckpointError, match="config.json: not the config of an export of "
+                       "this project"):
+        export.check_consolidated(str(out), cfg)
 
 
 def test_init_from_refuses_parameters_the_model_lacks(tmp_path):
