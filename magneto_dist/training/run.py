@@ -18,6 +18,7 @@ from ..checkpoint import manager as ckpt
 from ..checkpoint import reshard
 from ..checkpoint.export import check_consolidated, consolidated_weights
 from ..config import Config, ConfigError, dump_config, load_config, validate, with_vocab_size
+from ..data.run_tokenizer import check_resume_tokenizer, save_run_tokenizer
 from ..data.setup import load_tokenizer, prepare_data
 from ..launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from ..model import InitWeights, flops_per_token, model_skeleton
@@ -121,6 +122,8 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
     try:
         resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
+        if resume_tag:
+            check_resume_tokenizer(cfg.logging.run_dir, tokenizer)
     except ckpt.CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
@@ -228,6 +231,7 @@ def train_locked(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, val
 
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
+        save_run_tokenizer(cfg.logging.run_dir, tokenizer)
     setup = build_setup(cfg, dims, task, resume, ranks)
     state = TrainState()
     load_start = time.time()
