@@ -189,6 +189,38 @@ def test_other_local_ranks_wait_for_the_node_cache(corpus, indexed, tmp_path):
     assert built[5]["tokens"].tolist() == waited[5]["tokens"].tolist()
 
 
+def test_a_truncated_index_cache_is_named_and_rebuilt(corpus, indexed, tmp_path):
+    """megatron-core wrote its index caches in place and trusted any file of the right name: a
+    kill while it wrote *-shuffle_index.npy left it short, and every later run died with "mmap
+    length is greater than file size", naming no file, with nothing rebuilt."""
+    tok = sentencepiece_tokenizer(corpus["model"])
+    req = _request([indexed[0]], None, tmp_path, seed=5)
+    first = build_datasets(req, tok)[0]
+    want = [first[i]["tokens"].tolist() for i in range(0, 600, 50)]
+    cache = tmp_path / "cache"
+    shuffle = next(cache.glob("*-GPTDataset-train-shuffle_index.npy"))
+    size = shuffle.stat().st_size
+    os.truncate(shuffle, size // 2)
+    damage = f"{shuffle} has {size // 2:,} bytes where {size:,} were written"
+    # another local rank does not load it: it waits for local rank 0 to build it again
+    with pytest.raises(TimeoutError, match=re.escape(damage)):
+        build_datasets(req, tok, local_rank=1, wait_timeout_s=0.5)
+    logs = []
+    again = build_datasets(req, tok, log=logs.append)[0]
+    assert logs == [f"index cache: {damage}; building the caches again"]
+    assert shuffle.stat().st_size == size
+    assert [again[i]["tokens"].tolist() for i in range(0, 600, 50)] == want
+    # killed before its record was written (or a record of an older version): not trusted
+    for marker_text in (None, "ok\n"):
+        marker = next(cache.glob("built-*.done"))
+        marker.unlink() if marker_text is None else marker.write_text(marker_text)
+        os.truncate(shuffle, size // 2)
+        again = build_datasets(req, tok, log=logs.append)[0]
+        assert [again[i]["tokens"].tolist() for i in range(0, 600, 50)] == want
+    assert shuffle.stat().st_size == size and not list(cache.glob(".build-*"))
+    assert build_datasets(req, tok, local_rank=1)[0][50]["tokens"].tolist() == want[1]
+
+
 def test_missing_prefix_says_how_to_make_it(corpus, tmp_path):
     tok = sentencepiece_tokenizer(corpus["model"])
     with pytest.raises(DataError, match="nothing_text_document.bin/.idx not found"):
