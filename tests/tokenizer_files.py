@@ -1,7 +1,6 @@
 """Test helpers: tokenizers of every type made offline, and Megatron-LM's preprocessing path
 rebuilt from megatron-core's classes as the reference the project's output must equal."""
 import argparse
-import base64
 import json
 import os
 import warnings
@@ -10,7 +9,8 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from magneto_dist.data.corpus import stdlib_sources
-from magneto_dist.data.tokenizer_training import train_byte_level_bpe, train_sentencepiece
+from magneto_dist.data.tokenizer_training import (train_byte_level_bpe, train_sentencepiece,
+                                                   write_tiktoken_vocab)
 
 # Documents with the edges: empty, blank, special-token texts inside, CRLF, non-ASCII, a list
 # of sentences (Megatron-LM takes a list as the document's sentences).
@@ -43,23 +43,6 @@ def make_tokenizers(directory, texts):
                                     os.path.join(d, "tiktoken.json"))
     return {"spm": spm, "bpe": bpe, "bpe_mlm": mlm, "tiktoken": tiktoken,
             "vocab": os.path.join(bpe, "vocab.json"), "merges": os.path.join(bpe, "merges.txt")}
-
-
-def write_tiktoken_vocab(tokenizer_json, path):
-    """Megatron's tiktoken vocabulary (a JSON list of {rank, token_bytes, token_str}, ranks
-    0-255 the single bytes in order) from a byte-level BPE's tokenizer.json."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    to_byte = {u: b for b, u in bytes_to_unicode().items()}
-    with open(tokenizer_json, encoding="utf-8") as f:
-        vocab = json.load(f)["model"]["vocab"]
-    merged = [bytes(to_byte[c] for c in token) for token, _ in sorted(vocab.items(),
-                                                                      key=lambda kv: kv[1])
-              if all(c in to_byte for c in token)]
-    ranks = [bytes([i]) for i in range(256)] + [b for b in merged if len(b) > 1]
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump([{"rank": r, "token_bytes": base64.b64encode(b).decode(),
-                    "token_str": b.decode("utf-8", "replace")} for r, b in enumerate(ranks)], f)
-    return path
 
 
 def megatron_tokenizer(tokenizer_type, **kw):

@@ -87,9 +87,10 @@ def main(argv=None):
     outputs = ", ".join(output_prefix_for(args.output_prefix, k, args.split_sentences)
                         for k in args.json_keys)
     empty = f" ({stats.empty_documents:,} empty)" if stats.empty_documents else ""
+    workers = f"{args.workers} worker{'s' * (args.workers > 1)}"
     print(f"{stats.documents:,} documents{empty}, {stats.tokens:,} tokens in "
-          f"{stats.seconds:.1f}s ({rate:,.0f} tokens/s, {args.workers} workers) -> "
-          f"{outputs}.bin/.idx", file=sys.stderr)
+          f"{stats.seconds:.1f}s ({rate:,.0f} tokens/s, {workers}) -> {outputs}.bin/.idx",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 `--input` takes files, globs and directories of .jsonl / .json (plain, .gz or .zst), .parquet
 and Hugging Face `datasets` directories written by save_to_disk. Every form yields the same
-records, in a fixed order (inputs as given, a directory's files sorted), so the same documents
-give the same bytes whatever their container:
+records, in a fixed order (inputs as given; a directory's and a glob's in the order of their
+paths), so the same documents give the same bytes whatever their container:
     (path, number, payload)
 where payload is a jsonl line's raw bytes (parsed in the tokenizing workers; number is the line)
 or a table row's texts, one per key (number is the 0-based row, as `table[N]` / `dataset[N]`).
@@ -37,6 +37,7 @@ def _known(path: str) -> bool:
 
 
 def _directory_inputs(root: str) -> List[str]:
+    """Every input under root (datasets directories whole), in the order of their paths."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -44,8 +45,8 @@ def _directory_inputs(root: str) -> List[str]:
             if is_datasets_dir(os.path.join(dirpath, d)):
                 found.append(os.path.join(dirpath, d))
                 dirnames.remove(d)
-        found += [os.path.join(dirpath, n) for n in sorted(filenames) if _known(n)]
-    return found
+        found += [os.path.join(dirpath, n) for n in filenames if _known(n)]
+    return sorted(found)
 
 
 def expand_inputs(patterns: Sequence[str]) -> List[str]:

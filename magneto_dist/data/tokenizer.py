@@ -81,14 +81,13 @@ class TokenizerSpec:
         if kind not in TYPES:
             raise DataError(f"{flag('tokenizer_type')}={kind!r} is not a tokenizer type; use one "
                             f"of {', '.join(TYPES)}")
-        spec = dataclasses.replace(self, type=kind, **{
-            k: os.path.abspath(v) for k, v in (("model", self.model), ("vocab_file",
-                                                                        self.vocab_file),
-                                               ("merge_file", self.merge_file)) if v})
+        absolute = {key: os.path.abspath(getattr(self, key))
+                    for key in ("model", "vocab_file", "merge_file") if getattr(self, key)}
+        spec = dataclasses.replace(self, type=kind, **absolute)
         if kind == "HuggingFaceTokenizer" and spec.model and os.path.basename(
                 spec.model) == "tokenizer.json":
             spec = dataclasses.replace(spec, model=os.path.dirname(spec.model))
-        for key, path in spec._required_paths():
+        for key, path in spec.required_paths():
             if not path:
                 raise DataError(f"a {kind} needs {flag(key)}")
             if not os.path.exists(path):
@@ -100,7 +99,8 @@ class TokenizerSpec:
                             "below it and its end of document is vocab_size itself")
         return spec
 
-    def _required_paths(self) -> List[Tuple[str, Optional[str]]]:
+    def required_paths(self) -> List[Tuple[str, Optional[str]]]:
+        """(Megatron's setting, path) of each file this type is made of."""
         if self.type == "GPT2BPETokenizer":
             return [("vocab_file", self.vocab_file), ("merge_file", self.merge_file)]
         if self.type == "NullTokenizer":
@@ -120,8 +120,12 @@ class TokenizerSpec:
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         metadata = os.path.join(directory, METADATA_FILE)
         if os.path.isfile(metadata):
-            with open(metadata, encoding="utf-8") as f:
-                library = json.load(f).get("library")
+            try:
+                with open(metadata, encoding="utf-8") as f:
+                    library = json.load(f).get("library")
+            except (ValueError, AttributeError) as err:  # not JSON, or not an object
+                raise DataError(f"{metadata} is not megatron-core tokenizer metadata ({err}); "
+                                f"fix it, or set {flag('tokenizer_type')}") from None
             for kind, lib in TYPES.items():
                 if lib == library and lib != "megatron":
                     return kind
@@ -203,7 +207,7 @@ class Tokenizer:
 
     def paths(self) -> Dict[str, str]:
         """Megatron's setting -> path: tokenizer_model, or vocab_file and merge_file."""
-        return {key: path for key, path in self.spec._required_paths()}
+        return {key: path for key, path in self.spec.required_paths()}
 
     def hashed_files(self) -> Dict[str, str]:
         """Name -> path of every file the ids depend on (a Hugging Face directory: its

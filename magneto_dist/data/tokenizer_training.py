@@ -6,6 +6,7 @@ so a killed run never leaves half a tokenizer behind.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -69,3 +70,25 @@ def train_byte_level_bpe(texts: Iterable[str], output_dir: str, vocab_size: int,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def write_tiktoken_vocab(tokenizer_json: str, path: str) -> str:
+    """Megatron's TikTokenizer vocabulary (a JSON list of {rank, token_bytes, token_str}, ranks
+    0-255 the single bytes in order, then the merged tokens in id order) from a byte-level
+    BPE's tokenizer.json: the same BPE for Megatron's tiktoken path. Its special tokens are
+    dropped (TikTokenizer has its own, below tiktoken_num_special_tokens)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    with open(tokenizer_json, encoding="utf-8") as f:
+        saved = json.load(f)
+    special = {t["content"] for t in saved.get("added_tokens", [])}
+    merged = [bytes(to_byte[c] for c in token)
+              for token, _ in sorted(saved["model"]["vocab"].items(), key=lambda kv: kv[1])
+              if len(token) > 1 and token not in special]
+    ranks = [bytes([i]) for i in range(256)] + merged
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([{"rank": r, "token_bytes": base64.b64encode(b).decode(),
+                    "token_str": b.decode("utf-8", "replace")} for r, b in enumerate(ranks)], f)
+    os.replace(tmp, path)
+    return path
