@@ -164,8 +164,8 @@ class Tokenizer:
     """A loaded tokenizer of any type (made by build_tokenizer); ids are plain ints.
 
     Subclasses (tokenizer_types.py) set vocab_size, eod, pad and the masked-LM ids, and
-    implement encode_batch (the same ids as Megatron-LM's per-document `tokenize`), decode and
-    token_id.
+    implement encode_batch (the same ids as Megatron-LM's per-document `tokenize`), decode,
+    token_id and (for masked LM) vocab_by_id.
     """
     spec: TokenizerSpec
     vocab_size: int
@@ -186,8 +186,12 @@ class Tokenizer:
         """The id of the token spelled `text`, or None if the vocabulary has no such token."""
         raise NotImplementedError
 
-    @property
+    @functools.cached_property
     def inv_vocab(self) -> dict:
+        """id -> token text, built once: megatron-core's masking reads it once per token."""
+        return self.vocab_by_id()
+
+    def vocab_by_id(self) -> dict:
         raise NotImplementedError
 
     def encode(self, text: str) -> List[int]:

@@ -82,8 +82,7 @@ class SentencePiece(Tokenizer):
         i = self._sp.piece_to_id(text)
         return i if self._sp.id_to_piece(i) == text else None
 
-    @property
-    def inv_vocab(self) -> dict:
+    def vocab_by_id(self) -> dict:
         return self._mt.inv_vocab
 
 
@@ -121,8 +120,7 @@ class HuggingFace(Tokenizer):
     def token_id(self, text: str) -> Optional[int]:
         return self._vocab.get(text)
 
-    @property
-    def inv_vocab(self) -> dict:
+    def vocab_by_id(self) -> dict:
         return {i: t for t, i in self._vocab.items()}
 
 
@@ -197,8 +195,7 @@ class TikToken(Tokenizer):
         except KeyError:
             return None
 
-    @property
-    def inv_vocab(self) -> dict:
+    def vocab_by_id(self) -> dict:
         return self._mt.inv_vocab
 
 
