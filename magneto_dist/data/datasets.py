@@ -54,14 +54,13 @@ def _megatron_config(req: DatasetRequest, tokenizer: Tokenizer, cache_dir: str):
                   blend=(list(req.prefixes), weights), split=req.split,
                   path_to_cache=cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=0.005)
     if req.masked_lm:
-        tokenizer.masked_lm_ids()  # DataError naming a missing cls/sep/mask token
-        return BERTMaskedWordPieceDataset, BERTMaskedWordPieceDatasetConfig(
+        return BERTMaskedWordPieceDatasetConfig(
             masking_probability=req.masking_probability, short_sequence_probability=0.1,
             masking_max_ngram=3, masking_do_full_word=False, masking_do_permutation=False,
             masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
             classification_head=False, **common)
-    return GPTDataset, GPTDatasetConfig(reset_position_ids=False, reset_attention_mask=False,
-                                        eod_mask_loss=False, create_attention_mask=False, **common)
+    return GPTDatasetConfig(reset_position_ids=False, reset_attention_mask=False,
+                            eod_mask_loss=False, create_attention_mask=False, **common)
 
 
 @contextlib.contextmanager
@@ -92,7 +91,9 @@ def build_datasets(req: DatasetRequest, tokenizer: Tokenizer, local_rank: Option
     if dist.is_initialized():
         raise RuntimeError("build_datasets must run before torch.distributed is initialized, so "
                            "that each node builds its own index caches")
-    cls = _megatron_config(req, tokenizer, req.cache_dir)[0]
+    cls = BERTMaskedWordPieceDataset if req.masked_lm else GPTDataset
+    if req.masked_lm:
+        tokenizer.masked_lm_ids()  # DataError naming a missing cls/sep/mask token
     for prefix in req.prefixes:  # before megatron-core, which loops forever on an empty split
         check_exists(prefix)
         check_splits(prefix, cls.numel_low_level_dataset(IndexedDataset(prefix)), req.split)
@@ -100,9 +101,8 @@ def build_datasets(req: DatasetRequest, tokenizer: Tokenizer, local_rank: Option
     marker = _marker_path(req, tokenizer)
 
     def build(cache_dir: str):
-        config = _megatron_config(req, tokenizer, cache_dir)[1]
         return BlendedMegatronDatasetBuilder(cls, list(req.num_samples), lambda: True,
-                                             config).build()
+                                             _megatron_config(req, tokenizer, cache_dir)).build()
 
     if local_rank != 0:
         wait_for_caches(marker, "the dataset index caches", wait_timeout_s)
