@@ -25,7 +25,7 @@ class UnencodableText(DataError):
     adds the file and line."""
 
 
-def megatron_build(spec: TokenizerSpec, **overrides):
+def megatron_build(spec: TokenizerSpec):
     """megatron-core's build_tokenizer with the flags Megatron-LM's tools/preprocess_data.py
     passes by default (megatron-core 0.16.1: use_fast and include_special_tokens off, no
     legacy sentencepiece, no extra special tokens)."""
@@ -37,8 +37,6 @@ def megatron_build(spec: TokenizerSpec, **overrides):
         tokenizer_hf_include_special_tokens=False, trust_remote_code=False,
         tiktoken_pattern=spec.tiktoken_pattern, tiktoken_num_special_tokens=spec.
         tiktoken_num_special_tokens, vocab_size=spec.vocab_size)
-    for key, value in overrides.items():
-        setattr(args, key, value)
     with warnings.catch_warnings():  # megatron-core's import warns about missing apex/TE
         warnings.simplefilter("ignore")
         return build_tokenizer(args)
@@ -88,7 +86,7 @@ class SentencePiece(Tokenizer):
 
 class HuggingFace(Tokenizer):
     """A transformers tokenizer: a local directory (HuggingFaceTokenizer, through megatron-core),
-    or GPT-2 BPE files (GPT2BPETokenizer, see from_gpt2_files); eod is its eos_token."""
+    or GPT-2 BPE files (GPT2BPETokenizer, see gpt2_bpe_from_files); eod is its eos_token."""
 
     def __init__(self, spec: TokenizerSpec):
         self.spec = spec
@@ -105,7 +103,7 @@ class HuggingFace(Tokenizer):
         self.vocab_size = len(self._hf)  # what megatron-core's HuggingFaceTokenizer reports
         self.pad = self._hf.pad_token_id if self._hf.pad_token_id is not None else -1
         self.set_eod(self._vocab.get(eos) if eos is not None else None, eos)
-        # megatron-core's wrapper already made cls = bos and sep = eos where those were missing
+        # megatron-core's HuggingFaceTokenizer made cls = bos and sep = eos where missing
         self.cls, self.sep, self.mask = (self._hf.cls_token_id, self._hf.sep_token_id,
                                          self._hf.mask_token_id)
 
@@ -213,8 +211,9 @@ def _count_ranks(spec: TokenizerSpec) -> int:
 
 
 class Null(Tokenizer):
-    """Pre-tokenized data: each document is its ids separated by single spaces; ids are below
-    vocab_size, and the end of document is vocab_size itself (Megatron's NullTokenizer)."""
+    """Pre-tokenized data (Megatron's NullTokenizer): each document is its ids separated by
+    single spaces. With data.vocab_size=N the ids are below N, the end of document is N, and
+    the model's vocabulary is N + 1."""
 
     def __init__(self, spec: TokenizerSpec):
         self.spec = spec
