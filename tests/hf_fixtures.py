@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from magneto_dist.config import config_to_dict, load_config
 from magneto_dist.data.corpus import stdlib_sources
-from magneto_dist.data.tokenizer import train_sentencepiece
+from magneto_dist.data.tokenizer_training import train_sentencepiece
 from magneto_dist.model import build_model
 
 VOCAB = 512  # the smallest that covers the characters of the text below
@@ -51,7 +51,8 @@ def safetensors_source(directory, overrides, tokenizer_model, seed=0):
     os.makedirs(directory)
     save_file({n: p.detach().clone() for n, p in model.named_parameters()},
               os.path.join(directory, "model.safetensors"))
-    record = {"kind": "sentencepiece", "paths": [tokenizer_model]} if tokenizer_model else None
+    record = ({"type": "SentencePieceTokenizer", "model": tokenizer_model} if tokenizer_model
+              else None)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump({"model": config_to_dict(cfg)["model"], "dtype": "fp32",
                    **({"tokenizer": record} if record else {})}, f)

@@ -13,7 +13,7 @@ from lm_eval.api.instance import Instance
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from magneto_dist.checkpoint.hf_export import export_hf
-from magneto_dist.data.tokenizer import SentencePieceTokenizer
+from magneto_dist.data.tokenizer import sentencepiece_tokenizer
 from magneto_dist.training.eval_harness import CausalLMAdapter
 
 from tests.hf_fixtures import VOCAB, project_tokenizer, safetensors_source
@@ -45,7 +45,7 @@ def models(tmp_path_factory):
     export_hf(source, str(work / "hf"))
     hf = AutoModelForCausalLM.from_pretrained(str(work / "hf"), trust_remote_code=True).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(str(work / "hf"), trust_remote_code=True)
-    tokenizer = SentencePieceTokenizer(model_file)
+    tokenizer = sentencepiece_tokenizer(model_file)
     native_lm = CausalLMAdapter(native, tokenizer.encode, tokenizer.decode, tokenizer.eod,
                                 cfg.max_seq_len, VOCAB, batch_size=3)
     hf_lm = CausalLMAdapter(lambda ids: hf(ids).logits,

@@ -190,7 +190,7 @@ def convert(capsys, *argv):
     ("encoder_decoder", "model.arch='encoder_decoder' cannot be exported to Hugging Face"),
     ("inexact_tokenizer", "its Hugging Face conversion gives other ids on"),
     ("no_tokenizer_record", "does not record its tokenizer"),
-    ("tokenizer_gone", "gone.model: cannot be read (tokenizer model "),
+    ("tokenizer_gone", "gone.model) cannot be read (tokenizer model "),
     ("other_vocabulary", "has 600 tokens but the model's vocabulary is 512"),
     ("bad_shard_size", "--max-shard-size 5 apples"),
 ])
@@ -223,7 +223,7 @@ def test_hf_export_refusals_exit_3_in_one_line_and_write_nothing(tmp_path, capsy
 
 
 def project_tokenizer_of_size(directory, vocab):
-    from magneto_dist.data.tokenizer import train_sentencepiece
+    from magneto_dist.data.tokenizer_training import train_sentencepiece
 
     from tests.hf_fixtures import stdlib_text
     return train_sentencepiece(stdlib_text(directory), os.path.join(directory, f"v{vocab}"),

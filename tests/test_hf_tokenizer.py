@@ -8,6 +8,8 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from magneto_dist.data import hf_tokenizer
+from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+from magneto_dist.data.tokenizer_training import train_byte_level_bpe
 from magneto_dist.errors import CheckpointError
 
 from tests.hf_fixtures import VOCAB, other_tokenizer, project_tokenizer
@@ -15,6 +17,7 @@ from tests.hf_fixtures import VOCAB, other_tokenizer, project_tokenizer
 # Where conversions usually slip: the dummy prefix before a user-defined piece, control pieces
 # typed as text (sentencepiece never produces them from text), repeated whitespace, bytes.
 EDGES = ["<mask>", "a<sep>b <cls>x", "</s> <s> <pad>", "x   y\t\tz\n\n", "\U0001f916\u00e9"]
+SAMPLE_TEXT = "def f(x):\n    return x + 1  # a comment\nclass Thing:\n    pass\n"
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +25,11 @@ def model_file(tmp_path_factory):
     return project_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-def written(model_file, directory, kind="sentencepiece"):
+def written(model_file, directory):
+    """The export's tokenizer files for a tokenizer named as --tokenizer names it."""
     os.makedirs(directory)
-    special = hf_tokenizer.write_hf_tokenizer(kind, [model_file], str(directory), 64)
+    tokenizer = hf_tokenizer.tokenizer_of_path(model_file)
+    special = hf_tokenizer.write_hf_tokenizer(tokenizer, str(directory), 64)
     return special, AutoTokenizer.from_pretrained(str(directory))
 
 
@@ -66,21 +71,38 @@ def test_a_unigram_model_is_refused_not_approximated(tmp_path):
 
 def test_a_hugging_face_tokenizer_directory_is_copied_and_checked(tmp_path, model_file):
     written(model_file, tmp_path / "source")
-    special, tokenizer = written(str(tmp_path / "source"), tmp_path / "copy", kind="huggingface")
+    special, tokenizer = written(str(tmp_path / "source"), tmp_path / "copy")
     assert (tmp_path / "copy" / "tokenizer.json").read_bytes() == (
         tmp_path / "source" / "tokenizer.json").read_bytes()
     sp = spm.SentencePieceProcessor(model_file=model_file)
     assert special["eos"] == sp.eos_id()
     assert tokenizer("def f(x):", add_special_tokens=False)["input_ids"] == sp.encode("def f(x):")
     os.remove(tmp_path / "source" / "tokenizer.json")
-    with pytest.raises(CheckpointError, match="has no tokenizer.json"):
-        written(str(tmp_path / "source"), tmp_path / "again", kind="huggingface")
+    with pytest.raises(CheckpointError, match="transformers cannot load it as a tokenizer "
+                                              "directory"):
+        written(str(tmp_path / "source"), tmp_path / "again")
 
 
-def test_unreadable_tokenizers_and_unknown_kinds_are_refused(tmp_path):
+def test_a_gpt2_bpe_tokenizer_exports_as_its_hugging_face_form(tmp_path):
+    """vocab.json + merges.txt (Megatron's GPT2BPETokenizer) give the same ids through the
+    export's tokenizer files."""
+    bpe = train_byte_level_bpe([SAMPLE_TEXT] * 20, str(tmp_path / "bpe"), vocab_size=300)
+    run = build_tokenizer(TokenizerSpec("GPT2BPETokenizer",
+                                        vocab_file=os.path.join(bpe, "vocab.json"),
+                                        merge_file=os.path.join(bpe, "merges.txt")))
+    os.makedirs(tmp_path / "hf")
+    special = hf_tokenizer.write_hf_tokenizer(run, str(tmp_path / "hf"), 64)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert special["eos"] == run.eod
+    for text in EDGES + [SAMPLE_TEXT]:
+        assert loaded(text, add_special_tokens=False)["input_ids"] == run.encode(text), text
+
+
+def test_unreadable_tokenizers_and_types_without_a_hugging_face_form_are_refused(tmp_path):
     not_a_model = tmp_path / "x.model"
     not_a_model.write_bytes(b"not a sentencepiece model")
-    with pytest.raises(CheckpointError, match="x.model: cannot be read"):
+    with pytest.raises(CheckpointError, match="x.model is not a sentencepiece model"):
         written(str(not_a_model), tmp_path / "a")
-    with pytest.raises(CheckpointError, match="tokenizer kind 'tiktoken' cannot be exported yet"):
-        hf_tokenizer.write_hf_tokenizer("tiktoken", ["x"], str(tmp_path), 64)
+    null = build_tokenizer(TokenizerSpec("NullTokenizer", vocab_size=100))
+    with pytest.raises(CheckpointError, match="a NullTokenizer has no Hugging Face form here"):
+        hf_tokenizer.write_hf_tokenizer(null, str(tmp_path), 64)

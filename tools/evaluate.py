@@ -36,7 +36,7 @@ from magneto_dist.checkpoint.export import check_input, load_full_model
 from magneto_dist.checkpoint.hf_export import export_hf
 from magneto_dist.config import ConfigError
 from magneto_dist.data.corpus import builtin_corpus_paths
-from magneto_dist.data.hf_tokenizer import run_tokenizer, tokenizer_of_run
+from magneto_dist.data.hf_tokenizer import tokenizer_of_tag
 from magneto_dist.errors import MagnetoError
 from magneto_dist.files import atomic_write
 from magneto_dist.launch_env import ROOT
@@ -96,7 +96,7 @@ def native_model(tag_dir: str, batch_size: int, device: str):
         raise ConfigError(f"{tag_dir} holds a model.arch={cfg.model.arch!r} model; lm-eval "
                           "scores causal (decoder) models")
     model = load_full_model(tag_dir, log=lambda m: print(m, file=sys.stderr)).to(device)
-    tokenizer = run_tokenizer(*tokenizer_of_run(cfg.data))
+    tokenizer = tokenizer_of_tag(tag_dir, cfg)
     return CausalLMAdapter(model, tokenizer.encode, tokenizer.decode, tokenizer.eod,
                            cfg.model.max_seq_len, cfg.model.vocab_size, batch_size, device)
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from ..config import Config, config_to_dict
-from ..data.hf_tokenizer import tokenizer_of_run
+from ..data.hf_tokenizer import tokenizer_of_tag, tokenizer_record
 from ..files import atomic_write
 from ..model import ModelConfig, build_model, model_skeleton
 from .hf_format import HFDirectory, is_hf_directory
@@ -207,7 +207,12 @@ def export_safetensors(tag_dir: str, out_dir: str, dtype: str = "fp32", log=prin
     """tag -> out_dir/{model.safetensors, config.json}, written under a temp name and renamed.
     config.json also records the run's tokenizer, for a later --to hf of this export."""
     cfg = saved_config(tag_dir)
-    kind, paths = tokenizer_of_run(cfg.data)
+    try:  # recorded for a later --to hf; the weights themselves do not need it
+        record = tokenizer_record(tokenizer_of_tag(tag_dir, cfg))
+    except CheckpointError as err:
+        record = None
+        log(f"WARNING: {err}; the export does not record its tokenizer (a --to hf of it will "
+            "need --tokenizer)")
     with staged_output(out_dir) as temp:
         shapes = model_shapes(cfg.model)
         write_safetensors(os.path.join(temp, WEIGHTS), shapes, DTYPES[dtype],
@@ -215,7 +220,7 @@ def export_safetensors(tag_dir: str, out_dir: str, dtype: str = "fp32", log=prin
                           {"format": "pt", "source": os.path.abspath(tag_dir)}, progress)
         atomic_write(os.path.join(temp, CONFIG), json.dumps(
             {"model": config_to_dict(cfg)["model"], "dtype": dtype,
-             "tokenizer": {"kind": kind, "paths": [os.path.abspath(p) for p in paths]},
+             "tokenizer": record,
              "source": os.path.abspath(tag_dir)}, indent=1) + "\n")
     return out_dir
 

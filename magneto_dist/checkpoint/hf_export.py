@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..data.hf_tokenizer import run_tokenizer, tokenizer_of_run, write_hf_tokenizer
+from ..data.hf_tokenizer import (HFDirectoryTokenizer, tokenizer_of_record, tokenizer_of_tag,
+                                 write_hf_tokenizer)
 from ..files import atomic_write
 from ..model import ModelConfig
 from .export import (DTYPES, check_shapes, full_parameters, model_shapes, open_consolidated,
@@ -40,7 +41,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 class ExportSource(NamedTuple):
     model: ModelConfig
-    tokenizer: Optional[Tuple[str, List[str]]]  # (kind, paths), None when unknown
+    tokenizer: Optional[Callable[[], object]]  # -> the run's tokenizer; None when unknown
     parameters: Callable[[str], Iterator[Tuple[str, torch.Tensor]]]  # work dir -> (name, full
                                                 # tensor) in model_shapes order, one at a time
 
@@ -49,16 +50,16 @@ def export_source(input_dir: str, log=print) -> ExportSource:
     """A checkpoint tag (has config.yaml), or a consolidated export of either kind."""
     if os.path.isfile(os.path.join(input_dir, "config.yaml")):
         cfg = saved_config(input_dir)
-        return ExportSource(cfg.model, tokenizer_of_run(cfg.data),
+        return ExportSource(cfg.model, lambda: tokenizer_of_tag(input_dir, cfg),
                             lambda work_dir: full_parameters(input_dir, work_dir, log))
     export = open_consolidated(input_dir)
     model = export.model_config()
     check_shapes(export, model)
     if isinstance(export, HFDirectory):
-        tokenizer = ("huggingface", [input_dir])
+        tokenizer = lambda: HFDirectoryTokenizer(input_dir)  # noqa: E731
     else:
         record = export.config.get("tokenizer")
-        tokenizer = (record["kind"], record["paths"]) if record else None
+        tokenizer = (lambda: tokenizer_of_record(record)) if record else None
     read = export.reader()
     return ExportSource(model, tokenizer,
                         lambda work_dir: ((name, read(name)) for name in model_shapes(model)))
@@ -66,7 +67,7 @@ def export_source(input_dir: str, log=print) -> ExportSource:
 
 def export_hf(input_dir: str, out_dir: str, dtype: str = "fp32",
               max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
-              tokenizer: Optional[Tuple[str, List[str]]] = None, log=print,
+              tokenizer=None, log=print,
               progress: Callable = lambda it, total: it) -> str:
     """input -> out_dir, a Hugging Face model directory (see the module docstring)."""
     from huggingface_hub import split_state_dict_into_shards_factory
@@ -74,19 +75,14 @@ def export_hf(input_dir: str, out_dir: str, dtype: str = "fp32",
     refuse_existing(out_dir)
     source = export_source(input_dir, log)
     hf_config(source.model, {}, dtype)  # refuses a model the shipped code cannot express
-    kind, paths = tokenizer or source.tokenizer or (None, None)
-    if kind is None:
+    if tokenizer is None and source.tokenizer is None:
         raise CheckpointError(f"--input {input_dir} does not record its tokenizer (an export "
                               "older than the record); pass --tokenizer MODEL_OR_DIR")
-    try:
-        vocab = run_tokenizer(kind, paths).vocab_size
-    except CheckpointError as err:  # e.g. a run's relative data.cache_dir, from elsewhere
-        raise CheckpointError(f"{err}; pass --tokenizer MODEL_OR_DIR" if tokenizer is None
-                              else str(err)) from None
-    if vocab != source.model.vocab_size:
-        raise CheckpointError(f"tokenizer {paths[0]} has {vocab} tokens but the model's "
-                              f"vocabulary is {source.model.vocab_size}; pass the run's "
-                              "tokenizer with --tokenizer")
+    tokenizer = tokenizer or source.tokenizer()
+    if tokenizer.vocab_size != source.model.vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but "
+                              f"the model's vocabulary is {source.model.vocab_size}; pass the "
+                              "run's tokenizer with --tokenizer")
     shapes = model_shapes(source.model)
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     try:  # huggingface_hub's rule, which save_pretrained follows: in order, a new shard when
@@ -98,7 +94,7 @@ def export_hf(input_dir: str, out_dir: str, dtype: str = "fp32",
     except ValueError as err:
         raise CheckpointError(f"--max-shard-size {max_shard_size}: {err}") from None
     with staged_output(out_dir) as temp:
-        special = write_hf_tokenizer(kind, paths, temp, source.model.max_seq_len)
+        special = write_hf_tokenizer(tokenizer, temp, source.model.max_seq_len)
         config = hf_config(source.model, special, dtype)
         atomic_write(os.path.join(temp, CONFIG), json.dumps(config, indent=2) + "\n")
         if source.model.arch == "decoder":

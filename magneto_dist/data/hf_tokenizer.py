@@ -1,13 +1,15 @@
 """A run's tokenizer as Hugging Face tokenizer files: `AutoTokenizer.from_pretrained(DIR)` loads
 them, offline, and gives exactly the run's token ids, or nothing is written.
 
-A tokenizer is described as (kind, paths): "sentencepiece" with [model file] (the trainer's own
-tokenizer) or "huggingface" with [directory holding tokenizer.json + tokenizer_config.json].
-Each kind has one writer in WRITERS. Before the files count as written, they are loaded back
-through AutoTokenizer and compared with the run's own tokenizer, id for id and text for text, on
-awkward strings and real text (the Python standard library's sources, which every machine has);
-a tokenizer that converts inexactly is refused (CheckpointError, exit 3: only the export uses
-this) rather than shipped with other ids.
+The run's tokenizer is the data layer's (tokenizer.py: its type and files as Megatron-LM names
+them). Each type that converts has one writer in WRITERS: SentencePieceTokenizer (the trainer's
+own kind), HuggingFaceTokenizer (its directory's files are the format) and GPT2BPETokenizer
+(vocab.json + merges.txt as transformers' GPT-2 tokenizer saves them); TikTokenizer and
+NullTokenizer have no Hugging Face form here and are refused. Before the files count as written,
+they are loaded back through AutoTokenizer and compared with the run's own tokenizer, id for id
+and text for text, on awkward strings and real text (the Python standard library's sources,
+which every machine has); a tokenizer that converts inexactly is refused (CheckpointError,
+exit 3: only the export uses this) rather than shipped with other ids.
 
 SentencePiece: transformers' converters are written per model family (Llama, T5, ...) and
 assume that family's options, so the tokenizers pipeline is built here from the model's own
@@ -20,6 +22,7 @@ out of the text after normalization, so the dummy prefix lands before them as se
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -27,9 +30,10 @@ import re
 import shutil
 from typing import Dict, List, Sequence, Tuple
 
-from ..errors import CheckpointError
-from .corpus import builtin_corpus_paths, stdlib_sources
-from .tokenizer import SentencePieceTokenizer
+from ..errors import CheckpointError, DataError
+from .corpus import stdlib_sources
+from .run_tokenizer import run_tokenizer
+from .tokenizer import TokenizerSpec, build_tokenizer
 
 # Strings where converted tokenizers usually go wrong: leading, repeated and mixed whitespace,
 # digits, bytes outside the vocabulary, the pieces' own spellings as text.
@@ -44,19 +48,41 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 HF_OPTIONAL_FILES = ("special_tokens_map.json",)
 
 
-def tokenizer_of_run(data_cfg) -> Tuple[str, List[str]]:
-    """(kind, paths) of the tokenizer a run with this data config uses: data.tokenizer_model,
-    else the built-in corpus's (its cache_dir taken from the current directory, as the run
-    does)."""
-    path = data_cfg.tokenizer_model or builtin_corpus_paths(
-        data_cfg.cache_dir, data_cfg.builtin_vocab_size).tokenizer_model
-    return "sentencepiece", [path]
+def tokenizer_of_tag(tag_dir: str, cfg):
+    """The tokenizer the run that wrote a checkpoint tag trained with (its copy in the run
+    directory, else what its config names; data/run_tokenizer.py)."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag_dir)))
+    try:
+        return run_tokenizer(run_dir, cfg)
+    except DataError as err:  # e.g. a run's relative data.cache_dir seen from elsewhere
+        raise CheckpointError(f"the tokenizer of {tag_dir} cannot be read ({err}); pass "
+                              "--tokenizer MODEL_OR_DIR") from None
 
 
-def tokenizer_of_path(path: str) -> Tuple[str, List[str]]:
-    """(kind, paths) of a tokenizer named on the command line: a Hugging Face directory or a
-    sentencepiece model file."""
-    return ("huggingface" if os.path.isdir(path) else "sentencepiece"), [path]
+def tokenizer_of_path(path: str):
+    """A tokenizer named on the command line: any file or directory the data layer tells the
+    type of, or a Hugging Face model directory (an export)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return HFDirectoryTokenizer(path)
+    try:
+        return build_tokenizer(TokenizerSpec(model=path))
+    except DataError as err:
+        raise CheckpointError(f"--tokenizer {path}: {err}") from None
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What an export's config.json records of its tokenizer (tokenizer_of_record reads it)."""
+    return dataclasses.asdict(tokenizer.spec)
+
+
+def tokenizer_of_record(record: dict):
+    try:
+        return build_tokenizer(TokenizerSpec(**record))
+    except (DataError, TypeError) as err:
+        files = " + ".join(str(record.get(k)) for k in ("model", "vocab_file", "merge_file")
+                           if record.get(k))
+        raise CheckpointError(f"the export's tokenizer ({record.get('type')} {files}) cannot be "
+                              f"read ({err}); pass --tokenizer MODEL_OR_DIR") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,7 +95,8 @@ def default_samples() -> List[str]:
 class HFDirectoryTokenizer:
     """A Hugging Face tokenizer directory as a run reads it (AutoTokenizer): the text's ids,
     nothing added; eod is its eos token. Remote code is never run: where the directory is a
-    model with custom code (an export), AutoTokenizer takes its config as a plain one."""
+    model with custom code (an export), AutoTokenizer takes its config as a plain one. An
+    export's tokenizer read back this way re-exports as a HuggingFaceTokenizer."""
 
     def __init__(self, directory: str):
         from transformers import AutoTokenizer
@@ -88,69 +115,69 @@ class HFDirectoryTokenizer:
             logging.set_verbosity(level)
         self.vocab_size = len(self.tokenizer)
         self.eod = self.tokenizer.eos_token_id
+        self.spec = TokenizerSpec("HuggingFaceTokenizer", os.path.abspath(directory))
+        self.name = f"HuggingFaceTokenizer {self.spec.model}"
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: List[int]) -> str:
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def run_tokenizer(kind: str, paths: Sequence[str]):
-    """The tokenizer a run of this kind uses (encode, decode, vocab_size): the reference the
-    files must reproduce."""
+def write_hf_tokenizer(tokenizer, out_dir: str, model_max_length: int) -> Dict[str, int]:
+    """Write the Hugging Face files of the run's `tokenizer` (tokenizer.Tokenizer, or an
+    HFDirectoryTokenizer) into out_dir (an existing, new directory) and check them against it
+    on default_samples(). Returns the special ids {bos, eos, pad, unk} (None where it has
+    none)."""
+    kind = tokenizer.spec.type
     if kind not in WRITERS:
-        raise CheckpointError(f"tokenizer kind {kind!r} cannot be exported yet (known: "
-                              f"{', '.join(WRITERS)})")
-    try:
-        return READERS[kind](paths[0])
-    except (OSError, ValueError, RuntimeError) as err:  # a missing or unparsable file
-        raise CheckpointError(f"tokenizer {paths[0]}: cannot be read ({err})") from None
-
-
-def write_hf_tokenizer(kind: str, paths: Sequence[str], out_dir: str,
-                       model_max_length: int) -> Dict[str, int]:
-    """Write the tokenizer files of (kind, paths) into out_dir (an existing, new directory) and
-    check them against run_tokenizer(kind, paths) on default_samples(). Returns the special
-    ids {bos, eos, pad, unk} (None where it has none)."""
-    reference = run_tokenizer(kind, paths)
-    WRITERS[kind](list(paths), out_dir, model_max_length)
+        raise CheckpointError(f"tokenizer {tokenizer.name}: a {kind} has no Hugging Face form "
+                              f"here (exported: {', '.join(WRITERS)}); pass --tokenizer with "
+                              "one of those that gives the same ids")
+    write, skip_special = WRITERS[kind]
+    write(tokenizer, out_dir, model_max_length)
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(out_dir)
-    if len(loaded) != reference.vocab_size:
-        raise CheckpointError(f"tokenizer {paths[0]}: its Hugging Face conversion has "
-                              f"{len(loaded)} tokens, the run's {reference.vocab_size}")
-    encode, decode = reference.encode, reference.decode
+    if len(loaded) != tokenizer.vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer.name}: its Hugging Face conversion has "
+                              f"{len(loaded)} tokens, the run's {tokenizer.vocab_size}")
     for text in default_samples():
-        expected = encode(text)
+        expected = tokenizer.encode(text)
         # verbose=False: a sample longer than model_max_length is no problem here
         got = loaded(text, add_special_tokens=False, verbose=False)["input_ids"]
         if got != expected:
             at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
                       min(len(expected), len(got)))
             raise CheckpointError(
-                f"tokenizer {paths[0]}: its Hugging Face conversion gives other ids on "
+                f"tokenizer {tokenizer.name}: its Hugging Face conversion gives other ids on "
                 f"{text[:40]!r}... (token {at}: {got[at:at + 3]} instead of "
                 f"{expected[at:at + 3]}); refusing to export a tokenizer that changes the ids")
-        if loaded.decode(got) != decode(expected):
-            raise CheckpointError(f"tokenizer {paths[0]}: its Hugging Face conversion decodes "
-                                  f"{text[:40]!r}... to other text; refusing to export it")
+        if loaded.decode(got, skip_special_tokens=skip_special) != tokenizer.decode(expected):
+            raise CheckpointError(f"tokenizer {tokenizer.name}: its Hugging Face conversion "
+                                  f"decodes {text[:40]!r}... to other text; refusing to export it")
     return {name: getattr(loaded, f"{name}_token_id") for name in ("bos", "eos", "pad", "unk")}
 
 
-def _copy_hf_directory(paths: List[str], out_dir: str, model_max_length: int) -> None:
+def _copy_hf_directory(tokenizer, out_dir: str, model_max_length: int) -> None:
     """A Hugging Face tokenizer directory: its files are already the format."""
-    source = paths[0]
+    source = tokenizer.spec.model
     for name in HF_FILES + HF_OPTIONAL_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
 
 
-def _sentencepiece_files(paths: List[str], out_dir: str, model_max_length: int) -> None:
+def _gpt2_bpe_files(tokenizer, out_dir: str, model_max_length: int) -> None:
+    """vocab.json + merges.txt: transformers' GPT-2 tokenizer over them saves its own files."""
+    tokenizer.save_pretrained(out_dir)
+
+
+def _sentencepiece_files(tokenizer, out_dir: str, model_max_length: int) -> None:
     from sentencepiece import sentencepiece_model_pb2
     from transformers import PreTrainedTokenizerFast
 
+    paths = [tokenizer.spec.model]
     proto = sentencepiece_model_pb2.ModelProto()
     with open(paths[0], "rb") as f:
         proto.ParseFromString(f.read())
@@ -246,5 +273,8 @@ def _sentencepiece_model(proto, path: str, user_pieces: bool):
                           "(word/char) cannot be exported; only BPE and Unigram")
 
 
-WRITERS = {"sentencepiece": _sentencepiece_files, "huggingface": _copy_hf_directory}
-READERS = {"sentencepiece": SentencePieceTokenizer, "huggingface": HFDirectoryTokenizer}
+# type -> (writer, whether the run's decode skips special tokens: sentencepiece renders
+# <unk> as " \u2047 " and control pieces as nothing; transformers' tokenizers drop specials)
+WRITERS = {"SentencePieceTokenizer": (_sentencepiece_files, False),
+           "HuggingFaceTokenizer": (_copy_hf_directory, True),
+           "GPT2BPETokenizer": (_gpt2_bpe_files, True)}
