@@ -12,12 +12,36 @@ killing the agent itself):
 from __future__ import annotations
 
 import logging
+import signal
+from typing import Collection, Dict, Tuple
 
 from ..compat.elastic import HookedElasticAgent
 from ..errors import NOT_RETRIED
 from .incidents import IncidentLog, cause_of
 
 log = logging.getLogger("ft_launch")
+
+
+def culprit(failures: Dict[int, object], hung_pids: Collection[int] = ()) -> Tuple[int, object]:
+    """(rank, ProcessFailure) of the failure that caused the others. When one rank fails, its
+    peers fail after it (a broken collective: exit 1) or are stopped by the agent (SIGTERM,
+    then SIGKILL), often within the same second, and torch elastic's timestamps are whole
+    seconds (from an error file, which our ranks do not write, else when the agent saw the
+    exit), so the earliest is ambiguous: the first by timestamp ties with its peers and went to
+    the lowest rank (a hang of rank 1 was blamed on rank 0). So: a rank the step watchdog
+    killed; then the earliest; among those, an exit code that is not retried (every rank hit
+    the same config or data error), then a signal the agent does not send when it stops a
+    group (kill -9, a crash), then another exit code, then SIGTERM (the agent's own)."""
+    def kind(exitcode: int) -> int:
+        if exitcode in NOT_RETRIED:
+            return 0
+        if exitcode < 0:
+            return 3 if -exitcode == signal.SIGTERM else 1
+        return 2
+
+    return min(failures.items(), key=lambda item: (item[1].pid not in hung_pids,
+                                                   item[1].timestamp, kind(item[1].exitcode),
+                                                   item[0]))
 
 
 class SupervisingAgent(HookedElasticAgent):
@@ -34,12 +58,13 @@ class SupervisingAgent(HookedElasticAgent):
                     worker_pid)
 
     def on_failure(self, result) -> None:
-        # the first failure is the cause; the others are ranks that lost their peers
-        rank, first = min(result.failures.items(), key=lambda kv: kv[1].timestamp)
-        hung = any(f.pid in self._hung_pids for f in result.failures.values())
+        rank, first = culprit(result.failures, self._hung_pids)
+        hung = first.pid in self._hung_pids
         row = self.incidents.record(self._attempt, cause_of(first.exitcode, hung), rank)
-        log.warning("attempt %d failed: rank %s %s at step %s; resuming from step %s",
-                    self._attempt, rank, row["cause"], row["step_reached"], row["resumed_from"])
+        log.warning("attempt %d failed: rank %s %s at step %s (%.0f s after its last progress);"
+                    " resuming from step %s (%.0f s of training to redo)", self._attempt, rank,
+                    row["cause"], row["step_reached"], row["seconds_stalled"],
+                    row["resumed_from"], row["seconds_lost"])
         final = NOT_RETRIED.get(first.exitcode)
         if final and not hung:
             log.error("not restarting: rank %s exited %d (%s); fix it and rerun",
