@@ -127,6 +127,21 @@ def test_step_allowance_is_long_at_first_and_for_saves_and_follows_measured_step
     assert auto.allowance(long=False) == 150.0 and auto.allowance(long=True) == 1500.0
 
 
+def test_a_step_goes_on_unwatched_once_the_agent_stopped_its_timer_server(tmp_path):
+    """SIGTERM to the launcher: the agent stops its timer server, then asks the ranks to stop.
+    The step and the save on the way out raised BrokenPipeError (the rank died instead of
+    saving); they now finish unwatched."""
+    from magneto_dist.resilience.watchdog import StepWatchdog
+
+    watchdog = StepWatchdog("30", timer_file=str(tmp_path / "gone"))  # no server reads it
+    assert watchdog.enabled
+    with watchdog.expires():
+        ran = True
+    with watchdog.expires(long=True):
+        saved = True
+    assert ran and saved and not watchdog.enabled
+
+
 def test_the_launcher_reads_the_training_scripts_own_default_config():
     """ft_launch writes incidents into the run directory of the command it supervises: without
     --config that is the script's own default (a BERT run's incidents once went to gpt_tiny)."""

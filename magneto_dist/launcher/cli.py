@@ -32,6 +32,7 @@ from ..config import Config, load_config
 from ..dims import LayoutError, ParallelDims
 from ..errors import NOT_RETRIED, ConfigError, ExitCode
 from ..launch_env import default_config, task_of_script
+from ..training.metrics import process_start_time
 from ..resilience.watchdog import AUTO_FACTOR, AUTO_MIN_S, LONG_FACTOR, STEP_TIMEOUT_ENV, \
     SUPERVISED_ENV
 from .agent import SupervisingAgent, culprit
@@ -221,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:  # the training command's config, or a LaunchError
         print(f"{err.label}: {err}", file=sys.stderr)
         return ExitCode.CONFIG
-    incidents = IncidentLog(cfg.logging.run_dir)
+    incidents = IncidentLog(cfg.logging.run_dir, started=process_start_time())  # imports too
     SupervisingAgent.incidents = incidents
     install_agent(SupervisingAgent)  # torchrun has no way to pass another agent class
     code = _launch(args, incidents)
@@ -275,8 +276,8 @@ def stopped_state(row: dict, incidents: IncidentLog) -> str:
     """What a stop left behind, from the files (a "preempted" incident row)."""
     reached, saved = row["step_reached"], row["resumed_from"]
     if not incidents.steps_this_launch():
-        where = f"step {saved}" if saved else "the start"
-        return f"no step had run in this launch, nothing to save (the next run starts at {where})"
+        where = f"resumes from step {saved}" if saved else "starts from scratch"
+        return f"no step had run in this launch, nothing to save (the next run {where})"
     if reached <= saved:
         return f"the ranks saved step {saved}"
     return (f"the ranks stopped at step {reached} without saving it; the newest complete "

@@ -76,11 +76,13 @@ class IncidentLog:
     """Appends incidents to RUN_DIR/restarts.jsonl (every node's launcher to the same file on a
     shared filesystem: one short append per row)."""
 
-    def __init__(self, run_dir: str, node: Optional[str] = None):
+    def __init__(self, run_dir: str, node: Optional[str] = None,
+                 started: Optional[float] = None):
+        """started: when the launch began (time.time(); default now)."""
         self.run_dir = run_dir
         self.node = node or socket.gethostname()
         self.path = os.path.join(run_dir, RESTARTS)
-        self.started = time.time()
+        self.started = time.time() if started is None else started
 
     def incidents(self) -> List[dict]:
         """This launch's rows (every node's)."""

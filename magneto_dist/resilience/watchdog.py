@@ -4,8 +4,11 @@ timer that lets the agent kill a hung rank, and dying with the agent.
 The timer is torch elastic's FileTimerClient, talking to the FileTimerServer the agent runs when
 TORCHELASTIC_ENABLE_FILE_TIMER=1 (it passes the pipe's path in TORCHELASTIC_TIMER_FILE). A rank
 that does not finish an optimizer step within its allowance is SIGKILLed by the agent, which then
-restarts the group. Measured here (torch 2.13): expires() costs ~0.1 ms; call it once per step
-(back-to-back calls fill the timer's FIFO).
+restarts the group. Measured here (torch 2.13): a timed step costs ~0.1 ms; time each step once
+(back-to-back requests fill the timer's FIFO). When the agent stops the group (SIGTERM to the
+launcher), it stops its timer server first and then asks the ranks to stop: the step and the
+save on the way out run unwatched (a request to the stopped server raised BrokenPipeError, and
+the rank died instead of saving).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import signal
 import statistics
 import sys
+import time
 from typing import List, Optional
 
 STEP_TIMEOUT_ENV = "MAGNETO_DIST_STEP_TIMEOUT"  # seconds, "auto" or "0" (set by the launcher)
@@ -41,6 +45,8 @@ class StepWatchdog:
     it. The allowance is --step-timeout seconds, or with "auto" AUTO_FACTOR x the median of the
     steps measured so far (LONG allowance until FIRST_STEPS were measured)."""
 
+    SCOPE = "optimizer step"  # the timer's name in the agent's log
+
     def __init__(self, setting: str, timer_file: Optional[str]):
         self.enabled = bool(timer_file) and setting not in ("", "0")
         self.auto = setting == "auto"
@@ -49,8 +55,7 @@ class StepWatchdog:
         if self.enabled:
             from torch.distributed.elastic import timer
 
-            self.timer = timer
-            timer.configure(timer.FileTimerClient(timer_file))
+            self.client = timer.FileTimerClient(timer_file)
 
     @classmethod
     def from_env(cls) -> "StepWatchdog":
@@ -71,10 +76,22 @@ class StepWatchdog:
         if not self.enabled:
             yield
             return
-        import time
-
         start = time.monotonic()
-        with self.timer.expires(after=self.allowance(long)):
+        watched = self._request(self.client.acquire, self.SCOPE, time.time() + self.allowance(long))
+        try:
             yield
+        finally:
+            if watched:
+                self._request(self.client.release, self.SCOPE)
         if not long:
             self.durations.append(time.monotonic() - start)
+
+    def _request(self, call, *args) -> bool:
+        """Whether the timer server took the request; when it is gone (the agent is stopping
+        the group), the watchdog turns itself off."""
+        try:
+            call(*args)
+        except BrokenPipeError:
+            self.enabled = False
+            return False
+        return True
