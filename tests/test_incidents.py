@@ -101,6 +101,7 @@ def test_the_failing_rank_is_blamed_not_its_peers(tmp_path):
     cases = [({0: failure(10, 1), 1: failure(11, -9)}, {11}, (1, "hang")),
              ({0: failure(10, 1), 1: failure(11, -9)}, set(), (1, "signal SIGKILL")),
              ({0: failure(10, -15), 1: failure(11, 1)}, set(), (1, "exit 1")),
+             ({0: failure(10, 1), 1: failure(11, 137)}, set(), (1, "exit 137")),
              ({0: failure(10, 1, 99), 1: failure(11, -9, 100)}, set(), (0, "exit 1"))]
     for failures, hung, blamed in cases:
         agent._hung_pids = set(hung)

@@ -16,7 +16,7 @@ import signal
 from typing import Collection, Dict, Tuple
 
 from ..compat.elastic import HookedElasticAgent
-from ..errors import NOT_RETRIED
+from ..errors import NOT_RETRIED, ExitCode
 from .incidents import IncidentLog, cause_of
 
 log = logging.getLogger("ft_launch")
@@ -31,13 +31,14 @@ def culprit(failures: Dict[int, object], hung_pids: Collection[int] = ()) -> Tup
     the lowest rank (a hang of rank 1 was blamed on rank 0). So: a rank the step watchdog
     killed; then the earliest; among those, an exit code that is not retried (every rank hit
     the same config or data error), then a signal the agent does not send when it stops a
-    group (kill -9, a crash), then another exit code, then SIGTERM (the agent's own)."""
+    group (kill -9, a crash), then an exit code other than 1, then exit 1 (what a rank whose
+    collective broke exits with), then SIGTERM (the agent's own)."""
     def kind(exitcode: int) -> int:
         if exitcode in NOT_RETRIED:
             return 0
         if exitcode < 0:
-            return 3 if -exitcode == signal.SIGTERM else 1
-        return 2
+            return 4 if -exitcode == signal.SIGTERM else 1
+        return 3 if exitcode == ExitCode.FAILED else 2
 
     return min(failures.items(), key=lambda item: (item[1].pid not in hung_pids,
                                                    item[1].timestamp, kind(item[1].exitcode),
