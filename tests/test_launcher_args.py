@@ -22,7 +22,12 @@ def test_a_node_range_the_global_batch_cannot_keep_is_refused_naming_the_counts_
         "train.global_batch_size=512, train.zero_stage=1): the run cannot continue on 5, 6, 7 "
         "node(s) (on 5: train.global_batch_size=512 is not divisible by "
         "train.micro_batch_size x data-parallel size = 4 x 20; use a multiple of 80); node "
-        "counts that work: 4, 8. Give --nnodes only working counts (e.g. --nnodes 8)"), message
+        "counts that work: 4, 8. Give --nnodes only working counts (e.g. --nnodes 8), or "
+        "train.global_batch_size=13440 (a multiple of 13440"), message
+    message = refused(["--nnodes", "7:8", "--nproc-per-node", "8", "--rdzv-endpoint", "h:1",
+                       "launch/pretrain_gpt.py", "--config", "configs/gpt_1.3b.yaml"])
+    assert "on 7: train.global_batch_size=512 is not divisible by train.micro_batch_size x " \
+        "data-parallel size = 4 x 28" in message and "global_batch_size=896 (" in message
     tiny = ["--rdzv-endpoint", "h:1", "launch/pretrain_gpt.py", "train.micro_batch_size=2"]
     message = refused(["--nnodes", "1:4", "--nproc-per-node", "2", *tiny,
                        "train.global_batch_size=16"])

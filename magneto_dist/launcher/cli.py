@@ -16,6 +16,7 @@ restarts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -147,8 +148,20 @@ def node_count_problem(args, cfg: Config) -> Optional[str]:
             f"{t.global_batch_size}, train.zero_stage={t.zero_stage}): the run cannot continue "
             f"on {_counts(sorted(fails))} node(s) (on {first}: {fails[first]}); node counts that "
             f"work: {_counts(works) or 'none'}. {advice[0].upper()}{advice[1:]}"
-            + (", or a train.global_batch_size that micro-batch x data-parallel size divides on "
-               "every count" if batch_fails else ""))
+            + (f", or {_batch_for_all(cfg, per_node, min_nodes, max_nodes)}" if batch_fails
+               else ""))
+
+
+def _batch_for_all(cfg: Config, per_node: int, min_nodes: int, max_nodes: int) -> str:
+    """The smallest global batch from the configured one up that every count keeps."""
+    t, p = cfg.train, cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if any(nodes * per_node % model_parallel for nodes in range(min_nodes, max_nodes + 1)):
+        return f"a multiple of TP x PP = {model_parallel} ranks on every count"
+    step = math.lcm(*(t.micro_batch_size * nodes * per_node // model_parallel
+                      for nodes in range(min_nodes, max_nodes + 1)))
+    return (f"train.global_batch_size={-(-t.global_batch_size // step) * step} (a multiple of "
+            f"{step}: micro-batch x data-parallel size on every count)")
 
 
 def _counts(nodes: List[int]) -> str:
