@@ -1,5 +1,6 @@
 """restarts.jsonl bookkeeping of the fault-tolerant launcher, without processes."""
 import json
+import os
 import re
 import time
 from types import SimpleNamespace
@@ -96,6 +97,8 @@ def test_the_failing_rank_is_blamed_not_its_peers(tmp_path):
     so a failed rank and the peers that lost it tie; the lowest rank was blamed (a hang of
     rank 1 was recorded as rank 0's exit 1)."""
     SupervisingAgent.incidents = IncidentLog(str(tmp_path), node="n1")
+    SupervisingAgent.stacks_dir = str(tmp_path / "stacks")
+    os.mkdir(SupervisingAgent.stacks_dir)
     agent = SupervisingAgent.__new__(SupervisingAgent)  # the hooks only, no torch elastic
     agent._hung_pids, agent._attempt, agent._remaining_restarts = set(), 0, 5
     cases = [({0: failure(10, 1), 1: failure(11, -9)}, {11}, (1, "hang")),

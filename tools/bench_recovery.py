@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from magneto_dist.resilience.parent_watch import parent_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 PHASES = ["detection", "re-rendezvous and spawn", "process start-up", "checkpoint load",
@@ -93,11 +95,6 @@ def stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def wait_for_step(run_dir: str, step: int, procs) -> None:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Dict, List, Optional
 
 from torch.distributed import run as torchrun
@@ -34,8 +36,8 @@ from ..dims import LayoutError, ParallelDims
 from ..errors import NOT_RETRIED, ConfigError, ExitCode
 from ..launch_env import default_config, task_of_script
 from ..training.metrics import process_start_time
-from ..resilience.watchdog import AUTO_FACTOR, AUTO_MIN_S, LONG_FACTOR, STEP_TIMEOUT_ENV, \
-    SUPERVISED_ENV
+from ..resilience.watchdog import AUTO_FACTOR, AUTO_MIN_S, LONG_FACTOR, STACKS_ENV, \
+    STEP_TIMEOUT_ENV, SUPERVISED_ENV
 from .agent import SupervisingAgent, culprit
 from .incidents import IncidentLog
 
@@ -237,8 +239,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.CONFIG
     incidents = IncidentLog(cfg.logging.run_dir, started=process_start_time())  # imports too
     SupervisingAgent.incidents = incidents
+    SupervisingAgent.stacks_dir = os.environ[STACKS_ENV] = tempfile.mkdtemp(prefix="ft_launch-")
     install_agent(SupervisingAgent)  # torchrun has no way to pass another agent class
-    code = _launch(args, incidents)
+    try:
+        code = _launch(args, incidents)
+    finally:
+        shutil.rmtree(SupervisingAgent.stacks_dir, ignore_errors=True)
     print(f"[ft_launch] {incidents.summary()}", file=sys.stderr, flush=True)
     return code
 

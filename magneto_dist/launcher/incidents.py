@@ -1,14 +1,15 @@
 """RUN_DIR/restarts.jsonl, one row per incident, and the summary printed when the launcher exits.
 
 A row: {"time", "attempt", "node", "rank", "cause", "step_reached", "resumed_from",
-"seconds_lost", "seconds_stalled"}. cause is "exit N", "signal NAME", "hang" (killed by the step
+"seconds_lost", "seconds_stalled", "where"}. cause is "exit N", "signal NAME", "hang" (killed by the step
 watchdog), "node lost" (the group re-formed with fewer nodes) or "preempted" (SIGTERM to the
 launcher: a planned stop, no restart). step_reached is the last step logged to metrics.jsonl,
 resumed_from the step of the newest complete checkpoint (where the next attempt starts).
 seconds_lost is the time the failed attempt spent on the steps after that checkpoint, which the
 next attempt does again; seconds_stalled the time from the attempt's last logged progress to the
 failure's detection (a hang until the watchdog killed it, or the part of a step that a crash cut
-short; 0 when the attempt had made no progress: a crash in start-up, or a re-rendezvous).
+short; 0 when the attempt had made no progress: a crash in start-up, or a re-rendezvous);
+where, for a hang, the hung rank's innermost frame ("path:line in function"), else null.
 
 How time is counted: metrics.jsonl's train rows are grouped into attempts, each ending at an
 incident (and each launch starts one). A row's steps took the time since the previous train or
@@ -92,7 +93,8 @@ class IncidentLog:
         """Where this launch's attempts end and begin: its start and its incidents."""
         return [self.started] + [r["time"] for r in self.incidents()]
 
-    def record(self, attempt: int, cause: str, rank: Optional[int] = None) -> dict:
+    def record(self, attempt: int, cause: str, rank: Optional[int] = None,
+               where: Optional[str] = None) -> dict:
         now, rows, breaks = time.time(), read_metrics(self.run_dir), self.breaks()
         attempt_start = max(b for b in breaks if b <= now)
         steps = [r for r in rows if r.get("split") == "train"]
@@ -107,7 +109,8 @@ class IncidentLog:
                "cause": cause, "step_reached": reached, "resumed_from": resumed,
                "seconds_lost": round(sum(s for r, s in this_attempt
                                          if s is not None and r["step"] > resumed), 2),
-               "seconds_stalled": round(now - max(progress), 2) if progress else 0.0}
+               "seconds_stalled": round(now - max(progress), 2) if progress else 0.0,
+               "where": where}
         os.makedirs(self.run_dir, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import os
 import signal
 import statistics
@@ -23,6 +24,13 @@ from typing import List, Optional
 
 STEP_TIMEOUT_ENV = "MAGNETO_DIST_STEP_TIMEOUT"  # seconds, "auto" or "0" (set by the launcher)
 SUPERVISED_ENV = "MAGNETO_DIST_SUPERVISED"
+# Where a watched rank writes its Python stacks when the agent sends DUMP_SIGNAL (a directory of
+# the launcher, set by it): before a hung group is killed, every rank's stacks say which one
+# hung and which were only waiting for it in a collective.
+STACKS_ENV = "MAGNETO_DIST_STACKS_DIR"
+DUMP_SIGNAL = signal.SIGUSR2
+# Frames of a rank that waits for its peers (a collective or a point-to-point transfer).
+COLLECTIVE_FRAMES = ("torch/distributed/distributed_c10d.py", "deepspeed/comm/")
 LONG_FACTOR = 10         # first steps, evaluation and checkpoint saves get 10x the allowance
 FIRST_STEPS = 3          # start-up, compilation and warm caches make the first steps slow
 AUTO_FACTOR, AUTO_MIN_S = 5.0, 60.0  # auto: 5x the median step time, at least 60 s
@@ -40,6 +48,24 @@ def die_with_parent() -> None:
         os._exit(137)
 
 
+def stacks_path(directory: str, pid: int) -> str:
+    return os.path.join(directory, f"{pid}.stacks")
+
+
+def main_thread_frames(dump: str) -> List[str]:
+    """The main thread's frames ("File ..., line N in name", innermost first) in a
+    faulthandler dump of all threads: the thread whose outermost frame is the script."""
+    for block in dump.split("\n\n"):
+        frames = [line.strip() for line in block.splitlines() if line.strip().startswith("File ")]
+        if frames and frames[-1].endswith(" in <module>"):
+            return frames
+    return []
+
+
+def waiting_for_peers(frames: List[str]) -> bool:
+    return any(mark in frame for frame in frames for mark in COLLECTIVE_FRAMES)
+
+
 class StepWatchdog:
     """`with watchdog.expires(long=...)` around each step; a no-op unless the launcher enabled
     it. The allowance is --step-timeout seconds, or with "auto" AUTO_FACTOR x the median of the
@@ -47,7 +73,8 @@ class StepWatchdog:
 
     SCOPE = "optimizer step"  # the timer's name in the agent's log
 
-    def __init__(self, setting: str, timer_file: Optional[str]):
+    def __init__(self, setting: str, timer_file: Optional[str],
+                 stacks_dir: Optional[str] = None):
         self.enabled = bool(timer_file) and setting not in ("", "0")
         self.auto = setting == "auto"
         self.fixed = 0.0 if self.auto else float(setting or 0)
@@ -56,11 +83,14 @@ class StepWatchdog:
             from torch.distributed.elastic import timer
 
             self.client = timer.FileTimerClient(timer_file)
+            if stacks_dir:  # the file stays open: faulthandler writes to its descriptor
+                self.stacks = open(stacks_path(stacks_dir, os.getpid()), "w", encoding="utf-8")
+                faulthandler.register(DUMP_SIGNAL, file=self.stacks, all_threads=True)
 
     @classmethod
     def from_env(cls) -> "StepWatchdog":
         return cls(os.environ.get(STEP_TIMEOUT_ENV, "0"),
-                   os.environ.get("TORCHELASTIC_TIMER_FILE"))
+                   os.environ.get("TORCHELASTIC_TIMER_FILE"), os.environ.get(STACKS_ENV))
 
     def allowance(self, long: bool) -> float:
         if self.auto:

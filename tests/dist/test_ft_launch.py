@@ -79,7 +79,9 @@ def test_a_hung_rank_is_killed_within_two_timeouts(tmp_path, cache_dir):
                                             "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}))
     assert code == 0, out[-5000:]
     (row,) = incidents(run_dir)
+    # rank 0's timer expired too (waiting for rank 1 in a collective): the stacks tell them apart
     assert (row["cause"], row["rank"], row["step_reached"]) == ("hang", 1, 6), row
+    assert "magneto_dist/resilience/faults.py:" in row["where"] and "in inject" in row["where"]
     hung_since = [r["time"] for r in read_metrics(run_dir) if r["step"] == 6][0]
     assert row["time"] - hung_since < 2 * timeout_s, (row, hung_since)
     # the hang is time stalled, not training to redo (the checkpoint of step 6 holds it all)
