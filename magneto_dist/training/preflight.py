@@ -17,10 +17,11 @@ from ..files import pid_alive
 
 LOCK_NAME = "run.lock"
 # Heartbeat of RUN_DIR/run.lock. The holder touches the file this often (a thread); a lock not
-# touched for STALE_AFTER_S is stale on any host. Six missed beats: a holder's thread that waits
-# on a slow shared filesystem or the GIL for a few seconds is not mistaken for a dead one, and a
-# new rank 0 on another host, after rank 0's node died, waits at most this long for its lock.
-HEARTBEAT_S = 5.0
+# touched for STALE_AFTER_S is stale on any host. Fifteen missed beats: a holder's thread that
+# waits on a slow shared filesystem or the GIL for a while is not mistaken for a dead one, and a
+# new rank 0 on another host, after rank 0's node died, waits at most this long for its lock
+# (and at least two beats, 4 s, against clocks that disagree).
+HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0
 
 
