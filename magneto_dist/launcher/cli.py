@@ -35,9 +35,9 @@ from ..config import Config, load_config
 from ..dims import LayoutError, ParallelDims
 from ..errors import NOT_RETRIED, ConfigError, ExitCode
 from ..launch_env import default_config, task_of_script
-from ..training.metrics import process_start_time
 from ..resilience.watchdog import AUTO_FACTOR, AUTO_MIN_S, LONG_FACTOR, STACKS_ENV, \
     STEP_TIMEOUT_ENV, SUPERVISED_ENV
+from ..training.metrics import process_start_time
 from .agent import SupervisingAgent, culprit
 from .incidents import IncidentLog
 
@@ -45,9 +45,10 @@ from .incidents import IncidentLog
 # overrides these one by one. A node whose agent has not written its keep-alive for
 # keep_alive_interval x keep_alive_max_attempt seconds is dropped, and the survivors' round
 # closes last_call_timeout after enough nodes joined, so a lost node costs about the sum before
-# the survivors restart. torch's own 5 s x 3 keep-alive: a node is not dropped for a few seconds
-# of a busy network or store (1 s x 3 re-formed in 6-8 s here, but three missed 1-s beats
-# dropped a live node and cost every node a restart); torch's 30-s last call only waits longer.
+# the survivors restart. torch's own 5 s x 3 keep-alive, not 1 s x 3: three missed beats (a few
+# seconds of a busy network, store or agent) drop a live node, which costs every node a
+# restart. Measured with tools/bench_recovery.py --lose-node: the group re-formed 17.5 s after
+# the kill (10.0 s with 1 s x 3); torch's 30-s last call would only wait longer.
 RDZV_DEFAULTS = {"last_call_timeout": "5", "keep_alive_interval": "5",
                  "keep_alive_max_attempt": "3"}
 
@@ -228,25 +229,29 @@ def hang_watch_line(step_timeout: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _raise_signal)
+    incidents = None
     try:
         args, cfg = prepare(argv)
-    except SignalException as err:
-        print(f"[ft_launch] stopped by {err.sigval.name} before any rank started: nothing to "
-              f"save; exit {int(ExitCode.INTERRUPTED)} (requeue the job)", file=sys.stderr)
-        return ExitCode.INTERRUPTED
+        incidents = IncidentLog(cfg.logging.run_dir, started=process_start_time())  # imports too
+        SupervisingAgent.incidents = incidents
+        SupervisingAgent.stacks_dir = tempfile.mkdtemp(prefix="ft_launch-")
+        os.environ[STACKS_ENV] = SupervisingAgent.stacks_dir
+        install_agent(SupervisingAgent)  # torchrun has no way to pass another agent class
+        print(f"[ft_launch] {hang_watch_line(args.step_timeout)}", file=sys.stderr, flush=True)
+        return _launch(args)
     except ConfigError as err:  # the training command's config, or a LaunchError
         print(f"{err.label}: {err}", file=sys.stderr)
         return ExitCode.CONFIG
-    incidents = IncidentLog(cfg.logging.run_dir, started=process_start_time())  # imports too
-    SupervisingAgent.incidents = incidents
-    SupervisingAgent.stacks_dir = os.environ[STACKS_ENV] = tempfile.mkdtemp(prefix="ft_launch-")
-    install_agent(SupervisingAgent)  # torchrun has no way to pass another agent class
-    try:
-        code = _launch(args, incidents)
+    except SignalException as err:  # the agent, if any, has stopped the ranks (they save)
+        state = ("before any rank started: nothing to save" if incidents is None else
+                 stopped_state(incidents.record(-1, "preempted"), incidents))
+        print(f"[ft_launch] stopped by {err.sigval.name}: {state}; exit "
+              f"{int(ExitCode.INTERRUPTED)} (requeue the job)", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     finally:
-        shutil.rmtree(SupervisingAgent.stacks_dir, ignore_errors=True)
-    print(f"[ft_launch] {incidents.summary()}", file=sys.stderr, flush=True)
-    return code
+        if incidents is not None:
+            shutil.rmtree(SupervisingAgent.stacks_dir, ignore_errors=True)
+            print(f"[ft_launch] {incidents.summary()}", file=sys.stderr, flush=True)
 
 
 def prepare(argv: Optional[List[str]]):
@@ -266,22 +271,16 @@ def prepare(argv: Optional[List[str]]):
                        STEP_TIMEOUT_ENV: args.step_timeout})
     if args.step_timeout != "0":
         os.environ["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
-    print(f"[ft_launch] {hang_watch_line(args.step_timeout)}", file=sys.stderr, flush=True)
     if args.rdzv_backend == "c10d" and not args.rdzv_endpoint:
         args.rdzv_endpoint = "localhost:0"  # one machine: the agent hosts it on a free port
     return args, cfg
 
 
-def _launch(args, incidents: IncidentLog) -> int:
+def _launch(args) -> int:
     config, cmd, cmd_args = torchrun.config_from_args(args)
     try:
         launcher_api.elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
         return ExitCode.OK
-    except SignalException as err:  # the agent has stopped the ranks (they save on SIGTERM)
-        row = incidents.record(-1, "preempted")
-        print(f"[ft_launch] stopped by {err.sigval.name}: {stopped_state(row, incidents)}; exit "
-              f"{int(ExitCode.INTERRUPTED)} (requeue the job to resume)", file=sys.stderr)
-        return ExitCode.INTERRUPTED
     except ChildFailedError as err:
         _, first = culprit(err.failures)
         if first.exitcode in NOT_RETRIED:

@@ -1,10 +1,11 @@
 """RUN_DIR/restarts.jsonl, one row per incident, and the summary printed when the launcher exits.
 
 A row: {"time", "attempt", "node", "rank", "cause", "step_reached", "resumed_from",
-"seconds_lost", "seconds_stalled", "where"}. cause is "exit N", "signal NAME", "hang" (killed by the step
-watchdog), "node lost" (the group re-formed with fewer nodes) or "preempted" (SIGTERM to the
-launcher: a planned stop, no restart). step_reached is the last step logged to metrics.jsonl,
-resumed_from the step of the newest complete checkpoint (where the next attempt starts).
+"seconds_lost", "seconds_stalled", "where"}. cause is "exit N", "signal NAME", "hang" (killed
+by the step watchdog), "node lost" (the group re-formed with fewer nodes) or "preempted"
+(SIGTERM to the launcher: a planned stop, no restart). step_reached is the last step logged to
+metrics.jsonl, resumed_from the step of the newest complete checkpoint (where the next attempt
+starts).
 seconds_lost is the time the failed attempt spent on the steps after that checkpoint, which the
 next attempt does again; seconds_stalled the time from the attempt's last logged progress to the
 failure's detection (a hang until the watchdog killed it, or the part of a step that a crash cut
@@ -125,6 +126,7 @@ class IncidentLog:
         productive = productive_seconds(read_metrics(self.run_dir), self.started, self.breaks())
         redone = sum(r.get("seconds_lost", 0) for r in incidents)
         stalled = sum(r.get("seconds_stalled", 0) for r in incidents)
+        goodput = productive / max(wall, 1e-9)
         return (f"{len(incidents)} incident(s), {redone:.0f} s of training redone, {stalled:.0f} "
-                f"s stalled before a failure was detected; goodput {productive / max(wall, 1e-9):.0%}"
-                f" ({productive:.0f} s of kept steps in {wall:.0f} s)")
+                f"s stalled before a failure was detected; goodput {goodput:.0%} "
+                f"({productive:.0f} s of kept steps in {wall:.0f} s)")
