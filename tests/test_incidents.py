@@ -116,6 +116,40 @@ def test_the_failing_rank_is_blamed_not_its_peers(tmp_path):
     assert agent._remaining_restarts == 0  # rank 1's config error is not retried
 
 
+WAITING = """Thread 0x00007f01 (most recent call first):
+  File "/usr/lib/python3.11/threading.py", line 320 in wait
+
+Current thread 0x00007f02 (most recent call first):
+  File "/venv/torch/distributed/distributed_c10d.py", line 2501 in all_reduce
+  File "/venv/deepspeed/comm/torch.py", line 290 in all_reduce
+  File "/repo/magneto_dist/training/loop.py", line 250 in step
+  File "/repo/launch/pretrain_gpt.py", line 13 in <module>
+"""
+HUNG = """Current thread 0x00007f03 (most recent call first):
+  File "/repo/magneto_dist/resilience/faults.py", line 104 in inject
+  File "/repo/magneto_dist/training/loop.py", line 236 in step
+  File "/repo/launch/pretrain_gpt.py", line 13 in <module>
+"""
+
+
+def test_a_hang_is_blamed_on_the_rank_that_was_not_waiting_for_its_peers(tmp_path):
+    """Every rank's step timer expires when one rank hangs (the others wait for it in a
+    collective), and the watchdog kills them all in one pass: rank 0 was blamed. The stacks
+    each rank dumps before the kill tell them apart."""
+    SupervisingAgent.incidents = IncidentLog(str(tmp_path), node="n1")
+    SupervisingAgent.stacks_dir = str(tmp_path / "stacks")
+    os.mkdir(SupervisingAgent.stacks_dir)
+    for pid, dump in ((10, WAITING), (11, HUNG)):
+        (tmp_path / "stacks" / f"{pid}.stacks").write_text(dump)
+    agent = SupervisingAgent.__new__(SupervisingAgent)
+    agent._hung_pids, agent._attempt, agent._remaining_restarts = {10, 11}, 0, 5
+    agent.on_failure(SimpleNamespace(failures={0: failure(10, -9), 1: failure(11, -9)}))
+    row = json.loads((tmp_path / "restarts.jsonl").read_text())
+    assert (row["rank"], row["cause"]) == (1, "hang"), row
+    assert row["where"] == "/repo/magneto_dist/resilience/faults.py:104 in inject"
+    assert os.listdir(tmp_path / "stacks") == []  # the next attempt's ranks start afresh
+
+
 def test_step_allowance_is_long_at_first_and_for_saves_and_follows_measured_steps():
     from magneto_dist.resilience.watchdog import AUTO_MIN_S, LONG_FACTOR, StepWatchdog
     fixed = StepWatchdog("30", timer_file=None)

@@ -13,6 +13,7 @@ killing the agent itself):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -74,8 +75,9 @@ class SupervisingAgent(HookedElasticAgent):
         for name in os.listdir(self.stacks_dir):
             pid = int(name.split(".")[0])
             if parent_of(pid) == os.getpid():  # a live rank of this agent, not a reused pid
-                os.kill(pid, DUMP_SIGNAL)
-                asked.append(stacks_path(self.stacks_dir, pid))
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                    os.kill(pid, DUMP_SIGNAL)
+                    asked.append(stacks_path(self.stacks_dir, pid))
         deadline = time.monotonic() + DUMP_WAIT_S
         while any(os.path.getsize(path) == 0 for path in asked) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -134,6 +136,6 @@ def _innermost(frames: List[str]) -> Optional[str]:
     """'path:line in function' of the innermost frame."""
     if not frames:
         return None
-    path, _, rest = frames[0][len("File "):].partition(", line ")
+    path, _, rest = frames[0][len('File "'):].partition('", line ')
     line, _, function = rest.partition(" in ")
-    return f"{path.strip(chr(34))}:{line} in {function}"
+    return f"{path}:{line} in {function}"
