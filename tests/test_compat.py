@@ -50,6 +50,7 @@ TOUCHES = [
     (elastic, LocalElasticAgent, "_log_watchdog_event", lambda self, event: None),
     (elastic, agent_api.SimpleElasticAgent, "_invoke_run", _without_fragment),
     (elastic, timer.FileTimerServer, "_reap_worker", lambda self, pid: None),
+    (elastic, timer.FileTimerServer, "_run_watchdog", _without_fragment),
     (elastic, launcher_api, "launch_agent", _without_fragment),
     (elastic, rdzv_utils, "_matches_machine_hostname", None),
 ]
