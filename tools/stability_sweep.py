@@ -18,7 +18,7 @@ import time
 from magneto_dist.config import ConfigError
 from magneto_dist.stability.grid import load_sweep
 from magneto_dist.stability.report import write_markdown, write_plots
-from magneto_dist.stability.sweep import SweepRunner, default_jobs
+from magneto_dist.stability.pool import SweepRunner, default_jobs
 
 
 def main(argv=None) -> int:
@@ -42,8 +42,12 @@ def main(argv=None) -> int:
         return 2
     # SIGTERM unwinds like Ctrl-C, so the runner stops its cells before the sweep exits
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    runner = SweepRunner(sweep, args.jobs or default_jobs(), args.retry_crashed)
     start = time.monotonic()
+    try:
+        runner = SweepRunner(sweep, args.jobs or default_jobs(), args.retry_crashed)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     if args.report_only:
         rows = runner.results()
         if not rows:

@@ -30,7 +30,7 @@ def rows(out):
 
 def test_sweep_end_to_end_resume_and_a_crashed_cell(tmp_path, cache_dir):
     out = tmp_path / "sweep"
-    crashed = "magneto-layernorm-L2-lr0.003-s1-w0"
+    crashed = "magneto-layernorm-L2-d64-lr0.003-s1-w0"
     (out / "cells").mkdir(parents=True)
     (out / "cells" / crashed).write_text("")  # its run_dir cannot be made: the trainer exits 2
     code, output = sweep(out, cache_dir)
