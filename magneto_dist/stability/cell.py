@@ -271,31 +271,37 @@ class CellRun:
     def _row(self, code: int, stopped_early: Optional[str]) -> Optional[dict]:
         if self.place.node != 0:
             return None
-        job = self.job
-        rows = run_rows(job.run_dir)
-        losses = losses_of(rows)
-        valid = last_per_step(rows, "valid")
-        diagnostics = last_per_step(rows, "diagnostics")
-        verdict = judge(losses, job.entropy, job.verdict)
-        if stopped_early is None and code not in (ExitCode.OK, ExitCode.NONFINITE):
-            verdict.verdict = "crashed"
-            verdict.reason = (f"exit code {code}: {_last_line(job.log_path)[:300]}"
-                              if code != ExitCode.INTERRUPTED else "stopped by a signal after "
-                              "saving (exit 75); --retry-crashed resumes it")
-        valid_losses = [r["loss"] for r in valid]
-        return {"cell": job.name, **job.cell, **job.shape, "steps_done": len(losses),
-                "final_loss": verdict.final_loss,
-                "final_valid_loss": valid_losses[-1] if valid_losses else None,
-                "best_valid_loss": min(valid_losses) if valid_losses else None,
-                "verdict": verdict.verdict, "reason": stopped_early or verdict.reason,
-                "stopped_early": stopped_early is not None or code == ExitCode.NONFINITE,
-                "spikes": verdict.spikes, "max_spike": verdict.max_spike,
-                "unigram_entropy": job.entropy, "exit_code": code,
-                "seconds": time.monotonic() - self.started,
-                "step_seconds": median_step_seconds(rows), "started_at": self.started_at,
-                "ended_at": time.time(), "job_id": self.place.job_id, "nodes": job.nodes,
-                "gpus_per_node": job.gpus_per_node, "log": job.log_path, "run_dir": job.run_dir,
-                **summarize(diagnostics)}
+        return result_row(self.job, code, stopped_early, self.place.job_id,
+                          time.monotonic() - self.started, self.started_at)
+
+
+def result_row(job: CellJob, code: Optional[int], stopped_early: Optional[str],
+               job_id: Optional[str], seconds: float, started_at: Optional[float],
+               lost: Optional[str] = None) -> dict:
+    """A cell's results.jsonl row from its run dir. `lost`: why the cell has no result of its
+    own (its jobs died without one); the row is then 'crashed' with that reason."""
+    rows = run_rows(job.run_dir)
+    losses = losses_of(rows)
+    valid = [r["loss"] for r in last_per_step(rows, "valid")]
+    verdict = judge(losses, job.entropy, job.verdict)
+    if lost:
+        verdict.verdict, verdict.reason = "crashed", lost
+    elif stopped_early is None and code not in (ExitCode.OK, ExitCode.NONFINITE):
+        verdict.verdict = "crashed"
+        verdict.reason = (f"exit code {code}: {_last_line(job.log_path)[:300]}"
+                          if code != ExitCode.INTERRUPTED else "stopped by a signal after "
+                          "saving (exit 75); --retry-crashed resumes it")
+    return {"cell": job.name, **job.cell, **job.shape, "steps_done": len(losses),
+            "final_loss": verdict.final_loss, "final_valid_loss": valid[-1] if valid else None,
+            "best_valid_loss": min(valid) if valid else None, "verdict": verdict.verdict,
+            "reason": stopped_early or verdict.reason,
+            "stopped_early": stopped_early is not None or code == ExitCode.NONFINITE,
+            "spikes": verdict.spikes, "max_spike": verdict.max_spike,
+            "unigram_entropy": job.entropy, "exit_code": code, "seconds": seconds,
+            "step_seconds": median_step_seconds(rows), "started_at": started_at,
+            "ended_at": time.time(), "job_id": job_id, "nodes": job.nodes,
+            "gpus_per_node": job.gpus_per_node, "log": job.log_path, "run_dir": job.run_dir,
+            **summarize(last_per_step(rows, "diagnostics"))}
 
 
 def _last_line(path: str) -> str:

@@ -211,8 +211,8 @@ def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
     _check_grid(grid)
     verdict = section_from_dict("verdict", sections["verdict"], VerdictConfig())
     name = raw.get("name") or os.path.splitext(os.path.basename(path))[0]
-    sweep = Sweep(grid, verdict, run_overrides, out_dir or os.path.join("runs", "sweeps", name),
-                  name, _widths(grid, run_overrides))
+    out_dir = os.path.abspath(out_dir or os.path.join("runs", "sweeps", name))  # cells run in ROOT
+    sweep = Sweep(grid, verdict, run_overrides, out_dir, name, _widths(grid, run_overrides))
     for cell in sweep.cells():
         try:
             validate(sweep.cell_config(cell), world_size=world_size)
