@@ -130,7 +130,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     p = parser()
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides and flags in any order
     if args.cancel and not args.cluster:
         p.error("--cancel needs --cluster (the local pool's cells end with the sweep)")
     # SIGTERM unwinds like Ctrl-C: the pool stops its cells; cluster jobs keep running

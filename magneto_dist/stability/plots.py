@@ -21,6 +21,9 @@ from .verdicts import VERDICTS
 
 PANEL_W, PANEL_H = 4.4, 3.3   # inches per panel; at DPI a panel is ~530 x 400 px
 DPI = 120
+PLOTS = ("loss_curves.png", "lr_sensitivity.png", "divergence_map.png", "grad_norm_init.png",
+         "residual_rms.png")
+SCALING_PLOTS = ("scaling_depth.png", "scaling_width.png")  # with two depths / widths or more
 CHARS_PER_INCH = 9            # of the 13 pt figure title: it is wrapped to stay on the canvas
 MAX_COLS = 4                  # panels per row where the panels are not a table
 # light colours, one per verdict in VERDICTS' order, so the black text on them stays readable
@@ -237,9 +240,7 @@ def write_plots(rows: List[dict], out_dir: str) -> List[str]:
     plt = _pyplot()
     grid = Grid(rows)
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(grid.variants)}
-    paths = {name: os.path.join(out_dir, name) for name in (
-        "loss_curves.png", "lr_sensitivity.png", "divergence_map.png", "grad_norm_init.png",
-        "residual_rms.png", "scaling_depth.png", "scaling_width.png")}
+    paths = {name: os.path.join(out_dir, name) for name in PLOTS + SCALING_PLOTS}
     _plot_curves(plt, grid, colors, paths["loss_curves.png"])
     _plot_lr_sensitivity(plt, grid, colors, paths["lr_sensitivity.png"])
     _plot_divergence_map(plt, grid, paths["divergence_map.png"])
@@ -247,7 +248,7 @@ def write_plots(rows: List[dict], out_dir: str) -> List[str]:
                         "gradient norm at init")
     _plot_layer_profile(plt, grid, colors, paths["residual_rms.png"], "residual_rms_final",
                         "residual RMS (last measure)")
-    written = [p for name, p in paths.items() if not name.startswith("scaling")]
+    written = [paths[name] for name in PLOTS]
     for axis, name in (("depth", "scaling_depth.png"), ("width", "scaling_width.png")):
         if len(grid.depths if axis == "depth" else grid.widths) > 1:
             _plot_scaling(plt, grid, colors, paths[name], axis)
