@@ -82,6 +82,14 @@ def test_a_garbage_line_is_quarantined_not_fatal(sweep_file, tmp_path):
     assert (tmp_path / "results.jsonl.quarantine").read_text() == "#garbage{\n[1, 2]\n"
 
 
+def test_a_second_sweep_on_the_same_output_is_refused(sweep_file, tmp_path):
+    sweep = load_sweep(sweep_file, [], str(tmp_path))
+    with pool.sweep_lock(str(tmp_path)):
+        with pytest.raises(ConfigError, match=rf"{tmp_path} is in use by another sweep \(pid "
+                                              rf"{os.getpid()}\); wait for it to end"):
+            SweepRunner(sweep, 1).run()
+
+
 def test_cells_get_the_parents_gpus_and_no_more_slots_than_gpus(sweep_file, tmp_path,
                                                                  monkeypatch):
     """A job given GPUs 4-7 ran its cells on 0-3; a slot beyond the GPUs trained on the CPU."""
@@ -308,6 +316,7 @@ def test_slurm_jobs_sbatch_parameters_launcher_command_reattach_resubmit(
         for step in range(1, 6):
             f.write(json.dumps({"split": "train", "step": step, "loss": 6.0 - step / 10,
                                 "time": step}) + "\n")
+    assert second.submission == ledger()[1]["submission"]
     with open(second.result_path, "w") as f:
         json.dump(result_row(second, 0, None, "1002", 9.0, 0.0), f)
     assert main(args) == 0

@@ -104,6 +104,8 @@ class CellJob:
     gpus_per_node: int = 0         # 0: one process (one CPU thread, or the one GPU of `devices`)
     devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES for the trainer (None: as inherited)
     step_timeout: str = "auto"     # ft_launch's hang watchdog, multi-GPU cells only
+    submission: Optional[str] = None  # the sweep's id of this submission (jobs.jsonl): job ids
+                                      # alone are not unique (a local job's is a pid)
     _running: Optional["CellRun"] = field(default=None, repr=False, compare=False)
 
     def __getstate__(self):  # the running process stays in the process that started it
@@ -299,7 +301,8 @@ def result_row(job: CellJob, code: Optional[int], stopped_early: Optional[str],
             "spikes": verdict.spikes, "max_spike": verdict.max_spike,
             "unigram_entropy": job.entropy, "exit_code": code, "seconds": seconds,
             "step_seconds": median_step_seconds(rows), "started_at": started_at,
-            "ended_at": time.time(), "job_id": job_id, "nodes": job.nodes,
+            "ended_at": time.time(), "job_id": job_id, "submission": job.submission,
+            "nodes": job.nodes,
             "gpus_per_node": job.gpus_per_node, "log": job.log_path, "run_dir": job.run_dir,
             **summarize(last_per_step(rows, "diagnostics"))}
 
@@ -345,13 +348,14 @@ def _wait_for_previous_trainer(run_dir: str) -> None:
 
 
 def cell_job(sweep: Sweep, cell: Cell, entropy: Optional[float], nodes: int = 1,
-             gpus_per_node: int = 0, devices: Optional[str] = None) -> CellJob:
+             gpus_per_node: int = 0, devices: Optional[str] = None,
+             submission: Optional[str] = None) -> CellJob:
     width = sweep.widths[cell.hidden_size]
     return CellJob(cell.name, cell.key(), {"num_heads": width.num_heads,
                                            "ffn_hidden_size": width.ffn_hidden_size},
                    sweep.cell_overrides(cell), sweep.cell_dir(cell),
                    os.path.join(sweep.out_dir, "logs", f"{cell.name}.log"), sweep.verdict,
-                   entropy, nodes, gpus_per_node, devices)
+                   entropy, nodes, gpus_per_node, devices, submission=submission)
 
 
 def summarize(diagnostics: List[dict]) -> dict:

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -216,15 +217,15 @@ class ClusterRunner:
     # --- the ledger: OUT/jobs.jsonl ---------------------------------------------------------
     def _ledger(self) -> List[dict]:
         return [r for r in read_rows(self.jobs_path, self.log)
-                if isinstance(r, dict) and "cell" in r and "job_id" in r]
+                if isinstance(r, dict) and "cell" in r and "job_id" in r and "submission" in r]
 
     def _plan(self) -> Tuple[List[Cell], Dict[str, tuple], Dict[str, int]]:
         """(cells to submit, cell name -> (cell, ledger row) of live jobs, cell name ->
         submissions since its last recorded row)."""
         rows = load_results(self.results_path, self.log)
-        recorded = {r.get("job_id") for r in rows}
+        recorded = {r.get("submission") for r in rows} - {None}
         latest = {r["cell"]: r for r in rows}
-        ledger = [r for r in self._ledger() if r["job_id"] not in recorded]
+        ledger = [r for r in self._ledger() if r.get("submission") not in recorded]
         attempts: Dict[str, int] = {}
         newest: Dict[str, dict] = {}
         for ref in ledger:
@@ -265,7 +266,7 @@ class ClusterRunner:
                 row = json.load(f)
         except (OSError, ValueError):
             return False
-        if row.get("job_id") != ref["job_id"]:
+        if row.get("submission") != ref.get("submission"):
             return False  # an earlier attempt's
         row.update(attempts=attempts, recorded_at=time.time())
         append_row(self.results_path, row)
@@ -276,12 +277,13 @@ class ClusterRunner:
     def _submit(self, cell: Cell, attempt: int, devices: Optional[str]) -> dict:
         if self._entropy is None:
             self._entropy = prepare_data(self.sweep, self.log)
+        submission = uuid.uuid4().hex
         job = cell_job(self.sweep, cell, self._entropy, self.opts.nodes_per_cell,
-                       self.opts.gpus(), devices)
+                       self.opts.gpus(), devices, submission)
         with signals_held():
             job_id = self.backend.submit(job, f"{self.sweep.name}:{cell.name}")
-            ref = {"cell": cell.name, "job_id": job_id, "attempt": attempt,
-                   "cluster": self.opts.cluster, "devices": devices,
+            ref = {"cell": cell.name, "job_id": job_id, "submission": submission,
+                   "attempt": attempt, "cluster": self.opts.cluster, "devices": devices,
                    "submitted_at": time.time()}
             append_row(self.jobs_path, ref)
         self.log(f"sweep: {cell.name}: submitted as job {job_id}"
@@ -289,9 +291,10 @@ class ClusterRunner:
         return ref
 
     def _give_up(self, cell: Cell, ref: dict, attempts: int) -> None:
-        job = cell_job(self.sweep, cell, self._entropy)
+        job = cell_job(self.sweep, cell, self._entropy, submission=ref.get("submission"))
         reason = (f"{attempts} job(s) ended without a result (last: job {ref['job_id']}, state "
-                  f"{self.backend.state(ref)}); see {self.backend.log_path(ref)} and {job.log_path}")
+                  f"{self.backend.state(ref)}); see {self.backend.log_path(ref)} and "
+                  f"{job.log_path}")
         row = result_row(job, None, None, ref["job_id"], 0.0, None, lost=reason)
         row.update(attempts=attempts, recorded_at=time.time())
         append_row(self.results_path, row)

@@ -139,6 +139,7 @@ class SweepRunner:
                 run.stop()
 
     def _record(self, row: dict) -> None:
+        row["recorded_at"] = time.time()
         append_row(self.results_path, row)
         self.log(f"sweep: {row['cell']}: {row['verdict']} ({row['reason']}) in "
                  f"{row['seconds']:.0f}s")

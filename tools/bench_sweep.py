@@ -1,0 +1,82 @@
+"""The stability sweep's overhead over the same cells run by hand, and the time from a cell's
+end to its row in results.jsonl.
+
+    python tools/bench_sweep.py [--jobs 1] [grid.schemes=[pre_ln,magneto] grid.depths=[6] ...]
+
+Reference: the cells' own commands (launch/pretrain_gpt.py with each cell's overrides, as
+tools/stability_sweep.py would give them) run by hand, --jobs at a time. Then the same cells as
+a local pool and as submitit local jobs (--cluster local), each into a fresh output directory
+with the data caches already built; wall times as ratios to the reference. The row latency is
+results.jsonl's recorded_at minus the cell's ended_at (when its trainer exited), over the
+cluster run's rows.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from magneto_dist.stability.grid import load_sweep
+from magneto_dist.stability.sweep import prepare_data
+
+CONFIG = "configs/stability/depth_lr_cpu.yaml"
+GRID = ["grid.schemes=[pre_ln,magneto]", "grid.depths=[6]", "grid.lrs=[1e-3,5e-3]",
+        "grid.steps=100", "grid.diagnostics_interval=50", "train.eval_interval=50"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
+
+def by_hand(commands, jobs: int) -> float:
+    """The cells' commands, `jobs` at a time, as a person would start them; -> wall seconds."""
+    start, waiting, running = time.monotonic(), list(commands), []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            running.append(subprocess.Popen(waiting.pop(0), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.STDOUT,
+                                            env=dict(os.environ, OMP_NUM_THREADS="1")))
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            assert proc.returncode == 0, f"a cell by hand exited {proc.returncode}"
+            running.remove(proc)
+    return time.monotonic() - start
+
+
+def sweep(out: str, jobs: int, extra, overrides) -> float:
+    start = time.monotonic()
+    subprocess.run([sys.executable, "tools/stability_sweep.py", "--config", CONFIG, "--out", out,
+                    "--jobs", str(jobs), *extra, *overrides], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return time.monotonic() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("overrides", nargs="*", help=f"grid and trainer keys (default {GRID})")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        overrides = [f"data.cache_dir={os.path.join(work, 'cache')}", *(args.overrides or GRID)]
+        hand_sweep = load_sweep(CONFIG, overrides, os.path.join(work, "hand"))
+        commands = [[sys.executable, "launch/pretrain_gpt.py", *hand_sweep.cell_overrides(c)]
+                    for c in hand_sweep.cells()]
+        prepare_data(hand_sweep, log=lambda *a: None)  # caches built: no timed run pays it
+        print(f"{len(commands)} cells, {args.jobs} at a time; {' '.join(overrides[1:])}")
+        hand = by_hand(commands, args.jobs)
+        pool = sweep(os.path.join(work, "pool"), args.jobs, [], overrides)
+        local = sweep(os.path.join(work, "local"), args.jobs, ["--cluster", "local"], overrides)
+        with open(os.path.join(work, "local", "results.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        latency = [r["recorded_at"] - r["ended_at"] for r in rows]
+    print(f"{'run':<34}{'wall s':>9}{'vs hand':>9}")
+    for name, wall in (("cells by hand (reference)", hand), ("local pool", pool),
+                       ("--cluster local (submitit)", local)):
+        print(f"{name:<34}{wall:>9.1f}{wall / hand:>9.3f}")
+    print(f"cell end to its row in results.jsonl (--cluster local, {len(latency)} cells): "
+          f"median {statistics.median(latency):.2f} s, max {max(latency):.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
