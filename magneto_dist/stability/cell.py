@@ -8,9 +8,10 @@ launch/ft_launch.py on every node of its allocation (one launcher per node), so 
 hung rank restarts the group from the cell's newest checkpoint instead of failing the cell.
 
 A cell whose run directory holds a complete checkpoint resumes from it (a job that died, a
-requeue after a timeout or preemption); otherwise its directory is cleared and it starts afresh,
-so a dead attempt's metrics never mix with the new one's. Node 0 writes RUN_DIR/result.json
-when the cell ends; the sweep moves it into results.jsonl.
+requeue after a timeout or preemption); otherwise its directory is cleared and it starts afresh
+(prepare_run_dir, before it starts or is submitted). Node 0 writes RUN_DIR/result.json when the
+cell ends; the sweep moves it into results.jsonl. This module is all a job imports (with the
+metrics reader and the verdicts): a job's own start-up stays well under a second.
 """
 from __future__ import annotations
 
@@ -26,19 +27,19 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-from ..checkpoint.manager import find_resume_tag
 from ..errors import ExitCode
 from ..files import atomic_write
 from ..launch_env import ROOT
 from ..training.preflight import LOCK_NAME
-from .grid import Cell, Sweep
 from .sweep import last_per_step, losses_of, median_step_seconds, run_rows
 from .verdicts import VerdictConfig, early_divergence, judge
 
+if TYPE_CHECKING:  # a job unpickles this module alone: no torch or megatron to import there
+    from .grid import Cell, Sweep
+
 RESULT = "result.json"      # RUN_DIR/result.json: the cell's row, written when it ends
-ATTEMPT = "attempt.json"    # RUN_DIR/attempt.json: node 0 has prepared the run dir for this job
 POLL_SECONDS = 1.0
 STOP_GRACE_S = 60.0         # SIGTERM (save and exit 75), then SIGKILL after this long
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -150,44 +151,11 @@ class CellJob:
             env["CUDA_VISIBLE_DEVICES"] = self.devices
         return env
 
-    def _prepare_run_dir(self, place: Place) -> None:
-        """Node 0: keep a run dir that can be resumed, clear any other (a path that is not a
-        directory is left for the trainer to refuse by name); mark it ready for the others."""
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
-            return
-        if os.path.isdir(self.run_dir):
-            _wait_for_previous_trainer(self.run_dir)
-            if not find_resume_tag(os.path.join(self.run_dir, "checkpoints"), "auto",
-                                   log=lambda *a: None):
-                shutil.rmtree(self.run_dir)
-        for stale in (self.result_path, os.path.join(self.run_dir, ATTEMPT)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(stale)
-        if self.nodes > 1:
-            os.makedirs(self.run_dir, exist_ok=True)
-            atomic_write(os.path.join(self.run_dir, ATTEMPT),
-                         json.dumps({"job_id": place.job_id}))
-
-    def _wait_until_prepared(self, place: Place, timeout_s: float = 600.0) -> None:
-        """Nodes after the first start their launcher once node 0 has prepared the run dir."""
-        path, deadline = os.path.join(self.run_dir, ATTEMPT), time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    if json.load(f).get("job_id") == place.job_id:
-                        return
-            except (OSError, ValueError):
-                pass
-            time.sleep(POLL_SECONDS)
-        raise RuntimeError(f"node 0 of job {place.job_id} did not prepare {self.run_dir} in "
-                           f"{timeout_s:.0f} s; see its log")
-
     def start(self, place: Place) -> "CellRun":
-        if place.node == 0:
-            self._prepare_run_dir(place)
-        else:
-            self._wait_until_prepared(place)
+        """Start this node's command (the run dir was prepared by prepare_run_dir)."""
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        if place.node == 0 and os.path.isdir(self.run_dir):
+            _wait_for_previous_trainer(self.run_dir)
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} cell {self.name}, job "
                       f"{place.job_id}, node {place.node} on {socket.gethostname()}\n")
@@ -345,6 +313,19 @@ def _wait_for_previous_trainer(run_dir: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             return
         time.sleep(0.2)
+
+
+def prepare_run_dir(job: CellJob) -> None:
+    """Before a cell starts or is submitted (in the sweep's process, which has the checkpoint
+    code imported): keep a run dir that can be resumed, clear any other, so that a dead
+    attempt's metrics never mix with a fresh start's; drop an earlier attempt's result. A path
+    that is not a directory is left for the trainer to refuse by name."""
+    from ..checkpoint.manager import find_resume_tag
+    if os.path.isdir(job.run_dir) and not find_resume_tag(
+            os.path.join(job.run_dir, "checkpoints"), "auto", log=lambda *a: None):
+        shutil.rmtree(job.run_dir)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.remove(job.result_path)
 
 
 def cell_job(sweep: Sweep, cell: Cell, entropy: Optional[float], nodes: int = 1,

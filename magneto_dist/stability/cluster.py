@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
-from .cell import cell_job, result_row
+from .cell import cell_job, prepare_run_dir, result_row
 from .grid import Cell, Sweep
 from .pool import gpu_count, open_results, slot_devices, sweep_lock, visible_devices
 from .sweep import (RESULTS, append_row, load_results, ordered_results, prepare_data,
@@ -159,7 +159,8 @@ class LocalBackend:
         return submitted.job_id
 
     def refresh(self, refs: List[dict], force: bool = False) -> None:
-        pass  # alive() looks at the process itself
+        for job in self.jobs.values():  # reaps the controllers that ended (no zombies)
+            job.done()
 
     def alive(self, ref: dict) -> bool:
         own = self.jobs.get(ref["job_id"])
@@ -280,6 +281,7 @@ class ClusterRunner:
         submission = uuid.uuid4().hex
         job = cell_job(self.sweep, cell, self._entropy, self.opts.nodes_per_cell,
                        self.opts.gpus(), devices, submission)
+        prepare_run_dir(job)
         with signals_held():
             job_id = self.backend.submit(job, f"{self.sweep.name}:{cell.name}")
             ref = {"cell": cell.name, "job_id": job_id, "submission": submission,

@@ -14,7 +14,7 @@ import time
 from typing import Iterator, List, Optional
 
 from ..errors import ConfigError
-from .cell import POLL_SECONDS, Place, cell_job
+from .cell import POLL_SECONDS, Place, cell_job, prepare_run_dir
 from .grid import Cell, Sweep
 from .sweep import (RESULTS, append_row, drop_partial_line, ordered_results, prepare_data,
                     quarantine_bad_lines, results_by_cell, write_sweep_record)
@@ -126,6 +126,7 @@ class SweepRunner:
                     slot = free.pop(0)
                     job = cell_job(self.sweep, pending.pop(0), entropy,
                                    devices=self.slots[slot])
+                    prepare_run_dir(job)
                     running.append((job.start(Place.local()), slot))
                 for run, slot in list(running):
                     ended, row = run.poll()

@@ -15,7 +15,6 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..data.checks import token_ids
 from ..files import atomic_write
 from .verdicts import unigram_entropy
 
@@ -142,6 +141,7 @@ def corpus_entropy(prefixes: List[str], vocab_size: int) -> float:
     """Unigram entropy (nats) of the corpus: counted over every token of a prefix up to
     ENTROPY_TOKENS, beyond that over 64 evenly spaced chunks of that many tokens in all (a
     100B-token corpus would otherwise be read whole on the submitting machine)."""
+    from ..data.checks import token_ids  # megatron-core: not imported by a job (cell.py)
     counts = np.zeros(vocab_size, dtype=np.int64)
     for prefix in prefixes:
         tokens = token_ids(prefix)
