@@ -82,6 +82,21 @@ def test_a_garbage_line_is_quarantined_not_fatal(sweep_file, tmp_path):
     assert (tmp_path / "results.jsonl.quarantine").read_text() == "#garbage{\n[1, 2]\n"
 
 
+def test_rows_from_before_the_width_axis_are_kept_not_rerun(sweep_file, tmp_path):
+    sweep = load_sweep(sweep_file, [], str(tmp_path))
+    old = []
+    for cell in sweep.cells():  # as the sweep wrote them before: no hidden_size, no -dN
+        row = {k: v for k, v in _row(cell).items() if k != "hidden_size"}
+        row["cell"] = cell.name.replace("-d64", "")
+        old.append(row)
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    said = []
+    rows = SweepRunner(sweep, 1, log=said.append).run()  # nothing to run
+    assert [r["cell"] for r in rows] == [c.name for c in sweep.cells()]
+    assert [r["hidden_size"] for r in rows] == [64, 64]
+    assert "2 row(s) of" in said[0] and "given width 64" in said[0]
+
+
 def test_a_second_sweep_on_the_same_output_is_refused(sweep_file, tmp_path):
     sweep = load_sweep(sweep_file, [], str(tmp_path))
     with pool.sweep_lock(str(tmp_path)):
@@ -183,9 +198,8 @@ def test_plots_keep_every_title_label_and_legend_inside_the_canvas(tmp_path, mon
     from matplotlib.figure import Figure
 
     from magneto_dist.stability.plots import DPI, write_plots
-    figures, save = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig),
-                                                                  save(fig, *a, **k)))
+    figures = []  # each figure as write_plots would save it (not encoded: only its layout)
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     for rows, expected in ((_synthetic_sweep(tmp_path / "a"), 7),
                            (_synthetic_sweep(tmp_path / "b", (2,), (32,), (1,)), 5)):
         figures.clear()
@@ -334,3 +348,27 @@ def test_slurm_jobs_sbatch_parameters_launcher_command_reattach_resubmit(
     assert lost["verdict"] == "crashed" and lost["job_id"] == "1003"
     assert lost["reason"].startswith("2 job(s) ended without a result (last: job 1003, state "
                                      "CANCELLED); see ")
+
+
+def test_a_submission_defers_signals_without_blocking_them_in_the_jobs_it_starts():
+    """Submissions held SIGTERM off with the signal mask, which every process started meanwhile
+    inherits: submitit's local controller, its job and the trainer then never stopped on
+    SIGTERM (a timed-out job could not make its trainer save; Ctrl-C stopped nothing)."""
+    import signal
+    import subprocess
+
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with cluster.signals_held():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            os.kill(os.getpid(), signal.SIGTERM)  # a Ctrl-C or SIGTERM during the submission
+            assert got == []
+        assert got == [signal.SIGTERM]  # delivered once the submission is recorded
+        with open(f"/proc/{child.pid}/status") as f:
+            blocked = int(next(x for x in f if x.startswith("SigBlk:")).split()[1], 16)
+        assert not blocked & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGINT - 1))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        child.kill()
+        child.wait()

@@ -1,7 +1,7 @@
 """The stability sweep's overhead over the same cells run by hand, and the time from a cell's
 end to its row in results.jsonl.
 
-    python tools/bench_sweep.py [--jobs 1] [grid.schemes=[pre_ln,magneto] grid.depths=[6] ...]
+    python tools/bench_sweep.py [--jobs 1] [--rounds 2] [grid.schemes=[pre_ln,magneto] grid.depths=[6] ...]
 
 Reference: the cells' own commands (launch/pretrain_gpt.py with each cell's overrides, as
 tools/stability_sweep.py would give them) run by hand, --jobs at a time. Then the same cells as
@@ -54,6 +54,7 @@ def sweep(out: str, jobs: int, extra, overrides) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("overrides", nargs="*", help=f"grid and trainer keys (default {GRID})")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as work:
@@ -62,17 +63,27 @@ def main() -> int:
         commands = [[sys.executable, "launch/pretrain_gpt.py", *hand_sweep.cell_overrides(c)]
                     for c in hand_sweep.cells()]
         prepare_data(hand_sweep, log=lambda *a: None)  # caches built: no timed run pays it
-        print(f"{len(commands)} cells, {args.jobs} at a time; {' '.join(overrides[1:])}")
-        hand = by_hand(commands, args.jobs)
-        pool = sweep(os.path.join(work, "pool"), args.jobs, [], overrides)
-        local = sweep(os.path.join(work, "local"), args.jobs, ["--cluster", "local"], overrides)
-        with open(os.path.join(work, "local", "results.jsonl"), encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-        latency = [r["recorded_at"] - r["ended_at"] for r in rows]
-    print(f"{'run':<34}{'wall s':>9}{'vs hand':>9}")
-    for name, wall in (("cells by hand (reference)", hand), ("local pool", pool),
-                       ("--cluster local (submitit)", local)):
-        print(f"{name:<34}{wall:>9.1f}{wall / hand:>9.3f}")
+        print(f"{len(commands)} cells, {args.jobs} at a time, {args.rounds} round(s); "
+              f"{' '.join(overrides[1:])}")
+        runs = {"cells by hand (reference)": lambda r: by_hand(commands, args.jobs),
+                "local pool": lambda r: sweep(os.path.join(work, f"pool{r}"), args.jobs, [],
+                                              overrides),
+                "--cluster local (submitit)": lambda r: sweep(
+                    os.path.join(work, f"local{r}"), args.jobs, ["--cluster", "local"],
+                    overrides)}
+        walls = {name: [] for name in runs}
+        latency = []
+        for r in range(args.rounds):  # the order alternates, so drift in the load hits all
+            for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                walls[name].append(runs[name](r))
+            with open(os.path.join(work, f"local{r}", "results.jsonl"), encoding="utf-8") as f:
+                latency += [json.loads(line)["recorded_at"] - json.loads(line)["ended_at"]
+                            for line in f]
+    hand = statistics.mean(walls["cells by hand (reference)"])
+    print(f"{'run':<34}{'wall s (mean)':>14}{'vs hand':>9}")
+    for name, values in walls.items():
+        wall = statistics.mean(values)
+        print(f"{name:<34}{wall:>14.1f}{wall / hand:>9.3f}")
     print(f"cell end to its row in results.jsonl (--cluster local, {len(latency)} cells): "
           f"median {statistics.median(latency):.2f} s, max {max(latency):.2f} s")
     return 0

@@ -25,10 +25,10 @@ from magneto_dist.errors import ConfigError
 from magneto_dist.stability.cluster import ClusterOptions, ClusterRunner, parse_time
 from magneto_dist.stability.cost import Assumptions, print_costs
 from magneto_dist.stability.grid import load_sweep
-from magneto_dist.stability.pool import SweepRunner, default_jobs
+from magneto_dist.stability.pool import SweepRunner, default_jobs, gpu_count, with_widths
 from magneto_dist.stability.report import write_markdown
 from magneto_dist.stability.plots import write_plots
-from magneto_dist.stability.sweep import RESULTS, ordered_results
+from magneto_dist.stability.sweep import RESULTS, load_results
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,7 +89,12 @@ def cluster_options(args) -> ClusterOptions:
 def run(args) -> int:
     opts = cluster_options(args)
     world = opts.nodes_per_cell * max(1, opts.gpus()) if args.cluster else 1
-    sweep = load_sweep(args.config, args.overrides, args.out, world_size=world)
+    gpus = opts.gpus() > 0 if args.cluster else gpu_count() > 0
+    sweep = load_sweep(args.config, args.overrides, args.out, world_size=world, has_cuda=gpus)
+    precision = sweep.cell_config(sweep.cells()[0]).train.precision
+    if precision != "fp32" and not gpus and not (args.report_only or args.dry_run):
+        print(f"WARNING: the cells train in {precision} without a GPU: {precision} on a CPU is "
+              "very slow (use train.precision=fp32 here, or run on GPUs)", file=sys.stderr)
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(sweep.cells())} cells -> {sweep.out_dir}\n")
         print_costs(sweep, opts.nodes_per_cell if args.cluster else 1,
@@ -98,9 +103,10 @@ def run(args) -> int:
                     Assumptions(args.device_tflops, args.mfu))
         return 0
     start = time.monotonic()
-    if args.report_only:
-        rows = ordered_results(os.path.join(sweep.out_dir, RESULTS),
-                               [c.name for c in sweep.cells()])
+    if args.report_only:  # read only: a sweep may be appending meanwhile
+        rows, _ = with_widths(sweep, load_results(os.path.join(sweep.out_dir, RESULTS)))
+        by_cell = {r["cell"]: r for r in rows}
+        rows = [by_cell[c.name] for c in sweep.cells() if c.name in by_cell]
         if not rows:
             print(f"error: no results in {os.path.join(sweep.out_dir, RESULTS)}; run the sweep "
                   "first", file=sys.stderr)

@@ -55,9 +55,11 @@ class CellInterrupted(RuntimeError):
 def _cell_process_setup() -> None:
     """In the trainer's process before exec: SIGTERM when the process that started it dies
     (its job killed, a node's job step ended: the trainer saves and exits instead of training
-    on as an orphan that holds the run lock); and SIGUSR2 ignored, since Slurm sends submitit's
+    on as an orphan that holds the run lock); SIGUSR2 ignored, since Slurm sends submitit's
     timeout signal to every process of the step, and its default action would kill the trainer
-    before the job body can ask it to save."""
+    before the job body can ask it to save; and no signal blocked (a mask is inherited: a
+    trainer started with SIGTERM blocked would never stop to save)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -220,22 +222,26 @@ class CellRun:
             except subprocess.TimeoutExpired:
                 pass
 
+    def terminate(self) -> None:
+        """Ask the cell to save and stop (SIGTERM: the trainer finishes its step, saves and
+        exits 75; ft_launch forwards it to its ranks, which live in sessions of their own)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, grace_s: float = 0.0) -> None:
-        """End the cell's processes: SIGTERM first when grace_s (ft_launch forwards it to its
-        ranks, which save; its ranks live in sessions of their own), else SIGKILL at once."""
+        """End the cell's processes: SIGTERM and up to grace_s for its save, then SIGKILL."""
         if self.proc.poll() is not None:
             return
-        try:
-            if grace_s:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=grace_s)
-                    return
-                except subprocess.TimeoutExpired:
-                    pass
+        if grace_s:
+            self.terminate()
+            try:
+                self.proc.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait()
 
     def _row(self, code: int, stopped_early: Optional[str]) -> Optional[dict]:

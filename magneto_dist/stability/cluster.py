@@ -187,13 +187,19 @@ class LocalBackend:
 @contextlib.contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM wait until a submission is recorded in jobs.jsonl: a sweep stopped
-    between the two would leave a job that no rerun knows about."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    between the two would leave a job that no rerun knows about. Deferred by handlers that
+    note the signal, not by blocking it: a blocked signal stays blocked in every process
+    started meanwhile (submitit's local controller, its job, the trainer: none would stop)."""
+    caught = []
+    held = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)
 
 
 class ClusterRunner:

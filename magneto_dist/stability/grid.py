@@ -180,9 +180,9 @@ def _widths(g: GridConfig, run_overrides: List[str]) -> Dict[int, Width]:
 
 
 def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
-               world_size: int = 1) -> Sweep:
+               world_size: int = 1, has_cuda: bool = False) -> Sweep:
     """The sweep from its YAML and overrides, with every cell's trainer config validated for
-    `world_size` ranks (the GPUs one cell gets)."""
+    `world_size` ranks (the GPUs one cell gets; has_cuda: its ranks have GPUs)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
@@ -215,7 +215,7 @@ def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
     sweep = Sweep(grid, verdict, run_overrides, out_dir, name, _widths(grid, run_overrides))
     for cell in sweep.cells():
         try:
-            validate(sweep.cell_config(cell), world_size=world_size)
+            validate(sweep.cell_config(cell), world_size=world_size, has_cuda=has_cuda)
         except ConfigError as err:
             raise ConfigError(f"cell {cell.name}: {err}") from None
     return sweep

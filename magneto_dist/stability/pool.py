@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from ..errors import ConfigError
-from .cell import POLL_SECONDS, Place, cell_job, prepare_run_dir
+from ..files import atomic_write
+from .cell import POLL_SECONDS, STOP_GRACE_S, Place, cell_job, prepare_run_dir
 from .grid import Cell, Sweep
-from .sweep import (RESULTS, append_row, drop_partial_line, ordered_results, prepare_data,
-                    quarantine_bad_lines, results_by_cell, write_sweep_record)
+from .sweep import (RESULTS, append_row, drop_partial_line, load_results, ordered_results,
+                    prepare_data, quarantine_bad_lines, results_by_cell, write_sweep_record)
 
 LOCK = "sweep.lock"
 
@@ -84,13 +86,33 @@ def sweep_lock(out_dir: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def with_widths(sweep: Sweep, rows: List[dict]) -> Tuple[List[dict], int]:
+    """Rows written before the width axis (no hidden_size; names without -dN) given the sweep's
+    one width and today's names, so their cells are not run again; -> (rows, how many)."""
+    legacy = [r for r in rows if "hidden_size" not in r]
+    if not legacy or len(sweep.widths) != 1:
+        return rows, 0
+    (width,) = sweep.widths.values()
+    for row in legacy:
+        row.update(hidden_size=width.hidden_size, num_heads=width.num_heads,
+                   ffn_hidden_size=width.ffn_hidden_size)
+        row["cell"] = Cell(**{k: row[k] for k in Cell.__dataclass_fields__}).name
+    return rows, len(legacy)
+
+
 def open_results(sweep: Sweep, log=print) -> str:
     """Make OUT ready for new rows (a line cut short by a kill cut; lines that are not rows
-    moved aside) and record the grid; -> the results path."""
+    moved aside; rows from before the width axis upgraded) and record the grid; -> the results
+    path."""
     os.makedirs(os.path.join(sweep.out_dir, "logs"), exist_ok=True)
     path = os.path.join(sweep.out_dir, RESULTS)
     quarantine_bad_lines(path, log)
     drop_partial_line(path)
+    rows, upgraded = with_widths(sweep, load_results(path, log))
+    if upgraded:  # under the sweep's lock: no row is appended meanwhile
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+        log(f"sweep: {upgraded} row(s) of {path} from before the width axis given width "
+            f"{rows[0]['hidden_size']} and today's cell names")
     write_sweep_record(sweep.out_dir, sweep)
     return path
 
@@ -135,9 +157,11 @@ class SweepRunner:
                         running.remove((run, slot))
                         free.append(slot)
                 time.sleep(POLL_SECONDS)
-        finally:
-            for run, _ in running:  # interrupted: no cell outlives the sweep
-                run.stop()
+        finally:  # interrupted: every cell saves and stops (a rerun resumes it); none outlives
+            for run, _ in running:  # the sweep
+                run.terminate()
+            for run, _ in running:
+                run.stop(grace_s=STOP_GRACE_S)
 
     def _record(self, row: dict) -> None:
         row["recorded_at"] = time.time()
