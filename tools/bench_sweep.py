@@ -1,18 +1,20 @@
 """The stability sweep's overhead over the same cells run by hand, and the time from a cell's
 end to its row in results.jsonl.
 
-    python tools/bench_sweep.py [--jobs 1] [--rounds 2] [grid.schemes=[pre_ln,magneto] grid.depths=[6] ...]
+    python tools/bench_sweep.py [--jobs 1] [--rounds 2] [grid.depths=[6] grid.steps=100 ...]
 
 Reference: the cells' own commands (launch/pretrain_gpt.py with each cell's overrides, as
 tools/stability_sweep.py would give them) run by hand, --jobs at a time. Then the same cells as
 a local pool and as submitit local jobs (--cluster local), each into a fresh output directory
-with the data caches already built; wall times as ratios to the reference. The row latency is
+with the data caches already built; wall time and CPU time (of every process, which the other
+work on a shared machine does not inflate) as ratios to the reference. The row latency is
 results.jsonl's recorded_at minus the cell's ended_at (when its trainer exited), over the
 cluster run's rows.
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,14 @@ CONFIG = "configs/stability/depth_lr_cpu.yaml"
 GRID = ["grid.schemes=[pre_ln,magneto]", "grid.depths=[6]", "grid.lrs=[1e-3,5e-3]",
         "grid.steps=100", "grid.diagnostics_interval=50", "train.eval_interval=50"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of every finished process started from here (the sweep's
+    cells, its submitit controllers and jobs included: each is waited for by its parent).
+    Unlike wall time, it does not grow with the other work on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def by_hand(commands, jobs: int) -> float:
@@ -72,18 +82,22 @@ def main() -> int:
                     os.path.join(work, f"local{r}"), args.jobs, ["--cluster", "local"],
                     overrides)}
         walls = {name: [] for name in runs}
+        cpus = {name: [] for name in runs}
         latency = []
         for r in range(args.rounds):  # the order alternates, so drift in the load hits all
             for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                before = children_cpu()
                 walls[name].append(runs[name](r))
+                cpus[name].append(children_cpu() - before)
             with open(os.path.join(work, f"local{r}", "results.jsonl"), encoding="utf-8") as f:
                 latency += [json.loads(line)["recorded_at"] - json.loads(line)["ended_at"]
                             for line in f]
     hand = statistics.mean(walls["cells by hand (reference)"])
-    print(f"{'run':<34}{'wall s (mean)':>14}{'vs hand':>9}")
+    hand_cpu = statistics.mean(cpus["cells by hand (reference)"])
+    print(f"{'run':<30}{'wall s':>8}{'vs hand':>9}{'CPU s':>8}{'vs hand':>9}")
     for name, values in walls.items():
-        wall = statistics.mean(values)
-        print(f"{name:<34}{wall:>14.1f}{wall / hand:>9.3f}")
+        wall, cpu = statistics.mean(values), statistics.mean(cpus[name])
+        print(f"{name:<30}{wall:>8.1f}{wall / hand:>9.3f}{cpu:>8.1f}{cpu / hand_cpu:>9.3f}")
     print(f"cell end to its row in results.jsonl (--cluster local, {len(latency)} cells): "
           f"median {statistics.median(latency):.2f} s, max {max(latency):.2f} s")
     return 0

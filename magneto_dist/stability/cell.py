@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, List, Optional
 from ..errors import ExitCode
 from ..files import atomic_write
 from ..launch_env import ROOT
+from ..resilience.watchdog import PR_SET_PDEATHSIG
 from ..training.preflight import LOCK_NAME
 from .sweep import last_per_step, losses_of, median_step_seconds, run_rows
 from .verdicts import VerdictConfig, early_divergence, judge
@@ -44,7 +45,6 @@ POLL_SECONDS = 1.0
 STOP_GRACE_S = 60.0         # SIGTERM (save and exit 75), then SIGKILL after this long
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
              "MASTER_PORT")  # a cell is a world of its own, on its own free port
-PR_SET_PDEATHSIG = 1
 
 
 class CellInterrupted(RuntimeError):
@@ -61,10 +61,8 @@ def _cell_process_setup() -> None:
     trainer started with SIGTERM blocked would never stop to save)."""
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        pass
+    if sys.platform.startswith("linux"):  # elsewhere: no parent-death signal
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass

@@ -125,8 +125,8 @@ class SweepRunner:
         self.slots = slot_devices(jobs)  # refused here, before anything runs
 
     def run(self) -> List[dict]:
-        """Every cell not yet in results.jsonl; returns all rows. Ctrl-C or SIGTERM stops the
-        running cells; a rerun continues with the rest."""
+        """Every cell not yet in results.jsonl; returns all rows. On Ctrl-C or SIGTERM the
+        running cells save and stop; a rerun resumes them and runs the rest."""
         with sweep_lock(self.sweep.out_dir):
             open_results(self.sweep, self.log)
             names = [c.name for c in self.sweep.cells()]
