@@ -17,14 +17,36 @@ import yaml
 from .errors import ConfigError
 from .files import atomic_write
 from .model.config import ModelConfig
-from .parallel.dims import LayoutError, ParallelDims
+from .dims import LayoutError, ParallelDims
+
+
+# Megatron-LM's --tokenizer-type names (loaded by magneto_dist/data/tokenizer_types.py) and the
+# data keys that name a tokenizer for data.prefixes.
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
+                   "TikTokenizer", "NullTokenizer")
+TOKENIZER_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "eod_token",
+                  "vocab_size")
 
 
 @dataclass
 class DataConfig:
     prefixes: List[str] = field(default_factory=list)  # .bin/.idx prefixes; empty = built-in corpus
     weights: Optional[List[float]] = None  # blend weights, one per prefix (None: by size)
-    tokenizer_model: Optional[str] = None  # sentencepiece .model; required with prefixes
+    # The tokenizer of data.prefixes, by Megatron-LM's flag names (the built-in corpus has its
+    # own sentencepiece model). tokenizer_type None: told by the files (a .model file:
+    # SentencePieceTokenizer; a directory with tokenizer.json: HuggingFaceTokenizer; vocab_file
+    # + merge_file: GPT2BPETokenizer; a .json list of ranks: TikTokenizer).
+    tokenizer_type: Optional[str] = None   # SentencePieceTokenizer | HuggingFaceTokenizer |
+                                           # GPT2BPETokenizer | TikTokenizer | NullTokenizer
+    tokenizer_model: Optional[str] = None  # .model file, tokenizer directory, or tiktoken .json
+    vocab_file: Optional[str] = None       # GPT2BPETokenizer: vocab.json
+    merge_file: Optional[str] = None       # GPT2BPETokenizer: merges.txt
+    eod_token: Optional[str] = None        # end-of-document token text, for a tokenizer without
+                                           # one (or with several end tokens, e.g. Llama 3)
+    vocab_size: Optional[int] = None       # NullTokenizer: ids are 0..vocab_size (eod); Tik-
+                                           # Tokenizer: cut the vocabulary to this size
+    tiktoken_pattern: str = "v2"           # TikTokenizer: Megatron's split pattern (v1 | v2)
+    tiktoken_num_special_tokens: int = 1000  # TikTokenizer: ids below this are special tokens
     split: str = "969,30,1"                # train,valid,test proportions of the documents
     cache_dir: str = "data_cache"          # built-in corpus and index caches (per node)
     builtin_vocab_size: int = 8192         # vocabulary of the built-in corpus tokenizer
@@ -34,14 +56,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    train_iters: int = 300                 # optimizer steps of the whole run
+    train_iters: int = 200                 # optimizer steps of the whole run
     exit_at_step: Optional[int] = None     # save and stop at this step (the schedule still
                                            # spans train_iters); for staged runs
     micro_batch_size: int = 8              # samples per rank per forward pass
     global_batch_size: int = 16            # samples per optimizer step, all ranks together
     lr: float = 3e-3                       # peak learning rate
     min_lr: float = 3e-4                   # floor of the decay
-    warmup_iters: int = 30                 # linear warm-up from 0 to lr (a run shorter than
+    warmup_iters: int = 20                 # linear warm-up from 0 to lr (a run shorter than
                                            # this warms up over all its steps)
     lr_decay_style: str = "cosine"         # cosine | linear | constant (after warm-up)
     lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters)
@@ -53,12 +75,17 @@ class TrainConfig:
     precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16: GPU only, loss scaling)
     zero_stage: int = 1                    # DeepSpeed ZeRO stage 0-3
     seed: int = 1234                       # model init, data order, dropout
-    eval_interval: int = 100               # validate every N steps and at the end (0: never)
+    eval_interval: int = 50                # validate every N steps and at the end (0: never)
     eval_iters: int = 4                    # global batches per validation
     log_interval: int = 10                 # metrics every N steps
     max_nonfinite_steps: int = 3           # consecutive steps with a non-finite loss or grad
                                            # norm (each skipped, not applied) before the run
                                            # stops with exit code 4
+
+    @property
+    def last_step(self) -> int:
+        """The step this run stops (and saves) at: exit_at_step, else train_iters."""
+        return self.exit_at_step or self.train_iters
 
 
 @dataclass
@@ -294,8 +321,19 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
 
 def _validate_data_logging_checkpoint(cfg: Config) -> None:
     d, t, p = cfg.data, cfg.train, cfg.parallel
-    _require(not d.prefixes or d.tokenizer_model, "data.prefixes needs data.tokenizer_model "
-             "(the sentencepiece model the data was preprocessed with)")
+    named = [k for k in TOKENIZER_KEYS if getattr(d, k) is not None]
+    _require(not d.prefixes or d.tokenizer_model or d.vocab_file
+             or d.tokenizer_type == "NullTokenizer", "data.prefixes needs data.tokenizer_model "
+             "(or data.vocab_file and data.merge_file): the tokenizer the data was preprocessed "
+             "with")
+    _require(d.prefixes or not named, f"{', '.join('data.' + k for k in named)} set without "
+             "data.prefixes: the built-in corpus has its own sentencepiece tokenizer; give "
+             "data.prefixes made with this tokenizer (tools/preprocess_data.py)")
+    _require(d.tokenizer_type in TOKENIZER_TYPES + (None,),
+             f"data.tokenizer_type={d.tokenizer_type!r} must be one of "
+             f"{', '.join(TOKENIZER_TYPES)}")
+    _require(d.tiktoken_pattern in ("v1", "v2"),
+             f"data.tiktoken_pattern={d.tiktoken_pattern!r} must be v1 or v2")
     _require(d.weights is None or len(d.weights) == len(d.prefixes),
              f"data.weights has {len(d.weights or [])} entries but data.prefixes has "
              f"{len(d.prefixes)}; give one weight per prefix")

@@ -6,7 +6,8 @@ import contextlib
 import fcntl
 import os
 import time
-from typing import Optional
+import json
+from typing import Callable, List, Optional
 
 WAIT_TIMEOUT_S = 1800  # a node's other ranks wait this long for local rank 0's build
 
@@ -19,6 +20,38 @@ def atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_jsonl(path: str, on_bad_line: Optional[Callable[[int, str], None]] = None
+               ) -> List[dict]:
+    """The JSON objects of a JSON-lines file ([] if it does not exist). A line that does not
+    parse (cut short by a killed writer, or damaged) is skipped, after on_bad_line(number,
+    text) when given (1-based line number)."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            elif on_bad_line is not None:
+                on_bad_line(number, line)
+    return rows
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def wait_for_file(path: str, what: str, timeout_s: float = WAIT_TIMEOUT_S,

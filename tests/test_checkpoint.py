@@ -6,7 +6,7 @@ import pytest
 from magneto_dist.checkpoint import manager as ckpt
 from magneto_dist.checkpoint import reshard
 from magneto_dist.config import dump_config, load_config
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 
 
 def make_tags(root, complete, incomplete=()):

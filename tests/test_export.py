@@ -12,7 +12,7 @@ from magneto_dist.checkpoint import export
 from magneto_dist.checkpoint import manager as ckpt
 from magneto_dist.config import config_to_dict, dump_config, load_config
 from magneto_dist.model import build_model
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 
 from tools import convert_checkpoint
 
@@ -71,6 +71,10 @@ def test_init_from_refuses_what_does_not_fit_the_model(tmp_path):
         export.check_consolidated(str(out), wider)
     (out / export.WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ckpt.CheckpointError, match="unreadable safetensors file"):
+        export.check_consolidated(str(out), cfg)
+    (out / export.CONFIG).write_text('{"model_type": "gpt2"}')  # another library's model
+    with pytest.raises(ckpt.CheckpointError, match="config.json: not the config of an export of "
+                       "this project"):
         export.check_consolidated(str(out), cfg)
 
 

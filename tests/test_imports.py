@@ -1,48 +1,90 @@
-"""Data flows one way: data -> model -> parallel -> training -> checkpoint, with the wiring
-(training/run.py, the launcher, the sweep) above them. A lower package never imports a higher
-one; this reads every module's imports (without running them) and checks the rules that hold."""
+"""Data flows one way. The layers, bottom first (a module may import only from lower layers, or
+from its own package):
+
+    errors, files, launch_env                 facts and helpers every layer reads
+    dims, compat, model.config                the layout; the one door to library internals;
+                                              the model's config (a leaf module)
+    config, resilience                        the run config; fault points and rank watchdogs
+    data, model                               tokenizers, corpora, datasets; the model
+    parallel                                  process groups, TP, pipeline, shard-only start-up
+    checkpoint                                save, resume, universal form, export
+    training                                  engine, loop, metrics; run.py wires it all
+    launcher, stability                       the fault-tolerant launcher; stability sweeps
+
+This reads every module's imports (without running them) and checks each against that order."""
 import ast
 import pathlib
 
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "magneto_dist"
-HIGHER = ["parallel", "training", "checkpoint", "launcher", "stability"]
-FORBIDDEN = {
-    "data": ["model"] + HIGHER,
-    "model": ["data"] + HIGHER,
-    "parallel": HIGHER[1:],
-}
+LAYERS = [
+    ["errors", "files", "launch_env"],
+    ["dims", "compat", "model.config"],
+    ["config", "resilience"],
+    ["data", "model"],
+    ["parallel"],
+    ["checkpoint"],
+    ["training"],
+    ["launcher", "stability"],
+]
+LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 
 
-def imported_packages(path: pathlib.Path) -> set:
-    """The magneto_dist subpackages a module imports (relative or absolute)."""
+def unit_of(parts) -> str:
+    """The layer unit a module path (relative to magneto_dist, without .py) belongs to:
+    model/config.py is a unit of its own, below the rest of the model package."""
+    if list(parts[:2]) == ["model", "config"]:
+        return "model.config"
+    return parts[0]
+
+
+def imported_units(source: str, location: pathlib.PurePath) -> set:
+    """The layer units a module imports (relative or absolute, at any depth of the code);
+    `location` is the module's path relative to magneto_dist."""
+    here = list(location.with_suffix("").parts[:-1])
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 2 and node.module:          # from ..X import ...
-                found.add(node.module.split(".")[0])
-            elif node.level == 0 and node.module and node.module.startswith("magneto_dist."):
-                found.add(node.module.split(".")[1])
+            if node.level:
+                base = here[:len(here) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module
+                                 else [node.names[0].name])
+            elif node.module and node.module.startswith("magneto_dist."):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            found.add(unit_of(target))
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names
+            found |= {unit_of(a.name.split(".")[1:]) for a in node.names
                       if a.name.startswith("magneto_dist.")}
     return found
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_lower_packages_do_not_import_higher_ones(package):
-    modules = sorted((PACKAGE / package).glob("*.py"))
-    assert modules
-    offenders = {str(m.relative_to(PACKAGE)): sorted(imported_packages(m) & set(FORBIDDEN[package]))
-                 for m in modules}
-    assert not {m: bad for m, bad in offenders.items() if bad}
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 
-def test_the_reader_sees_imports_inside_functions_too(tmp_path):
-    module = tmp_path / "m.py"
-    module.write_text("def f():\n    from ..training.engine import build_engine\n")
-    assert imported_packages(module) == {"training"}
+def test_every_unit_has_a_layer():
+    units = {unit_of(p.relative_to(PACKAGE).with_suffix("").parts) for p in MODULES}
+    assert units - {"__init__"} <= set(LAYER_OF), sorted(units - set(LAYER_OF))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_import_only_lower_layers(path):
+    me = unit_of(path.relative_to(PACKAGE).with_suffix("").parts)
+    if me == "__init__":
+        return
+    package = path.relative_to(PACKAGE).parts[0]
+    bad = sorted(unit for unit in imported_units(path.read_text(), path.relative_to(PACKAGE))
+                 if unit.split(".")[0] != package and LAYER_OF[unit] >= LAYER_OF[me])
+    assert not bad, f"{me} (layer {LAYER_OF[me]}) imports {bad}"
+
+
+def test_the_reader_sees_imports_inside_functions_too():
+    source = ("def f():\n    from ..training.engine import build_engine\n"
+              "    from ..model.config import ModelConfig\n    from . import x\n")
+    assert imported_units(source, pathlib.PurePath("data/m.py")) == {"training", "model.config",
+                                                                    "data"}
 
 
 def test_no_script_edits_sys_path():

@@ -50,3 +50,13 @@ def test_step_allowance_is_long_at_first_and_for_saves_and_follows_measured_step
     assert auto.allowance(long=False) == AUTO_MIN_S  # 5 x 2 s is under the floor
     auto.durations = [30.0] * 5
     assert auto.allowance(long=False) == 150.0 and auto.allowance(long=True) == 1500.0
+
+
+def test_the_launcher_reads_the_training_scripts_own_default_config():
+    """ft_launch writes incidents into the run directory of the command it supervises: without
+    --config that is the script's own default (a BERT run's incidents once went to gpt_tiny)."""
+    from magneto_dist.launcher.cli import run_dir_of
+
+    assert run_dir_of("launch/pretrain_bert.py", []) == "runs/bert_tiny"
+    assert run_dir_of("/abs/launch/pretrain_gpt.py", []) == "runs/gpt_tiny"
+    assert run_dir_of("launch/pretrain_bert.py", ["logging.run_dir=elsewhere"]) == "elsewhere"

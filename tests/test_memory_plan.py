@@ -4,7 +4,7 @@ import pytest
 
 from magneto_dist.config import load_config
 from magneto_dist.model import model_skeleton
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 from magneto_dist.training.memory_plan import GiB, Layout, MemoryPlanner
 from tools import plan_memory
 

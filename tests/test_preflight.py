@@ -7,9 +7,9 @@ import socket
 import pytest
 import torch
 
-from magneto_dist.config import load_config
+from magneto_dist.config import TrainConfig, load_config
 from magneto_dist.data.corpus import stdlib_sources
-from magneto_dist.data.tokenizer import train_sentencepiece
+from magneto_dist.data.tokenizer_training import train_sentencepiece
 from magneto_dist.training.engine import build_optimizer
 from magneto_dist.training.preflight import PreflightError, RunLock, finished_message
 from magneto_dist.training.run import main
@@ -49,6 +49,23 @@ def test_tokenizer_that_is_not_sentencepiece_is_one_line_exit_2(tmp_path, capsys
             in capsys.readouterr().err)
 
 
+def test_an_unexpected_error_keeps_its_traceback_instead_of_becoming_a_data_error(
+        tmp_path, monkeypatch, tokenizer_model):
+    """Only the project's own errors become one line and exit 2/3 (never retried by the
+    launcher); a bug (here a KeyError while preparing data) propagates with its traceback, and
+    traceback and the script exits 1, which the launcher retries. It was printed as "data error"."""
+    from magneto_dist.training import run as run_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(run_module, "prepare_data", broken)
+    args = [f"data.prefixes=[{tmp_path}/none_text_document]",
+            f"data.tokenizer_model={tokenizer_model}", f"logging.run_dir={tmp_path}/run"]
+    with pytest.raises(ValueError, match="a bug"):
+        main("gpt", args)
+
+
 def write_lock(run_dir, pid, host=None):
     (run_dir / "run.lock").write_text(json.dumps({"host": host or socket.gethostname(),
                                                   "pid": pid, "since": "then"}))
@@ -78,11 +95,13 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
 
 
 def test_finished_message():
-    assert finished_message("r", "global_step8", 8, 10, None) is None
-    assert finished_message("r", "global_step10", 10, 10, None) == (
+    ten = TrainConfig(train_iters=10)
+    assert finished_message("r", "global_step8", 8, ten) is None
+    assert finished_message("r", "global_step10", 10, ten) == (
         "run r is finished: global_step10 is at step 10, train.train_iters=10; nothing to do. "
         "Raise train.train_iters to train further, or use a new logging.run_dir")
-    assert "train.exit_at_step=5" in finished_message("r", "global_step5", 5, 10, 5)
+    five = TrainConfig(train_iters=10, exit_at_step=5)
+    assert "train.exit_at_step=5" in finished_message("r", "global_step5", 5, five)
 
 
 def test_optimizer_skips_a_step_with_non_finite_gradients():

@@ -225,7 +225,7 @@ def test_dry_run_costs_each_cell_from_the_memory_planner_and_measured_step_times
         sweep_file, tmp_path, capsys):
     from magneto_dist.config import with_vocab_size
     from magneto_dist.model import flops_per_token
-    from magneto_dist.parallel.dims import ParallelDims
+    from magneto_dist.dims import ParallelDims
     from magneto_dist.stability.cost import Assumptions, sweep_costs
     from magneto_dist.training.memory_plan import GiB, Layout, MemoryPlanner
     from tools.stability_sweep import main

@@ -8,7 +8,7 @@ from deepspeed.checkpoint import constants as ds_ckpt
 
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.model.config import NORM_SCHEMES
-from magneto_dist.parallel.setup import universal_checkpoint_info
+from magneto_dist.checkpoint.universal_info import universal_checkpoint_info
 from magneto_dist.parallel.tp_plan import (COLUMN, REPLICATED, ROW, SLICED, VOCAB, NotInPlan,
                                            tp_kind)
 
@@ -32,7 +32,8 @@ def test_every_parameter_of_every_variant_is_in_the_plan(variant):
         if "inner_norm" in name or name.endswith("head_scale"):
             assert kind == SLICED, name
     # the universal patterns ds_to_universal receives agree with the plan, name by name
-    info = universal_checkpoint_info(model, 64, pipelined=False)[ds_ckpt.UNIVERSAL_CHECKPOINT_INFO]
+    info = universal_checkpoint_info([n for n, _ in model.named_parameters()], 64,
+                                     pipelined=False, tied=True)[ds_ckpt.UNIVERSAL_CHECKPOINT_INFO]
     declared = {REPLICATED: ds_ckpt.TP_REPLICATED_PARAMETER_PATTERNS,
                 ROW: ds_ckpt.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
                 VOCAB: ds_ckpt.VOCABULARY_PARAMETER_PATTERNS}

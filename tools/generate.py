@@ -14,8 +14,7 @@ import torch
 
 from magneto_dist.checkpoint import manager as ckpt
 from magneto_dist.checkpoint.export import full_parameters
-from magneto_dist.data.corpus import builtin_corpus_paths
-from magneto_dist.data.tokenizer import SentencePieceTokenizer
+from magneto_dist.data.run_tokenizer import run_tokenizer
 from magneto_dist.model import build_model
 from magneto_dist.training.generate import sample
 
@@ -48,9 +47,10 @@ def main():
     if tag is None:
         sys.exit(f"error: no complete checkpoint in {ckpt_dir}")
     cfg = ckpt.saved_config(os.path.join(ckpt_dir, tag))
-    tokenizer_path = cfg.data.tokenizer_model or builtin_corpus_paths(
-        cfg.data.cache_dir, cfg.data.builtin_vocab_size).tokenizer_model
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    try:
+        tokenizer = run_tokenizer(args.run, cfg)  # the run's copy, else what its config names
+    except (ckpt.CheckpointError, ValueError) as err:  # DataError is a ValueError
+        sys.exit(f"error: {err}")
     model = build_model(cfg.model)
     try:
         load_weights(model, os.path.join(ckpt_dir, tag))

@@ -13,7 +13,7 @@ most parameters); see magneto_dist/training/memory_plan.py for what is and is no
 import argparse
 
 from magneto_dist.config import ConfigError, load_config, validate, with_vocab_size
-from magneto_dist.parallel.dims import LayoutError, ParallelDims
+from magneto_dist.dims import LayoutError, ParallelDims
 from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner, candidate_layouts,
                                                deepspeed_estimate)
 
@@ -23,9 +23,10 @@ def vocabulary(cfg, override):
     the built-in corpus tokenizer's (the run always takes it from its tokenizer)."""
     if override:
         return override, "--vocab-size"
-    if cfg.data.tokenizer_model:
-        from magneto_dist.data.tokenizer import SentencePieceTokenizer
-        return SentencePieceTokenizer(cfg.data.tokenizer_model).vocab_size, "data.tokenizer_model"
+    if cfg.data.prefixes:
+        from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+        tokenizer = build_tokenizer(TokenizerSpec.from_data_config(cfg.data))
+        return tokenizer.vocab_size, tokenizer.setting
     return cfg.data.builtin_vocab_size, "the built-in corpus (pass --vocab-size for your data)"
 
 

@@ -1,6 +1,7 @@
 """A rendezvous store of its own for launch/ft_launch.py, so that no launcher is a single point
 of failure: the c10d rendezvous lives in the first launcher's process unless every launcher
-gets `--rdzv-conf is_host=false` and points at this store instead (DESIGN.md, node loss).
+gets `--rdzv-conf is_host=false` and points at this store instead: then losing any node, the
+first included, leaves the rendezvous standing and the survivors re-form.
 
     python tools/rdzv_store.py --port 29400 [--host 0.0.0.0]     # on a login or service node
     python launch/ft_launch.py --nnodes 2:4 --rdzv-endpoint STORE_HOST:29400 \\

@@ -27,8 +27,8 @@ import yaml
 from .. import errors
 from ..config import Config, config_from_dict, config_to_dict, dump_config
 from ..files import atomic_write
-from ..parallel.dims import ParallelDims
-from ..resilience.faults import maybe_inject
+from ..dims import ParallelDims
+from ..resilience.faults import NO_FAULTS, Faults
 
 COMPLETE = "complete.json"
 UNIVERSAL = "universal"  # a tag's universal form, when another layout resumed it (reshard.py)
@@ -178,7 +178,7 @@ def _unmark(ckpt_dir: str, tag: str) -> None:
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config, dims: ParallelDims,
-         keep_last: int, extra_rng: Optional[dict] = None) -> str:
+         keep_last: int, extra_rng: Optional[dict] = None, faults: Faults = NO_FAULTS) -> str:
     """Collective: every rank calls it. Returns the tag. The marker records dims' layout."""
     tag = tag_for(step)
     rank = dist.get_rank()
@@ -191,7 +191,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config, dims
     path = _rng_path(ckpt_dir, tag, rank)
     torch.save(rng, path + ".tmp")
     os.replace(path + ".tmp", path)
-    maybe_inject("kill_in_save", rank, step)
+    faults.inject("kill_in_save", rank, step)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         dump_config(cfg, os.path.join(ckpt_dir, tag, "config.yaml"))

@@ -14,19 +14,15 @@ harmlessly: the second rename finds the first one's result); the other ranks wai
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import os
-import re
 import shutil
 import socket
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-from ..files import atomic_write, wait_for_file
-from ..resilience.faults import maybe_inject
+from ..files import atomic_write, pid_alive, wait_for_file
+from ..resilience.faults import NO_FAULTS, Faults
 from .manager import TAG, UNIVERSAL, CheckpointError, saved_config
 
 _PROCESS_START = time.time()  # a failure marker older than this is a previous attempt's
@@ -68,126 +64,14 @@ def refusal(before: dict, now: dict) -> Optional[str]:
     return None
 
 
-def _convert(tag_dir: str, out_dir: str, quiet: bool) -> None:
-    """ds_to_universal, in this process (its workers=1 path runs inline); when quiet, its
-    chatter is captured and shown only if it fails."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir,
-                              num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=False)
-    chatter = io.StringIO()
-    try:
-        with contextlib.ExitStack() as stack:
-            if quiet:
-                stack.enter_context(contextlib.redirect_stdout(chatter))
-                stack.enter_context(contextlib.redirect_stderr(chatter))
-            ds_to_universal.main(args)
-    except (Exception, SystemExit) as err:  # its failures are asserts and KeyErrors
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise ReshardError(f"converting {tag_dir} to the universal form failed "
-                           f"({type(err).__name__}: {err}); DeepSpeed said:\n"
-                           f"{chatter.getvalue()[-2000:]}") from err
-
-
-def _link(directory: str, name: str, alias: str) -> None:
-    if not os.path.lexists(os.path.join(directory, alias)):
-        os.symlink(name, os.path.join(directory, alias))
-
-
-def _alias_parameters(universal_dir: str, model) -> None:
-    """DeepSpeed's universal loader finds each parameter under the loading module's name, and a
-    PipelineModule names them otherwise than the model ("5.layer.fc1.weight" is
-    "decoder.layers.3.fc1.weight"): link every parameter's directory under both names."""
-    from ..parallel.pipe_names import pipe_prefixes
-
-    prefixes = pipe_prefixes(model)
-    zero = os.path.join(universal_dir, "zero")
-    for name in sorted(os.listdir(zero)):
-        for pipe, full in prefixes.items():
-            for have, other in ((pipe, full), (full, pipe)):
-                if name.startswith(have):
-                    _link(zero, name, other + name[len(have):])
-
-
-def _parameter_dirs(universal_dir: str) -> dict:
-    """name -> directory, for each parameter's own directory (not the aliases)."""
-    zero = os.path.join(universal_dir, "zero")
-    return {n: os.path.join(zero, n) for n in sorted(os.listdir(zero))
-            if os.path.isdir(os.path.join(zero, n)) and not os.path.islink(os.path.join(zero, n))}
-
-
-def _shape_tensors(universal_dir: str, model) -> None:
-    """From a ZeRO-3 checkpoint without TP, ds_to_universal saves each state as a bare flat
-    tensor; the ZeRO-1/2 loader (and the exporter) read {"param": tensor of the full shape},
-    which is what ZeRO-1/2 sources already have."""
-    import torch
-    from deepspeed.checkpoint.constants import PARAM
-
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    for name, param_dir in _parameter_dirs(universal_dir).items():
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            path = os.path.join(param_dir, f"{key}.pt")
-            if name not in shapes or not os.path.isfile(path):  # e.g. a tied alias's lone fp32
-                continue
-            value = torch.load(path, weights_only=False)
-            if torch.is_tensor(value):
-                torch.save({PARAM: value.view(shapes[name])}, path)
-
-
-def _alias_model_states(universal_dir: str) -> None:
-    """The step, LR schedule and client state are read from the copied model-state files, which
-    ZeRO-1/2 name mp_rank_XX_model_states.pt and ZeRO-3 zero_pp_rank_0_mp_rank_XX_...: link
-    the ones the source wrote under the other stage's name."""
-    for name in sorted(os.listdir(universal_dir)):
-        z12 = re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", name)
-        z3 = re.fullmatch(r"zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt", name)
-        if z12:
-            _link(universal_dir, name, f"zero_pp_rank_0_mp_rank_{z12.group(1)}_model_states.pt")
-        elif z3:
-            _link(universal_dir, name, f"mp_rank_{z3.group(1)}_model_states.pt")
-
-
-def _bridge_optimizer_state(universal_dir: str) -> None:
-    """ds_to_universal writes zero/optimizer_state.pt in the format of the source's ZeRO stage,
-    and each stage's loader reads only its own: ZeRO-1/2 need ds_version and a step.pt in every
-    parameter's directory, ZeRO-3 the base optimizer's state dict for the step and the groups.
-    Write both, so either stage loads a checkpoint of the other; drop the rank-0 optimizer
-    tensors the ZeRO-3 form also carries, which no loader reads."""
-    import deepspeed
-    import torch
-    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
-
-    zero = os.path.join(universal_dir, "zero")
-    path = os.path.join(zero, "optimizer_state.pt")
-    state = torch.load(path, weights_only=False)
-    params = list(_parameter_dirs(universal_dir).values())
-    if OPTIMIZER_STATE_DICT in state:  # written from ZeRO-3
-        step = state[OPTIMIZER_STATE_DICT]["state"][0]["step"]
-        for param_dir in params:
-            torch.save(step, os.path.join(param_dir, "step.pt"))
-    else:  # any parameter with optimizer state (a tied alias's directory holds only fp32)
-        with_step = next(p for p in params if os.path.isfile(os.path.join(p, "step.pt")))
-        step = torch.load(os.path.join(with_step, "step.pt"), weights_only=False)
-    state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}},
-                                   "param_groups": state[PARAM_GROUPS]}
-    state.pop("fp32_flat_groups", None)
-    state.setdefault(DS_VERSION, deepspeed.__version__)
-    torch.save(state, path)
-
-
 def _remove_dead_temps(final: str) -> None:
     """Temp directories of conversions killed on this host (their pid is gone)."""
     prefix = f"{os.path.basename(final)}.tmp-{socket.gethostname()}-"
     parent = os.path.dirname(final)
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            try:
-                os.kill(int(name[len(prefix):]), 0)
-            except ProcessLookupError:
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            except PermissionError:  # alive, someone else's
-                pass
+        if (name.startswith(prefix) and name[len(prefix):].isdigit()
+                and not pid_alive(int(name[len(prefix):]))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _step_of(tag_dir: str) -> int:
@@ -195,10 +79,27 @@ def _step_of(tag_dir: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def _rewrite_for_any_layout(universal_dir: str, tag_dir: str) -> None:
+    """What ds_to_universal's output needs before any layout and ZeRO stage loads it."""
+    from ..compat import ds_universal  # deferred: DeepSpeed's import costs seconds
+    from ..model import model_skeleton
+    from ..parallel.pipe_names import pipe_prefixes
+
+    saved = saved_config(tag_dir)
+    model = model_skeleton(saved.model)
+    if saved.train.zero_stage == 3:
+        ds_universal.shape_tensors(universal_dir, {n: p.shape
+                                                   for n, p in model.named_parameters()})
+    ds_universal.alias_parameters(universal_dir, pipe_prefixes(model))
+    ds_universal.alias_model_states(universal_dir)
+    ds_universal.bridge_optimizer_state(universal_dir)
+
+
 def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
-                    quiet: bool = True) -> str:
+                    quiet: bool = True, faults: Faults = NO_FAULTS, rank: int = 0) -> str:
     """The universal form of a tag, in `final` (default TAG/universal), converted now unless
     already there. -> its path."""
+    from ..compat import ds_universal  # deferred: DeepSpeed's import costs seconds
     final = final or os.path.join(tag_dir, UNIVERSAL)
     if os.path.isfile(os.path.join(final, BUILT)):
         log(f"reusing the universal form in {final}")
@@ -207,17 +108,10 @@ def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
     temp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
     start = time.monotonic()
     log(f"converting {tag_dir} to the universal form (once; DeepSpeed's ds_to_universal) ...")
-    _convert(tag_dir, temp, quiet)
+    ds_universal.convert(tag_dir, temp, quiet)
     try:
-        maybe_inject("kill_in_convert", int(os.environ.get("RANK", 0)), _step_of(tag_dir))
-        saved = saved_config(tag_dir)
-        from ..model import model_skeleton  # deferred: torch is not needed to find a tag
-        model = model_skeleton(saved.model)
-        if saved.train.zero_stage == 3:
-            _shape_tensors(temp, model)
-        _alias_parameters(temp, model)
-        _alias_model_states(temp)
-        _bridge_optimizer_state(temp)
+        faults.inject("kill_in_convert", rank, _step_of(tag_dir))
+        _rewrite_for_any_layout(temp, tag_dir)
         atomic_write(os.path.join(temp, BUILT), f'{{"seconds": {time.monotonic() - start:.2f}}}\n')
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -232,22 +126,23 @@ def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
     return final
 
 
-def universal_source(ckpt_dir: str, tag: str, local_rank: int, log=print) -> ResumeSource:
+def universal_source(ckpt_dir: str, tag: str, local_rank: int, log=print,
+                     faults: Faults = NO_FAULTS, rank: int = 0) -> ResumeSource:
     """Every rank calls this before torch.distributed starts; local rank 0 builds, and if that
-    fails it says so in TAG/universal.failed, which ends the other ranks' wait."""
+    fails it says so in TAG/universal.failed, which ends the other ranks' wait (the builder's
+    own error, a bug's traceback included, goes up unchanged)."""
     tag_dir = os.path.join(ckpt_dir, tag)
     failed = os.path.join(tag_dir, f"{UNIVERSAL}.failed")
     if local_rank == 0:
         try:
-            build_universal(tag_dir, log)
-        except Exception as err:
+            build_universal(tag_dir, log, faults=faults, rank=rank)
+        except BaseException as err:
             atomic_write(failed, f"{type(err).__name__}: {err}\n")
-            raise ReshardError(f"converting {tag_dir} to the universal form failed: "
-                               f"{type(err).__name__}: {err}") from err
+            raise
     else:
         try:
             wait_for_file(os.path.join(tag_dir, UNIVERSAL, BUILT), f"the universal form of {tag}",
                           failure=failed, not_before=_PROCESS_START)
-        except RuntimeError as err:
+        except (RuntimeError, TimeoutError) as err:  # the builder's failure, or no builder
             raise ReshardError(str(err)) from err
     return ResumeSource(tag=tag, load_dir=tag_dir, load_tag=UNIVERSAL, universal=True)

@@ -3,11 +3,13 @@
     python launch/ft_launch.py --nproc-per-node 8 --nnodes 2:4 --rdzv-endpoint HOST:PORT \
         [--max-restarts 10] [--step-timeout 600|auto] launch/pretrain_gpt.py --config ... k=v
 
-Defaults that differ from torchrun's, each from a measurement in DESIGN.md: the c10d rendezvous
-(static hangs on restart), 10 restarts, a rendezvous that re-forms in seconds after a node is
-lost, workers that do not share the agent's store (restarts raced on it), and on one machine a
-free local port. Exit codes: 0 done, 75 stopped by SIGTERM after every rank saved (requeue),
-2/3/4 the training script's own (not retried), 1 out of restarts.
+Defaults that differ from torchrun's, each from a measurement on torch 2.13 with gloo: the c10d
+rendezvous (the static one hung on restart), 10 restarts, a rendezvous that re-forms in about
+6 s after a node is lost (about 40 s with torch's defaults), workers that do not share the
+agent's store (restarts raced on it: 2 of 6 runs hung connecting to the dead attempt's
+addresses), and on one machine a free local port. Exit codes (errors.ExitCode): OK when done,
+INTERRUPTED (75) when stopped by SIGTERM after every rank saved (requeue), the training script's
+own codes that no restart can fix (errors.NOT_RETRIED), FAILED (1) when out of restarts.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher import api as launcher_api
 
-from ..config import ConfigError, load_config
+from ..compat.elastic import install_agent, rendezvous_hosted_here
+from ..config import load_config
+from ..errors import NOT_RETRIED, ConfigError, ExitCode
+from ..launch_env import default_config, task_of_script
 from ..resilience.watchdog import STEP_TIMEOUT_ENV, SUPERVISED_ENV
-from .agent import NOT_RETRIED, SupervisingAgent
+from .agent import SupervisingAgent
 from .incidents import IncidentLog
-
-EXIT_REQUEUE = 75
-EXIT_OUT_OF_RESTARTS = 1
 FAST_RDZV = "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3"
 
 
@@ -42,9 +44,12 @@ def parser():
     return p
 
 
-def run_dir_of(script_args: List[str]) -> str:
-    """logging.run_dir of the training command (its --config and overrides)."""
-    config, overrides, rest = None, [], list(script_args)
+def run_dir_of(script: str, script_args: List[str]) -> str:
+    """logging.run_dir of the training command: its --config (else the script's own default
+    config, as the script itself would read it) and overrides."""
+    task = task_of_script(script)
+    config = default_config(task) if task else None
+    overrides, rest = [], list(script_args)
     while rest:
         arg = rest.pop(0)
         if arg == "--config" and rest:
@@ -76,16 +81,10 @@ def unreachable_store(args) -> Optional[str]:
     from datetime import timedelta
 
     from torch.distributed import TCPStore
-    from torch.distributed.elastic.rendezvous.utils import (_matches_machine_hostname,
-                                                            _parse_rendezvous_config,
-                                                            parse_rendezvous_endpoint)
 
     if args.rdzv_backend != "c10d" or not args.rdzv_endpoint:
         return None
-    host, port = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=29400)
-    conf = _parse_rendezvous_config(args.rdzv_conf)
-    hosting = conf.get("is_host", "").lower() not in ("false", "0") and \
-        _matches_machine_hostname(host)
+    host, port, hosting, conf = rendezvous_hosted_here(args.rdzv_endpoint, args.rdzv_conf)
     if hosting:
         return None
     wait_s = min(60.0, float(conf.get("join_timeout", 600)))
@@ -104,12 +103,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     problem = check_args(args) or unreachable_store(args)
     if problem:
         print(f"ft_launch: error: {problem}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     try:
-        run_dir = run_dir_of(args.training_script_args)
+        run_dir = run_dir_of(args.training_script, args.training_script_args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     logging.basicConfig(level=logging.WARNING, format="[ft_launch] %(message)s")
     os.environ.update({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", SUPERVISED_ENV: "1",
                        STEP_TIMEOUT_ENV: args.step_timeout})
@@ -119,9 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.rdzv_endpoint = "localhost:0"  # one machine: the agent hosts it on a free port
     incidents = IncidentLog(run_dir)
     SupervisingAgent.incidents = incidents
-    # torchrun builds LocalElasticAgent by this name inside launch_agent, with no hook to pass
-    # another class; our subclass only adds policies (agent.py).
-    launcher_api.LocalElasticAgent = SupervisingAgent
+    install_agent(SupervisingAgent)  # torchrun has no way to pass another agent class
     code = _launch(args)
     print(f"[ft_launch] {incidents.summary()}", file=sys.stderr, flush=True)
     return code
@@ -135,12 +132,12 @@ def _launch(args) -> int:
     except SignalException as err:
         SupervisingAgent.incidents.record(-1, "preempted")
         print(f"[ft_launch] stopped by signal {err.sigval.name}: the ranks saved and exited; "
-              f"exit {EXIT_REQUEUE} (requeue the job to resume)", file=sys.stderr)
-        return EXIT_REQUEUE
+              f"exit {int(ExitCode.INTERRUPTED)} (requeue the job to resume)", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     except ChildFailedError as err:
         _, first = err.get_first_failure()
         if first.exitcode in NOT_RETRIED:
             return first.exitcode
         print(f"[ft_launch] out of restarts ({args.max_restarts}); last failure: exit "
               f"{first.exitcode}", file=sys.stderr)
-        return EXIT_OUT_OF_RESTARTS
+        return ExitCode.FAILED

@@ -16,27 +16,14 @@ import time
 from typing import List, Optional
 
 from ..checkpoint import manager as ckpt
+from ..files import read_jsonl
+from ..training.metrics import read_metrics
 
 RESTARTS = "restarts.jsonl"
 
 
-def _rows(path: str) -> List[dict]:
-    """JSON lines; a line cut short by a kill is skipped."""
-    if not os.path.isfile(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
-
-
 def train_rows(run_dir: str) -> List[dict]:
-    return [r for r in _rows(os.path.join(run_dir, "metrics.jsonl"))
-            if r.get("split") == "train"]
+    return read_metrics(run_dir, "train")
 
 
 def cause_of(exitcode: int, hung: bool) -> str:
@@ -80,10 +67,9 @@ class IncidentLog:
 
     def summary(self) -> str:
         """Incidents, time lost and goodput (productive step time / wall time) of this launch."""
-        incidents = [r for r in _rows(self.path) if r["time"] >= self.started]
+        incidents = [r for r in read_jsonl(self.path) if r["time"] >= self.started]
         wall = time.time() - self.started
-        productive = productive_seconds(_rows(os.path.join(self.run_dir, "metrics.jsonl")),
-                                        self.started)
+        productive = productive_seconds(read_metrics(self.run_dir), self.started)
         lost = sum(r["seconds_lost"] for r in incidents)
         return (f"{len(incidents)} incident(s), {lost:.0f} s of training redone, goodput "
                 f"{productive / max(wall, 1e-9):.0%} ({productive:.0f} s of kept steps in "

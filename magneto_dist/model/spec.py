@@ -5,7 +5,8 @@ row of this table saying which slots are filled. Every sublayer (attention or FF
 
     x <- post_norm(alpha * x + output_norm(f(pre_norm(x) * input_scale)))
 
-with f containing the optional inner norm (Sub-LN) and head scale (NormFormer). See DESIGN.md.
+with f containing the optional inner norm (Sub-LN: on the merged heads before W_o, on the FFN
+hidden before W_2) and head scale (NormFormer).
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ parallelism swaps its modules for meta-device TP modules, and the pipeline keeps
 stage's layers. Then every remaining meta parameter is given real memory of its local shape and
 filled with its slice of the full parameter, which `weights(name)` makes one parameter at a time
 (the name-keyed init, an export's tensor, or a full model's own). So a rank's peak is its shard
-plus the largest single full parameter, not the full model: 27 GB per rank for a 6.7B model
-built whole before sharding (DESIGN.md, "Scale-up"). Megatron does the same with its CPU master
+plus the largest single full parameter, not the full model (4 bytes per parameter per rank
+before sharding: 27 GB per rank for a 6.7B model, times 8 ranks per node). Megatron does the same with its CPU master
 weight (use_cpu_initialization); DeepSpeed's zero.Init partitions construction only under
 ZeRO-3 and knows nothing of TP slices.
 

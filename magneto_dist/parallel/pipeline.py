@@ -13,6 +13,7 @@ megatron-core's rank order, which it does.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -22,6 +23,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import tensor_parallel
 from torch import nn
 
+from ..compat.ds_engine import CountingHookPipelineModule
 from ..model.layers import Rotary
 from ..model.models import MagnetoGPT
 from .materialize import FullWeights, materialize
@@ -108,17 +110,18 @@ class SubmodulePipe(nn.Module):
         return getattr(self, self.attribute)(x)
 
 
-class ShardOnlyPipelineModule(PipelineModule):
+class ShardOnlyPipelineModule(CountingHookPipelineModule):
     """DeepSpeed's PipelineModule, except that balancing stages by parameter count, which
-    builds every layer spec on every rank (PipelineModule._count_layer_params), sees the
-    skeleton's meta modules: only the layers of this rank's stage, built after it, get memory."""
+    builds every layer spec on every rank, sees the skeleton's meta modules: only the layers of
+    this rank's stage, built after it, get memory."""
 
-    def _count_layer_params(self):
+    @contextlib.contextmanager
+    def counting_parameters(self):
         source = self._layer_specs[0].module_args[0]
         assert isinstance(source, ModuleSource), type(source)
         source.counting = True
         try:
-            return super()._count_layer_params()
+            yield
         finally:
             source.counting = False
 

@@ -5,23 +5,20 @@ materialized (materialize.py). The model itself holds no parallelism, and nothin
 about training: the DeepSpeed engine around the result is built in training/engine.py."""
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-from deepspeed.checkpoint import constants as ds_ckpt
 import torch
 from megatron.core import parallel_state as ps
 from torch import nn
 
 from ..config import Config
 from . import state
-from .dims import ParallelDims
+from ..dims import ParallelDims
 from .materialize import FullWeights, is_meta, materialize
 from .pipeline import build_pipeline
 from .random import TensorParallelRNG, apply_activation_checkpointing, use_tensor_parallel_rng
 from .tensor_parallel import apply_tensor_parallel
-from .tp_plan import REPLICATED, ROW, VOCAB, patterns_of
 
 
 @dataclass
@@ -32,31 +29,8 @@ class Parallelized:
     dp_group: object
     mpu: Optional[object] = None         # the groups for DeepSpeed's engine without a pipeline
                                          # (a PipelineModule carries its own topology)
-    checkpoint_info: dict = field(default_factory=dict)  # client state ds_to_universal needs
     tp_rng: Optional[TensorParallelRNG] = None  # the per-TP-rank dropout stream, when used:
                                          # saved and restored with each rank's RNG state
-
-
-# How DeepSpeed's ds_to_universal must treat each parameter (it re.match-es these against
-# names), from the one TP plan; column-parallel and sliced parameters are its default (dim 0).
-UNIVERSAL_PATTERNS = {
-    ds_ckpt.TP_REPLICATED_PARAMETER_PATTERNS: patterns_of(REPLICATED),
-    ds_ckpt.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: patterns_of(ROW),
-    ds_ckpt.VOCABULARY_PARAMETER_PATTERNS: patterns_of(VOCAB),
-}
-
-
-def universal_checkpoint_info(model: nn.Module, vocab_size: int, pipelined: bool) -> dict:
-    """The client-state entry ds_to_universal needs. It insists that every pattern matches some
-    parameter, so only the patterns this model's names use are kept."""
-    names = [name for name, _ in model.named_parameters()]
-    info = {kind: [p for p in patterns if any(re.match(p, n) for n in names)]
-            for kind, patterns in UNIVERSAL_PATTERNS.items()}
-    info[ds_ckpt.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = (
-        [r"(.*\.)?word\.weight$"] if pipelined and model.config.tie_embeddings else [])
-    info[ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_KEY] = ds_ckpt.UNIVERSAL_CHECKPOINT_VERSION_VALUE
-    info["original_vocab_size"] = vocab_size
-    return {ds_ckpt.UNIVERSAL_CHECKPOINT_INFO: info}
 
 
 def local_device() -> torch.device:
@@ -89,10 +63,8 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims,
                   if s]
         apply_activation_checkpointing([l for s in stacks for l in s.layers],
                                        rng if tp > 1 else None)
-    info = universal_checkpoint_info(model, cfg.model.vocab_size, pipelined=pp > 1)
     common = dict(dims=dims, dp_rank=ps.get_data_parallel_rank(),
-                  dp_group=ps.get_data_parallel_group(), checkpoint_info=info,
-                  tp_rng=rng if tp > 1 else None)
+                  dp_group=ps.get_data_parallel_group(), tp_rng=rng if tp > 1 else None)
     if pp > 1:
         if pipeline_loss is None:
             raise ValueError("parallelize: PP > 1 needs pipeline_loss")

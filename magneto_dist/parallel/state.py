@@ -19,10 +19,11 @@ def init_distributed() -> None:
     It is marked unavailable here, as on a machine that cannot build it (DeepSpeed keeps that
     table for the process and reads it only there), so a fresh machine's first run skips it."""
     import deepspeed
-    import deepspeed.ops
+
+    from ..compat.ds_engine import disable_cpu_shm_comm
 
     if not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -50,7 +51,8 @@ class DeepSpeedMPU:
     ZeRO partitioning, the model-parallel group for the grad norm and checkpoint file names.
 
     Deliberately no `initialize_sequence_parallel`: DeepSpeed takes its presence as a sequence-
-    parallel mpu and then ignores the model-parallel group (DESIGN.md).
+    parallel mpu and then ignores the model-parallel group, which trains without error and
+    gives wrong losses under TP.
     """
 
     get_data_parallel_group = staticmethod(ps.get_data_parallel_group)

@@ -19,10 +19,11 @@ import torch
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
+from ..compat.megatron import NoExtraState
 from ..model.norms import LayerNorm, RMSNorm
 from . import state
 from .materialize import is_meta, materialize, own_weights
-from .tp_plan import COLUMN, ROW, SHARD_DIM, SLICED, VOCAB, tp_kind
+from .tp_plan import COLUMN, ROW, SHARD_DIM, SLICED, VOCAB, padded_vocab_size, tp_kind
 
 
 def _megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
@@ -36,29 +37,19 @@ def _noop_init(weight):
     return weight
 
 
-class _NoExtraState:
-    """megatron's layers add `_extra_state: None` to the state dict (and a load hook that expects
-    it), which crashes DeepSpeed's universal-checkpoint converter: restore nn.Module's methods
-    and drop the hook, so the state dict holds only the parameters."""
-    get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._load_state_dict_pre_hooks.clear()
-
-
-class ColumnLinear(_NoExtraState, tensor_parallel.ColumnParallelLinear):
+# NoExtraState: a state dict of parameters only; megatron's `_extra_state: None` entries crash
+# DeepSpeed's universal-checkpoint converter.
+class ColumnLinear(NoExtraState, tensor_parallel.ColumnParallelLinear):
     def forward(self, x):  # megatron returns (output, bias); the bias is already added
         return super().forward(x)[0]
 
 
-class RowLinear(_NoExtraState, tensor_parallel.RowParallelLinear):
+class RowLinear(NoExtraState, tensor_parallel.RowParallelLinear):
     def forward(self, x):
         return super().forward(x)[0]
 
 
-class VocabEmbedding(_NoExtraState, tensor_parallel.VocabParallelEmbedding):
+class VocabEmbedding(NoExtraState, tensor_parallel.VocabParallelEmbedding):
     pass
 
 
@@ -150,11 +141,6 @@ def sharded_norm(norm: nn.Module) -> nn.Module:
     return ShardedRMSNorm(norm) if isinstance(norm, RMSNorm) else ShardedLayerNorm(norm)
 
 
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    step = multiple * state.tp_size()
-    return -(-vocab_size // step) * step
-
-
 def vocab_embedding_from(embedding: nn.Embedding, padded: int, config) -> VocabEmbedding:
     """Padded rows are zero (materialize.py) and never looked up (no token has their id)."""
     tp_embedding = VocabEmbedding(padded, embedding.weight.shape[1], init_method=_noop_init,
@@ -237,7 +223,8 @@ def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None
         for name, module in list(model.named_modules()):  # a list: children change on the way
             _shard_children(module, f"{name}." if name else "", config)
         assert tp_kind("embed.word.weight") == tp_kind("lm_head.weight") == VOCAB
-        padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple)
+        padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple,
+                                   state.tp_size())
         model.embed.word = vocab_embedding_from(model.embed.word, padded, config)
         model.lm_head = vocab_head_from(model.lm_head, padded, config,
                                         tied_to=model.embed.word if model.config.tie_embeddings

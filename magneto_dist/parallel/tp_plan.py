@@ -40,6 +40,14 @@ TP_PLAN = (
 SHARD_DIM = {COLUMN: 0, ROW: 1, VOCAB: 0, SLICED: 0, REPLICATED: None}
 
 
+def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
+    """The vocabulary rows of the vocab-parallel embedding and head: padded to a multiple of
+    parallel.vocab_padding_multiple x TP, so every TP rank holds an equal slice (the padding
+    rows are zero and no token has their id)."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
 class NotInPlan(KeyError):
     pass
 

@@ -1,10 +1,14 @@
 """Deterministic fault injection, for testing that failures at bad moments lose nothing.
 
-Set MAGNETO_DIST_FAULT=POINT:RANK:STEPS[,POINT:RANK:STEPS...], where STEPS is one step (6), a
-range (6-8) or an open range (6-). Unset in normal runs: then every call is a no-op. With
-MAGNETO_DIST_FAULT_ONCE_DIR set, each fault fires once per (point, rank, step) over all the
-attempts of a supervised run (a marker file there records it), so a restarted group replaying
-that step goes on. Points:
+Production code never reads the environment for this: the training loop, the checkpoint save
+and the universal conversion each take a `Faults` object and call it at their fault points, and
+every caller gets NO_FAULTS (whose calls do nothing) unless an entry point built one from the
+environment with `faults_from_env()`.
+
+MAGNETO_DIST_FAULT=POINT:RANK:STEPS[,POINT:RANK:STEPS...], where STEPS is one step (6), a range
+(6-8) or an open range (6-). With MAGNETO_DIST_FAULT_ONCE_DIR set, each fault fires once per
+(point, rank, step) over all the attempts of a supervised run (a marker file there records it),
+so a restarted group replaying that step goes on. Points:
 - kill_at_step: that rank SIGKILLs itself at the start of that step.
 - hang: that rank stops making progress at the start of that step (sleeps forever).
 - kill_in_save: that rank dies with SIGKILL's exit status after DeepSpeed wrote its files of
@@ -19,57 +23,95 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 FAULT_ENV = "MAGNETO_DIST_FAULT"
 ONCE_ENV = "MAGNETO_DIST_FAULT_ONCE_DIR"
+POINTS = ("kill_at_step", "hang", "kill_in_save", "kill_in_convert", "nonfinite_loss")
 
 
-def _parse(spec: str):
-    try:
-        name, rank, steps = spec.split(":")
-        first, dash, last = steps.partition("-")
-        first = int(first)
-        last = (int(last) if last else None) if dash else first
-        return name, int(rank), first, last
-    except ValueError:
-        raise ValueError(f"{FAULT_ENV}={spec!r} is not POINT:RANK:STEP, POINT:RANK:FIRST-LAST "
-                         "or POINT:RANK:FIRST-") from None
+class Faults:
+    """The fault points' interface; this base injects nothing (NO_FAULTS)."""
 
-
-def _first_time(point: str, rank: int, step: int) -> bool:
-    """False if this fault already fired in an earlier attempt (ONCE_ENV); marks it otherwise."""
-    once_dir = os.environ.get(ONCE_ENV)
-    if not once_dir:
-        return True
-    os.makedirs(once_dir, exist_ok=True)
-    try:
-        os.close(os.open(os.path.join(once_dir, f"{point}-{rank}-{step}"),
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
+    def active(self, point: str, rank: int, step: int) -> bool:
+        """Whether a fault is set for this point, rank and step (and fires now)."""
         return False
 
+    def inject(self, point: str, rank: int, step: int) -> None:
+        """Die or hang here if a fault is set for this point, rank and step."""
 
-def fault_active(point: str, rank: int, step: int) -> bool:
+
+NO_FAULTS = Faults()
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    point: str
+    rank: int
+    first: int
+    last: Optional[int]  # None: every step from `first` on
+
+    @classmethod
+    def parse(cls, spec: str) -> "FaultSpec":
+        try:
+            point, rank, steps = spec.split(":")
+            first, dash, last = steps.partition("-")
+            parsed = cls(point, int(rank), int(first),
+                         (int(last) if last else None) if dash else int(first))
+        except ValueError:
+            raise ValueError(f"{FAULT_ENV}={spec!r} is not POINT:RANK:STEP, POINT:RANK:FIRST-LAST "
+                             "or POINT:RANK:FIRST-") from None
+        if point not in POINTS:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: unknown point {point!r}; points are "
+                             f"{', '.join(POINTS)}")
+        return parsed
+
+    def covers(self, point: str, rank: int, step: int) -> bool:
+        return (point == self.point and rank == self.rank and self.first <= step
+                and (self.last is None or step <= self.last))
+
+
+class InjectedFaults(Faults):
+    """Faults as MAGNETO_DIST_FAULT sets them; `once_dir` makes each fire once over restarts."""
+
+    def __init__(self, specs: List[FaultSpec], once_dir: Optional[str] = None):
+        self.specs, self.once_dir = specs, once_dir
+
+    def _first_time(self, key: Tuple[str, int, int]) -> bool:
+        """False if this fault already fired in an earlier attempt; marks it otherwise."""
+        if not self.once_dir:
+            return True
+        os.makedirs(self.once_dir, exist_ok=True)
+        try:
+            os.close(os.open(os.path.join(self.once_dir, "-".join(map(str, key))),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def active(self, point: str, rank: int, step: int) -> bool:
+        if any(spec.covers(point, rank, step) for spec in self.specs):
+            return self._first_time((point, rank, step))
+        return False
+
+    def inject(self, point: str, rank: int, step: int) -> None:
+        if not self.active(point, rank, step):
+            return
+        print(f"fault injection: rank {rank} at {point}, step {step}", flush=True)
+        if point == "hang":
+            while True:
+                time.sleep(3600)
+        if point == "kill_at_step":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(137)
+
+
+def faults_from_env() -> Faults:
+    """The faults the environment asks for (tests), else NO_FAULTS. Entry points call this once
+    and pass the result down."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return False
-    for one in spec.split(","):
-        name, fault_rank, first, last = _parse(one)
-        if (name == point and fault_rank == rank and first <= step
-                and (last is None or step <= last)):
-            return _first_time(point, rank, step)
-    return False
-
-
-def maybe_inject(point: str, rank: int, step: int) -> None:
-    """Die or hang here if a fault is set for this point, rank and step."""
-    if not fault_active(point, rank, step):
-        return
-    print(f"fault injection: rank {rank} at {point}, step {step}", flush=True)
-    if point == "hang":
-        while True:
-            time.sleep(3600)
-    if point == "kill_at_step":
-        os.kill(os.getpid(), signal.SIGKILL)
-    os._exit(137)
+        return NO_FAULTS
+    return InjectedFaults([FaultSpec.parse(one) for one in spec.split(",")],
+                          os.environ.get(ONCE_ENV))

@@ -2,12 +2,15 @@
 
 DeepSpeed's runner forwards no signal on a single node: SIGTERM to the `deepspeed` command makes
 it exit 143 at once while its per-node launch.py and the ranks train on, unsupervised (measured).
-torchrun's workers likewise live on as orphans when their agent is killed (DESIGN.md). So a rank
+torchrun's workers likewise live on as orphans when their agent is killed (they run in sessions
+of their own, so killing the agent's process group misses them). So a rank
 launched by one of these watches the launcher processes above it and, when one goes, asks for the
 same graceful stop as SIGTERM: finish the step, save, exit 75.
 
-Only known launchers are watched: a rank started from a shell (`python launch/pretrain_gpt.py`
-under nohup, say) must not stop because its terminal closed.
+Only known launchers are watched, and a supervisor that names itself: a program that runs
+training commands and must not leave them behind when it dies, even by kill -9 (the stability
+sweep), puts its pid in SUPERVISOR_ENV of their environment. A rank started from a shell
+(`python launch/pretrain_gpt.py` under nohup, say) must not stop because its terminal closed.
 """
 from __future__ import annotations
 
@@ -17,10 +20,9 @@ import threading
 from typing import Callable, Optional, Tuple
 
 POLL_SECONDS = 1.0
-# Substrings of a launcher's command line: DeepSpeed's per-node launcher, torchrun's agent, and
-# the stability sweep (its cells must not outlive it, even when it is killed with -9).
-LAUNCHER_MARKS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun",
-                  "stability_sweep.py")
+# Substrings of a launcher's command line: DeepSpeed's per-node launcher and torchrun's agent.
+LAUNCHER_MARKS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
+SUPERVISOR_ENV = "MAGNETO_DIST_SUPERVISOR_PID"  # a supervising program's pid, set by it
 
 
 def _cmdline(pid: int) -> str:
@@ -42,19 +44,23 @@ def _parent_of(pid: int) -> Optional[int]:
 @functools.lru_cache(maxsize=None)
 def launcher_chain() -> Tuple[Tuple[int, str], ...]:
     """(pid, command line) of the launchers above this process, nearest first: the parent if it
-    is a known launcher, and for DeepSpeed's launch.py also the `deepspeed` runner above it.
-    Cached: the entry point calls it first thing, while they are all alive, so a launcher killed
-    during start-up is still noticed once training begins."""
+    is a known launcher, and for DeepSpeed's launch.py also the `deepspeed` runner above it;
+    then the supervisor named in SUPERVISOR_ENV, if any. Cached: the entry point calls it first
+    thing, while they are all alive, so a launcher killed during start-up is still noticed once
+    training begins."""
+    chain = []
     parent = os.getppid()
     cmd = _cmdline(parent)
-    if not any(mark in cmd for mark in LAUNCHER_MARKS):
-        return ()
-    chain = [(parent, cmd)]
-    if "deepspeed.launcher.launch" in cmd:
-        runner = _parent_of(parent)
-        runner_cmd = _cmdline(runner) if runner and runner > 1 else ""
-        if "deepspeed" in runner_cmd:
-            chain.append((runner, runner_cmd))
+    if any(mark in cmd for mark in LAUNCHER_MARKS):
+        chain.append((parent, cmd))
+        if "deepspeed.launcher.launch" in cmd:
+            runner = _parent_of(parent)
+            runner_cmd = _cmdline(runner) if runner and runner > 1 else ""
+            if "deepspeed" in runner_cmd:
+                chain.append((runner, runner_cmd))
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
+    if supervisor.isdigit():  # already gone: "" differs from any live command line at once
+        chain.append((int(supervisor), _cmdline(int(supervisor)) or "(exited)"))
     return tuple(chain)
 
 

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, List, Optional
 from ..errors import ExitCode
 from ..files import atomic_write
 from ..launch_env import ROOT
+from ..resilience.parent_watch import SUPERVISOR_ENV
 from ..resilience.watchdog import PR_SET_PDEATHSIG
-from ..training.preflight import LOCK_NAME
 from .sweep import last_per_step, losses_of, median_step_seconds, run_rows
 from .verdicts import VerdictConfig, early_divergence, judge
 
@@ -53,9 +53,10 @@ class CellInterrupted(RuntimeError):
 
 
 def _cell_process_setup() -> None:
-    """In the trainer's process before exec: SIGTERM when the process that started it dies
-    (its job killed, a node's job step ended: the trainer saves and exits instead of training
-    on as an orphan that holds the run lock); SIGUSR2 ignored, since Slurm sends submitit's
+    """In the trainer's (or ft_launch's) process before exec: SIGTERM when the process that
+    started it dies (its job killed, a node's job step ended: the trainer saves and exits
+    instead of training on as an orphan that holds the run lock; ft_launch forwards it to its
+    ranks, which its restarts would otherwise bring back); SIGUSR2 ignored, since Slurm sends submitit's
     timeout signal to every process of the step, and its default action would kill the trainer
     before the job body can ask it to save; and no signal blocked (a mask is inherited: a
     trainer started with SIGTERM blocked would never stop to save)."""
@@ -145,8 +146,11 @@ class CellJob:
         return [*launcher, *script]
 
     def env(self) -> dict:
+        """The trainer's environment; this process (the pool's sweep, or the job) supervises
+        it: its ranks save and stop when this process is gone, even by kill -9."""
         env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                   **{SUPERVISOR_ENV: str(os.getpid())})
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.devices
         return env
@@ -302,6 +306,7 @@ def _trains_in(pid: int, run_dir: str) -> bool:
 def _wait_for_previous_trainer(run_dir: str) -> None:
     """A trainer of an earlier attempt that is still saving on this host (its job was killed,
     it got SIGTERM from _cell_process_setup) holds the run lock: wait for it, then end it."""
+    from ..training.preflight import LOCK_NAME  # imports torch: only a resumed cell gets here
     try:
         with open(os.path.join(run_dir, LOCK_NAME), encoding="utf-8") as f:
             holder = json.load(f)

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from ..config import Config, with_vocab_size
 from ..model import flops_per_token
-from ..parallel.dims import ParallelDims
+from ..dims import ParallelDims
 from ..training.memory_plan import GiB, Layout, MemoryPlanner
 from ..training.metrics import PEAK_TFLOPS
 from .grid import Sweep
@@ -30,9 +30,9 @@ class Assumptions:
 
 def vocabulary(cfg: Config) -> int:
     """The vocabulary a cell's run would have: its tokenizer's, else the built-in corpus's."""
-    if cfg.data.tokenizer_model:
-        from ..data.tokenizer import SentencePieceTokenizer
-        return SentencePieceTokenizer(cfg.data.tokenizer_model).vocab_size
+    if cfg.data.prefixes:
+        from ..data.tokenizer import TokenizerSpec, build_tokenizer
+        return build_tokenizer(TokenizerSpec.from_data_config(cfg.data)).vocab_size
     return cfg.data.builtin_vocab_size
 
 

@@ -2,7 +2,7 @@
 config, initialize(), and the pipeline engine's train/eval steps."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import deepspeed
@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint.universal_info import universal_checkpoint_info
+from ..compat.ds_engine import OVERFLOW
 from ..config import Config, ConfigError
-from ..parallel.dims import ParallelDims
+from ..dims import ParallelDims
 from ..parallel.materialize import FullWeights
 from ..parallel.setup import Parallelized, parallelize
 from ..parallel.tensor_parallel import FullLogits, vocab_parallel_cross_entropy
@@ -34,22 +36,6 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
             for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay))]
 
 
-def repair_zero3_universal_load(engine, cfg: Config) -> None:
-    """Undo two slips of DeepSpeed's ZeRO-3 universal loader (stage3.py,
-    load_hp_checkpoint_state_from_checkpoint_dir_stage3), measured as a resumed run drifting
-    from its second step on (4e-3 in loss by step 10):
-    - it copies the first parameter group's hyperparameters into every group, giving biases
-      and norm gains weight decay: put each group's own back (ours differ only in that);
-    - it gives every group the same `step` tensor, which Adam increments in place once per
-      group per step, so the second group's bias correction ran ahead: one tensor each."""
-    inner = engine.optimizer.optimizer
-    for group, wd in zip(inner.param_groups, group_weight_decays(cfg.train.weight_decay)):
-        group["weight_decay"] = wd
-    for state in inner.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-
-
 class SkipNonFiniteSteps:
     """Optimizer mixin: a step whose gradients hold an inf or NaN on any rank applies nothing
     (weights, moments and Adam's step count stay as they were), as DeepSpeed's fp16 loss scaler
@@ -59,10 +45,10 @@ class SkipNonFiniteSteps:
     only: under ZeRO it repeated DeepSpeed's own check, a pass over every gradient and an
     all-reduce per step (about 1% of the default run's step, tools/bench_train.py), and
     tests/dist/test_guards.py checks the skip on every stage. DeepSpeed calls it on every rank,
-    so the flag is agreed over the world. `overflow` is what DeepSpeed's engine reads to count
-    a skipped step and hold the LR schedule.
+    so the flag is agreed over the world. The skip is reported in the optimizer attribute that
+    DeepSpeed's engine reads to count a skipped step and hold the LR schedule
+    (compat.ds_engine.OVERFLOW).
     """
-    overflow = False
 
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -72,8 +58,9 @@ class SkipNonFiniteSteps:
             bad[0] = (~torch.stack([g.isfinite().all() for g in grads]).all()).float()
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.overflow = bool(bad.item())
-        return None if self.overflow else super().step(closure)
+        skipped = bool(bad.item())
+        setattr(self, OVERFLOW, skipped)
+        return None if skipped else super().step(closure)
 
 
 def _guarded(optimizer_class):
@@ -96,33 +83,79 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
                                     eps=t.adam_eps, fused=torch.cuda.is_available())
 
 
-# DeepSpeed keys the project derives from its own config: the `deepspeed:` section may not set
-# them (they would silently disagree with what the trainer does), and says where they come from.
-PROJECT_KEYS = {
-    "train_batch_size": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x DP)",
-    "gradient_clipping": "train.grad_clip",
-    "zero_optimization.stage": "train.zero_stage",
-    "bf16.enabled": "train.precision",
-    "bf16.check_grad_overflow": "the non-finite step rule (train.max_nonfinite_steps)",
-    "fp16.enabled": "train.precision",
+# Passed to deepspeed.initialize as objects built from the train section; a config section of
+# the same name would make DeepSpeed build a second optimizer or schedule.
+PASSED_AS_OBJECTS = {
     "optimizer": "train.lr, train.adam_* and train.weight_decay (the project builds AdamW)",
     "scheduler": "train.warmup_iters, train.lr_decay_style and train.min_lr",
-    "checkpoint.load_universal": "the resume logic (set when resuming another layout)",
 }
 
 
-def _merge_user_keys(generated: dict, user: dict, prefix: str = "") -> dict:
-    """`user` deep-merged over `generated`; a key in PROJECT_KEYS is refused by name."""
-    merged = dict(generated)
-    for key, value in user.items():
+def derived_keys(cfg: Config, dims: ParallelDims, load_universal: bool = False) -> dict:
+    """The DeepSpeed keys the project sets from its own settings, dotted: {key: (value, the
+    setting it comes from)}. The `deepspeed:` section may not set them (they would silently
+    disagree with what the trainer does); the refusal says where each comes from."""
+    t = cfg.train
+    return {
+        "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (
+            dims.grad_accum, "train.global_batch_size / (train.micro_batch_size x DP)"),
+        "gradient_clipping": (t.grad_clip, "train.grad_clip"),
+        "zero_optimization.stage": (t.zero_stage, "train.zero_stage"),
+        "bf16.enabled": (t.precision == "bf16", "train.precision"),
+        # ZeRO skips a non-finite bf16 step only with this set (its default today, kept
+        # explicit: SkipNonFiniteSteps is not repeated under ZeRO)
+        "bf16.check_grad_overflow": (True, "the non-finite step rule "
+                                           "(train.max_nonfinite_steps)"),
+        "fp16.enabled": (t.precision == "fp16", "train.precision"),
+        # resuming another layout's checkpoint through its universal form (checkpoint/reshard.py)
+        "checkpoint.load_universal": (load_universal, "the resume logic (set when resuming "
+                                                      "another layout)"),
+    }
+
+
+def _defaults(cfg: Config) -> dict:
+    """Settings the `deepspeed:` section may override."""
+    t = cfg.train
+    zero = {}
+    if t.zero_stage in (1, 2) and not torch.cuda.is_available():
+        # contiguous_gradients copies every gradient once more into a bucket to spare the GPU
+        # allocator fragmentation; on CPU it cost 4% of the default run's step (1 rank, one
+        # process beside the default and a plain loop; tools/bench_train.py measures the rest).
+        zero["contiguous_gradients"] = False
+    if t.zero_stage == 3:
+        # Partition every parameter: the default threshold (1e5) leaves small ones whole, which
+        # under tensor parallelism mixes replicated and sharded layouts in one partition.
+        zero["stage3_param_persistence_threshold"] = 0
+    return {"zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "fp16": {"loss_scale": 0, "initial_scale_power": 16},  # dynamic loss scaling
+            "steps_per_print": 10 ** 9,  # our metrics logger reports; keep DeepSpeed quiet
+            "wall_clock_breakdown": False}
+
+
+def _nest(dotted: dict) -> dict:
+    nested = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        target = nested
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict, refused: dict, prefix: str = "") -> dict:
+    """`extra` deep-merged over `base`; a dotted key in `refused` is refused by name."""
+    merged = dict(base)
+    for key, value in extra.items():
         dotted = f"{prefix}{key}"
-        if dotted in PROJECT_KEYS:
+        if dotted in refused:
             raise ConfigError(f"deepspeed.{dotted} is set by the project from "
-                              f"{PROJECT_KEYS[dotted]}; set that instead")
+                              f"{refused[dotted]}; set that instead")
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge_user_keys(merged[key], value, f"{dotted}.")
+            merged[key] = _merge(merged[key], value, refused, f"{dotted}.")
         else:
             merged[key] = value
     return merged
@@ -138,41 +171,20 @@ def check_deepspeed_section(cfg: Config, dims: ParallelDims) -> None:
     merged["train_batch_size"] = cfg.train.global_batch_size // dims.dp
     try:
         DeepSpeedConfig(merged)
-    except Exception as err:  # pydantic's ValidationError, DeepSpeed's asserts and errors
+    # DeepSpeed's config class reports a bad key or value with pydantic's ValidationError or
+    # its own asserts and ValueErrors; the message, whole, becomes the config error
+    except (ValueError, AssertionError, TypeError, KeyError) as err:
         raise ConfigError(f"deepspeed: DeepSpeed rejects the merged config: "
-                          f"{' '.join(str(err).split())[:400]}") from err
+                          f"{' '.join(str(err).split())}") from err
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = False) -> dict:
-    t = cfg.train
-    zero = {"stage": t.zero_stage}
-    if t.zero_stage in (1, 2) and not torch.cuda.is_available():
-        # contiguous_gradients copies every gradient once more into a bucket to spare the GPU
-        # allocator fragmentation; on CPU it cost 4% of the default run's step (1 rank, one
-        # process beside the default and a plain loop; tools/bench_train.py measures the rest).
-        # A deepspeed: section may still set it.
-        zero["contiguous_gradients"] = False
-    if t.zero_stage == 3:
-        # Partition every parameter: the default threshold (1e5) leaves small ones whole, which
-        # under tensor parallelism mixes replicated and sharded layouts (DESIGN.md).
-        zero["stage3_param_persistence_threshold"] = 0
-    generated = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": dims.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        # ZeRO skips a non-finite bf16 step only with this set (its default today, kept
-        # explicit: SkipNonFiniteSteps is not repeated under ZeRO)
-        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "steps_per_print": 10 ** 9,  # our metrics logger reports; keep DeepSpeed quiet
-        "wall_clock_breakdown": False,
-        # resuming another layout's checkpoint through its universal form (checkpoint/reshard.py)
-        "checkpoint": {"load_universal": load_universal},
-    }
-    return _merge_user_keys(generated, cfg.deepspeed)
+    """The DeepSpeed config this run hands to deepspeed.initialize: the derived keys, the
+    overridable defaults, and the `deepspeed:` section over both."""
+    derived = derived_keys(cfg, dims, load_universal)
+    generated = _merge(_defaults(cfg), _nest({k: v for k, (v, _) in derived.items()}), {})
+    refused = {**{k: source for k, (_, source) in derived.items()}, **PASSED_AS_OBJECTS}
+    return _merge(generated, cfg.deepspeed, refused)
 
 
 def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims, mpu=None,
@@ -192,6 +204,7 @@ class TrainingSetup:
     train_step_fn: Optional[Callable] = None  # None: the trainer's micro-batch loop
     eval_fn: Optional[Callable] = None   # None: the trainer's micro-batch loop
     sample_model: Optional[nn.Module] = None  # tokens -> full logits, or None (pipeline)
+    checkpoint_info: dict = field(default_factory=dict)  # client state ds_to_universal needs
 
 
 def _pipeline_steps(engine):
@@ -219,11 +232,15 @@ def build_training(model: nn.Module, cfg: Config, dims: ParallelDims, task,
         raise ValueError(f"TP{tp}: the task's cross-entropy must be "
                          f"{'vocab-parallel' if tp > 1 else 'the plain one'}; create it with "
                          f"tensor_parallel={tp > 1}")
+    info = universal_checkpoint_info([n for n, _ in model.named_parameters()],
+                                     cfg.model.vocab_size, dims.pipelined,
+                                     cfg.model.tie_embeddings)
     par = parallelize(model, cfg, dims, weights, pipeline_loss=task.pipeline_loss)
     engine = build_engine(par.module, cfg, dims, mpu=par.mpu,
                           load_universal=load_universal)
     if dims.pipelined:
         train_step, evaluate = _pipeline_steps(engine)
-        return TrainingSetup(engine=engine, par=par, train_step_fn=train_step, eval_fn=evaluate)
+        return TrainingSetup(engine=engine, par=par, train_step_fn=train_step, eval_fn=evaluate,
+                             checkpoint_info=info)
     sample_model = FullLogits(engine.module) if tp > 1 else engine.module
-    return TrainingSetup(engine=engine, par=par, sample_model=sample_model)
+    return TrainingSetup(engine=engine, par=par, sample_model=sample_model, checkpoint_info=info)

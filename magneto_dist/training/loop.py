@@ -7,7 +7,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,8 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..config import Config
 from ..data.datasets import GlobalSampleBatches
-from ..resilience.faults import fault_active, maybe_inject
+from ..errors import ExitCode
+from ..resilience.faults import NO_FAULTS, Faults
 from ..resilience.parent_watch import watch_launchers
 from ..resilience.watchdog import StepWatchdog
 from .diagnostics import Diagnostics
@@ -23,8 +24,6 @@ from .metrics import MetricsLogger
 from .tasks import move_batch
 
 TP_RNG_KEY = "tensor_parallel"  # the TP dropout stream's entry in a rank's saved RNG state
-EXIT_NONFINITE = 4     # stopped after train.max_nonfinite_steps non-finite steps in a row
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; rerun to resume
 
 
 class StopRequest:
@@ -72,9 +71,10 @@ def dp_mean(value: torch.Tensor, group) -> float:
 class Trainer:
     def __init__(self, cfg: Config, task, setup, train_ds, valid_ds, metrics: MetricsLogger,
                  ckpt_dir: str, state: TrainState, client_state_fn: Callable[[TrainState], dict],
-                 log=print):
+                 log=print, faults: Faults = NO_FAULTS):
         """setup: a training/engine.py TrainingSetup (the engine, the parallelized model's DP
-        rank/size/group, and the pipeline's own train/eval steps when there is one)."""
+        rank/size/group, and the pipeline's own train/eval steps when there is one). faults:
+        the fault points' hook (tests; NO_FAULTS in production)."""
         par = setup.par
         self.cfg, self.task, self.engine = cfg, task, setup.engine
         self.train_ds, self.valid_ds = train_ds, valid_ds
@@ -82,25 +82,26 @@ class Trainer:
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
         self.client_state_fn = client_state_fn
         self.tp_rng = par.tp_rng
-        self.log = log
+        self.log, self.faults = log, faults
         self.device = self.engine.device
+        self.rank = dist.get_rank()
         self.stop = StopRequest()
-        t = cfg.train
         # the pipeline engine replaces the micro-batch loops with its own schedule
         self.train_step_fn = setup.train_step_fn or self._micro_batch_step
         self.eval_fn = setup.eval_fn or self._micro_batch_eval
-        self.diagnostics = None
-        if cfg.logging.diagnostics_interval and dist.get_rank() == 0:
-            # a fixed probe batch: the first micro-batch of the training data
-            probe = torch.utils.data.default_collate(
-                [train_ds[i] for i in range(t.micro_batch_size)])
-            self.diagnostics = Diagnostics(self.engine.module, task,
-                                           move_batch(probe, self.device))
+        self.diagnostics = self._make_diagnostics()
+        self.saved_at: Optional[int] = None  # the step of this process's newest save
+        self.started_steps = False           # whether a step ran (the start-up time is logged)
+        self.interval_start = time.perf_counter()  # this metrics interval: its start, its steps
+        self.interval_steps = 0
 
-    def diagnose(self) -> None:
-        interval = self.cfg.logging.diagnostics_interval
-        if self.diagnostics is not None and self.state.step % interval == 0:
-            self.metrics.diagnostics(self.diagnostics.measure(self.state.step))
+    def _make_diagnostics(self) -> Optional[Diagnostics]:
+        if not self.cfg.logging.diagnostics_interval or self.rank != 0:
+            return None
+        # a fixed probe batch: the first micro-batch of the training data
+        probe = torch.utils.data.default_collate(
+            [self.train_ds[i] for i in range(self.cfg.train.micro_batch_size)])
+        return Diagnostics(self.engine.module, self.task, move_batch(probe, self.device))
 
     def loader(self, dataset, total: int, start: int):
         """Micro-batches of this DP rank for global samples [start, total)."""
@@ -125,7 +126,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(self.dims.grad_accum):
             loss = self._loss(next(batches))
-            if fault_active("nonfinite_loss", dist.get_rank(), self.state.step + 1):
+            if self.faults.active("nonfinite_loss", self.rank, self.state.step + 1):
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
@@ -170,7 +171,9 @@ class Trainer:
     def save(self) -> None:
         extra_rng = {TP_RNG_KEY: self.tp_rng.state} if self.tp_rng is not None else None
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
-                  self.cfg, self.dims, self.cfg.checkpoint.keep_last, extra_rng=extra_rng)
+                  self.cfg, self.dims, self.cfg.checkpoint.keep_last, extra_rng=extra_rng,
+                  faults=self.faults)
+        self.saved_at = self.state.step
         self.log(f"saved checkpoint {self.ckpt_dir}/{ckpt.tag_for(self.state.step)}")
 
     def restore_tp_rng(self, saved_rng: Optional[dict]) -> None:
@@ -178,87 +181,114 @@ class Trainer:
         if self.tp_rng is not None and saved_rng and TP_RNG_KEY in saved_rng:
             self.tp_rng.state = saved_rng[TP_RNG_KEY]
 
+    def _evaluates(self, step: int) -> bool:
+        t = self.cfg.train
+        return bool(t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters))
+
+    def _saves(self, step: int) -> bool:
+        interval = self.cfg.checkpoint.save_interval
+        return bool(interval and step % interval == 0)
+
     def _long_step(self, step: int) -> bool:
         """Whether `step` evaluates or saves: the step watchdog gives it the long allowance."""
-        t, c = self.cfg.train, self.cfg.checkpoint
-        evaluates = t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters)
-        saves = c.save_interval and step % c.save_interval == 0
-        return bool(evaluates or saves or step == (t.exit_at_step or t.train_iters))
+        return self._evaluates(step) or self._saves(step) or step == self.cfg.train.last_step
 
-    def train(self) -> int:
-        """Run to train_iters (or exit_at_step); returns the process exit code."""
+    def train(self) -> ExitCode:
+        """Run to train.last_step; returns the process exit code."""
         t = self.cfg.train
-        end = t.exit_at_step or t.train_iters
         batches = self.loader(self.train_ds, t.train_iters * t.global_batch_size,
-                               self.state.consumed_samples)
+                              self.state.consumed_samples)
         self.stop.install()
         watchdog = StepWatchdog.from_env()  # a no-op unless launch/ft_launch.py enabled it
         self.start()
-        while self.state.step < end:
+        while self.state.step < t.last_step:
             with watchdog.expires(long=self._long_step(self.state.step + 1)):
-                code = self.step(batches)
-            if code == EXIT_NONFINITE:
-                return code
-            if code == EXIT_INTERRUPTED:
+                stop = self.step(batches)
+            if stop == ExitCode.NONFINITE:
+                return stop
+            if stop == ExitCode.INTERRUPTED:
                 with watchdog.expires(long=True):
-                    if self.saved_at != self.state.step:
-                        self.save()
+                    self.save_unless_saved()
                 self.log(f"stopped by {self.stop.signal_name or 'a signal on another rank'} at "
                          f"step {self.state.step}; rerun the same command to resume")
-                return code
+                return stop
+        with watchdog.expires(long=True):
+            self.save_unless_saved()
+        return ExitCode.OK
+
+    def save_unless_saved(self) -> None:
         if self.saved_at != self.state.step:
-            with watchdog.expires(long=True):
-                self.save()
-        return 0
+            self.save()
 
     def start(self) -> None:
         """Before the first step: train mode, step-0 diagnostics, the first metrics interval."""
         self.engine.train()
-        self.saved_at, self.first_step = None, True
-        self.diagnose()  # at step 0: the gradients at initialization and F(x, theta_0)
+        self.untimed(self.diagnose)  # at step 0: the gradients at init and F(x, theta_0)
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
-    def step(self, batches) -> Optional[int]:
-        """One optimizer step as the run takes it (fault points, the step, non-finite check,
-        metrics, diagnostics, evaluation, periodic save, the agreed stop); returns
-        EXIT_NONFINITE or EXIT_INTERRUPTED (not yet saved) to stop with, else None."""
-        t, c = self.cfg.train, self.cfg.checkpoint
-        end = t.exit_at_step or t.train_iters
+    def step(self, batches) -> Optional[ExitCode]:
+        """One optimizer step as the run takes it, in this order: the fault points, the step,
+        the non-finite check, metrics, diagnostics, evaluation, the periodic save, the agreed
+        stop. Returns NONFINITE or INTERRUPTED (not yet saved) to stop with, else None."""
         for point in ("kill_at_step", "hang"):
-            maybe_inject(point, dist.get_rank(), self.state.step + 1)
+            self.faults.inject(point, self.rank, self.state.step + 1)
+        loss, grad_norm = self.optimizer_step(batches)
+        if not self.check_finite(loss, grad_norm):
+            return self.stop_nonfinite()
+        self.log_train(loss, grad_norm)
+        self.untimed(self.diagnose)
+        if self._evaluates(self.state.step):
+            self.untimed(self.validate)
+        # no periodic save inside a run of skipped steps: keep_last must not prune good ones
+        if self._saves(self.state.step) and not self.state.nonfinite_streak:
+            self.untimed(self.save)
+        return ExitCode.INTERRUPTED if self.stop.agreed(self.device) else None
+
+    def optimizer_step(self, batches) -> Tuple[float, Optional[float]]:
+        """The step itself; -> (loss, grad norm), both global."""
         loss = self.train_step(batches)
-        if self.first_step:
+        if not self.started_steps:
             self.metrics.started(self.state.step + 1)
-            self.first_step = False
+            self.started_steps = True
         self.state.step += 1
-        self.state.consumed_samples += t.global_batch_size
+        self.state.consumed_samples += self.cfg.train.global_batch_size
         self.interval_steps += 1
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
-        if not self.check_finite(loss, norm):
-            first = self.state.step - self.state.nonfinite_streak + 1
-            self.log(f"stopped: steps {first}-{self.state.step} all had a non-finite loss or grad "
-                     "norm; their updates were skipped and no checkpoint was written for them. "
-                     "Check the data, lower train.lr or lengthen the warm-up, then rerun to "
-                     "resume from the last checkpoint")
-            return EXIT_NONFINITE
-        if self.state.step % t.log_interval == 0 or self.state.step == end:
-            seconds = time.perf_counter() - self.interval_start
-            self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], norm,
-                               t.global_batch_size * self.cfg.model.max_seq_len
-                               * self.interval_steps, seconds, self.state.consumed_samples)
-            self.interval_start, self.interval_steps = time.perf_counter(), 0
-        diagnose_start = time.perf_counter()
-        self.diagnose()
-        self.interval_start += time.perf_counter() - diagnose_start  # not in tokens/s
-        if t.eval_interval and (self.state.step % t.eval_interval == 0
-                                or self.state.step == t.train_iters):  # and at the end
-            valid = self.evaluate()
-            if valid is not None:
-                self.metrics.valid(self.state.step, valid)
-        # no periodic save inside a run of skipped steps: keep_last must not prune good ones
-        if (c.save_interval and self.state.step % c.save_interval == 0
-                and not self.state.nonfinite_streak):
-            self.save()
-            self.saved_at = self.state.step
-        return EXIT_INTERRUPTED if self.stop.agreed(self.device) else None
+        return loss, (float(norm) if norm is not None else None)
+
+    def stop_nonfinite(self) -> ExitCode:
+        first = self.state.step - self.state.nonfinite_streak + 1
+        self.log(f"stopped: steps {first}-{self.state.step} all had a non-finite loss or grad "
+                 "norm; their updates were skipped and no checkpoint was written for them. "
+                 "Check the data, lower train.lr or lengthen the warm-up, then rerun to resume "
+                 "from the last checkpoint")
+        return ExitCode.NONFINITE
+
+    def log_train(self, loss: float, grad_norm: Optional[float]) -> None:
+        """A metrics row every log_interval steps and at the last; tokens/s over the interval's
+        step time only (evaluation, diagnostics and saves are not in it)."""
+        t = self.cfg.train
+        if self.state.step % t.log_interval and self.state.step != t.last_step:
+            return
+        seconds = time.perf_counter() - self.interval_start
+        self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], grad_norm,
+                           t.global_batch_size * self.cfg.model.max_seq_len * self.interval_steps,
+                           seconds, self.state.consumed_samples)
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+    def untimed(self, work: Callable[[], None]) -> None:
+        """Run work that is not training (diagnostics, evaluation, saves) outside the metrics
+        interval's time, so tokens/s measures the steps."""
+        start = time.perf_counter()
+        work()
+        self.interval_start += time.perf_counter() - start
+
+    def diagnose(self) -> None:
+        interval = self.cfg.logging.diagnostics_interval
+        if self.diagnostics is not None and self.state.step % interval == 0:
+            self.metrics.diagnostics(self.diagnostics.measure(self.state.step))
+
+    def validate(self) -> None:
+        valid = self.evaluate()
+        if valid is not None:
+            self.metrics.valid(self.state.step, valid)

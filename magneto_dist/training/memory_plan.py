@@ -21,9 +21,10 @@ from typing import Dict, Iterator, List
 
 from ..model import model_skeleton
 from ..model.config import ModelConfig
-from ..parallel.dims import LayoutError, ParallelDims
+from ..dims import LayoutError, ParallelDims
 from ..parallel.pipe_names import pipe_plan
-from ..parallel.tp_plan import REPLICATED, SHARD_DIM, VOCAB, tp_kind
+from ..model.spec import SCHEMES
+from ..parallel.tp_plan import REPLICATED, SHARD_DIM, VOCAB, padded_vocab_size, tp_kind
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GiB = 2 ** 30
@@ -47,19 +48,21 @@ def _local_numel(name: str, shape, tp: int, vocab_multiple: int) -> int:
     if SHARD_DIM[kind] is None:
         return numel
     rows = shape[0]
-    if kind == VOCAB:  # padded to a multiple of vocab_padding_multiple x TP, then split
-        step = vocab_multiple * tp
-        return -(-rows // step) * step // tp * (numel // rows)
+    if kind == VOCAB:  # padded, then split
+        return padded_vocab_size(rows, vocab_multiple, tp) // tp * (numel // rows)
     return numel // tp
 
 
 def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int) -> int:
     """Saved-for-backward bytes of one transformer layer for `tokens` = micro-batch x seq."""
     h, f, heads = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads
-    sub_ln = cfg.norm in ("magneto", "normformer")
+    slots = SCHEMES[cfg.norm]
+    # the norm inside a sublayer saves its output once more: Sub-LN on the merged heads or the
+    # FFN hidden, NormFormer's on the attention output
+    attention_norm = slots.attention.inner_norm or slots.attention.output_norm
     replicated = 4 * h  # each sublayer's norm input and the normalized input to its matmuls
-    attention = 3 * h + h + (h if sub_ln else 0)  # q, k, v; attention output; inner-norm output
-    ffn_tensors = (5 if cfg.activation == "swiglu" else 2) + (1 if sub_ln else 0)
+    attention = 3 * h + h + (h if attention_norm else 0)  # q, k, v; attention output; norm
+    ffn_tensors = (5 if cfg.activation == "swiglu" else 2) + (1 if slots.ffn.inner_norm else 0)
     per_token = elem * (replicated + (attention + ffn_tensors * f) // tp) + 4 * heads // tp
     if cfg.dropout > 0:
         per_token += 2 * h  # the two residual dropout masks (bool)

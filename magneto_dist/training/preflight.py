@@ -9,7 +9,9 @@ import tempfile
 import time
 from typing import Optional
 
+from ..config import TrainConfig
 from ..errors import ConfigError
+from ..files import pid_alive
 
 LOCK_NAME = "run.lock"
 
@@ -26,16 +28,6 @@ def check_run_dir_writable(run_dir: str) -> None:
     except OSError as err:
         raise PreflightError(f"logging.run_dir={run_dir} cannot be written ({err.strerror or err}"
                              f"); choose a writable directory") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class RunLock:
@@ -65,7 +57,7 @@ class RunLock:
                 holder = self._holder()
                 pid = int((holder or {}).get("pid", -1))
                 if holder and (holder.get("host") != socket.gethostname()
-                               or (pid != os.getpid() and _alive(pid))):
+                               or (pid != os.getpid() and pid_alive(pid))):
                     raise PreflightError(
                         f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
                         f"{holder.get('host')} (since {holder.get('since')}); stop that run or use "
@@ -88,13 +80,11 @@ class RunLock:
                 pass
 
 
-def finished_message(run_dir: str, tag: str, step: int, train_iters: int,
-                     exit_at_step: Optional[int]) -> Optional[str]:
+def finished_message(run_dir: str, tag: str, step: int, train: TrainConfig) -> Optional[str]:
     """Why there is nothing to do (the resume tag already reached the end), or None."""
-    end = exit_at_step or train_iters
-    if step < end:
+    if step < train.last_step:
         return None
-    reached = (f"train.exit_at_step={exit_at_step}" if exit_at_step
-               else f"train.train_iters={train_iters}")
+    reached = (f"train.exit_at_step={train.exit_at_step}" if train.exit_at_step
+               else f"train.train_iters={train.train_iters}")
     return (f"run {run_dir} is finished: {tag} is at step {step}, {reached}; nothing to do. "
             "Raise train.train_iters to train further, or use a new logging.run_dir")

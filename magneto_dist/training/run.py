@@ -1,7 +1,8 @@
-"""Entry point shared by launch/pretrain_gpt.py and launch/pretrain_bert.py.
+"""Entry point shared by launch/pretrain_gpt.py and launch/pretrain_bert.py: the wiring.
 
 Order matters: config validation, data and index caches (per node) and the resume checks all
 happen before torch.distributed starts, so a mistake costs seconds, not a cluster allocation.
+What they decide is a RunPlan; the process group, the engine and the loop come after.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -17,22 +19,38 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..checkpoint import reshard
 from ..checkpoint.export import check_consolidated, consolidated_weights
-from ..config import Config, ConfigError, dump_config, load_config, validate, with_vocab_size
+from ..config import Config, dump_config, load_config, validate, with_vocab_size
+from ..data.run_tokenizer import check_resume_tokenizer, save_run_tokenizer
 from ..data.setup import load_tokenizer, prepare_data
+from ..dims import ParallelDims, describe
+from ..errors import ConfigError, ExitCode, MagnetoError
 from ..launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from ..model import InitWeights, flops_per_token, model_skeleton
-from ..parallel.dims import ParallelDims, describe
+from ..resilience.faults import Faults, faults_from_env
 from ..resilience.parent_watch import launcher_chain
 from ..resilience.watchdog import die_with_parent
 from .generate import sample
-from .loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Trainer, TrainState
+from .loop import Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops, process_start_time
 from .preflight import PreflightError, RunLock, check_run_dir_writable, finished_message
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
-EXIT_CONFIG_ERROR = 2
-EXIT_CHECKPOINT_ERROR = 3
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before torch.distributed starts."""
+    cfg: Config                 # validated, vocabulary from the tokenizer
+    dims: ParallelDims          # the layout
+    task: object                # the objective (tasks.GPTTask / MaskedLMTask)
+    tokenizer: object
+    train_ds: object
+    valid_ds: object
+    ckpt_dir: str
+    resume: Optional[reshard.ResumeSource]  # None: a fresh start
+    ranks: RankInfo
+    faults: Faults              # fault injection (tests); NO_FAULTS otherwise
 
 
 def parse_args(task: str, argv: Optional[List[str]]):
@@ -44,6 +62,16 @@ def parse_args(task: str, argv: Optional[List[str]]):
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
+
+
+def resolve(task: str, argv) -> Config:
+    args = parse_args(task, argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.arch != TASKS[task].arch:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit this script (it trains "
+                          f"arch={TASKS[task].arch!r}); use launch/pretrain_"
+                          f"{'bert' if cfg.model.arch == 'encoder' else 'gpt'}.py")
+    return cfg
 
 
 def choose_resume_tag(cfg: Config, dims: ParallelDims, ckpt_dir: str,
@@ -66,7 +94,7 @@ def choose_resume_tag(cfg: Config, dims: ParallelDims, ckpt_dir: str,
 
 
 def resume_source(ckpt_dir: str, tag: str, change: Optional[Tuple[dict, dict]],
-                  ranks: RankInfo) -> reshard.ResumeSource:
+                  ranks: RankInfo, faults: Faults) -> reshard.ResumeSource:
     """Where the engine loads `tag` from: the tag itself, or (another layout) its universal
     form, built here before torch.distributed starts."""
     if change is None:
@@ -74,83 +102,71 @@ def resume_source(ckpt_dir: str, tag: str, change: Optional[Tuple[dict, dict]],
     before, now = change
     ranks.log(f"changing layouts: {tag} was written by {describe(before)}, this run is "
               f"{describe(now)}; resuming through the universal checkpoint")
-    return reshard.universal_source(ckpt_dir, tag, ranks.local_rank, log=ranks.log)
-
-
-def resolve(task: str, argv) -> Config:
-    args = parse_args(task, argv)
-    cfg = load_config(args.config, args.overrides)
-    if cfg.model.arch != TASKS[task].arch:
-        raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit this script (it trains "
-                          f"arch={TASKS[task].arch!r}); use launch/pretrain_"
-                          f"{'bert' if cfg.model.arch == 'encoder' else 'gpt'}.py")
-    return cfg
+    return reshard.universal_source(ckpt_dir, tag, ranks.local_rank, log=ranks.log,
+                                    faults=faults, rank=ranks.rank)
 
 
 def main(task: str, argv: Optional[List[str]] = None) -> int:
-    """Every check that can fail runs before torch.distributed starts; exit codes: 2 config or
-    data, 3 checkpoint, 4 non-finite loss, 75 stopped by a signal (rerun to resume)."""
+    """The process's exit code (errors.ExitCode). The project's own errors (config, data,
+    checkpoint, no space) end it with one line and their code; anything else is unexpected and
+    keeps its traceback (exit 1, which the fault-tolerant launcher retries)."""
     die_with_parent()  # under launch/ft_launch.py: no rank outlives its agent
     single_process_env()
     launcher_chain()  # who launched us, noted while they are alive (see parent_watch)
     ranks = RankInfo()
     try:
-        cfg = resolve(task, argv)
-        dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
-        if cfg.deepspeed:  # DeepSpeed's import costs seconds that other config errors skip
-            from .engine import check_deepspeed_section
-            check_deepspeed_section(cfg, dims)
-        check_run_dir_writable(cfg.logging.run_dir)
-    except (ConfigError, PreflightError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        plan = plan_run(task, argv, ranks, faults_from_env())
+        return int(ExitCode.OK if plan is None else train(plan))
+    except MagnetoError as err:
+        print(f"{err.label}: {err}", file=sys.stderr, flush=True)
+        return int(err.exit_code)
+
+
+def preflight(task: str, argv, ranks: RankInfo) -> Tuple[Config, ParallelDims]:
+    """The validated config and layout; the run directory writable."""
+    cfg = resolve(task, argv)
+    dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
+    if cfg.deepspeed:  # DeepSpeed's import costs seconds that other config errors skip
+        from .engine import check_deepspeed_section
+        check_deepspeed_section(cfg, dims)
+    check_run_dir_writable(cfg.logging.run_dir)
     if cfg.train.warmup_iters > cfg.train.train_iters:
         ranks.log(f"train.warmup_iters={cfg.train.warmup_iters} is longer than "
                   f"train.train_iters={cfg.train.train_iters}: warming up over all "
                   f"{cfg.train.train_iters} steps")
+    return cfg, dims
+
+
+def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPlan]:
+    """Every check that can fail, before torch.distributed starts: config, tokenizer, the
+    resume point and its layout, data and index caches, a layout change's universal form.
+    None: the run is already finished."""
+    cfg, dims = preflight(task, argv, ranks)
     set_cpu_threads(ranks)
-    try:
-        tokenizer, prefixes = load_tokenizer(cfg, ranks)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"data error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    tokenizer, prefixes = load_tokenizer(cfg, ranks)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         ranks.log(f"model.vocab_size set from the tokenizer: {tokenizer.vocab_size}")
     # The model has exactly the tokenizer's vocabulary; tensor parallelism pads its own shards.
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
-    try:
-        resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
-    except ckpt.CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT_ERROR
+    resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
+    if resume_tag:
+        check_resume_tokenizer(cfg.logging.run_dir, tokenizer)
     if not resume_tag and cfg.checkpoint.init_from:
-        try:
-            check_consolidated(cfg.checkpoint.init_from, cfg)
-        except ckpt.CheckpointError as err:
-            print(f"checkpoint error: {err}", file=sys.stderr)
-            return EXIT_CHECKPOINT_ERROR
+        check_consolidated(cfg.checkpoint.init_from, cfg)
     if resume_tag:
         done = finished_message(cfg.logging.run_dir, resume_tag,
-                                ckpt.read_marker(ckpt_dir, resume_tag)["step"],
-                                cfg.train.train_iters, cfg.train.exit_at_step)
+                                ckpt.read_marker(ckpt_dir, resume_tag)["step"], cfg.train)
         if done:  # a rerun of a finished command rewrites nothing
             ranks.log(done)
-            return 0
-    try:
-        train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks)
-    except (FileNotFoundError, ValueError) as err:  # DataError is a ValueError
-        print(f"data error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    try:
-        resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks) if resume_tag
-                  else None)
-    except (reshard.ReshardError, TimeoutError) as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT_ERROR
-    objective = TASKS[task](tokenizer.vocab_size,
-                            tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
-    return train(cfg, dims, objective, tokenizer, train_ds, valid_ds, ckpt_dir, resume, ranks)
+            return None
+    train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks)
+    resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks, faults) if resume_tag
+              else None)
+    objective = TASKS[task](tokenizer.vocab_size, tensor_parallel=dims.tp > 1)
+    return RunPlan(cfg=cfg, dims=dims, task=objective, tokenizer=tokenizer, train_ds=train_ds,
+                   valid_ds=valid_ds, ckpt_dir=ckpt_dir, resume=resume, ranks=ranks,
+                   faults=faults)
 
 
 def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]:
@@ -165,25 +181,24 @@ def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]
     return lock, refusal[0]
 
 
-def train(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, valid_ds, ckpt_dir: str,
-          resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
+def train(plan: RunPlan) -> ExitCode:
+    """The process group, the run directory's lock, then the run itself."""
     # deferred: importing DeepSpeed and megatron costs seconds that config errors should not pay
     from ..parallel.state import init_distributed
 
     if torch.cuda.is_available():  # before any group or generator touches "the" device
-        torch.cuda.set_device(ranks.local_rank)
+        torch.cuda.set_device(plan.ranks.local_rank)
     init_distributed()
-    lock, refusal = lock_run_dir(cfg.logging.run_dir, ranks)
-    if refusal:
-        if ranks.rank == 0:
-            print(f"config error: {refusal}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+    lock, refusal = lock_run_dir(plan.cfg.logging.run_dir, plan.ranks)
+    if refusal:  # said once, by rank 0; the other ranks exit with the same code
+        if plan.ranks.rank == 0:
+            raise PreflightError(refusal)
+        return ExitCode.CONFIG
     try:
-        code = train_locked(cfg, dims, task, tokenizer, train_ds, valid_ds, ckpt_dir, resume,
-                            ranks)
+        code = train_locked(plan)
     finally:
         lock.release()
-    if code in (0, EXIT_INTERRUPTED, EXIT_NONFINITE):  # codes every rank returns together
+    if code in (ExitCode.OK, ExitCode.INTERRUPTED, ExitCode.NONFINITE):  # every rank together
         # Shut the process group down before the interpreter does: a rank that exited with
         # gloo's threads still running once died with "terminate called without an active
         # exception" (SIGABRT) after a complete run.
@@ -211,50 +226,60 @@ def build_setup(cfg: Config, dims: ParallelDims, task, resume: Optional[reshard.
 
 
 def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, state: TrainState,
-                 ranks: RankInfo) -> Trainer:
+                 ranks: RankInfo, faults: Optional[Faults] = None) -> Trainer:
     """The training loop around a built setup, with its metrics logger."""
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
                             device_peak_tflops(cfg.logging.peak_tflops))
+    extra = {"faults": faults} if faults is not None else {}
     return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
                    lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
-                              **setup.par.checkpoint_info},
-                   log=ranks.log)
+                              **setup.checkpoint_info},
+                   log=ranks.log, **extra)
 
 
-def train_locked(cfg: Config, dims: ParallelDims, task, tokenizer, train_ds, valid_ds,
-                 ckpt_dir: str, resume: Optional[reshard.ResumeSource], ranks: RankInfo) -> int:
-    from .engine import repair_zero3_universal_load
+def resume_state(plan: RunPlan, setup) -> Tuple[TrainState, dict]:
+    """Load the resume checkpoint into the engine; -> the loop's state and the client state."""
+    from ..compat.ds_universal import repair_zero3_universal_load
+    from .engine import group_weight_decays
 
+    resume, cfg = plan.resume, plan.cfg
+    client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
+    if resume.universal and cfg.train.zero_stage == 3:
+        repair_zero3_universal_load(setup.engine, group_weight_decays(cfg.train.weight_decay))
+    state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
+    plan.ranks.log(f"resumed from {plan.ckpt_dir}/{resume.tag}: step {state.step}, "
+                   f"{state.consumed_samples} samples consumed")
+    return state, client
+
+
+def train_locked(plan: RunPlan) -> ExitCode:
+    cfg, ranks = plan.cfg, plan.ranks
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
-    setup = build_setup(cfg, dims, task, resume, ranks)
-    state = TrainState()
+        save_run_tokenizer(cfg.logging.run_dir, plan.tokenizer)
+    setup = build_setup(cfg, plan.dims, plan.task, plan.resume, ranks)
     load_start = time.time()
-    if resume:
-        try:
-            client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
-        except ckpt.CheckpointError as err:
-            print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
-            return EXIT_CHECKPOINT_ERROR
-        if resume.universal and cfg.train.zero_stage == 3:
-            repair_zero3_universal_load(setup.engine, cfg)
-        state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
-        ranks.log(f"resumed from {ckpt_dir}/{resume.tag}: step {state.step}, "
-                  f"{state.consumed_samples} samples consumed")
-    trainer = make_trainer(cfg, task, setup, train_ds, valid_ds, ckpt_dir, state, ranks)
-    if resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
-        trainer.metrics.resumed(state.step, resume.tag, process_start_time(), load_start)
+    state, client = resume_state(plan, setup) if plan.resume else (TrainState(), {})
+    trainer = make_trainer(cfg, plan.task, setup, plan.train_ds, plan.valid_ds, plan.ckpt_dir,
+                           state, ranks, plan.faults)
+    if plan.resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
+        trainer.metrics.resumed(state.step, plan.resume.tag, process_start_time(), load_start)
         trainer.restore_tp_rng(client.get("_rng"))
     code = trainer.train()
     trainer.metrics.close()
-    if code == 0 and cfg.logging.sample_prompt and task.name == "gpt":
-        if setup.sample_model is None:
-            ranks.log("no sample: no rank of a pipeline-parallel model runs a whole forward "
-                      "(tools/generate.py samples from its checkpoints)")
-            return code
-        ids = sample(setup.sample_model, tokenizer.encode(cfg.logging.sample_prompt),
-                     cfg.logging.sample_tokens, tokenizer.vocab_size, cfg.model.max_seq_len,
-                     seed=cfg.train.seed, eod=tokenizer.eod)
-        ranks.log(f"sample> {tokenizer.decode(ids)}")
+    if code == ExitCode.OK and cfg.logging.sample_prompt and plan.task.name == "gpt":
+        print_sample(cfg, setup, plan.tokenizer, ranks)
     return code
+
+
+def print_sample(cfg: Config, setup, tokenizer, ranks: RankInfo) -> None:
+    """A continuation of logging.sample_prompt from the trained model."""
+    if setup.sample_model is None:
+        ranks.log("no sample: no rank of a pipeline-parallel model runs a whole forward "
+                  "(tools/generate.py samples from its checkpoints)")
+        return
+    ids = sample(setup.sample_model, tokenizer.encode(cfg.logging.sample_prompt),
+                 cfg.logging.sample_tokens, tokenizer.vocab_size, cfg.model.max_seq_len,
+                 seed=cfg.train.seed, eod=tokenizer.eod)
+    ranks.log(f"sample> {tokenizer.decode(ids)}")

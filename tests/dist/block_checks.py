@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from magneto_dist.config import load_config
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.parallel import state
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 from magneto_dist.parallel.pipe_names import pipe_prefixes
 from magneto_dist.parallel.pipeline import TransformerLayerPipe
 from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,

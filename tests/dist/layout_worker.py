@@ -18,7 +18,7 @@ import torch.distributed as dist
 from magneto_dist.config import load_config
 from magneto_dist.model import InitWeights, model_skeleton
 from magneto_dist.parallel import state
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 from magneto_dist.training.engine import build_training
 from magneto_dist.training.loop import Trainer, TrainState
 from magneto_dist.training.metrics import MetricsLogger

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from magneto_dist.model import InitWeights, model_skeleton
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 from magneto_dist.training.engine import build_training
 from magneto_dist.training.loop import Trainer, TrainState
 from magneto_dist.training.memory_plan import Layout, MemoryPlanner

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 
 from magneto_dist.config import load_config
 from magneto_dist.model import InitWeights, build_model, model_skeleton
-from magneto_dist.parallel.dims import ParallelDims
+from magneto_dist.dims import ParallelDims
 from magneto_dist.parallel.setup import parallelize
 from magneto_dist.training.tasks import GPTTask
 

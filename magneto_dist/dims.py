@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 class LayoutError(ConfigError):

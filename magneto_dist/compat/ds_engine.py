@@ -1,0 +1,61 @@
+"""DeepSpeed 0.19.8's engine and pipeline internals this project hooks into.
+
+- The `overflow` flag: the engine skips the LR scheduler's step and counts a skipped step when
+  its optimizer has `overflow` set after step() (engine.py `_take_model_step`), which is how
+  DeepSpeed's own fp16 optimizers report a loss-scale skip. Our non-finite guard reports a
+  skipped step the same way.
+- `PipelineModule._count_layer_params`: balancing stages by parameter count builds every layer
+  spec on every rank. `CountingHookPipelineModule` calls `counting_parameters()` around it, so a
+  subclass can make the count see meta-device layers instead of materializing every stage.
+- `deepspeed.ops.__compatible_ops__`: the table of ops DeepSpeed may build; the CPU
+  shared-memory comm op (a ~30 s JIT build on a fresh machine, used only by DeepSpeed's
+  inference_all_reduce) is marked unavailable in it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import deepspeed
+import deepspeed.ops
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+from . import require_attribute, require_source
+
+LIBRARY = "deepspeed"
+OVERFLOW = "overflow"  # an optimizer attribute: True when its last step() applied nothing
+
+
+class CountingHookPipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule with a hook around its parameter-count pass."""
+
+    def counting_parameters(self):
+        """A context manager entered while DeepSpeed counts every layer's parameters."""
+        return contextlib.nullcontext()
+
+    def _count_layer_params(self):
+        with self.counting_parameters():
+            return super()._count_layer_params()
+
+
+def disable_cpu_shm_comm() -> None:
+    """Before deepspeed.init_distributed on a CPU: DeepSpeed keeps this table for the process
+    and reads it only where it would build the op (comm/torch.py build_shm_op)."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def check() -> None:
+    """What this module relies on is still there (run at import)."""
+    require_source(LIBRARY, DeepSpeedEngine._take_model_step, f"self.optimizer.{OVERFLOW}",
+                   "engine's skipped-step check (DeepSpeedEngine._take_model_step)")
+    require_attribute(LIBRARY, PipelineModule, "_count_layer_params")
+    require_source(LIBRARY, PipelineModule._partition_layers, "self._count_layer_params()",
+                   "pipeline partitioning by parameters (PipelineModule._partition_layers)")
+    # by module path: deepspeed.comm's own namespace binds `torch` to the torch package
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    require_source(LIBRARY, ds_comm_torch.build_shm_op, "__compatible_ops__",
+                   "CPU shared-memory comm op build (deepspeed.comm.torch.build_shm_op)")
+
+
+check()
