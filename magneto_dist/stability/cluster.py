@@ -166,12 +166,7 @@ class LocalBackend:
         own = self.jobs.get(ref["job_id"])
         if own is not None:
             return not own.done()
-        try:
-            with open(f"/proc/{int(ref['job_id'])}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-        except (OSError, ValueError):
-            return False
-        return "submitit.local._local" in cmd and self.folder in cmd
+        return _local_controller_alive(ref["job_id"], self.folder)
 
     def state(self, ref: dict) -> str:
         return "RUNNING" if self.alive(ref) else "ENDED"
@@ -182,6 +177,18 @@ class LocalBackend:
 
     def log_path(self, ref: dict) -> str:
         return os.path.join(self.folder, f"{ref['job_id']}_0_log.out")
+
+
+def _local_controller_alive(job_id: str, folder: str) -> bool:
+    """Whether a local job started by an earlier sweep process still runs."""
+    # private API: submitit 1.5.4: a local job's id is the pid of its controller, which runs
+    # `python -m submitit.local._local FOLDER` (local/local.py, start_controller)
+    try:
+        with open(f"/proc/{int(job_id)}/cmdline", "rb") as f:
+            cmd = f.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return False
+    return "submitit.local._local" in cmd and folder in cmd
 
 
 @contextlib.contextmanager
