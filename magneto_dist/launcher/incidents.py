@@ -29,7 +29,7 @@ from typing import Iterable, List, Optional, Tuple
 
 from ..checkpoint import manager as ckpt
 from ..files import read_jsonl
-from ..training.metrics import read_metrics
+from ..training.metrics_file import read_metrics
 
 RESTARTS = "restarts.jsonl"
 

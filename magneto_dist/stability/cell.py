@@ -34,7 +34,8 @@ from ..files import atomic_write
 from ..launch_env import ROOT
 from ..resilience.parent_watch import SUPERVISOR_ENV
 from ..resilience.watchdog import PR_SET_PDEATHSIG
-from .sweep import last_per_step, losses_of, median_step_seconds, run_rows
+from ..training.metrics_file import current_rows, last_per_step
+from .sweep import losses_of, median_step_seconds
 from .verdicts import VerdictConfig, early_divergence, judge
 
 if TYPE_CHECKING:  # a job unpickles this module alone: no torch or megatron to import there
@@ -208,7 +209,7 @@ class CellRun:
         code = self.proc.poll()
         if code is not None:
             return True, self._row(code, None)
-        diverged = early_divergence(losses_of(run_rows(self.job.run_dir)), self.job.verdict)
+        diverged = early_divergence(losses_of(current_rows(self.job.run_dir)), self.job.verdict)
         if not diverged:
             return False, None
         self.stop(grace_s=STOP_GRACE_S if self.job.launched else 0.0)
@@ -258,7 +259,7 @@ def result_row(job: CellJob, code: Optional[int], stopped_early: Optional[str],
                lost: Optional[str] = None) -> dict:
     """A cell's results.jsonl row from its run dir. `lost`: why the cell has no result of its
     own (its jobs died without one); the row is then 'crashed' with that reason."""
-    rows = run_rows(job.run_dir)
+    rows = current_rows(job.run_dir)
     losses = losses_of(rows)
     valid = [r["loss"] for r in last_per_step(rows, "valid")]
     verdict = judge(losses, job.entropy, job.verdict)

@@ -15,7 +15,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_write, read_jsonl
+from ..training.metrics_file import current_rows, last_per_step
 from .verdicts import unigram_entropy
 
 RESULTS = "results.jsonl"
@@ -27,19 +28,9 @@ ENTROPY_TOKENS = 2 ** 28        # the unigram entropy counts at most this many t
 def read_rows(path: str, log=None) -> List[dict]:
     """JSON lines; a line that is not JSON (cut short by a kill, or garbage) is skipped, with a
     warning naming file:line when `log` is given."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                if log:
-                    log(f"WARNING: {path}:{number}: not a JSON line, skipped: {line[:80]!r}")
-    return rows
+    warn = (lambda number, line: log(f"WARNING: {path}:{number}: not a JSON line, skipped: "
+                                     f"{line[:80]!r}")) if log else None
+    return read_jsonl(path, warn)
 
 
 def _is_result_row(row) -> bool:
@@ -107,34 +98,14 @@ def append_row(path: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def run_rows(run_dir: str) -> List[dict]:
-    """A run's metrics.jsonl rows as they stand now: where an attempt resumed from a checkpoint
-    (a "resume" row at step s), the earlier attempts' rows after step s are dropped, since the
-    new attempt replays those steps (an early stop must not read a dead attempt's later steps)."""
-    rows: List[dict] = []
-    for row in read_rows(os.path.join(run_dir, "metrics.jsonl")):
-        if not isinstance(row, dict):
-            continue
-        if row.get("split") == "resume":
-            rows = [r for r in rows if r.get("step", 0) <= row.get("step", 0)]
-        rows.append(row)
-    return rows
-
-
-def last_per_step(rows: List[dict], split: str) -> List[dict]:
-    """The rows of one split, the last occurrence of each step, in step order."""
-    by_step = {r["step"]: r for r in rows if r.get("split") == split}
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def losses_of(rows: List[dict]) -> List[float]:
-    """Per-step training losses from a run's rows (run_rows)."""
+    """Per-step training losses from a run's rows (metrics_file.current_rows)."""
     return [r["loss"] for r in last_per_step(rows, "train")]
 
 
 def train_losses(run_dir: str) -> List[float]:
     """Per-step training losses of a run directory, the last occurrence of each step."""
-    return losses_of(run_rows(run_dir))
+    return losses_of(current_rows(run_dir))
 
 
 def corpus_entropy(prefixes: List[str], vocab_size: int) -> float:

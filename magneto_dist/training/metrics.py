@@ -24,16 +24,7 @@ from typing import List, Optional
 
 import torch
 
-from ..files import read_jsonl
-
-METRICS = "metrics.jsonl"  # in the run directory
-
-
-def read_metrics(run_dir: str, split: Optional[str] = None) -> List[dict]:
-    """A run's metrics.jsonl rows (of one split, when given), in the order written. A resumed
-    run replays steps: the last row of a step is the one that counts."""
-    rows = read_jsonl(os.path.join(run_dir, METRICS))
-    return [r for r in rows if split is None or r.get("split") == split]
+from .metrics_file import METRICS
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s per device (vendor datasheets, SXM parts); fp32 runs on
 # GPUs are compared with the same peak, as MFU is conventionally quoted.
