@@ -34,14 +34,16 @@ def atomic_write(path: str, text: str) -> None:
 
 def read_jsonl(path: str, on_bad_line: Optional[Callable[[int, str], None]] = None
                ) -> List[dict]:
-    """The JSON objects of a JSON-lines file ([] if it does not exist). A line that does not
-    parse (cut short by a killed writer, or damaged) is skipped, after on_bad_line(number,
-    text) when given (1-based line number)."""
+    """The JSON objects of a JSON-lines file ([] if it does not exist). Blank lines are
+    skipped; a line that is not a JSON object (cut short by a killed writer, or damaged) is
+    skipped after on_bad_line(number, text) when given (1-based line number)."""
     if not os.path.isfile(path):
         return []
     rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
             except ValueError:

@@ -63,7 +63,8 @@ def digested_export(tmp_path, tensors):
     digests = export.write_safetensors(str(out / export.WEIGHTS),
                                        {n: t.shape for n, t in tensors.items()}, torch.float32,
                                        iter(tensors.items()), {"format": "pt"})
-    (out / export.CONFIG).write_text(json.dumps({"digest": "xxh3_64", "digests": digests}))
+    (out / export.CONFIG).write_text(json.dumps({"model": {}, "digest": "xxh3_64",
+                                                 "digests": digests}))
     return out
 
 
@@ -110,6 +111,10 @@ def test_init_from_refuses_what_does_not_fit_the_model(tmp_path):
         export.check_consolidated(str(out), wider)
     (out / export.WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ckpt.CheckpointError, match="unreadable safetensors file"):
+        export.check_consolidated(str(out), cfg)
+    (out / export.CONFIG).write_text('{"model_type": "gpt2"}')  # another library's model
+    with pytest.raises(ckpt.CheckpointError, match="config.json: not the config of an export of "
+                       "this project"):
         export.check_consolidated(str(out), cfg)
 
 

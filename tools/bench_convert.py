@@ -1,13 +1,14 @@
-"""Checkpoint conversion: time, peak memory and disk of tools/convert_checkpoint.py beside
-DeepSpeed's own `python -m deepspeed.checkpoint.ds_to_universal` on the same checkpoint; and
-what the content digests cost (checkpoint/integrity.py) beside the save's own time.
+"""Checkpoint conversion: time, peak memory and disk of tools/convert_checkpoint.py (--to
+universal, safetensors, hf) beside DeepSpeed's own `python -m deepspeed.checkpoint.ds_to_universal`
+on the same checkpoint; and what the content digests cost (checkpoint/integrity.py) beside the
+save's own time.
 
     python tools/bench_convert.py [--input RUN/checkpoints/global_stepN] [--rounds 3]
     python tools/bench_convert.py --digests-only
 
 Without --input, a checkpoint is made first: a d=768, 12-layer GPT (~90M parameters) trained for
 one step in TP2 on 2 CPU ranks (about a minute). Rounds are interleaved (reference, universal,
-safetensors, reference, ...) and medians reported, since these machines are noisy; every
+safetensors, hf, reference, ...) and medians reported, since these machines are noisy; every
 command is a fresh process, start-up included, as a user runs it.
 
 Digests: the save's time and its "durable and digested" part come from the run's own log line
@@ -154,6 +155,8 @@ def main() -> int:
                                        tag, "--to", "universal", "--output", out],
             "convert --to safetensors": [sys.executable, "tools/convert_checkpoint.py", "--input",
                                          tag, "--to", "safetensors", "--output", out],
+            "convert --to hf": [sys.executable, "tools/convert_checkpoint.py", "--input", tag,
+                                "--to", "hf", "--output", out],
         }
         results = {name: [] for name in commands}
         for _ in range(args.rounds):

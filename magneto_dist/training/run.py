@@ -22,6 +22,7 @@ from ..checkpoint.export import check_consolidated, consolidated_weights
 from ..checkpoint.storage import agree_on_resume
 from ..config import Config, dump_config, load_config, validate, with_vocab_size
 from ..data.datasets import train_samples
+from ..data.run_tokenizer import check_resume_tokenizer, save_run_tokenizer
 from ..data.setup import load_tokenizer, prepare_data
 from ..dims import ParallelDims, describe
 from ..errors import ConfigError, ExitCode, MagnetoError
@@ -178,6 +179,8 @@ def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPl
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
     resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
+    if resume_tag:
+        check_resume_tokenizer(cfg.logging.run_dir, tokenizer)
     if not resume_tag and cfg.checkpoint.init_from:
         check_consolidated(cfg.checkpoint.init_from, cfg)
     if resume_tag:
@@ -292,6 +295,7 @@ def train_locked(plan: RunPlan) -> ExitCode:
     cfg, ranks = plan.cfg, plan.ranks
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
+        save_run_tokenizer(cfg.logging.run_dir, plan.tokenizer)
     setup = build_setup(cfg, plan.dims, plan.task, plan.resume, ranks)
     load_start = time.time()
     state, client = resume_state(plan, setup) if plan.resume else (TrainState(), {})
