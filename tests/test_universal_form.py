@@ -167,3 +167,18 @@ def test_a_loader_gives_up_without_progress_or_on_the_builders_failure(tmp_path,
     with pytest.raises(reshard.ReshardError, match="local rank 0 failed to build the universal "
                        "form .*: CheckpointError: converting failed"):
         reshard._wait_as_loader(final, {"tag": "global_step5", "marker": None}, str(failed))
+
+
+def test_a_universal_form_is_built_where_its_parent_does_not_exist_yet(tmp_path, monkeypatch):
+    """An export builds it one level down in scratch space (work/universal/universal): the lock
+    beside it needs that folder (FileNotFoundError before)."""
+    tag_dir, _ = fake_form(tmp_path)
+    final = tmp_path / "work" / "universal" / "universal"
+
+    def convert(tag_dir_, final_, lock, log, quiet, faults, rank):
+        assert os.path.exists(f"{final_}.lock")  # held while converting
+        os.makedirs(final_)
+    monkeypatch.setattr(reshard, "_convert", convert)
+    assert reshard.build_universal(str(tag_dir), log=lambda m: None, final=str(final)) == \
+        str(final)
+    assert final.is_dir() and not os.path.exists(f"{final}.lock")

@@ -215,6 +215,7 @@ def build_universal(tag_dir: str, log=print, final: Optional[str] = None,
     against the tag, else converted by this process or, if another holds the lock, by that one
     (watched, and taken over if it dies or stalls). -> its path."""
     final = final or os.path.join(tag_dir, UNIVERSAL)
+    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)  # the lock goes beside it
     source = source_identity(tag_dir)
     lock = ProgressLock(f"{final}.lock")
     start = time.monotonic()
