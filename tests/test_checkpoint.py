@@ -146,11 +146,11 @@ def test_corruption_that_keeps_the_size_is_found_marked_and_skipped(tmp_path):
     lines = []
     assert ckpt.find_resume_tag(str(tmp_path), "auto", log=lines.append) == "global_step2"
     warning = [line for line in lines if "WARNING" in line]
+    saved = integrity.file_digest(str(tmp_path / "global_step2" / "optim_states.pt"))
     assert warning == [f"WARNING: skipping damaged checkpoint {tmp_path}/global_step4: "
                        f"{newest}/optim_states.pt has other contents than when saved "
                        f"(xxh3_64 {integrity.file_digest(str(newest / 'optim_states.pt'))}, "
-                       f"{integrity.file_digest(str(tmp_path / 'global_step2' / 'optim_states.pt'))}"
-                       " recorded) (marked damaged: damaged.json)"]
+                       f"{saved} recorded) (marked damaged: damaged.json)"]
     assert any(line.startswith("verified the contents of global_step2 in ") for line in lines)
     # marked: every later run (and every other rank) skips it without reading it again
     assert not ckpt.is_complete(str(tmp_path), "global_step4")
