@@ -3,6 +3,10 @@ as safetensors (with the model config as JSON) and read back into a model
 (`checkpoint.init_from`, tools/generate.py); a Hugging Face export (hf_export.py) reads back
 through the same checks.
 
+An export records each tensor's content digest (integrity.py's XXH3-64 of its bytes, taken as
+they are written) in config.json; a run starting from it checks every tensor it reads against
+its digest and refuses one holding NaN or inf, by name.
+
 The parameters come from the checkpoint's universal form (reshard.py: full fp32 master weights
 by the model's own names, whatever TP x PP x DP x ZeRO wrote them), one at a time, so memory
 holds one full parameter, not the model. A ZeRO-0 checkpoint has no universal form; its TP1 x PP1
@@ -15,7 +19,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -23,10 +27,11 @@ from ..config import Config, config_to_dict
 from ..data.hf_tokenizer import tokenizer_of_tag, tokenizer_record
 from ..files import atomic_write
 from ..model import ModelConfig, build_model, model_skeleton
+from . import integrity
 from .hf_format import HFDirectory, is_hf_directory
 from .manager import (COMPLETE, UNIVERSAL, CheckpointError, damage, is_complete,
                       model_differences, saved_config)
-from .reshard import BUILT, build_universal
+from .reshard import build_universal, source_identity, universal_problem
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -71,7 +76,7 @@ def full_parameters(tag_dir: str, work_dir: str, log=print) -> Iterator[Tuple[st
         yield from _zero0_parameters(tag_dir, cfg, shapes)
         return
     universal = os.path.join(tag_dir, UNIVERSAL)
-    if not os.path.isfile(os.path.join(universal, BUILT)):
+    if universal_problem(universal, source_identity(tag_dir)):  # the input is only read
         # one level down: DeepSpeed's converter also writes `latest_universal` beside its
         # output, which must stay inside work_dir/universal (an export removes that folder)
         universal = build_universal(tag_dir, log,
@@ -118,6 +123,11 @@ def _checked(name: str, tensor: torch.Tensor, shape, source: str) -> torch.Tenso
     return tensor
 
 
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """The digest of a tensor's bytes as stored (its dtype, row-major)."""
+    return integrity.buffer_digest(tensor.contiguous().view(torch.uint8).numpy())
+
+
 class _SafetensorsFile:
     """One safetensors file written tensor by tensor. safetensors' own save_file needs every
     tensor in memory at once; its format is simple and documented (8-byte little-endian header
@@ -135,7 +145,7 @@ class _SafetensorsFile:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-        self.pending, self.dtype = iter(shapes), dtype
+        self.pending, self.dtype, self.digests = iter(shapes), dtype, {}
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", len(encoded)))
         self.file.write(encoded)
@@ -143,7 +153,9 @@ class _SafetensorsFile:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = next(self.pending, None)
         assert name == expected, (name, expected)  # tensors arrive in header order
-        self.file.write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy().tobytes())
+        stored = tensor.to(self.dtype).contiguous()
+        self.digests[name] = _tensor_digest(stored)
+        self.file.write(stored.view(torch.uint8).numpy().tobytes())
 
     def close(self) -> None:
         assert next(self.pending, None) is None, "a tensor was never written"
@@ -156,10 +168,12 @@ def write_safetensors_files(files: Dict[str, List[str]], shapes: Dict[str, torch
                             dtype: torch.dtype, tensors: Iterator[Tuple[str, torch.Tensor]],
                             metadata: Dict[str, str],
                             progress: Callable = lambda it, total: it,
-                            rename: Callable[[str], str] = lambda name: name) -> None:
+                            rename: Callable[[str], str] = lambda name: name
+                            ) -> Dict[str, str]:
     """Stream tensors, which arrive in `shapes` order, into safetensors files (path -> the
     names it holds, each file's in `shapes` order), all open at once, so memory holds one
-    tensor whatever the sharding. `rename` gives a tensor its name in the files."""
+    tensor whatever the sharding. `rename` gives a tensor its name in the files. -> each
+    tensor's digest, by its name in the files."""
     owner = {name: path for path, names in files.items() for name in names}
     writers = {path: _SafetensorsFile(path, {rename(n): shapes[n] for n in names}, dtype,
                                       metadata) for path, names in files.items()}
@@ -168,6 +182,7 @@ def write_safetensors_files(files: Dict[str, List[str]], shapes: Dict[str, torch
             writers[owner[name]].write(rename(name), tensor)
         for writer in writers.values():
             writer.close()
+        return {name: d for writer in writers.values() for name, d in writer.digests.items()}
     except BaseException:
         for writer in writers.values():  # the caller removes the half-written directory
             writer.file.close()
@@ -176,9 +191,10 @@ def write_safetensors_files(files: Dict[str, List[str]], shapes: Dict[str, torch
 
 def write_safetensors(path: str, shapes: Dict[str, torch.Size], dtype: torch.dtype,
                       tensors: Iterator[Tuple[str, torch.Tensor]], metadata: Dict[str, str],
-                      progress: Callable = lambda it, total: it) -> None:
-    """Stream tensors, in `shapes` order, into one safetensors file."""
-    write_safetensors_files({path: list(shapes)}, shapes, dtype, tensors, metadata, progress)
+                      progress: Callable = lambda it, total: it) -> Dict[str, str]:
+    """Stream tensors, in `shapes` order, into one safetensors file; -> each one's digest."""
+    return write_safetensors_files({path: list(shapes)}, shapes, dtype, tensors, metadata,
+                                   progress)
 
 
 def refuse_existing(out_dir: str) -> None:
@@ -215,13 +231,14 @@ def export_safetensors(tag_dir: str, out_dir: str, dtype: str = "fp32", log=prin
             "need --tokenizer)")
     with staged_output(out_dir) as temp:
         shapes = model_shapes(cfg.model)
-        write_safetensors(os.path.join(temp, WEIGHTS), shapes, DTYPES[dtype],
-                          full_parameters(tag_dir, temp, log),
-                          {"format": "pt", "source": os.path.abspath(tag_dir)}, progress)
+        digests = write_safetensors(os.path.join(temp, WEIGHTS), shapes, DTYPES[dtype],
+                                    full_parameters(tag_dir, temp, log),
+                                    {"format": "pt", "source": os.path.abspath(tag_dir)},
+                                    progress)
         atomic_write(os.path.join(temp, CONFIG), json.dumps(
             {"model": config_to_dict(cfg)["model"], "dtype": dtype,
-             "tokenizer": record,
-             "source": os.path.abspath(tag_dir)}, indent=1) + "\n")
+             "tokenizer": record, "source": os.path.abspath(tag_dir),
+             "digest": integrity.DIGEST, "digests": digests}, indent=1) + "\n")
     return out_dir
 
 
@@ -268,6 +285,10 @@ class SafetensorsExport:
                 return f.get_tensor(name)
         return full
 
+    def digests(self) -> Dict[str, str]:
+        """Each tensor's digest as exported (none in exports older than digests)."""
+        return self.config.get("digests") or {}
+
 
 def open_consolidated(directory: str):
     """An export of either kind (safetensors or Hugging Face), read back."""
@@ -298,7 +319,25 @@ def check_shapes(export, model_cfg: ModelConfig) -> None:
         raise CheckpointError(f"{export.where}: parameters the model does not have: {extra[:5]}")
 
 
+def checked_tensor(where: str, name: str, tensor: torch.Tensor, digest: Optional[str]
+                   ) -> torch.Tensor:
+    """An export's tensor as read, refused if its bytes differ from the recorded digest or it
+    holds NaN or inf (training from it would be NaN from the first step)."""
+    if digest is not None and _tensor_digest(tensor) != digest:
+        raise CheckpointError(f"{where}: parameter {name!r} has other contents than when "
+                              f"exported ({integrity.DIGEST} {_tensor_digest(tensor)}, {digest} "
+                              "recorded); export the checkpoint again")
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(f"{where}: parameter {name!r} has {bad} NaN or inf value(s) of "
+                              f"{tensor.numel()}; start from an export of a checkpoint "
+                              "written before the run diverged")
+    return tensor
+
+
 def consolidated_weights(init_dir: str) -> Callable[[str], torch.Tensor]:
-    """name -> an export's full tensor, read one at a time, for parallelize() to slice: a rank
-    never holds the whole export."""
-    return open_consolidated(init_dir).reader()
+    """name -> an export's full tensor, read one at a time and checked (checked_tensor), for
+    parallelize() to slice: a rank never holds the whole export."""
+    export = open_consolidated(init_dir)
+    read, digests = export.reader(), export.digests()
+    return lambda name: checked_tensor(export.where, name, read(name), digests.get(name))

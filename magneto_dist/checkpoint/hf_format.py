@@ -141,3 +141,7 @@ class HFDirectory:
             with safe_open(self.files[hf_name(name)], framework="pt") as f:
                 return f.get_tensor(hf_name(name))
         return full
+
+    def digests(self) -> Dict[str, str]:
+        """Tensor digests (export.checked_tensor): a Hugging Face export records none."""
+        return {}

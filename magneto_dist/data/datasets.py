@@ -110,6 +110,17 @@ def build_datasets(req: DatasetRequest, tokenizer: Tokenizer, local_rank: Option
     return datasets
 
 
+def train_samples(train_iters: int, global_batch: int, step: int = 0, consumed: int = 0,
+                  at_least: int = 0) -> int:
+    """The training split's size, counted from sample 0: the samples consumed in the first
+    `step` steps, then a global batch for each step left; never less than `at_least`. A resume
+    with another global batch needs another size than train_iters x global batch (sized so, a
+    run resumed with half the batch ran out of samples and raised StopIteration), and keeping
+    the size an earlier run of the checkpoint used (at_least) keeps the order of the samples
+    still to come: megatron-core's shuffle depends on how many epochs the size spans."""
+    return max(consumed + (train_iters - step) * global_batch, at_least)
+
+
 class GlobalSampleBatches(torch.utils.data.Sampler):
     """Micro-batches of sample indices for one data-parallel rank, starting at a global index.
 

@@ -5,13 +5,13 @@ runs before torch.distributed starts."""
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from ..config import Config
 from ..launch_env import RankInfo
 from .checks import check_token_ids
 from .corpus import build_builtin_corpus
-from .datasets import DatasetRequest, build_datasets
+from .datasets import DatasetRequest, build_datasets, train_samples
 from .tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, sentencepiece_tokenizer
 
 
@@ -30,8 +30,9 @@ def load_tokenizer(cfg: Config, ranks: RankInfo) -> Tuple[Tokenizer, List[str]]:
 
 
 def prepare_data(cfg: Config, task: str, tokenizer: Tokenizer, prefixes: List[str],
-                 ranks: RankInfo):
-    """Checked [train, valid, test] datasets; before torch.distributed starts."""
+                 ranks: RankInfo, num_train: Optional[int] = None):
+    """Checked [train, valid, test] datasets; before torch.distributed starts. num_train: the
+    training split's size (default: train_iters x global batch, a fresh start's)."""
     d, t = cfg.data, cfg.train
     for prefix in prefixes:
         checked = check_token_ids(prefix, tokenizer.vocab_size, tokenizer.setting)
@@ -41,7 +42,7 @@ def prepare_data(cfg: Config, task: str, tokenizer: Tokenizer, prefixes: List[st
         prefixes=prefixes, weights=d.weights, split=d.split, seq_len=cfg.model.max_seq_len,
         seed=t.seed, cache_dir=os.path.join(d.cache_dir, "index"), masked_lm=task == "bert",
         masking_probability=d.masking_probability,
-        num_samples=(t.train_iters * t.global_batch_size,
+        num_samples=(num_train or train_samples(t.train_iters, t.global_batch_size),
                      max(1, evals * t.eval_iters * t.global_batch_size),
                      max(1, t.eval_iters * t.global_batch_size)))
     return build_datasets(request, tokenizer, local_rank=ranks.local_rank, log=ranks.log)

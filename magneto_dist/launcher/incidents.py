@@ -101,7 +101,7 @@ class IncidentLog:
         steps = [r for r in rows if r.get("split") == "train"]
         reached = steps[-1]["step"] if steps else 0
         tag = ckpt.find_resume_tag(os.path.join(self.run_dir, "checkpoints"), "auto",
-                                   log=lambda _: None)
+                                   log=lambda _: None, share=None)  # sizes: no reading
         resumed = int(ckpt.TAG.match(tag).group(1)) if tag else 0
         this_attempt = [(r, s) for r, s in timed_rows(rows, breaks) if r["time"] > attempt_start]
         progress = [r["time"] for r in rows if r.get("split") in ("train", "resume")
