@@ -95,6 +95,10 @@ class ParallelConfig:
     pipeline_partition: str = "parameters"  # balance stages by parameters | layers
     activation_checkpointing: bool = False  # recompute each layer in backward
     vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
+    timeout_minutes: int = 30              # how long a collective waits for the slowest rank
+                                           # before the process group gives up (DeepSpeed's
+                                           # default, 10, is shorter than a large model's
+                                           # first checkpoint save)
 
 
 @dataclass
@@ -266,6 +270,13 @@ def with_vocab_size(cfg: Config, vocab_size: int) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
 
 
+def min_zero_stage(precision: str) -> int:
+    """The lowest ZeRO stage a precision trains with: bf16 accumulates and reduces gradients in
+    fp32 (training/engine.py GRADIENT_DTYPE), which DeepSpeed does only in its ZeRO and bf16
+    optimizers (runtime/engine.py: NotImplementedError without ZeRO)."""
+    return 1 if precision == "bf16" else 0
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -310,6 +321,12 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
     _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "
              "no fast CPU kernels); use fp32 on CPU, bf16 or fp16 on GPU")
+    _require(t.zero_stage >= min_zero_stage(t.precision), "train.precision='bf16' with "
+             "train.zero_stage=0: bf16 gradients are accumulated and reduced in fp32, which "
+             "DeepSpeed does only in its ZeRO and bf16 optimizers; use train.zero_stage=1 (it "
+             "also holds less optimizer state than ZeRO-0)")
+    _require(p.timeout_minutes >= 1,
+             f"parallel.timeout_minutes={p.timeout_minutes} must be at least 1")
     _require(t.eval_interval == 0 or t.eval_iters >= 1,
              f"train.eval_iters={t.eval_iters} must be at least 1 when eval_interval is set")
     for name in ("eval_interval", "log_interval"):

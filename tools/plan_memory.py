@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     budget = args.device_memory * GiB
     fits = []
     for layout in candidate_layouts(cfg.model, world, args.gpus_per_node, t.micro_batch_size,
-                                    t.global_batch_size):
+                                    t.global_batch_size, t.precision):
         total = planner.plan(layout)["total"]
         if total <= budget:
             fits.append((layout.recompute, layout.dims.tp * layout.dims.pp,

@@ -7,6 +7,7 @@ What they decide is a RunPlan; the process group, the engine and the loop come a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from ..data.run_tokenizer import check_resume_tokenizer, save_run_tokenizer
 from ..data.setup import load_tokenizer, prepare_data
 from ..dims import ParallelDims, describe
 from ..errors import ConfigError, ExitCode, MagnetoError
+from ..files import atomic_write
 from ..launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from ..model import InitWeights, flops_per_token, model_skeleton
 from ..resilience.faults import Faults, faults_from_env
@@ -38,6 +40,7 @@ from .preflight import PreflightError, RunLock, check_run_dir_writable, finished
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
+DEEPSPEED_CONFIG = "deepspeed_config.json"  # in the run directory: the config DeepSpeed got
 
 
 @dataclass
@@ -215,11 +218,11 @@ def train(plan: RunPlan) -> ExitCode:
     """The process group, the run directory's lock, every rank agreeing on the resume tag,
     then the run itself."""
     # deferred: importing DeepSpeed and megatron costs seconds that config errors should not pay
-    from ..parallel.state import init_distributed
+    from ..parallel.state import init_distributed, set_local_device
 
-    if torch.cuda.is_available():  # before any group or generator touches "the" device
-        torch.cuda.set_device(plan.ranks.local_rank)
-    init_distributed()
+    # before any group or generator touches "the" device
+    set_local_device(plan.ranks.local_rank, plan.ranks.local_world_size, plan.dims.tp)
+    init_distributed(plan.cfg.parallel.timeout_minutes)
     lock, refusal = lock_run_dir(plan.cfg.logging.run_dir, plan.ranks)
     if refusal:  # said once, by rank 0; the other ranks exit with the same code
         if plan.ranks.rank == 0:
@@ -268,7 +271,7 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
     """The training loop around a built setup, with its metrics logger."""
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
-                            device_peak_tflops(cfg.logging.peak_tflops))
+                            device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log))
     extra = {"faults": faults} if faults is not None else {}
     return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
                    lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
@@ -297,6 +300,9 @@ def train_locked(plan: RunPlan) -> ExitCode:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
         save_run_tokenizer(cfg.logging.run_dir, plan.tokenizer)
     setup = build_setup(cfg, plan.dims, plan.task, plan.resume, ranks)
+    if ranks.rank == 0:  # what DeepSpeed was really given: derived keys, defaults, deepspeed:
+        atomic_write(os.path.join(cfg.logging.run_dir, DEEPSPEED_CONFIG),
+                     json.dumps(setup.deepspeed_config, indent=2) + "\n")
     load_start = time.time()
     state, client = resume_state(plan, setup) if plan.resume else (TrainState(), {})
     trainer = make_trainer(cfg, plan.task, setup, plan.train_ds, plan.valid_ds, plan.ckpt_dir,
