@@ -14,7 +14,8 @@ from magneto_dist.errors import ExitCode
 from magneto_dist.training.engine import deepspeed_config
 from magneto_dist.training.loop import (APPLIED, LOSS_SCALE_SKIP, NONFINITE, Trainer,
                                         TrainState, step_outcome)
-from magneto_dist.training.metrics import MetricsLogger, read_metrics
+from magneto_dist.training.metrics import MetricsLogger
+from magneto_dist.training.metrics_file import read_metrics
 
 INF, NAN = float("inf"), float("nan")
 

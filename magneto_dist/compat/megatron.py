@@ -9,6 +9,9 @@
   cannot trace. `synchronous_input_grad_all_reduce` turns that attribute off on a layer, and
   its forward then routes the input through copy_to_tensor_model_parallel_region, whose
   backward all-reduces synchronously: the same sum, traceable.
+- Its text tokenizers wrap a library tokenizer (sentencepiece, transformers, tiktoken) in a
+  private `_tokenizer`; `library_tokenizer` reads it, for what the wrapper does not expose
+  (token lookup, batch encoding).
 - Its dataset builder writes the index caches on global rank 0 only (after which the others
   load them behind a barrier), which fails on node-local disks. `solo_process_group` makes this
   process a world of one, so it takes the "rank 0 builds" path on every node.
@@ -21,6 +24,7 @@ import torch.distributed as dist
 from megatron.core.datasets import gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 from torch import nn
 
 from . import require_attribute, require_parameters, require_source
@@ -43,6 +47,11 @@ def synchronous_input_grad_all_reduce(layer: ColumnParallelLinear) -> None:
     layer.allreduce_dgrad = False
 
 
+def library_tokenizer(megatron_tokenizer):
+    """The library object a megatron-core text tokenizer wraps."""
+    return megatron_tokenizer._tokenizer
+
+
 @contextlib.contextmanager
 def solo_process_group():
     """A world of one, so megatron-core's "rank 0 builds the cache" path runs on this process."""
@@ -55,6 +64,8 @@ def solo_process_group():
 
 def check() -> None:
     """What this module relies on is still there (run at import)."""
+    require_source(LIBRARY, MegatronTokenizerText.__init__, "self._tokenizer =",
+                   "text tokenizers' wrapped library tokenizer (MegatronTokenizerText._tokenizer)")
     require_attribute("torch", nn.Module(), "_load_state_dict_pre_hooks",
                       "nn.Module._load_state_dict_pre_hooks")
     require_parameters(LIBRARY, BlendedMegatronDatasetBuilder.__init__,

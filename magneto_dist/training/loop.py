@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
 from ..config import Config
-from ..data.datasets import GlobalSampleBatches
+from ..data.datasets import GlobalSampleBatches, train_samples
 from ..errors import ExitCode
 from ..resilience.faults import NO_FAULTS, Faults
 from ..resilience.parent_watch import watch_launchers
@@ -205,9 +205,8 @@ class Trainer:
         extra_rng = {TP_RNG_KEY: self.tp_rng.state} if self.tp_rng is not None else None
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
                   self.cfg, self.dims, self.cfg.checkpoint.keep_last, extra_rng=extra_rng,
-                  faults=self.faults)
+                  faults=self.faults, log=self.log)
         self.saved_at = self.state.step
-        self.log(f"saved checkpoint {self.ckpt_dir}/{ckpt.tag_for(self.state.step)}")
 
     def restore_tp_rng(self, saved_rng: Optional[dict]) -> None:
         """The TP dropout stream where the checkpoint left it (exact resume with dropout)."""
@@ -229,7 +228,9 @@ class Trainer:
     def train(self) -> ExitCode:
         """Run to train.last_step; returns the process exit code."""
         t = self.cfg.train
-        batches = self.loader(self.train_ds, t.train_iters * t.global_batch_size,
+        batches = self.loader(self.train_ds, train_samples(t.train_iters, t.global_batch_size,
+                                                           self.state.step,
+                                                           self.state.consumed_samples),
                               self.state.consumed_samples)
         self.stop.install()
         watchdog = StepWatchdog.from_env()  # a no-op unless launch/ft_launch.py enabled it

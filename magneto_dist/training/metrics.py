@@ -9,6 +9,8 @@ metrics.jsonl rows:
   logging.diagnostics_interval steps (see training/diagnostics.py);
 - {"split": "startup", "step", "startup_seconds", "compile_seconds", "time"} once, after this
   process's first step (compile_seconds: null unless train.compile=blocks);
+- {"split": "eval", "step", "task", METRIC: value, ..., "time"} per lm-evaluation-harness task
+  of tools/evaluate.py (TensorBoard: eval/TASK/METRIC);
 - {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
   run starts: the rows after it
   replay the steps after `step` (take the last occurrence of a step).
@@ -24,16 +26,7 @@ from typing import List, Optional
 
 import torch
 
-from ..files import read_jsonl
-
-METRICS = "metrics.jsonl"  # in the run directory
-
-
-def read_metrics(run_dir: str, split: Optional[str] = None) -> List[dict]:
-    """A run's metrics.jsonl rows (of one split, when given), in the order written. A resumed
-    run replays steps: the last row of a step is the one that counts."""
-    rows = read_jsonl(os.path.join(run_dir, METRICS))
-    return [r for r in rows if split is None or r.get("split") == split]
+from .metrics_file import METRICS
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak TFLOP/s per device, from the vendors'
 # datasheets; fp32 runs on GPUs are compared with the same peak, as MFU is conventionally quoted.
@@ -172,6 +165,17 @@ class MetricsLogger:
         """A row of training/diagnostics.py (per-layer lists, model update, max |logit|)."""
         if self.enabled:
             self._emit({"split": "diagnostics", **row, "time": time.time()})
+
+    def evaluation(self, step: int, task: str, metrics: dict) -> None:
+        """One lm-evaluation-harness task's scores for the checkpoint of `step`."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"split": "eval", "step": step, "task": task, **metrics,
+                                     "time": time.time()}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"eval/{task}/{key}", value, step)
 
     def resumed(self, step: int, tag: str, process_start: float, load_start: float) -> None:
         """A restart: rows after this one replay steps from `step` on; readers keep the last
