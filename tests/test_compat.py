@@ -23,6 +23,7 @@ from torch.distributed.launcher import api as launcher_api
 
 import torch._dynamo.utils
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import layers as tp_layers
 
 from magneto_dist.compat import CompatError, ds_engine, ds_universal, dynamo, elastic, megatron
 
@@ -48,8 +49,13 @@ TOUCHES = [
     (megatron, gpt_dataset.GPTDataset, "_build_document_sample_shuffle_indices",
      _without_fragment),
     (megatron, ColumnParallelLinear, "forward", _without_fragment),
+    (megatron, tp_layers.linear_with_grad_accumulation_and_async_allreduce, "warned", None),
+    (megatron, tp_layers, "linear_with_grad_accumulation_and_async_allreduce",
+     _without_fragment),
     (dynamo, torch._dynamo.utils, "calculate_time_spent", _without_fragment),
     (dynamo, torch._dynamo.config, "ignore_logging_functions", None),
+    (dynamo, torch._dynamo.config, "recompile_limit", None),
+    (dynamo, torch._dynamo.config, "accumulated_recompile_limit", None),
     (dynamo, torch._inductor.config, "fallback_random", None),
     (elastic, LocalElasticAgent, "_monitor_workers", lambda self, group, extra: None),
     (elastic, agent_api.SimpleElasticAgent, "_rendezvous", None),

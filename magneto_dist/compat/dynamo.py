@@ -9,6 +9,11 @@
   generator, so a compiled block's masks differ from eager's (losses 3e-2 apart after a few
   steps with dropout 0.1); `eager_random_in_compiled_code` makes compiled code draw from
   torch's generator as eager does (5e-7 apart).
+- `torch._dynamo.config.recompile_limit` (8) and `accumulated_recompile_limit` (256): how many
+  compiled versions of one function dynamo keeps. Identical blocks share one graph, but
+  LayerNorm Scaling's blocks differ by their constant 1/sqrt(layer) and each needs its own:
+  with fullgraph, a 12-layer LNS model raised FailOnRecompileLimitHit at the first step.
+  `allow_graphs_per_function` raises both limits to what the model's blocks need.
 - `torch._dynamo.utils.calculate_time_spent`: the seconds this process spent compiling
   (dynamo's frame compiles plus the backward graphs' compiles), for the start-up line.
 """
@@ -33,6 +38,13 @@ def eager_random_in_compiled_code() -> None:
     torch._inductor.config.fallback_random = True
 
 
+def allow_graphs_per_function(graphs: int) -> None:
+    """Let dynamo keep at least `graphs` compiled versions of one function."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, graphs)
+
+
 def compile_seconds() -> float:
     """Seconds spent compiling so far in this process (0.0 before any compile)."""
     return torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0)
@@ -42,6 +54,8 @@ def check() -> None:
     """What this module relies on is still there (run at import)."""
     require_attribute(LIBRARY, torch._dynamo.config, "ignore_logging_functions",
                       "torch._dynamo.config.ignore_logging_functions")
+    for limit in ("recompile_limit", "accumulated_recompile_limit"):
+        require_attribute(LIBRARY, torch._dynamo.config, limit, f"torch._dynamo.config.{limit}")
     require_attribute(LIBRARY, torch._inductor.config, "fallback_random",
                       "torch._inductor.config.fallback_random")
     for fragment in ("total_wall_time", "entire_frame_compile", "entire_backward_compile"):

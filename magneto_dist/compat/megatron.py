@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core.datasets import gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import layers as tp_layers
 from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 from torch import nn
 
@@ -45,6 +46,11 @@ class NoExtraState:
 def synchronous_input_grad_all_reduce(layer: ColumnParallelLinear) -> None:
     """Make `layer` all-reduce its input gradient synchronously (see the module's notes)."""
     layer.allreduce_dgrad = False
+
+
+def mark_tp_linear_warning_given() -> None:
+    """megatron-core's one-time TP linear warning counts as given (see the module's notes)."""
+    tp_layers.linear_with_grad_accumulation_and_async_allreduce.warned = True
 
 
 def library_tokenizer(megatron_tokenizer):
@@ -74,6 +80,11 @@ def check() -> None:
     for fragment in ("self.allreduce_dgrad", "copy_to_tensor_model_parallel_region"):
         require_source(LIBRARY, ColumnParallelLinear.forward, fragment,
                        "ColumnParallelLinear.forward's input-gradient all-reduce")
+    require_attribute(LIBRARY, tp_layers.linear_with_grad_accumulation_and_async_allreduce,
+                      "warned", "linear_with_grad_accumulation_and_async_allreduce.warned")
+    require_source(LIBRARY, tp_layers.linear_with_grad_accumulation_and_async_allreduce,
+                   "linear_with_grad_accumulation_and_async_allreduce.warned = True",
+                   "the TP linear's one-time warning flag")
     require_source(LIBRARY, gpt_dataset.GPTDataset._build_document_sample_shuffle_indices,
                    "torch.distributed.get_rank() == 0",
                    "GPTDataset's cache build on rank 0 (_build_document_sample_shuffle_indices)")

@@ -3,7 +3,12 @@ way. A block's forward is compiled in place (nn.Module.compile, so parameter nam
 checkpoints do not change), after tensor parallelism and activation recompute are applied and
 before pipeline stages are cut; compiling happens at the block's first call (the first step).
 Identical blocks share one compiled graph (dynamo guards on the code and on what it reads, not
-on the module), so a model compiles its block once, not once per layer.
+on the module), so a model compiles its block once, not once per layer, and once more for
+each other mode it runs in (validation: eval mode without autograd; logging.diagnostics: eval
+mode with autograd). LayerNorm Scaling is the exception: its blocks differ by the constant
+1/sqrt(layer), so each compiles its own graph (compile time grows with depth), and dynamo is
+told to keep that many (compat.dynamo.allow_graphs_per_function; its default of 8 versions of
+one function ended a 12-layer LNS run at its first step).
 
 fullgraph: a block that cannot be traced whole is an error at the first step, never a block
 silently cut into slow pieces. What each layout needed, found by compiling it:
@@ -13,7 +18,9 @@ silently cut into slow pieces. What each layout needed, found by compiling it:
   Sub-LN's all-reduces (tensor_parallel._SumOverTP) and megatron's row-parallel reduction
   trace as functional collectives. megatron-core warns on rank 0 only inside the row-parallel
   forward; warnings are ignored in compiled code (compat.dynamo), or rank 0 alone broke the
-  graph and the other ranks waited for it forever.
+  graph and the other ranks waited for it forever. Its once-per-process TP warning flag is set
+  before compiling (compat.megatron.mark_tp_linear_warning_given), or the LM head's first call
+  flipped it and every block compiled twice.
 - Activation recompute traces as torch.utils.checkpoint without a custom context
   (parallel/random.py checkpointed).
 - Dropout: compiled code draws from torch's generator as eager does (compat.dynamo
@@ -50,25 +57,30 @@ def eager_reason(cfg: Config, dims: ParallelDims) -> Optional[str]:
     return None
 
 
-def compile_blocks(model: nn.Module, cfg: Config, dims: ParallelDims) -> str:
+def compile_blocks(model: nn.Module, cfg: Config, dims: ParallelDims,
+                   backend: str = "inductor") -> str:
     """Mark every transformer block of `model` for compiling, or leave them eager where the
-    layout cannot compile; -> what was done, for the start-up log."""
+    layout cannot compile; -> what was done, for the start-up log. `backend` is torch.compile's
+    (tests trace with a cheaper one than inductor)."""
     reason = eager_reason(cfg, dims)
     if reason:
         return f"train.compile=blocks: the blocks run eager: {reason}"
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    from ..compat.dynamo import eager_random_in_compiled_code, ignore_warnings_in_compiled_code
-    from ..compat.megatron import synchronous_input_grad_all_reduce
+    from ..compat.dynamo import (allow_graphs_per_function, eager_random_in_compiled_code,
+                                 ignore_warnings_in_compiled_code)
+    from ..compat.megatron import mark_tp_linear_warning_given, synchronous_input_grad_all_reduce
 
     ignore_warnings_in_compiled_code()
+    mark_tp_linear_warning_given()
     if cfg.model.dropout > 0:
         eager_random_in_compiled_code()  # the same dropout masks as eager
     blocks = transformer_blocks(model)
+    allow_graphs_per_function(3 * len(blocks))  # at most one per block and mode (see above)
     for block in blocks:
         for module in block.modules():
             if isinstance(module, ColumnParallelLinear):
                 synchronous_input_grad_all_reduce(module)
-        block.compile(fullgraph=True, dynamic=False)
+        block.compile(backend=backend, fullgraph=True, dynamic=False)
     return (f"train.compile=blocks: {len(blocks)} transformer blocks compile at the first "
             "step (torch.compile, fullgraph)")
