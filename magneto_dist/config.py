@@ -141,6 +141,7 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 FREE_FORM = "deepspeed"  # the section that is a mapping passed on, not typed keys
+ON_OFF_KEYS = ("train.compile",)  # string keys with an `off` choice, which YAML reads as False
 
 
 def _coerce(key: str, value: Any, hint) -> Any:
@@ -166,8 +167,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint is str and isinstance(value, bool):
-        return "on" if value else "off"  # YAML 1.1 reads off/on (train.compile) as booleans
+    if key in ON_OFF_KEYS and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads off/on as booleans; validate() checks
     if hint in (int, float, str, bool) and not (type(value) is hint):
         raise ConfigError(f"{key}={value!r} must be {hint.__name__}")
     return value

@@ -17,9 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_yaml_booleans_in_a_string_key_read_as_off_and_on():
-    """YAML 1.1 reads `off` as False: train.compile=off was refused as 'must be str'."""
+    """YAML 1.1 reads `off` as False: train.compile=off was refused as 'must be str'. Only
+    keys with an `off` choice read booleans so: a prompt of `yes` is still refused."""
     assert load_config(None, ["train.compile=off"]).train.compile == "off"
     assert load_config(None, ["train.compile=blocks"]).train.compile == "blocks"
+    with pytest.raises(ConfigError, match="train.compile='on' must be off or blocks"):
+        validate(load_config(None, ["train.compile=on"]), 1)
+    with pytest.raises(ConfigError, match="logging.sample_prompt=True must be str"):
+        load_config(None, ["logging.sample_prompt=yes"])
 
 
 def test_overrides_parse_as_yaml_and_floats_without_dot():
