@@ -1,8 +1,9 @@
 """train.compile=blocks in one process (magneto_dist/parallel/compile.py), traced as torch's
 aot_eager backend does: the forward and backward graphs torch.compile builds, run without
 inductor's code generation, so every norm scheme and norm type traces whole (fullgraph) in a
-second instead of a compile, and the graphs can be counted. Inductor's numerics and the parallel layouts: tests/dist/test_layouts.py;
-the launcher's start-up line and resume: tests/dist/test_compile.py."""
+second instead of a compile, and the graphs can be counted. Inductor's numerics and the
+parallel layouts: tests/dist/test_layouts.py; the launcher's start-up line and resume:
+tests/dist/test_compile.py."""
 import functools
 
 import pytest

@@ -1,6 +1,7 @@
 """train.compile=blocks through launch/pretrain_gpt.py: the start-up line and row carry the
 compile time, and resume stays bit-exact between compiled runs. (Compiled losses against eager
-on the layout table: tests/dist/test_layouts.py; every norm scheme: tests/test_compile_blocks.py.)"""
+on the layout table: tests/dist/test_layouts.py; every norm scheme:
+tests/test_compile_blocks.py.)"""
 from .gpt_runs import check_ok, gpt, read_metrics
 from .ranks import run_ranks
 
