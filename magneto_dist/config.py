@@ -20,11 +20,33 @@ from .model.config import ModelConfig
 from .dims import LayoutError, ParallelDims
 
 
+# Megatron-LM's --tokenizer-type names (loaded by magneto_dist/data/tokenizer_types.py) and the
+# data keys that name a tokenizer for data.prefixes.
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
+                   "TikTokenizer", "NullTokenizer")
+TOKENIZER_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "eod_token",
+                  "vocab_size")
+
+
 @dataclass
 class DataConfig:
     prefixes: List[str] = field(default_factory=list)  # .bin/.idx prefixes; empty = built-in corpus
     weights: Optional[List[float]] = None  # blend weights, one per prefix (None: by size)
-    tokenizer_model: Optional[str] = None  # sentencepiece .model; required with prefixes
+    # The tokenizer of data.prefixes, by Megatron-LM's flag names (the built-in corpus has its
+    # own sentencepiece model). tokenizer_type None: told by the files (a .model file:
+    # SentencePieceTokenizer; a directory with tokenizer.json: HuggingFaceTokenizer; vocab_file
+    # + merge_file: GPT2BPETokenizer; a .json list of ranks: TikTokenizer).
+    tokenizer_type: Optional[str] = None   # SentencePieceTokenizer | HuggingFaceTokenizer |
+                                           # GPT2BPETokenizer | TikTokenizer | NullTokenizer
+    tokenizer_model: Optional[str] = None  # .model file, tokenizer directory, or tiktoken .json
+    vocab_file: Optional[str] = None       # GPT2BPETokenizer: vocab.json
+    merge_file: Optional[str] = None       # GPT2BPETokenizer: merges.txt
+    eod_token: Optional[str] = None        # end-of-document token text, for a tokenizer without
+                                           # one (or with several end tokens, e.g. Llama 3)
+    vocab_size: Optional[int] = None       # NullTokenizer: ids are 0..vocab_size (eod); Tik-
+                                           # Tokenizer: cut the vocabulary to this size
+    tiktoken_pattern: str = "v2"           # TikTokenizer: Megatron's split pattern (v1 | v2)
+    tiktoken_num_special_tokens: int = 1000  # TikTokenizer: ids below this are special tokens
     split: str = "969,30,1"                # train,valid,test proportions of the documents
     cache_dir: str = "data_cache"          # built-in corpus and index caches (per node)
     builtin_vocab_size: int = 8192         # vocabulary of the built-in corpus tokenizer
@@ -73,6 +95,10 @@ class ParallelConfig:
     pipeline_partition: str = "parameters"  # balance stages by parameters | layers
     activation_checkpointing: bool = False  # recompute each layer in backward
     vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
+    timeout_minutes: int = 30              # how long a collective waits for the slowest rank
+                                           # before the process group gives up (DeepSpeed's
+                                           # default, 10, is shorter than a large model's
+                                           # first checkpoint save)
 
 
 @dataclass
@@ -244,6 +270,13 @@ def with_vocab_size(cfg: Config, vocab_size: int) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
 
 
+def min_zero_stage(precision: str) -> int:
+    """The lowest ZeRO stage a precision trains with: bf16 accumulates and reduces gradients in
+    fp32 (training/engine.py GRADIENT_DTYPE), which DeepSpeed does only in its ZeRO and bf16
+    optimizers (runtime/engine.py: NotImplementedError without ZeRO)."""
+    return 1 if precision == "bf16" else 0
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -288,6 +321,12 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
     _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "
              "no fast CPU kernels); use fp32 on CPU, bf16 or fp16 on GPU")
+    _require(t.zero_stage >= min_zero_stage(t.precision), "train.precision='bf16' with "
+             "train.zero_stage=0: bf16 gradients are accumulated and reduced in fp32, which "
+             "DeepSpeed does only in its ZeRO and bf16 optimizers; use train.zero_stage=1 (it "
+             "also holds less optimizer state than ZeRO-0)")
+    _require(p.timeout_minutes >= 1,
+             f"parallel.timeout_minutes={p.timeout_minutes} must be at least 1")
     _require(t.eval_interval == 0 or t.eval_iters >= 1,
              f"train.eval_iters={t.eval_iters} must be at least 1 when eval_interval is set")
     for name in ("eval_interval", "log_interval"):
@@ -299,8 +338,19 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
 
 def _validate_data_logging_checkpoint(cfg: Config) -> None:
     d, t, p = cfg.data, cfg.train, cfg.parallel
-    _require(not d.prefixes or d.tokenizer_model, "data.prefixes needs data.tokenizer_model "
-             "(the sentencepiece model the data was preprocessed with)")
+    named = [k for k in TOKENIZER_KEYS if getattr(d, k) is not None]
+    _require(not d.prefixes or d.tokenizer_model or d.vocab_file
+             or d.tokenizer_type == "NullTokenizer", "data.prefixes needs data.tokenizer_model "
+             "(or data.vocab_file and data.merge_file): the tokenizer the data was preprocessed "
+             "with")
+    _require(d.prefixes or not named, f"{', '.join('data.' + k for k in named)} set without "
+             "data.prefixes: the built-in corpus has its own sentencepiece tokenizer; give "
+             "data.prefixes made with this tokenizer (tools/preprocess_data.py)")
+    _require(d.tokenizer_type in TOKENIZER_TYPES + (None,),
+             f"data.tokenizer_type={d.tokenizer_type!r} must be one of "
+             f"{', '.join(TOKENIZER_TYPES)}")
+    _require(d.tiktoken_pattern in ("v1", "v2"),
+             f"data.tiktoken_pattern={d.tiktoken_pattern!r} must be v1 or v2")
     _require(d.weights is None or len(d.weights) == len(d.prefixes),
              f"data.weights has {len(d.weights or [])} entries but data.prefixes has "
              f"{len(d.prefixes)}; give one weight per prefix")

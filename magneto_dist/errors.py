@@ -61,6 +61,14 @@ class CheckpointError(MagnetoError, RuntimeError):
     label = "checkpoint error"
 
 
+class RestartNeeded(MagnetoError):
+    """The ranks started from different views of the run directory, in a way a fresh start of
+    every rank resolves (one rank found the chosen checkpoint damaged and marked it, or a
+    directory listing was stale): one line and exit FAILED, which the launcher retries."""
+    exit_code = ExitCode.FAILED
+    label = "restart needed"
+
+
 class NoSpaceError(CheckpointError):
     """The checkpoint filesystem is full; the message names the directory and the size needed."""
     exit_code = ExitCode.NO_SPACE

@@ -14,6 +14,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from megatron.core.datasets import gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 from torch.distributed.elastic import timer
 from torch.distributed.elastic.agent.server import api as agent_api
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
@@ -39,6 +40,7 @@ TOUCHES = [
     (ds_engine, PipelineModule, "_count_layer_params", None),
     (ds_engine, PipelineModule, "_partition_layers", _without_fragment),
     (ds_engine, ds_comm_torch, "build_shm_op", _without_fragment),
+    (megatron, MegatronTokenizerText, "__init__", _without_fragment),
     (megatron, BlendedMegatronDatasetBuilder, "__init__", lambda self, cls, sizes, config: None),
     (megatron, gpt_dataset.GPTDataset, "_build_document_sample_shuffle_indices",
      _without_fragment),
@@ -48,6 +50,7 @@ TOUCHES = [
     (elastic, LocalElasticAgent, "_log_watchdog_event", lambda self, event: None),
     (elastic, agent_api.SimpleElasticAgent, "_invoke_run", _without_fragment),
     (elastic, timer.FileTimerServer, "_reap_worker", lambda self, pid: None),
+    (elastic, timer.FileTimerServer, "_run_watchdog", _without_fragment),
     (elastic, launcher_api, "launch_agent", _without_fragment),
     (elastic, rdzv_utils, "_matches_machine_hostname", None),
 ]

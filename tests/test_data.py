@@ -19,7 +19,7 @@ from magneto_dist.data.corpus import stdlib_sources
 from magneto_dist.data.datasets import DatasetRequest, GlobalSampleBatches, build_datasets
 from magneto_dist.data.jsonl import BadInputError
 from magneto_dist.data.preprocess import WorkerDied, preprocess
-from magneto_dist.data.tokenizer import SentencePieceTokenizer
+from magneto_dist.data.tokenizer import sentencepiece_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,16 +56,18 @@ def indexed(corpus):
 
 
 def test_tokenizer_attributes_and_identity(corpus):
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     assert tok.vocab_size == 1000
-    assert (tok.pad, tok.eod) == (0, 3) and len({tok.cls, tok.sep, tok.mask, tok.unk}) == 4
+    assert (tok.pad, tok.eod) == (0, 3) and tok.masked_lm_ids() == (4, 5, 6)
     text = corpus["docs"][0]
     assert tok.decode(tok.encode(text)) == text
-    assert tok.unique_identifiers["model_sha256"] == tok.sha256 and len(tok.sha256) == 64
+    assert tok.unique_identifiers["sha256"] == tok.sha256 and len(tok.sha256) == 64
+    assert tok.identity["eod_text"] == "</s>" and tok.identity["paths"] == {
+        "tokenizer_model": corpus["model"]}
 
 
 def test_round_trip_through_indexed_dataset(corpus, indexed):
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     ds = IndexedDataset(indexed[0])
     assert len(ds) == 160
     assert ds[0].dtype == np.uint16  # a 1000-piece vocab fits
@@ -144,7 +146,7 @@ def _request(prefixes, weights, tmp_path, **kw):
 
 
 def test_blend_weights_are_respected(corpus, indexed, tmp_path):
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     train, _, _ = build_datasets(_request(list(indexed), [0.25, 0.75], tmp_path), tok)
     counts = np.bincount(np.asarray(train.dataset_index[:600]), minlength=2)
     # The blend is deterministic (megatron-core's greedy scheduler), within a sample or two.
@@ -152,7 +154,7 @@ def test_blend_weights_are_respected(corpus, indexed, tmp_path):
 
 
 def test_splits_are_disjoint(corpus, indexed, tmp_path):
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     splits = build_datasets(_request([indexed[0]], None, tmp_path), tok)
     docs = [set(np.asarray(s.indices).tolist()) for s in splits]
     assert all(docs) and not (docs[0] & docs[1] or docs[0] & docs[2] or docs[1] & docs[2])
@@ -160,7 +162,7 @@ def test_splits_are_disjoint(corpus, indexed, tmp_path):
 
 
 def test_resume_from_sample_k_gives_the_same_stream(corpus, indexed, tmp_path):
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     req = _request(list(indexed), [0.5, 0.5], tmp_path)
     first = build_datasets(req, tok)[0]
     again = build_datasets(req, tok)[0]  # a restarted job: cache hit, same samples
@@ -178,7 +180,7 @@ def test_resume_from_sample_k_gives_the_same_stream(corpus, indexed, tmp_path):
 
 
 def test_other_local_ranks_wait_for_the_node_cache(corpus, indexed, tmp_path):
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     req = _request([indexed[0]], None, tmp_path, seed=11)
     with pytest.raises(TimeoutError, match="did local rank 0 of this node fail"):
         build_datasets(req, tok, local_rank=1, wait_timeout_s=0.5)
@@ -187,8 +189,40 @@ def test_other_local_ranks_wait_for_the_node_cache(corpus, indexed, tmp_path):
     assert built[5]["tokens"].tolist() == waited[5]["tokens"].tolist()
 
 
+def test_a_truncated_index_cache_is_named_and_rebuilt(corpus, indexed, tmp_path):
+    """megatron-core wrote its index caches in place and trusted any file of the right name: a
+    kill while it wrote *-shuffle_index.npy left it short, and every later run died with "mmap
+    length is greater than file size", naming no file, with nothing rebuilt."""
+    tok = sentencepiece_tokenizer(corpus["model"])
+    req = _request([indexed[0]], None, tmp_path, seed=5)
+    first = build_datasets(req, tok)[0]
+    want = [first[i]["tokens"].tolist() for i in range(0, 600, 50)]
+    cache = tmp_path / "cache"
+    shuffle = next(cache.glob("*-GPTDataset-train-shuffle_index.npy"))
+    size = shuffle.stat().st_size
+    os.truncate(shuffle, size // 2)
+    damage = f"{shuffle} has {size // 2:,} bytes where {size:,} were written"
+    # another local rank does not load it: it waits for local rank 0 to build it again
+    with pytest.raises(TimeoutError, match=re.escape(damage)):
+        build_datasets(req, tok, local_rank=1, wait_timeout_s=0.5)
+    logs = []
+    again = build_datasets(req, tok, log=logs.append)[0]
+    assert logs == [f"index cache: {damage}; building the caches again"]
+    assert shuffle.stat().st_size == size
+    assert [again[i]["tokens"].tolist() for i in range(0, 600, 50)] == want
+    # killed before its record was written (or a record of an older version): not trusted
+    for marker_text in (None, "ok\n"):
+        marker = next(cache.glob("built-*.done"))
+        marker.unlink() if marker_text is None else marker.write_text(marker_text)
+        os.truncate(shuffle, size // 2)
+        again = build_datasets(req, tok, log=logs.append)[0]
+        assert [again[i]["tokens"].tolist() for i in range(0, 600, 50)] == want
+    assert shuffle.stat().st_size == size and not list(cache.glob(".build-*"))
+    assert build_datasets(req, tok, local_rank=1)[0][50]["tokens"].tolist() == want[1]
+
+
 def test_missing_prefix_says_how_to_make_it(corpus, tmp_path):
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     with pytest.raises(DataError, match="nothing_text_document.bin/.idx not found"):
         build_datasets(_request([str(tmp_path / "nothing_text_document")], None, tmp_path), tok)
 
@@ -210,7 +244,7 @@ def fails_within(seconds):
 def test_empty_split_is_refused_instead_of_hanging(corpus, indexed, tmp_path):
     """80 documents and the default split "969,30,1": the test split gets none, and megatron-core
     used to loop forever, printing nothing."""
-    tok = SentencePieceTokenizer(corpus["model"])
+    tok = sentencepiece_tokenizer(corpus["model"])
     with fails_within(60), pytest.raises(DataError, match=re.escape(
             "b_text_document: data.split='969,30,1' leaves the test split with no documents "
             "(80 in all; megatron-core would loop forever looking for samples); use e.g. "
@@ -228,25 +262,25 @@ def test_token_ids_beyond_the_vocabulary_are_found(corpus, indexed):
     """Data made with a 1000-piece tokenizer, checked against a 500-piece one."""
     data = IndexedDataset(indexed[0])  # held: its documents are views of its memory map
     largest = max(int(data[i].max()) for i in range(len(data)))
-    assert "largest" in check_token_ids(indexed[0], 1000, corpus["model"])
+    assert "largest" in check_token_ids(indexed[0], 1000, "data.tokenizer_model=m")
     with pytest.raises(DataError, match=rf"a_text_document: token id {largest} is outside the "
                        r"vocabulary of data.tokenizer_model=x.model \(500 pieces\)"):
-        check_token_ids(indexed[0], 500, "x.model")
+        check_token_ids(indexed[0], 500, "data.tokenizer_model=x.model")
 
 
 def test_token_id_check_samples_a_large_file(corpus, indexed, monkeypatch):
     monkeypatch.setattr(checks, "FULL_SCAN_TOKENS", 1000)
     monkeypatch.setattr(checks, "CHUNK_TOKENS", 100)
-    assert "(evenly spaced chunks)" in check_token_ids(indexed[0], 1000, corpus["model"])
+    assert "(evenly spaced chunks)" in check_token_ids(indexed[0], 1000, "data.tokenizer_model=m")
     with pytest.raises(DataError, match="is outside the vocabulary"):
-        check_token_ids(indexed[0], 200, corpus["model"])
+        check_token_ids(indexed[0], 200, "data.tokenizer_model=m")
 
 
 def test_not_a_sentencepiece_model_is_named(tmp_path):
     bad = tmp_path / "tok.model"
     bad.write_text("not a model")
     with pytest.raises(ValueError, match=rf"tokenizer model {bad} is not a sentencepiece model"):
-        SentencePieceTokenizer(str(bad))
+        sentencepiece_tokenizer(str(bad))
 
 
 def _die_in_worker(chunk):

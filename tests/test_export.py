@@ -55,6 +55,46 @@ def test_consolidated_export_reads_back_exactly(tmp_path):
         assert torch.equal(full(name), weights[name]), name
 
 
+def digested_export(tmp_path, tensors):
+    """An export as export_safetensors writes it: the file streamed, each tensor's digest in
+    config.json."""
+    out = tmp_path / "digested"
+    out.mkdir()
+    digests = export.write_safetensors(str(out / export.WEIGHTS),
+                                       {n: t.shape for n, t in tensors.items()}, torch.float32,
+                                       iter(tensors.items()), {"format": "pt"})
+    (out / export.CONFIG).write_text(json.dumps({"model": {}, "digest": "xxh3_64",
+                                                 "digests": digests}))
+    return out
+
+
+def test_init_from_refuses_a_tensor_changed_since_export_by_name(tmp_path):
+    tensors = {"a.weight": torch.randn(4, 4), "b.weight": torch.randn(8)}
+    out = digested_export(tmp_path, tensors)
+    full = export.consolidated_weights(str(out))
+    assert torch.equal(full("a.weight"), tensors["a.weight"])
+    data = bytearray((out / export.WEIGHTS).read_bytes())
+    data[-4:] = torch.tensor([123.0]).numpy().tobytes()  # b.weight's last value, same size
+    (out / export.WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=r"model.safetensors: parameter 'b.weight' has "
+                       r"other contents than when exported \(xxh3_64 [0-9a-f]{16}, [0-9a-f]{16} "
+                       r"recorded\); export the checkpoint again"):
+        export.consolidated_weights(str(out))("b.weight")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_init_from_refuses_non_finite_weights_by_name(tmp_path, bad):
+    """An export of a run that had diverged trained on NaN from its first step."""
+    weights = torch.randn(3, 3)
+    weights[1, 2] = bad
+    out = digested_export(tmp_path, {"a.weight": torch.randn(2), "decoder.w": weights})
+    full = export.consolidated_weights(str(out))
+    full("a.weight")
+    with pytest.raises(ckpt.CheckpointError, match=r"parameter 'decoder.w' has 1 NaN or inf "
+                       r"value\(s\) of 9; start from an export of a checkpoint written before"):
+        full("decoder.w")
+
+
 def test_init_from_refuses_what_does_not_fit_the_model(tmp_path):
     cfg = load_config(None, SMALL)
     with pytest.raises(ckpt.CheckpointError, match="not a consolidated export"):
@@ -71,6 +111,10 @@ def test_init_from_refuses_what_does_not_fit_the_model(tmp_path):
         export.check_consolidated(str(out), wider)
     (out / export.WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ckpt.CheckpointError, match="unreadable safetensors file"):
+        export.check_consolidated(str(out), cfg)
+    (out / export.CONFIG).write_text('{"model_type": "gpt2"}')  # another library's model
+    with pytest.raises(ckpt.CheckpointError, match="config.json: not the config of an export of "
+                       "this project"):
         export.check_consolidated(str(out), cfg)
 
 
@@ -91,7 +135,7 @@ def fake_tag(tmp_path, complete=True, zero_stage=1):
     if complete:
         (tag_dir / ckpt.COMPLETE).write_text(json.dumps({
             "step": 5, "world_size": 1, "layout": ParallelDims.of(cfg, 1).layout,
-            "files": ckpt._file_sizes(str(tag_dir))}))
+            "files": ckpt.record_tag(str(tag_dir))}))
     return tag_dir
 
 

@@ -47,13 +47,15 @@ def test_cli_prints_the_configured_layout_and_alternatives(capsys):
     assert plan_memory.main(["--config", "configs/gpt_6.7b.yaml", "--nodes", "2",
                              "--gpus-per-node", "8", "--vocab-size", "50257"]) == 0
     out = capsys.readouterr().out
-    assert "TP4 x PP2 x DP2 (ZeRO-1) recompute:" in out and "optimizer (ZeRO-1)" in out
-    assert "layouts that fit 80 GiB" in out and "TP1 x PP1 x DP16" in out
+    assert "TP1 x PP1 x DP16 (ZeRO-2):" in out and "optimizer (ZeRO-2)" in out
+    assert "layouts that fit 80 GiB" in out and "TP2 x PP1 x DP8" in out
+    assert "(ZeRO-0)" not in out  # bf16 needs ZeRO (fp32 gradient accumulation)
 
 
 def test_cli_names_a_layout_the_devices_cannot_run_and_a_bad_config(capsys):
     assert plan_memory.main(["--config", "configs/gpt_1.3b.yaml", "--nodes", "1",
-                             "--gpus-per-node", "1", "--device-memory", "1"]) == 0
+                             "--gpus-per-node", "1", "--device-memory", "1",
+                             "parallel.tensor_model_parallel_size=2"]) == 0
     out = capsys.readouterr().out
     assert "the configured layout cannot run on 1 device(s): world size 1 is not divisible" in out
     assert "none: lower train.micro_batch_size, or use more devices" in out
@@ -67,3 +69,15 @@ def test_parameter_bytes_follow_precision(precision, per_param):
     plan = MemoryPlanner(cfg.model, precision, 32).plan(layout(cfg, 1))
     assert plan["parameters"] == plan["params_per_rank"] * per_param
     assert plan["total"] < GiB
+
+
+def test_bf16_zero1_counts_the_bf16_optimizers_whole_fp32_gradient_buffer():
+    """With fp32 accumulation DeepSpeed steps bf16 ZeRO-1 through its BF16_Optimizer, which
+    accumulates into an fp32 buffer of all the rank's parameters (bf16_optimizer.py,
+    fp32_groups_gradients_flat), not only its partition; ZeRO-2 keeps the partition."""
+    planner = MemoryPlanner(load_config(None, SMALL).model, "bf16", 32)
+    plans = {z: planner.plan(layout(load_config(None, SMALL + [f"train.zero_stage={z}"]), 4))
+             for z in (1, 2)}
+    params = plans[1]["params_per_rank"]
+    assert plans[1]["gradients"] == params * (2 + 4)
+    assert plans[2]["gradients"] == params * (2 + 4) / 4

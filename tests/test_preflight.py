@@ -3,13 +3,15 @@ All in one process, no process group: each mistake costs seconds and writes noth
 import json
 import os
 import socket
+import threading
+import time
 
 import pytest
 import torch
 
 from magneto_dist.config import TrainConfig, load_config
 from magneto_dist.data.corpus import stdlib_sources
-from magneto_dist.data.tokenizer import train_sentencepiece
+from magneto_dist.data.tokenizer_training import train_sentencepiece
 from magneto_dist.training.engine import build_optimizer
 from magneto_dist.training.preflight import PreflightError, RunLock, finished_message
 from magneto_dist.training.run import main
@@ -66,21 +68,23 @@ def test_an_unexpected_error_keeps_its_traceback_instead_of_becoming_a_data_erro
         main("gpt", args)
 
 
-def write_lock(run_dir, pid, host=None):
-    (run_dir / "run.lock").write_text(json.dumps({"host": host or socket.gethostname(),
-                                                  "pid": pid, "since": "then"}))
+def write_lock(run_dir, pid, host=None, age=0.0):
+    path = run_dir / "run.lock"
+    path.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid,
+                                "since": "then"}))
+    if age:
+        os.utime(path, (time.time() - age, time.time() - age))
+    return path
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
     lock = RunLock(str(tmp_path))
     write_lock(tmp_path, os.getppid())  # a live process on this host
     with pytest.raises(PreflightError, match=rf"{tmp_path} is in use by pid {os.getppid()} on "
-                       rf"{socket.gethostname()} \(since then\); stop that run or use another "
-                       rf"logging.run_dir. If no such run is alive, delete {tmp_path}/run.lock"):
-        lock.acquire()
-    # another host's lock cannot be checked from here: refused
-    write_lock(tmp_path, 1, host="elsewhere")
-    with pytest.raises(PreflightError, match="in use by pid 1 on elsewhere"):
+                       rf"{socket.gethostname()} \(since then; its lock was touched 0 s ago\); "
+                       rf"stop that run or use another logging.run_dir. If no such run is "
+                       rf"alive, delete {tmp_path}/run.lock \(a lock not touched for 30 s is "
+                       rf"taken over\)"):
         lock.acquire()
     # a holder killed with -9 leaves its lock behind: a dead pid on this host is stale, and so
     # is this very process's pid (reused after the kill)
@@ -88,10 +92,67 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
         write_lock(tmp_path, stale_pid)
         warnings = []
         lock.acquire(log=warnings.append)
-        assert "removing stale lock" in warnings[0]
+        assert "removing stale lock" in warnings[0] and "no such process" in warnings[0]
         assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
         lock.release()
         assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_lock_of_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
+    """Node loss across hosts: rank 0's node died, and the new rank 0 runs on another host,
+    where the dead holder's pid cannot be checked. Such a lock was refused for ever (exit 2,
+    never retried); now it is stale once it has not been touched for stale_after_s."""
+    write_lock(tmp_path, 1, host="lost-node", age=31)  # the default limit: 30 s
+    warnings = []
+    lock = RunLock(str(tmp_path))
+    lock.acquire(log=warnings.append)  # at once: older than the limit
+    assert "removing stale lock" in warnings[-1] and "lost-node" in warnings[-1], warnings
+    lock.release()
+    # touched 1 s ago and never again: watched until it is stale_after_s old
+    write_lock(tmp_path, 1, host="lost-node", age=1)
+    quick = RunLock(str(tmp_path), heartbeat_s=0.5, stale_after_s=3)
+    start = time.monotonic()
+    quick.acquire(log=warnings.append)
+    assert 1.5 < time.monotonic() - start < 6
+    assert "watching it for up to 2 s" in warnings[-2] and "not touched for" in warnings[-1]
+    quick.release()
+
+
+def test_a_live_holder_on_another_host_is_refused_naming_it(tmp_path):
+    path = write_lock(tmp_path, 4242, host="node-a")
+    stop = threading.Event()
+
+    def heartbeat():  # what node-a's rank 0 does
+        while not stop.wait(0.3):
+            os.utime(path)
+
+    beater = threading.Thread(target=heartbeat)
+    beater.start()
+    try:
+        with pytest.raises(PreflightError, match=r"in use by pid 4242 on node-a \(since then; "
+                                                 r"its lock was touched 0 s ago\)"):
+            RunLock(str(tmp_path), heartbeat_s=0.5, stale_after_s=3).acquire(log=lambda _: None)
+    finally:
+        stop.set()
+        beater.join()
+
+
+def test_the_holder_keeps_its_lock_fresh_and_leaves_a_taken_over_lock_alone(tmp_path):
+    lock = RunLock(str(tmp_path), heartbeat_s=0.2, stale_after_s=1)
+    lock.acquire()
+    path = tmp_path / "run.lock"
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    time.sleep(0.6)
+    assert time.time() - path.stat().st_mtime < 0.5  # the heartbeat touched it
+    # another run took the directory over (this one was frozen): its lock is not removed
+    warnings = []
+    lock.release()
+    lock.acquire(log=warnings.append)
+    write_lock(tmp_path, 99, host="other")
+    time.sleep(0.5)
+    assert any("now names" in w and "other" in w for w in warnings), warnings
+    lock.release()
+    assert json.loads(path.read_text())["host"] == "other"
 
 
 def test_finished_message():

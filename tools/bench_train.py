@@ -37,17 +37,21 @@ from bench_model import time_round  # beside this file
 
 def plain_loop(cfg, task, device, batches):
     """The reference: the same model and optimizer settings in plain PyTorch (torch's AdamW
-    over the trainer's parameter groups), no engine, no loader."""
+    over the trainer's parameter groups), no engine, no loader. A bf16 run is compared with
+    PyTorch's own mixed precision: fp32 weights, the forward under bf16 autocast."""
     model = build_model(cfg.model, seed=cfg.train.seed).to(device)
     t = cfg.train
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, cfg.train)
+    bf16 = t.precision == "bf16"
 
     def step():
         for batch in batches:
-            (task.loss(task.forward(model, batch), batch) / len(batches)).backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = task.loss(task.forward(model, batch), batch) / len(batches)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()

@@ -8,29 +8,29 @@ rebuilds the model from the config saved beside it, and loads its full fp32 weig
 import argparse
 import os
 import sys
-import tempfile
-
-import torch
 
 from magneto_dist.checkpoint import manager as ckpt
-from magneto_dist.checkpoint.export import full_parameters
-from magneto_dist.data.corpus import builtin_corpus_paths
-from magneto_dist.data.tokenizer import SentencePieceTokenizer
-from magneto_dist.model import build_model
+from magneto_dist.checkpoint.export import load_full_model
+from magneto_dist.data.run_tokenizer import run_tokenizer
+from magneto_dist.errors import ExitCode, MagnetoError
 from magneto_dist.training.generate import sample
 
 
-def load_weights(model, tag_dir: str) -> None:
-    """The full fp32 weights of a checkpoint of any layout (through its universal form, built
-    in a temp directory unless the tag has one), one parameter at a time."""
-    params = dict(model.named_parameters())
-    with tempfile.TemporaryDirectory() as work_dir, torch.no_grad():
-        for name, full in full_parameters(tag_dir, work_dir,
-                                          log=lambda m: print(m, file=sys.stderr)):
-            params[name].copy_(full)
+def bad_argument(args) -> str:
+    """Why the sampling flags cannot work (checked before any checkpoint is read), or ""."""
+    if not args.prompt:
+        return "--prompt is empty: give the text to continue (e.g. --prompt 'def main():')"
+    if args.top_k < 1:
+        return (f"--top-k {args.top_k}: sample from at least 1 token (--temperature 0 takes "
+                "the most likely one)")
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens {args.max_new_tokens}: generate at least 1 token"
+    if args.temperature < 0:
+        return f"--temperature {args.temperature:g}: must be at least 0 (0 for greedy)"
+    return ""
 
 
-def main():
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run", required=True, help="run directory (logging.run_dir)")
     p.add_argument("--tag", default="auto", help="checkpoint tag (default: newest complete)")
@@ -39,28 +39,37 @@ def main():
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    problem = bad_argument(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return ExitCode.CONFIG
     ckpt_dir = os.path.join(args.run, "checkpoints")
     try:
         tag = ckpt.find_resume_tag(ckpt_dir, args.tag, log=lambda m: print(m, file=sys.stderr))
+        if tag is None:
+            raise ckpt.CheckpointError(f"no complete checkpoint in {ckpt_dir}")
     except ckpt.CheckpointError as err:
-        sys.exit(f"error: {err}")
-    if tag is None:
-        sys.exit(f"error: no complete checkpoint in {ckpt_dir}")
+        print(f"{err.label}: {err}", file=sys.stderr)
+        return err.exit_code
     cfg = ckpt.saved_config(os.path.join(ckpt_dir, tag))
-    tokenizer_path = cfg.data.tokenizer_model or builtin_corpus_paths(
-        cfg.data.cache_dir, cfg.data.builtin_vocab_size).tokenizer_model
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
-    model = build_model(cfg.model)
     try:
-        load_weights(model, os.path.join(ckpt_dir, tag))
+        tokenizer = run_tokenizer(args.run, cfg)  # the run's copy, else what its config names
+    except MagnetoError as err:
+        print(f"{err.label}: {err}", file=sys.stderr)
+        return err.exit_code
+    try:
+        model = load_full_model(os.path.join(ckpt_dir, tag),
+                                log=lambda m: print(m, file=sys.stderr))
     except ckpt.CheckpointError as err:
-        sys.exit(f"error: {err}")
+        print(f"{err.label}: {err}", file=sys.stderr)
+        return err.exit_code
     ids = sample(model, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.vocab_size,
                  cfg.model.max_seq_len, temperature=args.temperature, top_k=args.top_k,
                  seed=args.seed, eod=tokenizer.eod)
     print(tokenizer.decode(ids))
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,10 @@
 """Measured host memory of each rank while it builds its shard of the model (parallelize()),
 against the bound shard-only construction promises and the memory planner's figure.
 
-    python tools/measure_startup.py --config configs/gpt_1.3b.yaml --ranks 2
-    python tools/measure_startup.py --config configs/gpt_1.3b.yaml --ranks 2 --full-first
+    python tools/measure_startup.py --config configs/gpt_1.3b.yaml --ranks 2 \\
+        parallel.tensor_model_parallel_size=2
+    python tools/measure_startup.py --config configs/gpt_1.3b.yaml --ranks 2 --full-first \\
+        parallel.tensor_model_parallel_size=2
 
 Starts --ranks CPU ranks (torchrun --standalone, gloo); each builds the configured layout's
 shard exactly as a training run does (meta-device skeleton, name-keyed init) and reports its

@@ -14,6 +14,7 @@ import argparse
 
 from magneto_dist.config import ConfigError, load_config, validate, with_vocab_size
 from magneto_dist.dims import LayoutError, ParallelDims
+from magneto_dist.errors import ExitCode
 from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner, candidate_layouts,
                                                deepspeed_estimate)
 
@@ -23,9 +24,10 @@ def vocabulary(cfg, override):
     the built-in corpus tokenizer's (the run always takes it from its tokenizer)."""
     if override:
         return override, "--vocab-size"
-    if cfg.data.tokenizer_model:
-        from magneto_dist.data.tokenizer import SentencePieceTokenizer
-        return SentencePieceTokenizer(cfg.data.tokenizer_model).vocab_size, "data.tokenizer_model"
+    if cfg.data.prefixes:
+        from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+        tokenizer = build_tokenizer(TokenizerSpec.from_data_config(cfg.data))
+        return tokenizer.vocab_size, tokenizer.setting
     return cfg.data.builtin_vocab_size, "the built-in corpus (pass --vocab-size for your data)"
 
 
@@ -51,6 +53,19 @@ def print_plan(cfg, planner: MemoryPlanner, layout: Layout) -> None:
         print(f"  {name:<38}{value / GiB:>10.2f} GiB")
 
 
+def bad_argument(args) -> str:
+    """Why the device flags cannot describe a cluster, or "" (--nodes 0 divided by zero, and
+    --nodes -1 printed a plan for -8 devices)."""
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            return f"{flag} {value}: must be at least 1"
+    if args.device_memory <= 0:
+        return f"--device-memory {args.device_memory:g}: GiB per device, more than 0"
+    if args.top < 0:
+        return f"--top {args.top}: the number of alternatives listed, 0 or more"
+    return ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=10, help="alternatives listed")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
+    problem = bad_argument(args)
+    if problem:
+        print(f"error: {problem}")
+        return ExitCode.CONFIG
     world = args.nodes * args.gpus_per_node
     try:
         cfg = load_config(args.config, args.overrides)
@@ -89,7 +108,7 @@ def main(argv=None) -> int:
     budget = args.device_memory * GiB
     fits = []
     for layout in candidate_layouts(cfg.model, world, args.gpus_per_node, t.micro_batch_size,
-                                    t.global_batch_size):
+                                    t.global_batch_size, t.precision):
         total = planner.plan(layout)["total"]
         if total <= budget:
             fits.append((layout.recompute, layout.dims.tp * layout.dims.pp,

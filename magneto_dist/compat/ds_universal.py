@@ -46,16 +46,31 @@ def _arguments(tag_dir: str, out_dir: str) -> argparse.Namespace:
                               keep_temp_folder=False, strict=True, inject_missing_state=False)
 
 
+def _own_files_view(tag_dir: str, view: str) -> None:
+    """A directory of links to the tag's own files. ds_to_universal finds the model-state files
+    by walking its input folder recursively (reshape_utils.get_files), so a universal form
+    inside the tag (TAG/universal, being replaced because it was damaged, or a dead
+    converter's temp directory) made it count twice the files and fail."""
+    os.makedirs(view)
+    for name in sorted(os.listdir(tag_dir)):
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            os.symlink(os.path.abspath(os.path.join(tag_dir, name)), os.path.join(view, name))
+
+
 def convert(tag_dir: str, out_dir: str, quiet: bool = True) -> None:
-    """ds_to_universal, in this process (its workers=1 path runs inline); when quiet, its
-    chatter is captured and shown only if it fails. Raises CheckpointError."""
+    """ds_to_universal, in this process (its workers=1 path runs inline), on the tag's own
+    files; when quiet, its chatter is captured and shown only if it fails. Raises
+    CheckpointError."""
     chatter = io.StringIO()
+    view = f"{out_dir.rstrip('/')}.source"
     try:
         with contextlib.ExitStack() as stack:
+            stack.callback(shutil.rmtree, view, ignore_errors=True)
+            _own_files_view(tag_dir, view)
             if quiet:
                 stack.enter_context(contextlib.redirect_stdout(chatter))
                 stack.enter_context(contextlib.redirect_stderr(chatter))
-            ds_to_universal.main(_arguments(tag_dir, out_dir))
+            ds_to_universal.main(_arguments(view, out_dir))
     # ds_to_universal reports a checkpoint it cannot convert with asserts, KeyErrors and
     # sys.exit; the message and DeepSpeed's own output go into the error, whole
     except (AssertionError, KeyError, ValueError, RuntimeError, OSError, SystemExit) as err:

@@ -4,8 +4,10 @@ torch elastic supervises a node's workers, restarts the group and re-forms the r
 offers no hook to observe a failure, a watchdog kill or a change of the group's size, no way to
 stop restarting for good, and no way to choose the agent or timer-server class torchrun builds.
 `HookedElasticAgent` turns the private methods it overrides into named hooks (`on_failure`,
-`on_group_resized`, `on_watchdog_kill`, `stop_restarting`), and the launcher writes policies
-against those only.
+`on_group_resized`, `on_watchdog_expiry`, `on_watchdog_kill`, `stop_restarting`), and the
+launcher writes policies against those only. The watchdog hooks come from the events the timer
+server logs through `_log_watchdog_event`: "timer expired" before it kills a worker, "kill
+worker process" after.
 - `launch_agent` builds `LocalElasticAgent` by that name: `install_agent` rebinds it.
 - `LocalElasticAgent._setup_local_watchdog` builds `timer.FileTimerServer` by that name; stock
   FileTimerServer SIGKILLs the agent itself when a timer expires ("Terminating the server
@@ -47,6 +49,9 @@ class HookedElasticAgent(LocalElasticAgent):
     def on_group_resized(self, before: int, after: int) -> None:
         """The rendezvous re-formed with `after` nodes instead of `before`."""
 
+    def on_watchdog_expiry(self, worker_pid: int) -> None:
+        """A worker's timer expired; the step watchdog kills it when this returns."""
+
     def on_watchdog_kill(self, worker_pid: int) -> None:
         """The step watchdog killed a worker that overran its timer."""
 
@@ -63,6 +68,8 @@ class HookedElasticAgent(LocalElasticAgent):
             timer.FileTimerServer = stock
 
     def _log_watchdog_event(self, name, request) -> None:
+        if name == "timer expired" and request is not None:
+            self.on_watchdog_expiry(request.worker_pid)
         if name == "kill worker process" and request is not None:
             self.on_watchdog_kill(request.worker_pid)
         super()._log_watchdog_event(name, request)
@@ -111,6 +118,9 @@ def check() -> None:
                    "the agent's timer server construction (_setup_local_watchdog)")
     require_parameters(LIBRARY, timer.FileTimerServer._reap_worker,
                        ["self", "worker_pid", "signal"], "FileTimerServer._reap_worker")
+    for event in ('"timer expired"', '"kill worker process"'):  # before and after a kill
+        require_source(LIBRARY, timer.FileTimerServer._run_watchdog, event,
+                       f"the timer server's {event} event (FileTimerServer._run_watchdog)")
     require_source(LIBRARY, launcher_api.launch_agent, "LocalElasticAgent(",
                    "torchrun's agent construction (launcher.api.launch_agent)")
     for name in ("_parse_rendezvous_config", "_matches_machine_hostname",

@@ -4,6 +4,9 @@
   and register a load hook that expects it; DeepSpeed's universal-checkpoint converter crashes
   on that entry. `NoExtraState` restores nn.Module's methods and drops the hooks (torch's
   private `_load_state_dict_pre_hooks`), so the state dict holds only the parameters.
+- Its text tokenizers wrap a library tokenizer (sentencepiece, transformers, tiktoken) in a
+  private `_tokenizer`; `library_tokenizer` reads it, for what the wrapper does not expose
+  (token lookup, batch encoding).
 - Its dataset builder writes the index caches on global rank 0 only (after which the others
   load them behind a barrier), which fails on node-local disks. `solo_process_group` makes this
   process a world of one, so it takes the "rank 0 builds" path on every node.
@@ -15,6 +18,7 @@ import contextlib
 import torch.distributed as dist
 from megatron.core.datasets import gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 from torch import nn
 
 from . import require_attribute, require_parameters, require_source
@@ -32,6 +36,11 @@ class NoExtraState:
         self._load_state_dict_pre_hooks.clear()
 
 
+def library_tokenizer(megatron_tokenizer):
+    """The library object a megatron-core text tokenizer wraps."""
+    return megatron_tokenizer._tokenizer
+
+
 @contextlib.contextmanager
 def solo_process_group():
     """A world of one, so megatron-core's "rank 0 builds the cache" path runs on this process."""
@@ -44,6 +53,8 @@ def solo_process_group():
 
 def check() -> None:
     """What this module relies on is still there (run at import)."""
+    require_source(LIBRARY, MegatronTokenizerText.__init__, "self._tokenizer =",
+                   "text tokenizers' wrapped library tokenizer (MegatronTokenizerText._tokenizer)")
     require_attribute("torch", nn.Module(), "_load_state_dict_pre_hooks",
                       "nn.Module._load_state_dict_pre_hooks")
     require_parameters(LIBRARY, BlendedMegatronDatasetBuilder.__init__,

@@ -72,8 +72,9 @@ def token_ids(prefix: str) -> np.memmap:
                      mode="r")
 
 
-def check_token_ids(prefix: str, vocab_size: int, tokenizer_path: str) -> str:
-    """Refuse token ids >= vocab_size in prefix.bin; returns how the check was done."""
+def check_token_ids(prefix: str, vocab_size: int, tokenizer_setting: str) -> str:
+    """Refuse token ids >= vocab_size in prefix.bin; returns how the check was done.
+    tokenizer_setting names the tokenizer as the config does (data.tokenizer_model=PATH)."""
     tokens = token_ids(prefix)
     dtype = tokens.dtype
     if np.iinfo(dtype).max < vocab_size:
@@ -91,7 +92,7 @@ def check_token_ids(prefix: str, vocab_size: int, tokenizer_path: str) -> str:
     if largest >= vocab_size:
         raise DataError(
             f"data prefix {prefix}: token id {largest} is outside the vocabulary of "
-            f"data.tokenizer_model={tokenizer_path} ({vocab_size} pieces): the data was "
-            "preprocessed with another tokenizer; set data.tokenizer_model to the model given to "
+            f"{tokenizer_setting} ({vocab_size} pieces): the data was preprocessed with another "
+            "tokenizer; set the data.tokenizer_* keys to the tokenizer given to "
             "tools/preprocess_data.py, or preprocess the data again with this one")
     return f"{prefix}: checked {how}, largest {largest} < {vocab_size}"

@@ -16,9 +16,10 @@ import time
 from typing import Iterator, NamedTuple, Tuple
 
 from ..files import build_lock, wait_for_file
-from .jsonl import write_training_text
 from .preprocess import output_prefix_for, preprocess
-from .tokenizer import train_sentencepiece
+from .sources import write_training_text
+from .tokenizer import TokenizerSpec
+from .tokenizer_training import train_sentencepiece
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "lib2to3", "turtledemo"}
 
@@ -93,8 +94,9 @@ def _build(paths: CorpusPaths, vocab_size: int, workers: int, log) -> None:
         finally:
             os.remove(text_path)
     log("built-in corpus: tokenizing")
-    stats = preprocess([paths.jsonl], paths.tokenizer_model,
-                       paths.data_prefix.removesuffix("_text_document"), ["text"],
-                       workers=workers or os.cpu_count() or 1, append_eod=True, progress=False)
+    tokenizer = TokenizerSpec("SentencePieceTokenizer", paths.tokenizer_model)
+    stats = preprocess([paths.jsonl], tokenizer, paths.data_prefix.removesuffix("_text_document"),
+                       ["text"], workers=workers or os.cpu_count() or 1, append_eod=True,
+                       progress=False)
     log(f"built-in corpus: {stats.documents} documents, {stats.tokens:,} tokens, built in "
         f"{time.perf_counter() - start:.0f}s")

@@ -4,8 +4,9 @@ What megatron-core lacks and is written here:
 - Per-node index caches. megatron-core builds the sample/shuffle index caches on global rank 0
   and lets the other ranks load them after a barrier, which fails on a filesystem that is not
   shared between nodes. Here every node's local rank 0 builds (or finds) the caches before
-  torch.distributed starts, in a solo process group, and the other local ranks wait for a marker
-  file; afterwards every rank loads from its own node's cache.
+  torch.distributed starts, in a solo process group, and the other local ranks wait for its
+  record of them; afterwards every rank loads from its own node's cache. The caches are written
+  aside and checked against their recorded sizes before use (index_cache.py).
 - A sampler driven by a global sample index (Megatron-LM's MegatronPretrainingSampler lives in
   megatron-training, not megatron-core): resuming at sample k gives exactly samples k, k+1, ...
 """
@@ -17,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import megatron.core
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.bert_dataset import (BERTMaskedWordPieceDataset,
@@ -26,11 +28,10 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from ..compat.megatron import solo_process_group
-from ..errors import DataError
-from ..files import WAIT_TIMEOUT_S, atomic_write, build_lock, wait_for_file
+from ..files import WAIT_TIMEOUT_S, build_lock
 from .checks import check_exists, check_splits
-from .tokenizer import SentencePieceTokenizer
-
+from .index_cache import build_directory, cache_problem, publish, wait_for_caches
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -47,54 +48,77 @@ class DatasetRequest:
     masking_probability: float = 0.15     # masked LM only
 
 
-def _megatron_config(req: DatasetRequest, tokenizer: SentencePieceTokenizer):
+def _megatron_config(req: DatasetRequest, tokenizer: Tokenizer, cache_dir: str):
     weights = list(req.weights) if req.weights is not None else None
     common = dict(random_seed=req.seed, sequence_length=req.seq_len,
                   blend=(list(req.prefixes), weights), split=req.split,
-                  path_to_cache=req.cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=0.005)
+                  path_to_cache=cache_dir, tokenizer=tokenizer, mid_level_dataset_surplus=0.005)
     if req.masked_lm:
-        if not tokenizer.has_masked_lm_pieces:
-            raise DataError(f"tokenizer {tokenizer.model_path} has no <cls>/<sep>/<mask> pieces; "
-                             "train one with tools/train_tokenizer.py for masked-LM data")
-        return BERTMaskedWordPieceDataset, BERTMaskedWordPieceDatasetConfig(
+        return BERTMaskedWordPieceDatasetConfig(
             masking_probability=req.masking_probability, short_sequence_probability=0.1,
             masking_max_ngram=3, masking_do_full_word=False, masking_do_permutation=False,
             masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
             classification_head=False, **common)
-    return GPTDataset, GPTDatasetConfig(reset_position_ids=False, reset_attention_mask=False,
-                                        eod_mask_loss=False, create_attention_mask=False, **common)
+    return GPTDatasetConfig(reset_position_ids=False, reset_attention_mask=False,
+                            eod_mask_loss=False, create_attention_mask=False, **common)
 
 
-def _marker_path(req: DatasetRequest, tokenizer: SentencePieceTokenizer) -> str:
+def _marker_path(req: DatasetRequest, tokenizer: Tokenizer) -> str:
+    """The record of this request's caches; megatron-core's version is in the key because its
+    cache file names and contents are its own."""
     key = json.dumps([list(req.prefixes), req.weights, req.split, req.seq_len, req.seed,
                       list(req.num_samples), req.masked_lm, req.masking_probability,
-                      tokenizer.sha256])
+                      tokenizer.sha256, megatron.core.__version__])
     digest = hashlib.md5(key.encode()).hexdigest()
     return os.path.join(req.cache_dir, f"built-{digest}.done")
 
 
-def build_datasets(req: DatasetRequest, tokenizer: SentencePieceTokenizer,
-                   local_rank: Optional[int] = None, wait_timeout_s: float = WAIT_TIMEOUT_S
+def build_datasets(req: DatasetRequest, tokenizer: Tokenizer, local_rank: Optional[int] = None,
+                   wait_timeout_s: float = WAIT_TIMEOUT_S, log=print
                    ) -> List[Optional[torch.utils.data.Dataset]]:
     """[train, valid, test]; call before torch.distributed is initialized, on every rank."""
     if dist.is_initialized():
         raise RuntimeError("build_datasets must run before torch.distributed is initialized, so "
                            "that each node builds its own index caches")
-    cls, config = _megatron_config(req, tokenizer)
+    cls = BERTMaskedWordPieceDataset if req.masked_lm else GPTDataset
+    if req.masked_lm:
+        tokenizer.masked_lm_ids()  # DataError naming a missing cls/sep/mask token
     for prefix in req.prefixes:  # before megatron-core, which loops forever on an empty split
         check_exists(prefix)
         check_splits(prefix, cls.numel_low_level_dataset(IndexedDataset(prefix)), req.split)
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     marker = _marker_path(req, tokenizer)
-    sizes = list(req.num_samples)
-    if local_rank == 0:
-        os.makedirs(req.cache_dir, exist_ok=True)
-        with build_lock(marker + ".lock"), solo_process_group():  # one node at a time
-            datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
-        atomic_write(marker, "ok\n")
-        return datasets
-    wait_for_file(marker, "the dataset index caches", wait_timeout_s)
-    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+    def build(cache_dir: str):
+        return BlendedMegatronDatasetBuilder(cls, list(req.num_samples), lambda: True,
+                                             _megatron_config(req, tokenizer, cache_dir)).build()
+
+    if local_rank != 0:
+        wait_for_caches(marker, "the dataset index caches", wait_timeout_s)
+        return build(req.cache_dir)
+    os.makedirs(req.cache_dir, exist_ok=True)
+    with build_lock(marker + ".lock"), solo_process_group():  # one node at a time
+        problem = cache_problem(marker)
+        if problem is None:
+            return build(req.cache_dir)
+        if os.path.exists(marker):
+            log(f"index cache: {problem}; building the caches again")
+            os.remove(marker)
+        with build_directory(req.cache_dir) as fresh:
+            datasets = build(fresh)
+            publish(fresh, marker)
+    return datasets
+
+
+def train_samples(train_iters: int, global_batch: int, step: int = 0, consumed: int = 0,
+                  at_least: int = 0) -> int:
+    """The training split's size, counted from sample 0: the samples consumed in the first
+    `step` steps, then a global batch for each step left; never less than `at_least`. A resume
+    with another global batch needs another size than train_iters x global batch (sized so, a
+    run resumed with half the batch ran out of samples and raised StopIteration), and keeping
+    the size an earlier run of the checkpoint used (at_least) keeps the order of the samples
+    still to come: megatron-core's shuffle depends on how many epochs the size spans."""
+    return max(consumed + (train_iters - step) * global_batch, at_least)
 
 
 class GlobalSampleBatches(torch.utils.data.Sampler):

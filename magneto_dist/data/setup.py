@@ -5,39 +5,44 @@ runs before torch.distributed starts."""
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from ..config import Config
 from ..launch_env import RankInfo
 from .checks import check_token_ids
 from .corpus import build_builtin_corpus
-from .datasets import DatasetRequest, build_datasets
-from .tokenizer import SentencePieceTokenizer
+from .datasets import DatasetRequest, build_datasets, train_samples
+from .tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, sentencepiece_tokenizer
 
 
-def load_tokenizer(cfg: Config, ranks: RankInfo) -> Tuple[SentencePieceTokenizer, List[str]]:
-    """The tokenizer and the data prefixes (the built-in corpus is built here if needed)."""
+def load_tokenizer(cfg: Config, ranks: RankInfo) -> Tuple[Tokenizer, List[str]]:
+    """The tokenizer (logged: type, files, vocabulary size, end of document) and the data
+    prefixes (the built-in corpus is built here if needed)."""
     d = cfg.data
     if d.prefixes:
-        return SentencePieceTokenizer(d.tokenizer_model), list(d.prefixes)
-    corpus = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
-                                  local_rank=ranks.local_rank, log=ranks.log)
-    return SentencePieceTokenizer(corpus.tokenizer_model), [corpus.data_prefix]
+        tokenizer, prefixes = build_tokenizer(TokenizerSpec.from_data_config(d)), list(d.prefixes)
+    else:
+        corpus = build_builtin_corpus(d.cache_dir, d.builtin_vocab_size,
+                                      local_rank=ranks.local_rank, log=ranks.log)
+        tokenizer, prefixes = sentencepiece_tokenizer(corpus.tokenizer_model), [corpus.data_prefix]
+    ranks.log(tokenizer.describe())
+    return tokenizer, prefixes
 
 
-def prepare_data(cfg: Config, task: str, tokenizer: SentencePieceTokenizer,
-                 prefixes: List[str], ranks: RankInfo):
-    """Checked [train, valid, test] datasets; before torch.distributed starts."""
+def prepare_data(cfg: Config, task: str, tokenizer: Tokenizer, prefixes: List[str],
+                 ranks: RankInfo, num_train: Optional[int] = None):
+    """Checked [train, valid, test] datasets; before torch.distributed starts. num_train: the
+    training split's size (default: train_iters x global batch, a fresh start's)."""
     d, t = cfg.data, cfg.train
     for prefix in prefixes:
-        checked = check_token_ids(prefix, tokenizer.vocab_size, tokenizer.model_path)
+        checked = check_token_ids(prefix, tokenizer.vocab_size, tokenizer.setting)
         ranks.log(f"data check: {checked}")
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
     request = DatasetRequest(
         prefixes=prefixes, weights=d.weights, split=d.split, seq_len=cfg.model.max_seq_len,
         seed=t.seed, cache_dir=os.path.join(d.cache_dir, "index"), masked_lm=task == "bert",
         masking_probability=d.masking_probability,
-        num_samples=(t.train_iters * t.global_batch_size,
+        num_samples=(num_train or train_samples(t.train_iters, t.global_batch_size),
                      max(1, evals * t.eval_iters * t.global_batch_size),
                      max(1, t.eval_iters * t.global_batch_size)))
-    return build_datasets(request, tokenizer, local_rank=ranks.local_rank)
+    return build_datasets(request, tokenizer, local_rank=ranks.local_rank, log=ranks.log)

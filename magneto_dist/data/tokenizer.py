@@ -1,25 +1,51 @@
-"""SentencePiece tokenizer with the attributes megatron-core's datasets read, and its training.
+"""The tokenizer layer: which tokenizer (a TokenizerSpec, in Megatron-LM's terms), its loading
+(tokenizer_types.py) and the one interface that preprocessing, datasets, training, sampling and
+export share.
 
 megatron-core's datasets take any object with vocab_size, eod, pad (GPT) and cls, sep, mask,
 inv_vocab (masked LM), plus `unique_identifiers`, which they hash into the index-cache key. We
-put the model file's SHA-256 there, so caches built with one tokenizer are never reused with
-another, whatever the file is called.
+put there the tokenizer's type and a digest of its files' contents (and of the options that
+change its ids), so caches built with one tokenizer are never reused with another, whatever the
+files are called. The same digest, with the type, the file paths, the vocabulary size and the
+end-of-document id and text, is the tokenizer's `identity`: what a run directory records and a
+resume compares.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 from collections import OrderedDict
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import sentencepiece as spm
-
+from ..config import TOKENIZER_TYPES
 from ..errors import DataError
 
-# Special pieces every tokenizer we train has, at fixed ids (pad, unk, bos, eos first).
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
-MASKED_LM_PIECES = ("<cls>", "<sep>", "<mask>")
+# The megatron-core library each tokenizer type (Megatron-LM's --tokenizer-type) loads through.
+TYPES = {
+    "SentencePieceTokenizer": "sentencepiece",
+    "HuggingFaceTokenizer": "huggingface",
+    "GPT2BPETokenizer": "megatron",
+    "TikTokenizer": "tiktoken",
+    "NullTokenizer": "null",
+}
+assert tuple(TYPES) == TOKENIZER_TYPES
+# megatron-core's convention: a tokenizer directory may say its library in this file.
+METADATA_FILE = "tokenizer_metadata.json"
+# The files of a Hugging Face tokenizer directory that decide its ids (a model directory may hold
+# gigabytes of weights beside them: only these are hashed and copied).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+                      "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                      "chat_template.jinja")
+MASKED_LM_TOKENS = ("cls", "sep", "mask")
+
+
+def flag(key: str) -> str:
+    """How a user names a tokenizer setting: the run config key and the tools' flag."""
+    return f"data.{key} (--{key.replace('_', '-')})"
 
 
 def file_sha256(path: str) -> str:
@@ -30,72 +56,239 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-class SentencePieceTokenizer:
-    """A loaded .model file; ids are plain ints, eod is sentencepiece's </s>."""
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer: the same settings as Megatron-LM's tokenizer flags."""
+    type: Optional[str] = None          # a TYPES name; None: told by the files (see resolved)
+    model: Optional[str] = None         # .model file, Hugging Face directory, tiktoken .json
+    vocab_file: Optional[str] = None    # GPT2BPETokenizer: vocab.json
+    merge_file: Optional[str] = None    # GPT2BPETokenizer: merges.txt
+    eod_token: Optional[str] = None     # end-of-document token text, instead of the tokenizer's
+    vocab_size: Optional[int] = None    # NullTokenizer: ids below it; TikTokenizer: cut to it
+    tiktoken_pattern: str = "v2"        # TikTokenizer: Megatron's split pattern, v1 or v2
+    tiktoken_num_special_tokens: int = 1000  # TikTokenizer: ids below it are special tokens
 
-    def __init__(self, model_path: str):
-        if not os.path.isfile(model_path):
-            raise DataError(f"tokenizer model {model_path} does not exist; train one with "
-                                    "`python tools/train_tokenizer.py` or fix the path")
-        self.model_path = os.path.abspath(model_path)
-        self.sha256 = file_sha256(model_path)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        except (RuntimeError, OSError) as err:  # sentencepiece: "could not parse ModelProto"
-            raise DataError(f"tokenizer model {model_path} is not a sentencepiece model "
-                             f"({str(err).strip()}); pass the .model file written by "
-                             "tools/train_tokenizer.py") from None
-        self.vocab_size = self.sp.get_piece_size()
-        self.eod = self.sp.eos_id()
-        self.bos = self.sp.bos_id()
-        self.unk = self.sp.unk_id()
-        # A model without a pad piece (one not trained here) pads with <unk>: never eod, so
-        # megatron-core's pad/eod collision check holds.
-        self.pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk
-        if self.eod < 0:
-            raise DataError(f"tokenizer model {model_path} has no end-of-sequence piece; "
-                             "train it with eos_id set (tools/train_tokenizer.py does)")
-        self.cls, self.sep, self.mask = (self.sp.piece_to_id(p) for p in MASKED_LM_PIECES)
+    @classmethod
+    def from_data_config(cls, d) -> "TokenizerSpec":
+        """From the run config's data section (magneto_dist.config.DataConfig)."""
+        return cls(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.eod_token,
+                   d.vocab_size, d.tiktoken_pattern, d.tiktoken_num_special_tokens)
 
-    @property
-    def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict([("class", "SentencePieceTokenizer"), ("model_sha256", self.sha256)])
+    def resolved(self) -> "TokenizerSpec":
+        """The type named (told from the files when not given) and the paths made absolute;
+        DataError naming the setting when something needed is missing."""
+        kind = self.type or self._inferred_type()
+        if kind not in TYPES:
+            raise DataError(f"{flag('tokenizer_type')}={kind!r} is not a tokenizer type; use one "
+                            f"of {', '.join(TYPES)}")
+        absolute = {key: os.path.abspath(getattr(self, key))
+                    for key in ("model", "vocab_file", "merge_file") if getattr(self, key)}
+        spec = dataclasses.replace(self, type=kind, **absolute)
+        if kind == "HuggingFaceTokenizer" and spec.model and os.path.basename(
+                spec.model) == "tokenizer.json":
+            spec = dataclasses.replace(spec, model=os.path.dirname(spec.model))
+        for key, path in spec.required_paths():
+            if not path:
+                raise DataError(f"a {kind} needs {flag(key)}")
+            if not os.path.exists(path):
+                raise DataError(f"tokenizer {'model' if key == 'tokenizer_model' else key} "
+                                f"{path} does not exist; train one with `python "
+                                "tools/train_tokenizer.py` or fix the path")
+        if kind == "NullTokenizer" and not spec.vocab_size:
+            raise DataError(f"a NullTokenizer needs {flag('vocab_size')}: the data's ids are "
+                            "below it and its end of document is vocab_size itself")
+        return spec
+
+    def required_paths(self) -> List[Tuple[str, Optional[str]]]:
+        """(Megatron's setting, path) of each file this type is made of."""
+        if self.type == "GPT2BPETokenizer":
+            return [("vocab_file", self.vocab_file), ("merge_file", self.merge_file)]
+        if self.type == "NullTokenizer":
+            return []
+        return [("tokenizer_model", self.model)]
+
+    def _inferred_type(self) -> str:
+        """A .model file: sentencepiece; a directory with tokenizer.json: Hugging Face;
+        vocab_file + merge_file: GPT-2 BPE; a .json list of ranks: tiktoken; or what a
+        tokenizer_metadata.json beside it says."""
+        if not self.model:
+            if self.vocab_file and self.merge_file:
+                return "GPT2BPETokenizer"
+            raise DataError(f"no tokenizer: set {flag('tokenizer_model')} (or "
+                            f"{flag('vocab_file')} and {flag('merge_file')} for GPT-2 BPE)")
+        path = self.model
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        metadata = os.path.join(directory, METADATA_FILE)
+        if os.path.isfile(metadata):
+            try:
+                with open(metadata, encoding="utf-8") as f:
+                    library = json.load(f).get("library")
+            except (ValueError, AttributeError) as err:  # not JSON, or not an object
+                raise DataError(f"{metadata} is not megatron-core tokenizer metadata ({err}); "
+                                f"fix it, or set {flag('tokenizer_type')}") from None
+            for kind, lib in TYPES.items():
+                if lib == library and lib != "megatron":
+                    return kind
+        if os.path.isdir(path):
+            if any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json",
+                                                                  "tokenizer_config.json")):
+                return "HuggingFaceTokenizer"
+        elif path.endswith(".model"):
+            return "SentencePieceTokenizer"
+        elif os.path.basename(path) == "tokenizer.json":
+            return "HuggingFaceTokenizer"
+        elif path.endswith(".json") and os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if f.read(64).lstrip().startswith("["):  # Megatron's tiktoken vocabulary
+                    return "TikTokenizer"
+        if not os.path.exists(path):
+            raise DataError(f"tokenizer model {path} does not exist; train one with `python "
+                            "tools/train_tokenizer.py` or fix the path")
+        raise DataError(f"cannot tell which tokenizer {path} is; set {flag('tokenizer_type')} "
+                        f"to one of {', '.join(TYPES)}")
+
+    def options(self) -> Dict[str, object]:
+        """The settings besides the files that change the ids (part of the identity)."""
+        out: Dict[str, object] = {}
+        if self.eod_token is not None:
+            out["eod_token"] = self.eod_token
+        if self.type in ("NullTokenizer", "TikTokenizer") and self.vocab_size:
+            out["vocab_size"] = self.vocab_size
+        if self.type == "TikTokenizer":
+            out.update(tiktoken_pattern=self.tiktoken_pattern,
+                       tiktoken_num_special_tokens=self.tiktoken_num_special_tokens)
+        return out
+
+
+class Tokenizer:
+    """A loaded tokenizer of any type (made by build_tokenizer); ids are plain ints.
+
+    Subclasses (tokenizer_types.py) set vocab_size, eod, pad and the masked-LM ids, and
+    implement encode_batch (the same ids as Megatron-LM's per-document `tokenize`), decode,
+    token_id and (for masked LM) vocab_by_id.
+    """
+    spec: TokenizerSpec
+    vocab_size: int
+    eod: int
+    eod_text: Optional[str]
+    pad: int                 # -1 when the tokenizer has none (megatron-core's own fallback)
+    cls: Optional[int] = None
+    sep: Optional[int] = None
+    mask: Optional[int] = None
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_id(self, text: str) -> Optional[int]:
+        """The id of the token spelled `text`, or None if the vocabulary has no such token."""
+        raise NotImplementedError
 
     @functools.cached_property
     def inv_vocab(self) -> dict:
-        """id -> piece; megatron-core's masking reads it once per token, so it is built once."""
-        return {i: self.sp.id_to_piece(i) for i in range(self.vocab_size)}
+        """id -> token text, built once: megatron-core's masking reads it once per token."""
+        return self.vocab_by_id()
 
-    @property
-    def has_masked_lm_pieces(self) -> bool:
-        return self.unk not in (self.cls, self.sep, self.mask)
+    def vocab_by_id(self) -> dict:
+        raise NotImplementedError
 
     def encode(self, text: str) -> List[int]:
-        return self.sp.encode(text)
+        return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: Iterable[str]) -> List[List[int]]:
-        return self.sp.encode(list(texts))
+    @property
+    def name(self) -> str:
+        """The type and its files, as messages name the tokenizer."""
+        return f"{self.spec.type} {' + '.join(self.paths().values()) or '(pre-tokenized ids)'}"
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+    @property
+    def setting(self) -> str:
+        """How the run config names this tokenizer (data.tokenizer_model=PATH, ...)."""
+        if self.spec.type == "NullTokenizer":
+            return f"data.tokenizer_type=NullTokenizer data.vocab_size={self.spec.vocab_size}"
+        return " ".join(f"data.{key}={path}" for key, path in self.paths().items())
+
+    def paths(self) -> Dict[str, str]:
+        """Megatron's setting -> path: tokenizer_model, or vocab_file and merge_file."""
+        return {key: path for key, path in self.spec.required_paths()}
+
+    def hashed_files(self) -> Dict[str, str]:
+        """Name -> path of every file the ids depend on (a Hugging Face directory: its
+        tokenizer files; the name is the setting, then the file's name inside a directory)."""
+        out = {}
+        for key, path in self.paths().items():
+            if os.path.isdir(path):
+                for name in HF_TOKENIZER_FILES:
+                    if os.path.isfile(os.path.join(path, name)):
+                        out[f"{key}/{name}"] = os.path.join(path, name)
+            else:
+                out[key] = path
+        return out
+
+    def set_eod(self, native: Optional[int], native_text: Optional[str]) -> None:
+        """The end-of-document id: the spec's eod_token if named, else the tokenizer's own;
+        DataError when there is none (never a silent default)."""
+        text = self.spec.eod_token
+        if text is not None:
+            if self.spec.type == "NullTokenizer":
+                raise DataError(f"{flag('eod_token')} does not apply to a NullTokenizer (its end "
+                                "of document is vocab_size)")
+            native = self.token_id(text)
+            if native is None:
+                raise DataError(f"{flag('eod_token')}={text!r} is not a token of {self.name}; "
+                                "name a token of its vocabulary")
+            native_text = text
+        elif native is None or native < 0:
+            raise DataError(f"tokenizer {self.name} has no end-of-document token; name one with "
+                            f"{flag('eod_token')} (e.g. the text of its end-of-text token)")
+        self.eod, self.eod_text = int(native), native_text
+
+    def masked_lm_ids(self) -> Tuple[int, int, int]:
+        """(cls, sep, mask) for masked-LM data, or DataError naming the missing tokens."""
+        ids = [getattr(self, k) for k in MASKED_LM_TOKENS]
+        missing = [k for k, i in zip(MASKED_LM_TOKENS, ids) if i is None or i < 0]
+        if missing:
+            raise DataError(
+                f"tokenizer {self.name} has no {', '.join(missing)} token"
+                f"{'s' if len(missing) > 1 else ''}; masked-LM data needs cls, sep and mask "
+                "tokens: a sentencepiece model from tools/train_tokenizer.py has <cls> <sep> "
+                "<mask>, a Hugging Face tokenizer needs cls_token, sep_token and mask_token")
+        return tuple(ids)
+
+    @functools.cached_property
+    def identity(self) -> dict:
+        """What the run directory keeps and index caches are keyed by (see the module doc)."""
+        file_hashes = {name: file_sha256(path)
+                       for name, path in sorted(self.hashed_files().items())}
+        digest = hashlib.sha256(json.dumps(
+            [self.spec.type, file_hashes, self.spec.options()], sort_keys=True).encode())
+        return {"type": self.spec.type, "paths": self.paths(), "file_sha256": file_hashes,
+                "options": self.spec.options(), "vocab_size": self.vocab_size, "eod": self.eod,
+                "eod_text": self.eod_text, "sha256": digest.hexdigest()}
+
+    @property
+    def sha256(self) -> str:
+        return self.identity["sha256"]
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return OrderedDict([("class", self.spec.type), ("sha256", self.sha256)])
+
+    def describe(self) -> str:
+        """One log line: type, files, vocabulary size, end-of-document id and text."""
+        eod = f"eod {self.eod}" + (f" {self.eod_text!r}" if self.eod_text is not None else
+                                   " (= vocab_size - 1)")
+        return f"tokenizer: {self.name} (vocabulary {self.vocab_size}, {eod})"
 
 
-def train_sentencepiece(text_file: str, output_prefix: str, vocab_size: int,
-                        model_type: str = "bpe", input_sentence_size: int = 2_000_000,
-                        num_threads: int = os.cpu_count() or 1) -> str:
-    """Train from a plain-text file (one sentence per line); returns the .model path.
+def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    """Load any tokenizer type; DataError (one line, naming the file) when it cannot be."""
+    from .tokenizer_types import TOKENIZER_CLASSES  # megatron-core: seconds of imports
+    spec = spec.resolved()
+    return TOKENIZER_CLASSES[spec.type](spec)
 
-    Written to a temporary prefix and renamed, so a killed run never leaves a half model behind.
-    """
-    tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
-    spm.SentencePieceTrainer.train(
-        input=text_file, model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD, unk_piece=UNK, bos_piece=BOS,
-        eos_piece=EOS, user_defined_symbols=list(MASKED_LM_PIECES), byte_fallback=True,
-        character_coverage=0.9999, input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True, max_sentence_length=8192, split_digits=True,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", num_threads=num_threads, minloglevel=2)
-    for ext in (".model", ".vocab"):
-        os.replace(tmp_prefix + ext, output_prefix + ext)
-    return output_prefix + ".model"
+
+def sentencepiece_tokenizer(model_path: str) -> Tokenizer:
+    """The project's own kind: a sentencepiece .model (the built-in corpus's tokenizer)."""
+    return build_tokenizer(TokenizerSpec("SentencePieceTokenizer", model_path))

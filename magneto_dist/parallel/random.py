@@ -18,6 +18,21 @@ import torch.utils.checkpoint
 from torch import nn
 
 TP_SEED_OFFSET = 2718
+PP_SEED_OFFSET = 100  # per pipeline stage, as Megatron-LM's _set_random_seed
+
+
+def stage_seed(seed: int, pp_rank: int) -> int:
+    """The seed of a pipeline stage's streams. Each stage runs other layers, so its dropout
+    must not draw the same masks as the stage before it (with one seed everywhere, layer k of
+    stage 1 repeated layer k of stage 0's masks); within a stage every TP rank shares it."""
+    return seed + PP_SEED_OFFSET * pp_rank
+
+
+def seed_streams(seed: int, tp_rank: int, pp_rank: int) -> "TensorParallelRNG":
+    """Seed this rank's default stream (the replicated dropout) from its stage, and return its
+    TP stream (attention dropout on the local heads)."""
+    torch.manual_seed(stage_seed(seed, pp_rank))
+    return TensorParallelRNG(stage_seed(seed, pp_rank), tp_rank)
 
 
 def _device():

@@ -17,7 +17,8 @@ from . import state
 from ..dims import ParallelDims
 from .materialize import FullWeights, is_meta, materialize
 from .pipeline import build_pipeline
-from .random import TensorParallelRNG, apply_activation_checkpointing, use_tensor_parallel_rng
+from .random import (TensorParallelRNG, apply_activation_checkpointing, seed_streams,
+                     use_tensor_parallel_rng)
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -45,15 +46,16 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims,
     tensor, e.g. model.InitWeights) and gets memory for this rank's shard only, on this rank's
     device; a full model is sliced from its own weights (apply_tensor_parallel), so it needs
     none. pipeline_loss(logits, (labels, loss_mask)) -> loss is the last stage's loss when
-    PP > 1 (the PipelineModule computes it)."""
+    PP > 1 (the PipelineModule computes it). The default random stream is seeded here, per
+    pipeline stage (parallel/random.py seed_streams)."""
     if weights is None and is_meta(model):
         raise ValueError("parallelize: a meta-device model needs `weights` to fill its shard")
     p, (tp, pp, dp) = cfg.parallel, (dims.tp, dims.pp, dims.dp)
-    state.initialize_groups(tp, pp)
+    state.initialize_groups(tp, pp, p.timeout_minutes)
     if ps.get_data_parallel_world_size() != dp:
         raise ValueError(f"parallelize: the process groups have DP"
                          f"{ps.get_data_parallel_world_size()}, the layout {dims.describe()}")
-    rng = TensorParallelRNG(cfg.train.seed, state.tp_rank())
+    rng = seed_streams(cfg.train.seed, state.tp_rank(), ps.get_pipeline_model_parallel_rank())
     if tp > 1:
         apply_tensor_parallel(model, p.vocab_padding_multiple)
         if cfg.model.dropout > 0:

@@ -5,13 +5,53 @@ DeepSpeed's PipeModelDataParallelTopology axes (pipe, data, model), so the group
 """
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..config import ConfigError, ParallelConfig
 
-def init_distributed() -> None:
-    """The world's process group through DeepSpeed: NCCL on GPUs, gloo on CPUs.
+
+def cuda_device_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """This rank's CUDA device among the `visible` ones: its local rank when it sees every GPU
+    of its node (deepspeed and torchrun start one process per GPU, each seeing all), device 0
+    when it sees exactly one (a scheduler that masks each task to its own GPU, e.g.
+    `srun --gpus-per-task=1`). Anything else would put two ranks on one GPU."""
+    if visible == 1:
+        return 0
+    if local_rank < visible and local_world_size <= visible:
+        return local_rank
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise ConfigError(
+        f"{max(local_world_size, local_rank + 1)} ranks on this node (LOCAL_RANK={local_rank}, "
+        f"LOCAL_WORLD_SIZE={local_world_size}) but this rank sees {visible} CUDA devices "
+        f"(CUDA_VISIBLE_DEVICES={mask}), so ranks would share a GPU: start one rank per "
+        f"visible GPU (deepspeed --num_gpus {visible}), or give each rank its own GPU "
+        "(srun --gpus-per-task=1)")
+
+
+def set_local_device(local_rank: int, local_world_size: int, tp: int) -> None:
+    """Before anything touches the GPU (the CUDA context is made here): this rank's device,
+    and with tensor parallelism CUDA_DEVICE_MAX_CONNECTIONS=1 unless the environment sets it.
+    megatron-core's TP linear layers launch the all-reduce of the input gradient
+    asynchronously and count on one hardware queue to start it before the weight-gradient
+    GEMM (tensor_parallel/layers.py, LinearWithGradAccumulationAndAsyncCommunication); with
+    several queues the GEMM may go first and the overlap is lost. Without TP nothing relies
+    on it, and ZeRO's side streams overlap better with more queues. No-op on a CPU."""
+    if not torch.cuda.is_available():
+        return
+    if tp > 1:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    torch.cuda.set_device(cuda_device_index(local_rank, local_world_size,
+                                            torch.cuda.device_count()))
+
+
+def init_distributed(timeout_minutes: int = ParallelConfig.timeout_minutes) -> None:
+    """The world's process group through DeepSpeed: NCCL on GPUs, gloo on CPUs; a collective
+    waits `timeout_minutes` (parallel.timeout_minutes) for the slowest rank.
 
     On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce when it starts
     (about 30 s, once per machine: comm/torch.py build_shm_op) that only its inference path
@@ -24,14 +64,17 @@ def init_distributed() -> None:
 
     if not torch.cuda.is_available():
         disable_cpu_shm_comm()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timedelta(minutes=timeout_minutes))
 
 
-def initialize_groups(tp: int, pp: int) -> None:
+def initialize_groups(tp: int, pp: int,
+                      timeout_minutes: int = ParallelConfig.timeout_minutes) -> None:
     """(Re)create the TP/PP/DP groups; collective over the whole world."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 distributed_timeout_minutes=timeout_minutes)
 
 
 def tp_group():

@@ -123,7 +123,10 @@ class ShardedLayerNorm(_ShardedNorm, LayerNorm):
         xf = x.float()                                                       # [..., d/tp]
         sums = _tp_sum(torch.stack([xf.sum(-1), (xf * xf).sum(-1)], dim=-1))  # [..., 2]
         mean = (sums[..., 0] / self.full_width).unsqueeze(-1)
-        var = (sums[..., 1] / self.full_width).unsqueeze(-1) - mean * mean
+        # E[x^2] - E[x]^2 cancels: for a row of near-equal values far from zero it comes out
+        # below zero in fp32, and rsqrt(negative + eps) is NaN where the true variance is ~0
+        # (a one-pass form; the two-pass one would cost a second all-reduce per norm)
+        var = ((sums[..., 1] / self.full_width).unsqueeze(-1) - mean * mean).clamp_min(0.0)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
         return (y * self.weight.float() + self.bias.float()).type_as(x)
 

@@ -33,7 +33,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _parent_of(pid: int) -> Optional[int]:
+def parent_of(pid: int) -> Optional[int]:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -54,7 +54,7 @@ def launcher_chain() -> Tuple[Tuple[int, str], ...]:
     if any(mark in cmd for mark in LAUNCHER_MARKS):
         chain.append((parent, cmd))
         if "deepspeed.launcher.launch" in cmd:
-            runner = _parent_of(parent)
+            runner = parent_of(parent)
             runner_cmd = _cmdline(runner) if runner and runner > 1 else ""
             if "deepspeed" in runner_cmd:
                 chain.append((runner, runner_cmd))

@@ -1,12 +1,17 @@
 """The sweep file: a grid of cells, the trainer keys every cell shares, and the verdict rules.
 
-    grid:     {schemes, norm_types, depths, lrs, seeds, warmup, steps, ...}   what varies
+    grid:     {schemes, norm_types, depths, hidden_sizes, lrs, seeds, warmup, steps, ...}
     run:      {model: {...}, train: {...}, data: {...}, ...}                  pretrain_gpt.py keys
     verdict:  {above_start_steps, stuck_margin, ...}                          see verdicts.py
 
 Command-line overrides use the same dotted form: `grid.depths=[6,24]`, `verdict.stuck_margin=0.2`,
 and any trainer key (`model.hidden_size=128`) goes to every cell. Every cell's trainer config is
-built and validated here, so a mistake stops the sweep before any cell starts.
+built and validated here (for the number of GPUs a cell gets), so a mistake stops the sweep
+before any cell starts.
+
+The width axis: a cell of width d has d / head_dim heads and an FFN of ffn_ratio x d; both
+default to the ratios of the run's own model section (GPT-medium's 1024/16 heads and 4x FFN:
+head dimension 64, ratio 4), so widths scale the model the way the papers' model families do.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 
@@ -32,12 +37,17 @@ class GridConfig:
                                                         "magneto"])
     norm_types: List[str] = field(default_factory=lambda: ["layernorm"])
     depths: List[int] = field(default_factory=lambda: [6, 24])
+    hidden_sizes: List[int] = field(default_factory=list)  # widths; empty: model.hidden_size
+    head_dim: Optional[int] = None     # width rule: heads = width / head_dim (None: the run's)
+    ffn_ratio: Optional[float] = None  # width rule: FFN = ffn_ratio x width (None: the run's)
     lrs: List[float] = field(default_factory=lambda: [1e-3, 5e-3])
     seeds: List[int] = field(default_factory=lambda: [1])
     warmup: int = 0                    # warm-up steps of every cell (the papers' "no warm-up": 0)
     steps: int = 300                   # optimizer steps per cell
     min_lr_ratio: float = 0.1          # each cell's train.min_lr = lr x this
     diagnostics_interval: int = 10     # per-layer diagnostics every N steps (and at step 0)
+    save_interval: int = 0             # checkpoint every N steps (0: at the end only); a cell
+                                       # whose job died resumes from its newest checkpoint
 
 
 @dataclass
@@ -45,6 +55,7 @@ class Cell:
     scheme: str
     norm_type: str
     depth: int
+    hidden_size: int
     lr: float
     seed: int
     warmup: int
@@ -52,11 +63,19 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return (f"{self.scheme}-{self.norm_type}-L{self.depth}-lr{self.lr:g}-s{self.seed}"
-                f"-w{self.warmup}")
+        return (f"{self.scheme}-{self.norm_type}-L{self.depth}-d{self.hidden_size}-lr{self.lr:g}"
+                f"-s{self.seed}-w{self.warmup}")
 
     def key(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Width:
+    """A cell's model width with the heads and FFN the width rule gives it."""
+    hidden_size: int
+    num_heads: int
+    ffn_hidden_size: int
 
 
 @dataclass
@@ -65,27 +84,32 @@ class Sweep:
     verdict: VerdictConfig
     run_overrides: List[str]           # trainer keys shared by every cell, in order
     out_dir: str
+    name: str = "sweep"                # the sweep file's name: (cluster) job names start with it
+    widths: Dict[int, Width] = field(default_factory=dict)  # hidden_size -> its heads and FFN
 
     def cells(self) -> List[Cell]:
         g = self.grid
-        return [Cell(scheme, norm_type, depth, lr, seed, g.warmup, g.steps)
-                for depth in g.depths for scheme in g.schemes for norm_type in g.norm_types
-                for lr in g.lrs for seed in g.seeds]
+        return [Cell(scheme, norm_type, depth, width, lr, seed, g.warmup, g.steps)
+                for width in self.widths for depth in g.depths for scheme in g.schemes
+                for norm_type in g.norm_types for lr in g.lrs for seed in g.seeds]
 
     def cell_dir(self, cell: Cell) -> str:
         return os.path.join(self.out_dir, "cells", cell.name)
 
     def cell_overrides(self, cell: Cell) -> List[str]:
-        g = self.grid
+        g, w = self.grid, self.widths[cell.hidden_size]
         return [*self.run_overrides, f"model.norm={cell.scheme}",
                 f"model.norm_type={cell.norm_type}", f"model.num_layers={cell.depth}",
+                f"model.hidden_size={w.hidden_size}", f"model.num_heads={w.num_heads}",
+                f"model.ffn_hidden_size={w.ffn_hidden_size}",
                 f"train.lr={cell.lr!r}", f"train.min_lr={cell.lr * g.min_lr_ratio!r}",
                 f"train.seed={cell.seed}", f"train.warmup_iters={cell.warmup}",
                 f"train.train_iters={cell.steps}", "train.exit_at_step=null",
                 "train.log_interval=1",  # the verdicts read every step's loss
                 f"logging.diagnostics_interval={g.diagnostics_interval}",
                 f"logging.run_dir={self.cell_dir(cell)}", "logging.sample_prompt=",
-                "checkpoint.save_interval=0", "checkpoint.keep_last=1", "checkpoint.resume=auto"]
+                f"checkpoint.save_interval={g.save_interval}", "checkpoint.keep_last=1",
+                "checkpoint.resume=auto"]
 
     def cell_config(self, cell: Cell) -> Config:
         return load_config(TRAINER_DEFAULTS, self.cell_overrides(cell))
@@ -104,6 +128,9 @@ def _flatten_run(run: dict) -> List[str]:
     return out
 
 
+AXES = ("schemes", "norm_types", "depths", "hidden_sizes", "lrs", "seeds")
+
+
 def _check_grid(g: GridConfig) -> None:
     for name, allowed in (("schemes", NORM_SCHEMES), ("norm_types", NORM_TYPES)):
         bad = [v for v in getattr(g, name) if v not in allowed]
@@ -113,16 +140,49 @@ def _check_grid(g: GridConfig) -> None:
     for name in ("depths", "lrs", "seeds"):
         if not getattr(g, name):
             raise ConfigError(f"grid.{name} is empty; give at least one value")
+    for name in AXES:  # two equal values make two cells of one name, run at once
+        values = getattr(g, name)
+        twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if twice:
+            raise ConfigError(f"grid.{name}={values} lists {', '.join(map(str, twice))} more "
+                              "than once (1e-3 and 0.001 are one value); give each value once")
+    names = [f"{lr:g}" for lr in g.lrs]  # a cell's name holds 6 significant digits of its LR
+    if len(set(names)) < len(names):
+        raise ConfigError(f"grid.lrs={g.lrs}: values that agree to 6 significant digits give "
+                          "cells of one name; make them differ within 6 digits")
     for ok, message in ((g.steps >= 1, f"grid.steps={g.steps} must be at least 1"),
                         (g.warmup >= 0, f"grid.warmup={g.warmup} must be at least 0"),
+                        (g.save_interval >= 0, f"grid.save_interval={g.save_interval} must be "
+                                               "at least 0"),
                         (min(g.depths) >= 1, f"grid.depths={g.depths}: every depth must be >= 1"),
                         (min(g.lrs) > 0, f"grid.lrs={g.lrs}: every lr must be > 0")):
         if not ok:
             raise ConfigError(message)
 
 
-def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None) -> Sweep:
-    """The sweep from its YAML and overrides, with every cell's trainer config validated."""
+def _widths(g: GridConfig, run_overrides: List[str]) -> Dict[int, Width]:
+    """Each width of the grid with its heads and FFN (the width rule in the module docstring)."""
+    base = load_config(TRAINER_DEFAULTS, run_overrides).model
+    if not g.hidden_sizes:
+        return {base.hidden_size: Width(base.hidden_size, base.num_heads, base.ffn_hidden_size)}
+    head_dim = g.head_dim or base.hidden_size // base.num_heads
+    ratio = g.ffn_ratio or base.ffn_hidden_size / base.hidden_size
+    if head_dim < 1 or ratio <= 0:
+        raise ConfigError(f"grid.head_dim={head_dim} and grid.ffn_ratio={ratio} must be positive")
+    widths = {}
+    for width in g.hidden_sizes:
+        if width < 1 or width % head_dim:
+            raise ConfigError(f"grid.hidden_sizes: {width} is not a positive multiple of the "
+                              f"head dimension {head_dim} (grid.head_dim); use multiples of it "
+                              "or set grid.head_dim")
+        widths[width] = Width(width, width // head_dim, max(1, round(ratio * width)))
+    return widths
+
+
+def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
+               world_size: int = 1, has_cuda: bool = False) -> Sweep:
+    """The sweep from its YAML and overrides, with every cell's trainer config validated for
+    `world_size` ranks (the GPUs one cell gets; has_cuda: its ranks have GPUs)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
@@ -140,17 +200,22 @@ def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None) -
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not section.key=value")
         if head in sections:
-            sections[head][key] = yaml.safe_load(text) if text else ""
+            try:
+                sections[head][key] = yaml.safe_load(text) if text else ""
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {override!r}: value is not valid YAML "
+                                  f"({str(err).splitlines()[0]})") from None
         else:
             run_overrides.append(override)
     grid = section_from_dict("grid", sections["grid"], GridConfig())
     _check_grid(grid)
     verdict = section_from_dict("verdict", sections["verdict"], VerdictConfig())
     name = raw.get("name") or os.path.splitext(os.path.basename(path))[0]
-    sweep = Sweep(grid, verdict, run_overrides, out_dir or os.path.join("runs", "sweeps", name))
+    out_dir = os.path.abspath(out_dir or os.path.join("runs", "sweeps", name))  # cells run in ROOT
+    sweep = Sweep(grid, verdict, run_overrides, out_dir, name, _widths(grid, run_overrides))
     for cell in sweep.cells():
         try:
-            validate(sweep.cell_config(cell), world_size=1)
+            validate(sweep.cell_config(cell), world_size=world_size, has_cuda=has_cuda)
         except ConfigError as err:
             raise ConfigError(f"cell {cell.name}: {err}") from None
     return sweep

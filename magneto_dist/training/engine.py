@@ -2,6 +2,7 @@
 config, initialize(), and the pipeline engine's train/eval steps."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -68,9 +69,26 @@ def _guarded(optimizer_class):
                 {})
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def offloaded_optimizer(ds_config: dict) -> Optional[str]:
+    """Where ZeRO-Offload keeps the optimizer ("cpu" or "nvme"), or None: the
+    zero_optimization.offload_optimizer.device of the config handed to DeepSpeed."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    device = offload.get("device", "none") if isinstance(offload, dict) else "none"
+    return None if device in (None, "none") else device
+
+
+def build_optimizer(model: nn.Module, cfg: Config, offload: Optional[str] = None
+                    ) -> torch.optim.Optimizer:
+    """AdamW over the parameter groups. With the optimizer offloaded (ZeRO-Offload, to CPU
+    memory or NVMe) DeepSpeed steps it on the CPU and refuses any optimizer but its own
+    vectorized CPU Adam (ZeRORuntimeException otherwise): DeepSpeedCPUAdam in AdamW mode,
+    a C++ op DeepSpeed JIT-builds on first use (minutes, once per machine)."""
     t = cfg.train
     groups = optimizer_param_groups(model, t.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                eps=t.adam_eps, adamw_mode=True)
     guard = _guarded if t.zero_stage == 0 else (lambda optimizer_class: optimizer_class)
     try:  # NVIDIA apex is optional; its fused Adam is a little faster than torch's on GPU
         from apex.optimizers import FusedAdam  # type: ignore
@@ -91,6 +109,17 @@ PASSED_AS_OBJECTS = {
 }
 
 
+# The dtype gradients are accumulated over micro-batches and all-reduced in, by
+# train.precision. bf16 uses fp32, as Megatron does: DeepSpeed's default for a bf16 model is
+# bf16 for both (runtime/engine.py get_data_types, communication_data_type), which rounds the
+# running sum of a step's 32-512 micro-batch gradients to 8 bits of mantissa. With fp32
+# accumulation DeepSpeed steps ZeRO-1 through its BF16_Optimizer (checkpoint files
+# bf16_zero_pp_rank_*) and ZeRO-2/3 with a separate fp32 gradient buffer; it has no path for it
+# without ZeRO, so config.validate refuses bf16 with train.zero_stage=0. fp16 keeps DeepSpeed's
+# loss-scaled fp16 gradients.
+GRADIENT_DTYPE = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp16"}
+
+
 def derived_keys(cfg: Config, dims: ParallelDims, load_universal: bool = False) -> dict:
     """The DeepSpeed keys the project sets from its own settings, dotted: {key: (value, the
     setting it comes from)}. The `deepspeed:` section may not set them (they would silently
@@ -109,13 +138,15 @@ def derived_keys(cfg: Config, dims: ParallelDims, load_universal: bool = False) 
         "bf16.check_grad_overflow": (True, "the non-finite step rule "
                                            "(train.max_nonfinite_steps)"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
+        "data_types.grad_accum_dtype": (GRADIENT_DTYPE[t.precision], "train.precision"),
+        "communication_data_type": (GRADIENT_DTYPE[t.precision], "train.precision"),
         # resuming another layout's checkpoint through its universal form (checkpoint/reshard.py)
         "checkpoint.load_universal": (load_universal, "the resume logic (set when resuming "
                                                       "another layout)"),
     }
 
 
-def _defaults(cfg: Config) -> dict:
+def _defaults(cfg: Config, dims: ParallelDims) -> dict:
     """Settings the `deepspeed:` section may override."""
     t = cfg.train
     zero = {}
@@ -124,6 +155,11 @@ def _defaults(cfg: Config) -> dict:
         # allocator fragmentation; on CPU it cost 4% of the default run's step (1 rank, one
         # process beside the default and a plain loop; tools/bench_train.py measures the rest).
         zero["contiguous_gradients"] = False
+    if t.zero_stage in (1, 2) and torch.cuda.is_available() and not dims.pipelined:
+        # Reduce gradient buckets on a side stream while backward goes on (Megatron's DDP
+        # overlaps too); DeepSpeed leaves it off below ZeRO-3, and its pipeline engine turns
+        # it off itself (with a warning), so it is not set there.
+        zero["overlap_comm"] = True
     if t.zero_stage == 3:
         # Partition every parameter: the default threshold (1e5) leaves small ones whole, which
         # under tensor parallelism mixes replicated and sharded layouts in one partition.
@@ -176,25 +212,61 @@ def check_deepspeed_section(cfg: Config, dims: ParallelDims) -> None:
     except (ValueError, AssertionError, TypeError, KeyError) as err:
         raise ConfigError(f"deepspeed: DeepSpeed rejects the merged config: "
                           f"{' '.join(str(err).split())}") from err
+    check_offload(merged, cfg.train.zero_stage)
+
+
+def check_offload(ds_config: dict, zero_stage: int) -> None:
+    """What DeepSpeed's config class lets through and its engine gets wrong: offload without
+    ZeRO (nothing is partitioned to offload), parameter offload below ZeRO-3 (only ZeRO-3
+    partitions parameters; ZeRO-1/2 ignore it), NVMe below ZeRO-3 (ZeRO-1/2 take any
+    optimizer offload device as CPU memory, silently) and NVMe without DeepSpeed's async_io op
+    (a C++ op built against libaio; without it the first step dies in the JIT build)."""
+    zero = ds_config.get("zero_optimization", {})
+    for what in ("offload_optimizer", "offload_param"):
+        device = (zero.get(what) or {}).get("device", "none")
+        if device in (None, "none"):
+            continue
+        key = f"deepspeed.zero_optimization.{what}.device={device}"
+        if zero_stage == 0:
+            raise ConfigError(f"{key} needs ZeRO: set train.zero_stage to 1, 2 or 3")
+        if what == "offload_param" and zero_stage != 3:
+            raise ConfigError(f"{key}: only ZeRO-3 partitions (and so offloads) parameters; "
+                              "set train.zero_stage=3, or offload the optimizer only")
+        if device != "nvme":
+            continue
+        if zero_stage != 3:
+            raise ConfigError(f"{key}: DeepSpeed offloads to NVMe under ZeRO-3 only (ZeRO-1/2 "
+                              f"would keep the state in CPU memory); set train.zero_stage=3, or "
+                              f"device=cpu")
+        if not zero[what].get("nvme_path"):
+            raise ConfigError(f"{key} needs deepspeed.zero_optimization.{what}.nvme_path (a "
+                              "directory on the NVMe drive, one per node)")
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            raise ConfigError(f"{key}: DeepSpeed's async_io op cannot be built on this machine "
+                              "(it needs libaio: apt install libaio-dev, then check with "
+                              "ds_report); use device=cpu")
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = False) -> dict:
     """The DeepSpeed config this run hands to deepspeed.initialize: the derived keys, the
     overridable defaults, and the `deepspeed:` section over both."""
     derived = derived_keys(cfg, dims, load_universal)
-    generated = _merge(_defaults(cfg), _nest({k: v for k, (v, _) in derived.items()}), {})
+    generated = _merge(_defaults(cfg, dims), _nest({k: v for k, (v, _) in derived.items()}), {})
     refused = {**{k: source for k, (_, source) in derived.items()}, **PASSED_AS_OBJECTS}
     return _merge(generated, cfg.deepspeed, refused)
 
 
 def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims, mpu=None,
                  load_universal: bool = False):
-    """-> DeepSpeed engine (optimizer, fp16/bf16, ZeRO and the LR schedule inside)."""
-    optimizer = build_optimizer(model, cfg)
+    """-> (the DeepSpeed engine: optimizer, fp16/bf16, ZeRO and the LR schedule inside;
+    the config it was given)."""
+    ds_config = deepspeed_config(cfg, dims, load_universal)
+    optimizer = build_optimizer(model, cfg, offloaded_optimizer(ds_config))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg.train),
-        config=deepspeed_config(cfg, dims, load_universal), mpu=mpu)
-    return engine
+        config=copy.deepcopy(ds_config), mpu=mpu)  # the record stays as it was handed over
+    return engine, ds_config
 
 
 @dataclass
@@ -205,6 +277,7 @@ class TrainingSetup:
     eval_fn: Optional[Callable] = None   # None: the trainer's micro-batch loop
     sample_model: Optional[nn.Module] = None  # tokens -> full logits, or None (pipeline)
     checkpoint_info: dict = field(default_factory=dict)  # client state ds_to_universal needs
+    deepspeed_config: dict = field(default_factory=dict)  # the config handed to DeepSpeed
 
 
 def _pipeline_steps(engine):
@@ -236,11 +309,11 @@ def build_training(model: nn.Module, cfg: Config, dims: ParallelDims, task,
                                      cfg.model.vocab_size, dims.pipelined,
                                      cfg.model.tie_embeddings)
     par = parallelize(model, cfg, dims, weights, pipeline_loss=task.pipeline_loss)
-    engine = build_engine(par.module, cfg, dims, mpu=par.mpu,
-                          load_universal=load_universal)
+    engine, ds_config = build_engine(par.module, cfg, dims, mpu=par.mpu,
+                                     load_universal=load_universal)
+    common = dict(engine=engine, par=par, checkpoint_info=info, deepspeed_config=ds_config)
     if dims.pipelined:
         train_step, evaluate = _pipeline_steps(engine)
-        return TrainingSetup(engine=engine, par=par, train_step_fn=train_step, eval_fn=evaluate,
-                             checkpoint_info=info)
+        return TrainingSetup(train_step_fn=train_step, eval_fn=evaluate, **common)
     sample_model = FullLogits(engine.module) if tp > 1 else engine.module
-    return TrainingSetup(engine=engine, par=par, sample_model=sample_model, checkpoint_info=info)
+    return TrainingSetup(sample_model=sample_model, **common)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
 from ..config import Config
-from ..data.datasets import GlobalSampleBatches
+from ..data.datasets import GlobalSampleBatches, train_samples
 from ..errors import ExitCode
 from ..resilience.faults import NO_FAULTS, Faults
 from ..resilience.parent_watch import watch_launchers
@@ -62,6 +62,29 @@ class TrainState:
     nonfinite_streak: int = 0     # consecutive steps skipped for a non-finite loss / grad norm
 
 
+# What became of an optimizer step (step_outcome).
+APPLIED = "applied"
+LOSS_SCALE_SKIP = "loss-scale skip"  # fp16: the loss scaler skipped it and lowered the scale
+NONFINITE = "non-finite"             # skipped for a non-finite loss or gradient
+
+
+def step_outcome(loss: float, grad_norm: Optional[float], applied: bool,
+                 loss_scaled: bool) -> str:
+    """APPLIED, LOSS_SCALE_SKIP or NONFINITE. Under fp16 (`loss_scaled`) DeepSpeed's dynamic
+    loss scaler skips a step whose scaled gradients overflowed fp16 and reports an infinite
+    grad norm (zero/stage_1_and_2.py), then lowers the scale: the ordinary start of an fp16 run
+    (initial scale 2^16, hysteresis 2) and a routine event later, not a sick model, as long as
+    the loss itself is finite. A non-finite loss is NONFINITE in every precision, and so is a
+    non-finite gradient without loss scaling."""
+    if not math.isfinite(loss):
+        return NONFINITE
+    if loss_scaled and not applied:
+        return LOSS_SCALE_SKIP
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return NONFINITE
+    return APPLIED
+
+
 def dp_mean(value: torch.Tensor, group) -> float:
     value = value.detach().float().clone()  # stays on its device: NCCL reduces CUDA tensors
     dist.all_reduce(value, group=group)
@@ -93,7 +116,8 @@ class Trainer:
         self.saved_at: Optional[int] = None  # the step of this process's newest save
         self.started_steps = False           # whether a step ran (the start-up time is logged)
         self.interval_start = time.perf_counter()  # this metrics interval: its start, its steps
-        self.interval_steps = 0
+        self.interval_steps = 0                    # and its skipped steps (not applied)
+        self.interval_skipped = 0
 
     def _make_diagnostics(self) -> Optional[Diagnostics]:
         if not self.cfg.logging.diagnostics_interval or self.rank != 0:
@@ -156,11 +180,19 @@ class Trainer:
 
     def check_finite(self, loss: float, grad_norm: Optional[float]) -> bool:
         """Count a step whose loss or grad norm is non-finite (its update was skipped, see
-        training/engine.py); False once train.max_nonfinite_steps of them came in a row. Both
-        values are global (all-reduced), so every rank decides alike."""
-        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        training/engine.py); False once train.max_nonfinite_steps of them came in a row. An
+        fp16 loss-scale skip is counted in the metrics row, not here, and does not end a
+        streak either. Every input is global (all-reduced or agreed by the engine), so every
+        rank decides alike."""
+        outcome = step_outcome(loss, grad_norm, self.engine.was_step_applied(),
+                               self.cfg.train.precision == "fp16")
+        if outcome == LOSS_SCALE_SKIP:
+            self.interval_skipped += 1
+            return True
+        if outcome == APPLIED:
             self.state.nonfinite_streak = 0
             return True
+        self.interval_skipped += 1
         self.state.nonfinite_streak += 1
         limit = self.cfg.train.max_nonfinite_steps
         self.log(f"WARNING: step {self.state.step}: loss {loss}, grad norm {grad_norm}: update "
@@ -172,9 +204,8 @@ class Trainer:
         extra_rng = {TP_RNG_KEY: self.tp_rng.state} if self.tp_rng is not None else None
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
                   self.cfg, self.dims, self.cfg.checkpoint.keep_last, extra_rng=extra_rng,
-                  faults=self.faults)
+                  faults=self.faults, log=self.log)
         self.saved_at = self.state.step
-        self.log(f"saved checkpoint {self.ckpt_dir}/{ckpt.tag_for(self.state.step)}")
 
     def restore_tp_rng(self, saved_rng: Optional[dict]) -> None:
         """The TP dropout stream where the checkpoint left it (exact resume with dropout)."""
@@ -196,7 +227,9 @@ class Trainer:
     def train(self) -> ExitCode:
         """Run to train.last_step; returns the process exit code."""
         t = self.cfg.train
-        batches = self.loader(self.train_ds, t.train_iters * t.global_batch_size,
+        batches = self.loader(self.train_ds, train_samples(t.train_iters, t.global_batch_size,
+                                                           self.state.step,
+                                                           self.state.consumed_samples),
                               self.state.consumed_samples)
         self.stop.install()
         watchdog = StepWatchdog.from_env()  # a no-op unless launch/ft_launch.py enabled it
@@ -225,6 +258,7 @@ class Trainer:
         self.engine.train()
         self.untimed(self.diagnose)  # at step 0: the gradients at init and F(x, theta_0)
         self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.interval_skipped = 0
 
     def step(self, batches) -> Optional[ExitCode]:
         """One optimizer step as the run takes it, in this order: the fault points, the step,
@@ -273,8 +307,9 @@ class Trainer:
         seconds = time.perf_counter() - self.interval_start
         self.metrics.train(self.state.step, loss, self.engine.get_lr()[0], grad_norm,
                            t.global_batch_size * self.cfg.model.max_seq_len * self.interval_steps,
-                           seconds, self.state.consumed_samples)
+                           seconds, self.state.consumed_samples, self.interval_skipped)
         self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.interval_skipped = 0
 
     def untimed(self, work: Callable[[], None]) -> None:
         """Run work that is not training (diagnostics, evaluation, saves) outside the metrics

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterator, List
 
+from ..config import min_zero_stage
 from ..model import model_skeleton
 from ..model.config import ModelConfig
 from ..dims import LayoutError, ParallelDims
@@ -112,7 +113,11 @@ class MemoryPlanner:
         params = max(self.stage_params(layout))
         elem, zero = BYTES[self.precision], d.zero_stage
         grads = params * elem / (d.dp if zero >= 2 else 1)
-        if self.precision != "fp32" and zero > 0:
+        if self.precision == "bf16" and zero == 1:
+            # DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 accumulation, training/engine.py)
+            # accumulates every micro-batch into an fp32 buffer of the whole model
+            grads += params * 4
+        elif self.precision != "fp32" and zero > 0:
             grads += params * 4 / d.dp  # the fp32 gradient partition the optimizer steps on
         tokens = layout.micro_batch * self.seq_len
         layers = -(-cfg.num_layers // d.pp)
@@ -148,7 +153,8 @@ def deepspeed_estimate(params_per_rank: int, largest_param: int, dims: ParallelD
 
 
 def candidate_layouts(model_cfg: ModelConfig, world: int, gpus_per_node: int,
-                      micro_batch: int, global_batch: int) -> Iterator[Layout]:
+                      micro_batch: int, global_batch: int,
+                      precision: str = "fp32") -> Iterator[Layout]:
     """Every layout the config validation would accept: TP within a node dividing the heads
     and the FFN, PP up to the depth (decoder only, ZeRO 0-1), each ZeRO stage, recompute on
     and off."""
@@ -158,7 +164,7 @@ def candidate_layouts(model_cfg: ModelConfig, world: int, gpus_per_node: int,
         for pp in (n for n in range(1, world // tp + 1) if (world // tp) % n == 0):
             if pp > model_cfg.num_layers or (pp > 1 and model_cfg.arch != "decoder"):
                 continue
-            for zero in range(4 if pp == 1 else 2):
+            for zero in range(min_zero_stage(precision), 4 if pp == 1 else 2):
                 try:
                     dims = ParallelDims.build(world, tp, pp, micro_batch, global_batch, zero)
                 except LayoutError:

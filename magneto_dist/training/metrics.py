@@ -2,11 +2,14 @@
 
 metrics.jsonl rows:
 - {"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device",
-  "mfu", "memory_gb", "consumed_samples", "time"} every log interval;
+  "mfu", "memory_gb", "consumed_samples", "skipped_steps", "time"} every log interval
+  (skipped_steps: the interval's steps whose update was not applied);
 - {"split": "valid", "step", "loss", "ppl", "time"} every eval interval;
 - {"split": "diagnostics", "step", "grad_norm_per_layer", ...} every
   logging.diagnostics_interval steps (see training/diagnostics.py);
 - {"split": "startup", "step", "startup_seconds", "time"} once, after this process's first step;
+- {"split": "eval", "step", "task", METRIC: value, ..., "time"} per lm-evaluation-harness task
+  of tools/evaluate.py (TensorBoard: eval/TASK/METRIC);
 - {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
   run starts: the rows after it
   replay the steps after `step` (take the last occurrence of a step).
@@ -22,33 +25,47 @@ from typing import List, Optional
 
 import torch
 
-from ..files import read_jsonl
+from .metrics_file import METRICS
 
-METRICS = "metrics.jsonl"  # in the run directory
+# Dense (no sparsity) bf16/fp16 tensor-core peak TFLOP/s per device, from the vendors'
+# datasheets; fp32 runs on GPUs are compared with the same peak, as MFU is conventionally quoted.
+# Rows are (model, variant, peak), first match wins: a device name matches a row when the model
+# is one of its words (or run of words) and, for a variant other than None, the variant is one
+# of its words too. torch names the parts "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe",
+# "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB", "Tesla V100-PCIE-16GB", "NVIDIA L40S", ...; a
+# substring match gave the PCIe and NVL parts the SXM part's peak and an L40 the L4's.
+PEAK_TFLOPS = [
+    ("H200", "NVL", 835.0), ("H200", None, 989.0),
+    ("H100", "PCIE", 756.0), ("H100", "NVL", 835.0), ("H100", None, 989.0),
+    ("A100", None, 312.0), ("A10", None, 125.0),
+    ("L40S", None, 362.0), ("L40", None, 181.0), ("L4", None, 121.0),
+    ("V100S", None, 130.0), ("V100", "PCIE", 112.0), ("V100", None, 125.0),
+    ("RTX 4090", None, 165.2), ("MI300X", None, 1307.4),
+]
 
 
-def read_metrics(run_dir: str, split: Optional[str] = None) -> List[dict]:
-    """A run's metrics.jsonl rows (of one split, when given), in the order written. A resumed
-    run replays steps: the last row of a step is the one that counts."""
-    rows = read_jsonl(os.path.join(run_dir, METRICS))
-    return [r for r in rows if split is None or r.get("split") == split]
-
-# Dense bf16/fp16 tensor-core peak TFLOP/s per device (vendor datasheets, SXM parts); fp32 runs on
-# GPUs are compared with the same peak, as MFU is conventionally quoted.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0,
-               "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "MI300X": 1307.0}
+def peak_tflops_for(device_name: str) -> Optional[float]:
+    """The table's peak for a device name, or None when no row matches it."""
+    words = device_name.upper().replace("-", " ").replace("_", " ").split()
+    padded = f" {' '.join(words)} "
+    for model, variant, peak in PEAK_TFLOPS:
+        if f" {model} " in padded and (variant is None or variant in words):
+            return peak
+    return None
 
 
-def device_peak_tflops(configured: Optional[float]) -> Optional[float]:
+def device_peak_tflops(configured: Optional[float], log=print) -> Optional[float]:
     """The configured peak, else the table's entry for this GPU, else None (no MFU)."""
     if configured:
         return configured
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, peak in PEAK_TFLOPS.items():
-            if key in name:
-                return peak
-    return None
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = peak_tflops_for(name)
+    if peak is None:
+        log(f"no MFU: {name!r} is not in the peak-TFLOP/s table (training/metrics.py); set "
+            "logging.peak_tflops to its dense bf16 peak")
+    return peak
 
 
 def memory_gb() -> float:
@@ -101,7 +118,9 @@ class MetricsLogger:
                                                row["step"])
 
     def train(self, step: int, loss: float, lr: float, grad_norm: Optional[float],
-              tokens: int, seconds: float, consumed_samples: int) -> None:
+              tokens: int, seconds: float, consumed_samples: int, skipped: int = 0) -> None:
+        """`skipped`: steps of this interval whose update was not applied (an fp16 loss-scale
+        back-off or a non-finite step); the LR schedule did not advance for them."""
         if not self.enabled:
             return
         tokens_per_s = tokens / max(seconds, 1e-9)
@@ -111,12 +130,13 @@ class MetricsLogger:
                "tflops_per_device": tflops,
                "mfu": tflops / self.peak if self.peak else None,
                "memory_gb": memory_gb(), "consumed_samples": consumed_samples,
-               "time": time.time()}
+               "skipped_steps": skipped, "time": time.time()}
         mfu = f" | mfu {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        skips = f" | {skipped} skipped" if skipped else ""
         norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         print(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | grad norm {norm} | "
               f"{tokens_per_s:,.0f} tokens/s | {tflops * 1e3:.1f} GFLOP/s/device{mfu} | "
-              f"mem {row['memory_gb']:.2f} GB", flush=True)
+              f"mem {row['memory_gb']:.2f} GB{skips}", flush=True)
         self._emit(row)
 
     def started(self, step: int) -> None:
@@ -141,6 +161,17 @@ class MetricsLogger:
         """A row of training/diagnostics.py (per-layer lists, model update, max |logit|)."""
         if self.enabled:
             self._emit({"split": "diagnostics", **row, "time": time.time()})
+
+    def evaluation(self, step: int, task: str, metrics: dict) -> None:
+        """One lm-evaluation-harness task's scores for the checkpoint of `step`."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"split": "eval", "step": step, "task": task, **metrics,
+                                     "time": time.time()}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"eval/{task}/{key}", value, step)
 
     def resumed(self, step: int, tag: str, process_start: float, load_start: float) -> None:
         """A restart: rows after this one replay steps from `step` on; readers keep the last

@@ -7,6 +7,7 @@ What they decide is a RunPlan; the process group, the engine and the loop come a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,10 +20,14 @@ import torch.distributed as dist
 from ..checkpoint import manager as ckpt
 from ..checkpoint import reshard
 from ..checkpoint.export import check_consolidated, consolidated_weights
+from ..checkpoint.storage import agree_on_resume
 from ..config import Config, dump_config, load_config, validate, with_vocab_size
+from ..data.datasets import train_samples
+from ..data.run_tokenizer import check_resume_tokenizer, save_run_tokenizer
 from ..data.setup import load_tokenizer, prepare_data
 from ..dims import ParallelDims, describe
 from ..errors import ConfigError, ExitCode, MagnetoError
+from ..files import atomic_write
 from ..launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from ..model import InitWeights, flops_per_token, model_skeleton
 from ..resilience.faults import Faults, faults_from_env
@@ -35,6 +40,7 @@ from .preflight import PreflightError, RunLock, check_run_dir_writable, finished
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
+DEEPSPEED_CONFIG = "deepspeed_config.json"  # in the run directory: the config DeepSpeed got
 
 
 @dataclass
@@ -48,6 +54,7 @@ class RunPlan:
     valid_ds: object
     ckpt_dir: str
     resume: Optional[reshard.ResumeSource]  # None: a fresh start
+    train_samples: int          # the training split's size (data.datasets.train_samples)
     ranks: RankInfo
     faults: Faults              # fault injection (tests); NO_FAULTS otherwise
 
@@ -75,12 +82,20 @@ def resolve(task: str, argv) -> Config:
 
 def choose_resume_tag(cfg: Config, dims: ParallelDims, ckpt_dir: str,
                       ranks: RankInfo) -> Tuple[Optional[str], Optional[Tuple[dict, dict]]]:
-    """The checkpoint to resume from, checked against this run's model and layout, and the
-    (saved, current) layouts when they differ."""
-    tag = ckpt.find_resume_tag(ckpt_dir, cfg.checkpoint.resume, log=ranks.log)
+    """The checkpoint to resume from, checked against this run's model and layout (this rank
+    verifies its share of the files' contents), and the (saved, current) layouts when they
+    differ."""
+    tag = ckpt.find_resume_tag(
+        ckpt_dir, cfg.checkpoint.resume, log=ranks.log, share=(ranks.rank, ranks.world_size),
+        warn=lambda message: print(f"rank {ranks.rank}: " * (ranks.world_size > 1) + message,
+                                   flush=True))
     if not tag:
         return None, None
     ckpt.check_compatible(ckpt_dir, tag, cfg)
+    for change in ckpt.data_order_changes(ckpt_dir, tag, cfg):
+        ranks.log(f"WARNING: {change}: the samples come in another order than the checkpoint's "
+                  "run drew them, so resuming at its data position repeats some samples and "
+                  "skips others; set the checkpoint's value to continue exactly")
     before, now = ckpt.saved_layout(ckpt_dir, tag), dims.layout
     if before == now:
         return tag, None
@@ -103,6 +118,24 @@ def resume_source(ckpt_dir: str, tag: str, change: Optional[Tuple[dict, dict]],
               f"{describe(now)}; resuming through the universal checkpoint")
     return reshard.universal_source(ckpt_dir, tag, ranks.local_rank, log=ranks.log,
                                     faults=faults, rank=ranks.rank)
+
+
+def train_split_size(cfg: Config, ckpt_dir: str, tag: Optional[str], ranks: RankInfo) -> int:
+    """The training split's size: a fresh start's, or from the resume tag's data position on
+    (with another global batch than the checkpoint's, its steps left take another number of
+    samples), never smaller than the size that tag's run used (which keeps the order)."""
+    t = cfg.train
+    if not tag:
+        return train_samples(t.train_iters, t.global_batch_size)
+    marker, saved = ckpt.read_marker(ckpt_dir, tag), ckpt.saved_config(os.path.join(ckpt_dir, tag))
+    consumed = marker.get("consumed_samples") or marker["step"] * saved.train.global_batch_size
+    if saved.train.global_batch_size != t.global_batch_size:
+        ranks.log(f"train.global_batch_size: checkpoint {saved.train.global_batch_size}, config "
+                  f"{t.global_batch_size}: continuing at sample {consumed}, "
+                  f"{t.global_batch_size} per step")
+    return train_samples(t.train_iters, t.global_batch_size, marker["step"], consumed,
+                         at_least=marker.get("train_samples") or
+                         saved.train.train_iters * saved.train.global_batch_size)
 
 
 def main(task: str, argv: Optional[List[str]] = None) -> int:
@@ -149,6 +182,8 @@ def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPl
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)
     ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
     resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
+    if resume_tag:
+        check_resume_tokenizer(cfg.logging.run_dir, tokenizer)
     if not resume_tag and cfg.checkpoint.init_from:
         check_consolidated(cfg.checkpoint.init_from, cfg)
     if resume_tag:
@@ -157,13 +192,14 @@ def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPl
         if done:  # a rerun of a finished command rewrites nothing
             ranks.log(done)
             return None
-    train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks)
+    num_train = train_split_size(cfg, ckpt_dir, resume_tag, ranks)
+    train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks, num_train)
     resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks, faults) if resume_tag
               else None)
     objective = TASKS[task](tokenizer.vocab_size, tensor_parallel=dims.tp > 1)
     return RunPlan(cfg=cfg, dims=dims, task=objective, tokenizer=tokenizer, train_ds=train_ds,
-                   valid_ds=valid_ds, ckpt_dir=ckpt_dir, resume=resume, ranks=ranks,
-                   faults=faults)
+                   valid_ds=valid_ds, ckpt_dir=ckpt_dir, resume=resume,
+                   train_samples=num_train, ranks=ranks, faults=faults)
 
 
 def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]:
@@ -179,19 +215,26 @@ def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]
 
 
 def train(plan: RunPlan) -> ExitCode:
-    """The process group, the run directory's lock, then the run itself."""
+    """The process group, the run directory's lock, every rank agreeing on the resume tag,
+    then the run itself."""
     # deferred: importing DeepSpeed and megatron costs seconds that config errors should not pay
-    from ..parallel.state import init_distributed
+    from ..parallel.state import init_distributed, set_local_device
 
-    if torch.cuda.is_available():  # before any group or generator touches "the" device
-        torch.cuda.set_device(plan.ranks.local_rank)
-    init_distributed()
+    # before any group or generator touches "the" device
+    set_local_device(plan.ranks.local_rank, plan.ranks.local_world_size, plan.dims.tp)
+    init_distributed(plan.cfg.parallel.timeout_minutes)
     lock, refusal = lock_run_dir(plan.cfg.logging.run_dir, plan.ranks)
     if refusal:  # said once, by rank 0; the other ranks exit with the same code
         if plan.ranks.rank == 0:
             raise PreflightError(refusal)
         return ExitCode.CONFIG
     try:
+        disagreement = agree_on_resume(plan.ckpt_dir, plan.resume and plan.resume.tag,
+                                       plan.ranks.log)
+        if disagreement:  # the same on every rank; said once, by rank 0
+            if plan.ranks.rank == 0:
+                raise disagreement
+            return disagreement.exit_code
         code = train_locked(plan)
     finally:
         lock.release()
@@ -223,15 +266,16 @@ def build_setup(cfg: Config, dims: ParallelDims, task, resume: Optional[reshard.
 
 
 def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, state: TrainState,
-                 ranks: RankInfo, faults: Optional[Faults] = None) -> Trainer:
+                 ranks: RankInfo, faults: Optional[Faults] = None,
+                 train_size: Optional[int] = None) -> Trainer:
     """The training loop around a built setup, with its metrics logger."""
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
-                            device_peak_tflops(cfg.logging.peak_tflops))
+                            device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log))
     extra = {"faults": faults} if faults is not None else {}
     return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
                    lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
-                              **setup.checkpoint_info},
+                              "train_samples": train_size, **setup.checkpoint_info},
                    log=ranks.log, **extra)
 
 
@@ -254,11 +298,15 @@ def train_locked(plan: RunPlan) -> ExitCode:
     cfg, ranks = plan.cfg, plan.ranks
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
+        save_run_tokenizer(cfg.logging.run_dir, plan.tokenizer)
     setup = build_setup(cfg, plan.dims, plan.task, plan.resume, ranks)
+    if ranks.rank == 0:  # what DeepSpeed was really given: derived keys, defaults, deepspeed:
+        atomic_write(os.path.join(cfg.logging.run_dir, DEEPSPEED_CONFIG),
+                     json.dumps(setup.deepspeed_config, indent=2) + "\n")
     load_start = time.time()
     state, client = resume_state(plan, setup) if plan.resume else (TrainState(), {})
     trainer = make_trainer(cfg, plan.task, setup, plan.train_ds, plan.valid_ds, plan.ckpt_dir,
-                           state, ranks, plan.faults)
+                           state, ranks, plan.faults, plan.train_samples)
     if plan.resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
         trainer.metrics.resumed(state.step, plan.resume.tag, process_start_time(), load_start)
         trainer.restore_tp_rng(client.get("_rng"))

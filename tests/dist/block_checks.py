@@ -126,8 +126,9 @@ def pipeline_frees_other_stages() -> dict:
     del model
     gc.collect()
     local = sum(isinstance(m, TransformerLayerPipe) for m in par.module.modules())
+    draws = _gather(torch.rand(64))  # each stage's first dropout draw
     return {"alive": sum(ref() is not None for ref in layers), "local": local,
-            "total": len(layers)}
+            "total": len(layers), "stage_draws_differ": not torch.equal(draws[0], draws[1])}
 
 
 def pipe_names_map_to_model_names() -> dict:

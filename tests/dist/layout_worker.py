@@ -5,7 +5,8 @@ global batch sequence, and have rank 0 write {case name: result} to the output f
     python tests/dist/layout_worker.py CASES.json OUT.json
 
 A training case: {"name", "tp", "pp", "zero", "model": {ModelConfig overrides}, "steps",
-"recompute", "partition"} -> [loss per step]. A case with "check" runs one of block_checks.py instead.
+"recompute", "partition", "precision", "deepspeed": [key=value of the deepspeed: section]}
+-> [loss per step]. A case with "check" runs one of block_checks.py instead.
 Starting ranks costs seconds, so one group of ranks goes through many cases.
 """
 import json
@@ -55,9 +56,11 @@ def case_config(case):
                   f"parallel.activation_checkpointing={case.get('recompute', False)}",
                   f"parallel.pipeline_partition={case.get('partition', 'parameters')}",
                   f"train.zero_stage={case['zero']}", f"train.micro_batch_size={MICRO_BATCH}",
+                  f"train.precision={case.get('precision', 'fp32')}",
                   f"train.global_batch_size={GLOBAL_BATCH}", "train.lr=3e-3",
                   "train.warmup_iters=1", f"train.train_iters={case['steps']}",
                   "train.grad_clip=0.5", "train.seed=7"]  # clipping active: tests the TP norm
+    overrides += [f"deepspeed.{setting}" for setting in case.get("deepspeed", [])]
     return load_config(None, overrides)
 
 
@@ -81,12 +84,15 @@ def main():
     state.init_distributed()
     from block_checks import run_check  # beside this file
     from memory_checks import memory_versus_plan
+    from precision_checks import fp16_loss_scale
     with open(cases_path) as f:
         cases = json.load(f)
     results = {}
     for case in cases:
         if case.get("check") == "memory_plan":
             results[case["name"]] = memory_versus_plan(case, case_config, synthetic_dataset)
+        elif case.get("check") == "fp16_loss_scale":
+            results[case["name"]] = fp16_loss_scale(case, case_config, synthetic_dataset)
         else:
             results[case["name"]] = run_check(case) if "check" in case else train_case(case)
         if dist.get_rank() == 0:

@@ -1,15 +1,21 @@
-"""tools/convert_checkpoint.py, checkpoint.init_from and tools/generate.py on real checkpoints.
+"""tools/convert_checkpoint.py (--to safetensors and --to hf), checkpoint.init_from (from either
+export), tools/generate.py and tools/evaluate.py on real checkpoints.
 
 With train.lr=0 the weights stay at their initialization, which is the same in every layout,
 so the consolidated exports of a TP1 and a TP2 x PP2 run must be equal bit for bit: any slice
 merged in the wrong order or dimension, a padded vocabulary row, or a pipeline name mapped to
 the wrong layer shows up as a difference.
 """
+import json
+import os
 import subprocess
 import sys
 
 import torch
 from safetensors import safe_open
+
+from magneto_dist.checkpoint.export import consolidated_weights
+from magneto_dist.model import build_model
 
 from .gpt_runs import check_ok, gpt, read_metrics
 from .ranks import ROOT, run_ranks
@@ -35,6 +41,14 @@ def files_of(directory):
     return {str(p): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
 
 
+def evaluate(*args):
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", *map(str, args), "--limit", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 def generate(run_dir):
     proc = subprocess.run([sys.executable, "tools/generate.py", "--run", str(run_dir), "--prompt",
                            "def ", "--temperature", "0", "--max-new-tokens", "12"],
@@ -51,6 +65,8 @@ def test_exports_of_tp1_and_tp2_pp2_are_equal_and_round_trip(tmp_path, cache_dir
     before = files_of(source)
     out = convert("--input", source, "--to", "safetensors", "--output", tmp_path / "export")
     assert "peak RSS" in out
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json",
+                                                                       "model.safetensors"]
     convert("--input", tp1 / "checkpoints" / "global_step2", "--to", "safetensors",
             "--output", tmp_path / "export_tp1")
     assert files_of(source) == before  # the input is only read
@@ -75,16 +91,52 @@ def test_exports_of_tp1_and_tp2_pp2_are_equal_and_round_trip(tmp_path, cache_dir
             "--output", tmp_path / "export_again")
     again = weights(tmp_path / "export_again")
     assert all(torch.equal(again[n], t) for n, t in reference.items())
-    # ... and into PP2, whose stages read only their own layers' tensors from the export
+    # The Hugging Face export of the TP2 x PP2 checkpoint: the same weights, under the shipped
+    # model code, giving the native logits
+    convert("--input", source, "--to", "hf", "--output", tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "configuration_magneto.py", "generation_config.json", "model.safetensors",
+        "modeling_magneto.py", "tokenizer.json", "tokenizer_config.json"]
+    from_hf = consolidated_weights(str(tmp_path / "hf"))
+    assert all(torch.equal(from_hf(n), t) for n, t in reference.items())
+    check_hf_logits(tmp_path / "hf", tp1, reference)
+    # ... and it goes back into PP2, whose stages read only their own layers' tensors
     piped = tmp_path / "imported_pp2"
-    check_ok(run_ranks(gpt(piped, cache_dir, *FROZEN, PP2, "train.seed=9",
-                           f"checkpoint.init_from={tmp_path / 'export'}"), 2))
+    log = check_ok(run_ranks(gpt(piped, cache_dir, *FROZEN, PP2, "train.seed=9",
+                                 f"checkpoint.init_from={tmp_path / 'hf'}"), 2))
+    assert f"weights from {tmp_path / 'hf'} (fresh optimizer, step 0)" in log
     convert("--input", piped / "checkpoints" / "global_step2", "--to", "safetensors",
             "--output", tmp_path / "export_pp2")
     again = weights(tmp_path / "export_pp2")
     assert all(torch.equal(again[n], t) for n, t in reference.items())
     # tools/generate.py reads any layout: the same greedy text from both runs
     assert generate(tp2_pp2) == generate(tp1)
+    # tools/evaluate.py: the native model of a TP2 x PP2 checkpoint and the HF export of the
+    # TP1 one score alike; the run gets eval/STEP.json and a metrics row per task
+    evaluate("--run", tp2_pp2)
+    evaluate("--checkpoint", tp1 / "checkpoints" / "global_step2", "--through", "hf")
+    native, exported = (json.loads((run / "eval" / "2.json").read_text())["tasks"]
+                        for run in (tp2_pp2, tp1))
+    for task, scores in native.items():
+        for metric, value in scores.items():
+            assert abs(value - exported[task][metric]) <= 1e-4 * max(1.0, abs(value)), metric
+    rows = read_metrics(tp1, split="eval")
+    assert {r["task"] for r in rows} == set(native) and {r["step"] for r in rows} == {2}
+
+
+@torch.no_grad()
+def check_hf_logits(hf_dir, run_dir, weights):
+    """from_pretrained(trust_remote_code=True) gives the native model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from magneto_dist.checkpoint.manager import saved_config
+
+    model = build_model(saved_config(str(run_dir / "checkpoints" / "global_step2")).model)
+    for name, param in model.named_parameters():  # the tied head is embed.word.weight
+        param.copy_(weights[name])
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True)
+    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert (hf(tokens).logits - model(tokens)).abs().max() <= 1e-5
 
 
 def test_universal_output_and_a_model_mismatch_on_init_from(tmp_path, cache_dir):
@@ -92,6 +144,7 @@ def test_universal_output_and_a_model_mismatch_on_init_from(tmp_path, cache_dir)
     check_ok(run_ranks(gpt(run_dir, cache_dir, *FROZEN, TP2), 2))
     source = run_dir / "checkpoints" / "global_step2"
     convert("--input", source, "--to", "universal", "--output", tmp_path / "universal")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "universal"]  # nothing beside it
     merged = torch.load(tmp_path / "universal" / "zero" / "embed.word.weight" / "fp32.pt",
                         weights_only=False)["param"]
     assert merged.shape == (1000, 64)

@@ -13,6 +13,7 @@ from .ranks import run_ranks
 STEPS = 5
 TOLERANCE = 1e-5
 ENCODER = {"arch": "encoder", "norm": "magneto"}
+OFFLOAD = "zero_optimization.offload"
 VARIANT = {"norm": "magneto", "norm_type": "rmsnorm", "activation": "swiglu",
            "position": "rope", "tie_embeddings": False}
 
@@ -32,7 +33,13 @@ GROUPS = {
        case("pp2_recompute", pp=2, recompute=True),
        case("pp2_untied_by_layers", pp=2, model=VARIANT, partition="layers"),
        case("dp2_zero1", zero=1), case("dp2_zero2", zero=2), case("dp2_zero3", zero=3),
-       case("dp2_encoder_zero1", model=ENCODER)],
+       case("dp2_encoder_zero1", model=ENCODER)]
+    # ZeRO-Offload: DeepSpeed's CPU Adam steps the offloaded optimizer (torch's AdamW was
+    # refused with ZeRORuntimeException); its updates match AdamW's to ~1e-9 here
+    + [case(f"{name}_offload", **layout, deepspeed=[f"{OFFLOAD}_optimizer.device=cpu", *extra])
+       for name, layout, extra in (
+           ("dp2_zero1", {}, []), ("tp2_zero2", {"tp": 2, "zero": 2}, []), ("pp2", {"pp": 2}, []),
+           ("dp2_zero3_params", {"zero": 3}, [f"{OFFLOAD}_param.device=cpu"]))],
     4: [case("tp2_dp2_zero1", tp=2), case("tp2_dp2_zero3", tp=2, zero=3),
         case("tp2_pp2", tp=2, pp=2), case("pp2_dp2", pp=2)],
     8: [case("tp2_pp2_dp2", tp=2, pp=2)],
@@ -44,6 +51,7 @@ CHECKS = [
     {"name": "sub_ln_normformer_layernorm", "check": "sub_ln", "norm": "normformer",
      "norm_type": "layernorm"},
     {"name": "dropout", "check": "dropout"},
+    dict(case("fp16_loss_scale", zero=1, steps=14), check="fp16_loss_scale", nan_from=10),
     {"name": "pipeline_memory", "check": "pipeline_memory"},
     {"name": "pipe_names", "check": "pipe_names"},
     {"name": "shard_only_tp2", "check": "shard_only", "tp": 2, "pp": 1},
@@ -120,6 +128,31 @@ def test_pipeline_stage_frees_other_stages_layers(group_results):
     r = group_results(2)["pipeline_memory"]
     assert r["total"] == 4 and r["local"] == 2, r
     assert r["alive"] == r["local"], r
+
+
+def test_pipeline_stages_draw_their_own_dropout_masks(group_results):
+    """Every stage's default stream was seeded alike, so layer k of stage 1 drew the masks of
+    layer k of stage 0; now each stage's seed is offset by 100 x its rank (Megatron-LM)."""
+    assert group_results(2)["pipeline_memory"]["stage_draws_differ"]
+
+
+def test_fp16_loss_scale_back_off_goes_on_and_a_nan_loss_still_stops(group_results):
+    """DeepSpeed's own fp16 loss scaler (DP2, ZeRO-1, initial scale 2^20): its first steps
+    overflow and are skipped while the scale halves. The trainer counted those as non-finite
+    steps and stopped the run at the third with exit 4; now they pass, with the LR held as
+    DeepSpeed holds it, and a NaN loss from step 10 on still stops the run at step 12."""
+    steps = group_results(2)["fp16_loss_scale"]["steps"]
+    skipped = [i for i, s in enumerate(steps[:9]) if not s["applied"]]
+    assert len(skipped) >= 3 and skipped == list(range(len(skipped))), steps  # in a row
+    assert all(s["verdict"] is None and s["streak"] == 0 for s in steps[:9]), steps
+    assert steps[len(skipped)]["scale"] < steps[0]["scale"] and steps[8]["applied"], steps
+    for before, now in zip(steps, steps[1:]):
+        if not now["applied"]:
+            assert now["lr"] == before["lr"], steps  # the schedule holds on a skipped step
+    assert len({s["lr"] for s in steps}) > 2  # ... and moves on an applied one
+    assert [s["verdict"] for s in steps[9:]] == [None, None, 4], steps
+    assert "update skipped (3 of train.max_nonfinite_steps=3 in a row)" in \
+        group_results(2)["fp16_loss_scale"]["logged"][2]
 
 
 def test_pipeline_names_map_to_model_names(group_results):

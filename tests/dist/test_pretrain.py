@@ -79,6 +79,30 @@ def test_incomplete_checkpoint_is_never_chosen(tmp_path, cache_dir):
     assert (ckpts / "global_step6" / "complete.json").exists()
 
 
+def test_resume_with_a_smaller_global_batch_finishes(tmp_path, cache_dir):
+    """16 samples a step to step 4, then resumed with train.global_batch_size=8: the training
+    split was sized train_iters x 8 = 80 while 64 were consumed, so step 7 raised StopIteration
+    (and so did every restart, and every later resume from that tag). A resume that changes
+    the sample order is named."""
+    run_dir = tmp_path / "run"
+    check_ok(run_ranks(gpt(run_dir, cache_dir, "train.train_iters=10",
+                           "train.global_batch_size=16", "train.exit_at_step=4"), 1))
+    out = check_ok(run_ranks(gpt(run_dir, cache_dir, "train.train_iters=10",
+                                 "checkpoint.save_interval=3"), 1))
+    assert "step 4, 64 samples consumed" in out
+    assert ("train.global_batch_size: checkpoint 16, config 8: continuing at sample 64, 8 per "
+            "step") in out
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert rows[-1]["consumed_samples"] == 64 + 6 * 8
+    out = check_ok(run_ranks(gpt(run_dir, cache_dir, "train.train_iters=12", "train.seed=7",
+                                 "data.split=949,50,1"), 1))
+    assert "step 10, 112 samples consumed" in out
+    assert ("WARNING: train.seed: checkpoint 1234, config 7: the samples come in another order "
+            "than the checkpoint's run drew them") in out
+    assert "WARNING: data.split: checkpoint '969,30,1', config '949,50,1'" in out
+
+
 def test_sigterm_saves_and_exits_with_distinct_code(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     args = gpt(run_dir, cache_dir, "train.train_iters=100000", "checkpoint.save_interval=0")

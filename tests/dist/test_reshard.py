@@ -6,12 +6,18 @@ own holding only A's global_step5, so every loss it logs comes from the resumed 
 both Adam moments, the LR schedule position, the step and the data position all have to be right
 for steps 6-10 to match.
 """
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
+from magneto_dist.checkpoint import reshard
+
 from .gpt_runs import check_ok, gpt, read_metrics
-from .ranks import run_ranks
+from .ranks import ROOT, kill_group, run_ranks, wait_ranks
 
 TOLERANCE = 1e-5
 COMMON = ["train.train_iters=10", "train.micro_batch_size=2", "checkpoint.save_interval=5",
@@ -83,3 +89,79 @@ def test_kill_during_conversion_then_rerun(tmp_path, cache_dir, straight_runs):
     got = {r["step"]: r["loss"] for r in read_metrics(resumed)}
     assert sorted(got) == [6, 7, 8, 9, 10]
     assert max(abs(got[s] - expected[s]) for s in got) < TOLERANCE
+
+
+def test_a_damaged_universal_form_is_rebuilt(tmp_path, cache_dir, straight_runs):
+    """One parameter file deleted from TAG/universal: the run said "reusing the universal form",
+    exit 0, with that weight at its fresh init (step-5 loss 7.0105 instead of 7.0055), and the
+    next tag was marked complete with it. Now the form is verified, rebuilt, and resumes
+    exactly."""
+    straight = straight_runs(TP2)
+    resumed = tmp_path / "resumed"
+    tag_dir = resumed / "checkpoints" / "global_step5"
+    shutil.copytree(straight / "checkpoints" / "global_step5", tag_dir)
+    args = gpt(resumed, cache_dir, *COMMON, *TP1["args"], "checkpoint.resume=global_step5")
+    check_ok(run_ranks(args, 1))
+    victim = tag_dir / "universal" / "zero" / "decoder.layers.0.ffn.fc1.weight" / "fp32.pt"
+    victim.unlink()
+    out = check_ok(run_ranks(args, 1))
+    assert f"the universal form in {tag_dir}/universal cannot be reused: {victim} is missing; " \
+           "converting again" in out, out[-3000:]
+    assert victim.exists() and "reusing the universal form" not in out
+    expected = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    got = {r["step"]: r["loss"] for r in read_metrics(resumed)}  # the last run's rows
+    assert sorted(got) == [6, 7, 8, 9, 10]
+    assert max(abs(got[s] - expected[s]) for s in got) < TOLERANCE
+
+
+def node(ckpt_dir, local_rank, fault=None):
+    """One node's local rank preparing a resume in another layout (convert_worker.py)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if fault:
+        env["MAGNETO_DIST_FAULT"] = fault
+    return subprocess.Popen([sys.executable, "tests/dist/convert_worker.py", str(ckpt_dir),
+                             "global_step5", str(local_rank)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_lock(lock, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not lock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("first_dies", [False, True], ids=["both-alive", "converter-killed"])
+def test_one_converter_per_filesystem_and_a_dead_one_is_taken_over(tmp_path, straight_runs,
+                                                                  first_dies):
+    """Two nodes on one filesystem each converted the same tag at once (local rank 0 of every
+    node), and their other ranks gave up after a fixed 1,800 s. Now one converts (it holds
+    TAG/universal.lock) while the other node waits and reuses its result, or takes over when
+    the converter was killed mid-way; a node's other rank waits for the result."""
+    ckpt_dir = tmp_path / "checkpoints"
+    shutil.copytree(straight_runs(TP2) / "checkpoints" / "global_step5", ckpt_dir / "global_step5")
+    tag_dir = ckpt_dir / "global_step5"
+    procs = [node(ckpt_dir, 0, fault="kill_in_convert:0:5" if first_dies else None)]
+    try:
+        if first_dies:  # the other node comes while the first holds the lock (or has died)
+            wait_for_lock(tag_dir / "universal.lock", procs[0])
+        procs += [node(ckpt_dir, 0), node(ckpt_dir, 1)]  # the other node; a loader rank
+        a, b, loader = wait_ranks(procs, timeout=300)
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    assert b.returncode == 0 and loader.returncode == 0, b.output[-3000:] + loader.output[-3000:]
+    assert "ready to load" in loader.output
+    if first_dies:
+        assert a.returncode == 137, a.output[-3000:]
+        assert (f"taking over the conversion: the converter on {os.uname().nodename} pid "
+                f"{procs[0].pid} is gone") in b.output
+    else:
+        assert a.returncode == 0, a.output[-3000:]
+        converted, waited = sorted([a.output, b.output], key=lambda o: "converting" not in o)
+        assert "converting" in converted and "converting" not in waited
+        assert "waiting for the conversion by" in waited or "reusing the universal" in waited
+    assert sorted(p.name for p in tag_dir.glob("universal*")) == ["universal"]
+    assert reshard.universal_problem(str(tag_dir / "universal"),
+                                     reshard.source_identity(str(tag_dir))) is None

@@ -1,0 +1,354 @@
+"""Magneto-family transformers for Hugging Face transformers: MagnetoModel (hidden states),
+MagnetoForCausalLM (decoder, KV cache, generate()) and MagnetoForMaskedLM (encoder).
+
+Written by magneto_dist's exporter into every export; needs torch and transformers only. The
+module tree and parameter names mirror magneto_dist's own model under `model.` (heads at the top),
+and every operation is the same one in the same order, so the logits equal the trainer's.
+Attention runs through torch's scaled_dot_product_attention. Norms compute in fp32 whatever the
+activation dtype (bf16 statistics lose too many bits), as in training.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast,
+                                           MaskedLMOutput)
+
+from .configuration_magneto import MagnetoConfig
+
+
+class MagnetoLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                         self.eps)
+        return y.type_as(x)
+
+
+class MagnetoRMSNorm(nn.RMSNorm):
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(),
+                          self.eps).type_as(x)
+
+
+NORMS = {"layernorm": MagnetoLayerNorm, "rmsnorm": MagnetoRMSNorm}
+
+
+def make_norm(config, width):
+    """The provider every norm slot is filled from."""
+    return NORMS[config.norm_type](width, eps=config.norm_eps)
+
+
+def linear(config, fan_in, fan_out, gain, bias=None):
+    """nn.Linear that remembers its init gain (for _init_weights when training from scratch)."""
+    layer = nn.Linear(fan_in, fan_out, bias=config.use_bias if bias is None else bias)
+    layer.magneto_init_gain = gain
+    return layer
+
+
+def rotary_tables(config, position_ids):
+    """RoPE (cos, sin) for positions [b, s] -> [b, 1, s, hd], "rotate half" layout. Computed
+    per call (a handful of flops) rather than kept as a buffer, so no table limits the length."""
+    hd = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (
+        torch.arange(0, hd, 2, device=position_ids.device).float() / hd)
+    angles = position_ids.float()[..., None] * inv_freq          # [b, s, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]        # [b, 1, s, hd]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, rope):
+    """x: [b, h, s, hd]; rotates pairs (i, i + hd/2) by the position angle."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class MagnetoEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                         if config.position_embedding_type == "learned" else None)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids, position_ids):
+        x = self.word(input_ids)                                     # [b, s, d]
+        if self.position is not None:
+            if int(position_ids.max()) >= self.position.num_embeddings:
+                raise ValueError(f"position {int(position_ids.max())} is beyond the learned "
+                                 f"table (max_position_embeddings="
+                                 f"{self.position.num_embeddings})")
+            x = x + self.position(position_ids)
+        return self.dropout(x)
+
+
+class MagnetoSublayer(nn.Module):
+    """x -> post_norm(alpha * x + output_norm(dropout(f(pre_norm(x) * input_scale))))."""
+
+    def __init__(self, config, slots, layer_number):
+        super().__init__()
+        scheme = config.slots
+        self.pre_norm = make_norm(config, config.hidden_size) if slots["pre_norm"] else None
+        self.output_norm = make_norm(config, config.hidden_size) if slots["output_norm"] else None
+        self.post_norm = make_norm(config, config.hidden_size) if slots["post_norm"] else None
+        self.residual_alpha = config.residual_alpha if scheme["scaled_residual"] else 1.0
+        # LayerNorm Scaling: the pre-norm output times 1/sqrt(layer number)
+        self.input_scale = 1.0 / math.sqrt(layer_number) if scheme["depth_scaled_input"] else 1.0
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, **kwargs):
+        h = x
+        if self.pre_norm is not None:
+            h = self.pre_norm(x)
+            if self.input_scale != 1.0:
+                h = h * self.input_scale
+        y = self.dropout(self.transform(h, **kwargs))
+        if self.output_norm is not None:
+            y = self.output_norm(y)
+        x = x * self.residual_alpha + y if self.residual_alpha != 1.0 else x + y
+        return self.post_norm(x) if self.post_norm is not None else x
+
+
+class MagnetoAttention(MagnetoSublayer):
+    def __init__(self, config, layer_number):
+        slots = config.slots["attention"]
+        super().__init__(config, slots, layer_number)
+        d, gain = config.hidden_size, config.init_gain
+        self.q_proj = linear(config, d, d, 1.0)
+        self.k_proj = linear(config, d, d, 1.0)
+        self.v_proj = linear(config, d, d, gain)
+        self.out_proj = linear(config, d, d, gain)
+        # Sub-LN: normalizes the merged heads (width d) before W_o.
+        self.inner_norm = make_norm(config, d) if slots["inner_norm"] else None
+        self.head_scale = (nn.Parameter(torch.ones(config.num_attention_heads))
+                           if slots["head_scale"] else None)
+        self.head_dim = config.head_dim
+        self.layer_index = layer_number - 1  # its slot in the KV cache
+        self.attn_dropout = config.dropout
+
+    def transform(self, h, mask=None, is_causal=False, rope=None, cache=None):
+        """h: [b, s, d]; mask: bool [b, 1, s, t] (True = may attend) or None."""
+        b, s, _ = h.shape
+        q = self.q_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)   # [b, heads, s, hd]
+        k = self.k_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:  # k, v of every position so far: [b, heads, t, hd]
+            k, v = cache.update(k, v, self.layer_index)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.attn_dropout if self.training else 0.0)         # [b, heads, s, hd]
+        if self.head_scale is not None:
+            y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
+        y = y.transpose(1, 2).reshape(b, s, -1)                            # [b, s, d]
+        if self.inner_norm is not None:
+            y = self.inner_norm(y)
+        return self.out_proj(y)
+
+
+class MagnetoFeedForward(MagnetoSublayer):
+    """W_2 [inner_norm] act(W_1 x); SwiGLU uses silu(gate x) * (W_1 x)."""
+
+    def __init__(self, config, layer_number):
+        slots = config.slots["ffn"]
+        super().__init__(config, slots, layer_number)
+        d, f, gain = config.hidden_size, config.intermediate_size, config.init_gain
+        self.fc1 = linear(config, d, f, gain)
+        self.fc1_gate = linear(config, d, f, gain) if config.hidden_act == "swiglu" else None
+        # Sub-LN: normalizes the FFN hidden activation (width ffn) before W_2.
+        self.inner_norm = make_norm(config, f) if slots["inner_norm"] else None
+        self.fc2 = linear(config, f, d, gain)
+
+    def transform(self, h):
+        if self.fc1_gate is not None:
+            hidden = F.silu(self.fc1_gate(h)) * self.fc1(h)  # [b, s, ffn]
+        else:
+            hidden = F.gelu(self.fc1(h))                     # [b, s, ffn]
+        if self.inner_norm is not None:
+            hidden = self.inner_norm(hidden)
+        return self.fc2(hidden)
+
+
+class MagnetoLayer(nn.Module):
+    def __init__(self, config, layer_number):
+        super().__init__()
+        self.self_attn = MagnetoAttention(config, layer_number)
+        self.ffn = MagnetoFeedForward(config, layer_number)
+
+    def forward(self, x, **attention):
+        return self.ffn(self.self_attn(x, **attention))
+
+
+class MagnetoStack(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(MagnetoLayer(config, i + 1)
+                                    for i in range(config.num_hidden_layers))
+        self.final_norm = (make_norm(config, config.hidden_size)
+                           if config.slots["final_norm"] else None)
+
+    def forward(self, x, **attention):
+        for layer in self.layers:
+            x = layer(x, **attention)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+def attention_mask_4d(attention_mask, s, t, causal, device):
+    """(bool mask [b, 1, s, t] or None, is_causal) for s queries over t keys, the last s of
+    which are the queries themselves. Without padding the plain kernels run (is_causal when
+    queries and keys coincide), as in training. A padded query may still see itself: a row
+    with nothing to attend to is 0 in torch 2.13 but NaN in older versions, and a NaN would
+    leak into later layers through 0 * NaN."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (not causal or s == t):
+        return None, causal
+    if not padded and s == 1:
+        return None, False  # one new token sees every cached one
+    keys = torch.arange(t, device=device)
+    queries = keys[t - s:]
+    mask = (keys[None, :] <= queries[:, None]) if causal else torch.ones(
+        s, t, dtype=torch.bool, device=device)                               # [s, t]
+    mask = mask[None, None]                                                  # [1, 1, s, t]
+    if padded:
+        mask = mask & attention_mask[:, None, None, :t].bool()              # [b, 1, s, t]
+        mask = mask | (keys[None, :] == queries[:, None])[None, None]
+    return mask, False
+
+
+class MagnetoPreTrainedModel(PreTrainedModel):
+    config_class = MagnetoConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MagnetoLayer"]
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """The trainer's init, for models made from a config (from_config): xavier normal with
+        the Magneto / DeepNet gain (or torchscale's scaled default), normal embeddings, norms
+        at identity. Loaded weights are never touched (transformers skips them)."""
+        config = self.config
+        if isinstance(module, nn.Linear) and hasattr(module, "magneto_init_gain"):
+            gain = module.magneto_init_gain
+            if config.init_style == "paper":
+                nn.init.xavier_normal_(module.weight, gain=gain)
+            else:
+                bound = gain / math.sqrt(module.weight.shape[1])
+                nn.init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) or module is getattr(self, "lm_head", None):
+            nn.init.normal_(module.weight, 0.0, config.embedding_init_std)
+        elif isinstance(module, tuple(NORMS.values())):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, MagnetoAttention) and module.head_scale is not None:
+            nn.init.ones_(module.head_scale)
+
+
+class MagnetoModel(MagnetoPreTrainedModel):
+    """Embeddings and one stack: `decoder` (causal) or `encoder`; returns hidden states."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.causal = config.magneto_arch == "decoder"
+        self.embed = MagnetoEmbeddings(config)
+        self.add_module("decoder" if self.causal else "encoder", MagnetoStack(config))
+        self.post_init()
+
+    @property
+    def stack(self):
+        return self.decoder if self.causal else self.encoder
+
+    def get_input_embeddings(self):
+        return self.embed.word
+
+    def set_input_embeddings(self, value):
+        self.embed.word = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=None, return_dict=None, **kwargs):
+        b, s = input_ids.shape
+        use_cache = self.causal and (use_cache if use_cache is not None
+                                     else self.config.use_cache)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        cache = past_key_values if use_cache else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=input_ids.device)[None].expand(b, s)
+        mask, is_causal = attention_mask_4d(attention_mask, s, past + s, self.causal,
+                                            input_ids.device)
+        rope = (rotary_tables(self.config, position_ids)
+                if self.config.position_embedding_type == "rope" else None)
+        x = self.stack(self.embed(input_ids, position_ids), mask=mask, is_causal=is_causal,
+                       rope=rope, cache=cache)                               # [b, s, d]
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+
+
+class MagnetoForCausalLM(MagnetoPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed.word.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = MagnetoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, labels=None, use_cache=None, logits_to_keep=0,
+                return_dict=None, **kwargs):
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if logits_to_keep:  # generate() needs only the last position's logits
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)                                        # [b, s, vocab]
+        loss = None
+        if labels is not None:  # labels are the inputs; position i predicts token i + 1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      past_key_values=out.past_key_values)
+
+
+class MagnetoForMaskedLM(MagnetoPreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed.word.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = MagnetoModel(config)
+        # BERT's MLM transform: dense -> gelu -> norm, then the (tied) vocabulary projection.
+        self.mlm_dense = linear(config, config.hidden_size, config.hidden_size, 1.0, bias=True)
+        self.mlm_norm = make_norm(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                return_dict=None, **kwargs):
+        hidden = self.model(input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids).last_hidden_state
+        logits = self.lm_head(self.mlm_norm(F.gelu(self.mlm_dense(hidden))))  # [b, s, vocab]
+        loss = None
+        if labels is not None:  # -100 marks the positions that were not masked
+            loss = F.cross_entropy(logits.flatten(0, 1).float(),
+                                   labels.flatten().to(logits.device), ignore_index=-100)
+        return MaskedLMOutput(loss=loss, logits=logits)

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The GPU path in one script, for a machine with one or more CUDA devices (under 10 minutes on
+# one H100-class GPU): what no CPU test can show.
+#
+#   bash tools/gpu_check.sh [OUT_DIR]
+#
+#  1. the default job (configs/gpt_tiny_cpu.yaml) in bf16: it trains, and the DeepSpeed config
+#     it wrote accumulates and reduces gradients in fp32;
+#  2. tools/bench_train.py on the 1.3B shape (configs/gpt_1.3b.yaml, one micro-batch of 2048
+#     tokens per step, bf16): the trainer's step against plain PyTorch, TFLOP/s and MFU;
+#  3. bf16 against fp32 on the default model: per-step loss difference over 100 steps;
+#  4. fp16 with dynamic loss scaling for 50 steps: it finishes (loss-scale skips are not
+#     non-finite steps) and the loss falls;
+#  5. TP2 in bf16 against the single-GPU bf16 run, when two devices are visible.
+# Each check prints its numbers and PASS or FAIL; the script exits 1 if any failed and 2 when
+# no CUDA device is visible (it checks nothing on a CPU). OUT_DIR keeps the run directories
+# (default: a new temporary directory); the built-in corpus is cached under it.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+PYTHON=${PYTHON:-python}
+DEEPSPEED=${DEEPSPEED:-deepspeed}
+
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null)
+if [[ -z "$GPUS" || "$GPUS" -eq 0 ]]; then
+    echo "gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); this" \
+         "script checks the GPU path and needs a machine with a GPU" >&2
+    exit 2
+fi
+OUT=${1:-$(mktemp -d -t gpu_check-XXXXXX)}
+mkdir -p "$OUT"
+CACHE="$OUT/data_cache"
+FAILED=()
+echo "gpu_check: $GPUS CUDA device(s): $("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))"); output in $OUT"
+
+run() {  # run NAME SECONDS COMMAND...: a bounded step, its log in OUT/NAME.log
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name"
+    local start=$SECONDS
+    timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   exit $rc after $((SECONDS - start)) s (log: $OUT/$name.log)"
+    if [[ $rc -ne 0 ]]; then
+        tail -n 15 "$OUT/$name.log" | sed 's/^/   | /'
+        FAILED+=("$name")
+        return 1
+    fi
+}
+
+verdict() {  # verdict NAME: a Python check on stdin; it prints numbers, exits 0 for PASS
+    if "$PYTHON" - "$OUT"; then echo "   PASS $1"; else echo "   FAIL $1"; FAILED+=("$1"); fi
+}
+
+train() {  # train NAME GPUS SECONDS OVERRIDES...: launch/pretrain_gpt.py under deepspeed
+    local name=$1 gpus=$2 seconds=$3
+    shift 3
+    run "$name" "$seconds" "$DEEPSPEED" --num_gpus "$gpus" launch/pretrain_gpt.py \
+        "data.cache_dir=$CACHE" "logging.run_dir=$OUT/$name" "logging.tensorboard=false" "$@"
+}
+
+# 1. the default job in bf16
+if train default_bf16 1 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0; then
+    verdict default_bf16 <<'EOF'
+import json, math, sys
+from magneto_dist.training.metrics import read_metrics
+out = sys.argv[1]
+rows = read_metrics(f"{out}/default_bf16", "train")
+ds = json.load(open(f"{out}/default_bf16/deepspeed_config.json"))
+print(f"   loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} in {rows[-1]['step']} steps, "
+      f"{rows[-1]['tokens_per_s']:,.0f} tokens/s, grad_accum_dtype "
+      f"{ds['data_types']['grad_accum_dtype']}, communication {ds['communication_data_type']}")
+ok = (all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"] - 1.0
+      and ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32")
+sys.exit(0 if ok else 1)
+EOF
+fi
+
+# 2. the 1.3B shape's throughput and MFU (one GPU: one micro-batch of 4 x 2048 per step)
+if run bench_1.3b 420 "$PYTHON" tools/bench_train.py --config configs/gpt_1.3b.yaml \
+        --rounds 3 --steps 3 --warmup 2 "data.cache_dir=$CACHE" train.global_batch_size=4; then
+    grep -E "^(device|loop|plain|trainer|overhead)" "$OUT/bench_1.3b.log" | sed 's/^/   /'
+    verdict bench_1.3b <<'EOF'
+import re, sys
+log = open(f"{sys.argv[1]}/bench_1.3b.log").read()
+trainer = re.search(r"^trainer\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)%", log, re.M)
+overhead = re.search(r"^overhead: ([\d.]+)x", log, re.M)
+if not (trainer and overhead):
+    print("   no trainer MFU or overhead line in the bench output")
+    sys.exit(1)
+print(f"   trainer {float(trainer.group(3)):.1f} TFLOP/s, MFU {trainer.group(4)}%, overhead "
+      f"{overhead.group(1)}x (a benchmark: reported, not judged)")
+EOF
+fi
+
+# 3. bf16 tracks fp32 on the default model
+if train track_fp32 1 180 train.train_iters=100 train.eval_interval=0 &&
+   train track_bf16 1 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0; then
+    verdict bf16_tracks_fp32 <<'EOF'
+import sys
+from magneto_dist.training.metrics import read_metrics
+out = sys.argv[1]
+fp32 = [r["loss"] for r in read_metrics(f"{out}/track_fp32", "train")]
+bf16 = [r["loss"] for r in read_metrics(f"{out}/track_bf16", "train")]
+diffs = [abs(a - b) for a, b in zip(fp32, bf16)]
+print(f"   final loss fp32 {fp32[-1]:.4f}, bf16 {bf16[-1]:.4f}; |bf16 - fp32| max {max(diffs):.4f},"
+      f" mean {sum(diffs) / len(diffs):.4f} over {len(diffs)} logged steps")
+sys.exit(0 if len(fp32) == len(bf16) and max(diffs) < 0.2 and sum(diffs) / len(diffs) < 0.05
+         else 1)
+EOF
+fi
+
+# 4. fp16 with dynamic loss scaling, 50 steps
+if train fp16 1 180 train.precision=fp16 train.train_iters=50 train.eval_interval=0; then
+    verdict fp16_loss_scaling <<'EOF'
+import math, sys
+from magneto_dist.training.metrics import read_metrics
+rows = read_metrics(f"{sys.argv[1]}/fp16", "train")
+skipped = sum(r.get("skipped_steps", 0) for r in rows)
+print(f"   loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} in {rows[-1]['step']} steps, "
+      f"{skipped} loss-scale skips")
+sys.exit(0 if rows[-1]["step"] == 50 and math.isfinite(rows[-1]["loss"])
+         and rows[-1]["loss"] < rows[0]["loss"] - 0.5 else 1)
+EOF
+fi
+
+# 5. TP2 against the single-GPU bf16 run
+if [[ "$GPUS" -ge 2 ]]; then
+    if train tp2_bf16 2 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0 \
+            parallel.tensor_model_parallel_size=2; then
+        verdict tp2_tracks_one_gpu <<'EOF'
+import sys
+from magneto_dist.training.metrics import read_metrics
+out = sys.argv[1]
+one = [r["loss"] for r in read_metrics(f"{out}/track_bf16", "train")]
+tp2 = [r["loss"] for r in read_metrics(f"{out}/tp2_bf16", "train")]
+diffs = [abs(a - b) for a, b in zip(one, tp2)]
+print(f"   |TP2 - 1 GPU| (bf16) max {max(diffs):.4f} over {len(diffs)} logged steps; "
+      f"{read_metrics(f'{out}/tp2_bf16', 'train')[-1]['tokens_per_s']:,.0f} tokens/s")
+sys.exit(0 if len(one) == len(tp2) and max(diffs) < 0.1 else 1)
+EOF
+    fi
+else
+    echo "== tp2_bf16: skipped (one CUDA device visible)"
+fi
+
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+    echo "gpu_check: FAILED: ${FAILED[*]}"
+    exit 1
+fi
+echo "gpu_check: all checks passed"
