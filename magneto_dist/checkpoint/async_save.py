@@ -6,19 +6,26 @@ state_dict, path)`. `SnapshotCheckpointEngine` takes that call: it copies the st
 copy to a `BackgroundWriter` thread, so the training loop goes on with step N+1 while step N's
 files are written; the copy is what makes the files exactly step N's, whatever N+1 does to the
 live tensors. The writer writes each file under a temp name, fsyncs it, renames it and fsyncs
-its directory: a file that exists under its final name is whole and on disk.
+its directory: a file that exists under its final name is whole and on disk. It digests the
+bytes as they go out (XXH3-64, checkpoint/integrity.py), so the completeness marker's record
+needs no second read of the files.
 
-What neither engine we could have built on gives (measured with tools/bench_checkpoint.py):
+What neither engine we could have built on gives (read in the installed sources, measured with
+tools/bench_checkpoint.py):
 - DeepSpeed 0.19.8's decoupled engine (runtime/checkpoint_engine/decoupled_checkpoint_engine.py)
-  hands the live tensors to a writer process and waits for it before the next optimizer step
-  (engine.py, `_commit_decoupled_checkpoint` in step()), so the write overlaps one step's forward
-  and backward at most; with CPU tensors, moving them to shared memory for the queue is itself
-  a copy of the whole state per save.
-- torch.distributed.checkpoint's async_save writes its own format (.distcp shards), which
-  DeepSpeed's loader, ds_to_universal and this project's converters do not read.
+  queues the live state dicts to a writer process and waits for it before the next optimizer
+  step (engine.py step(): `_commit_decoupled_checkpoint` before `_take_model_step`), so the
+  write overlaps one step's forward and backward at most; queuing CPU tensors moves their
+  storage into shared memory, itself a copy of the whole state per save. save_checkpoint
+  returns before the files exist, so a marker written after it could cover missing files.
+- torch.distributed.checkpoint's async_save writes its own format (.distcp shards and a
+  .metadata file, of DTensor / ShardedTensor state dicts), which DeepSpeed's loader,
+  ds_to_universal and this project's converters do not read.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import queue
 import threading
@@ -27,33 +34,53 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import xxhash
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from ..files import fsync_dir
+from .integrity import DIGEST
+
+# Leaves of a state that are immutable, so a snapshot may share them with the live state.
+IMMUTABLE = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
+# Bytes hashed per call: the hash holds the GIL, and the training thread should get it back
+# between slices (a whole 200 MB tensor in one call stalled it for ~80 ms).
+HASH_SLICE = 8 * 2 ** 20
 
 
 def snapshot(item: Any, pinned: Optional[Dict[Tuple, torch.Tensor]] = None,
              key: Tuple = ()) -> Any:
-    """A copy of `item` whose tensors are compact CPU copies (dicts, lists and tuples walked).
-    CUDA tensors go into pinned CPU buffers from `pinned`, reused when the same key (file and
-    position) comes again with the same shape and dtype."""
+    """A copy of `item` whose tensors are compact CPU copies (dicts, lists and tuples walked;
+    other mutable leaves, e.g. DeepSpeed's loss scaler object, deep-copied). CUDA tensors go
+    into pinned CPU buffers from `pinned`, reused when the same key (file and position) comes
+    again with the same shape and dtype."""
     if torch.is_tensor(item):
-        item = item.detach()
-        if item.device.type == "cpu":
-            return item.clone()
-        if pinned is None:
-            return item.to("cpu")
-        buffer = pinned.get(key)
-        if buffer is None or buffer.shape != item.shape or buffer.dtype != item.dtype:
-            buffer = pinned[key] = torch.empty(item.shape, dtype=item.dtype, pin_memory=True)
-        buffer.copy_(item, non_blocking=True)
-        return buffer
+        return _copy_tensor(item.detach(), pinned, key)
     if isinstance(item, dict):
-        return type(item)((k, snapshot(v, pinned, key + (k,))) for k, v in item.items())
+        copied = copy.copy(item)  # keeps the mapping's type (OrderedDict, defaultdict)
+        for k, v in item.items():
+            copied[k] = snapshot(v, pinned, key + (k,))
+        return copied
     if isinstance(item, (list, tuple)):
         copied = [snapshot(v, pinned, key + (i,)) for i, v in enumerate(item)]
-        return copied if isinstance(item, list) else type(item)(copied)
-    return item
+        if isinstance(item, list):
+            return copied
+        return type(item)(*copied) if hasattr(item, "_fields") else type(item)(copied)
+    if isinstance(item, IMMUTABLE):
+        return item
+    return copy.deepcopy(item)
+
+
+def _copy_tensor(tensor: torch.Tensor, pinned: Optional[Dict[Tuple, torch.Tensor]],
+                 key: Tuple) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor.clone()  # compact: torch.save of a view writes its whole storage
+    if pinned is None:
+        return tensor.to("cpu")
+    buffer = pinned.get(key)
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = pinned[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    buffer.copy_(tensor, non_blocking=True)
+    return buffer
 
 
 def tensor_bytes(item: Any) -> int:
@@ -67,17 +94,43 @@ def tensor_bytes(item: Any) -> int:
     return 0
 
 
-def write_durably(obj: Any, path: str) -> int:
-    """torch.save to a temp name, fsync, rename, fsync the directory; -> bytes written."""
+class DigestingFile:
+    """A binary file whose write() also counts and digests what goes through it: torch.save
+    writes a file front to back through write() (its zip writer refuses to seek), so the
+    digest is the file's."""
+
+    def __init__(self, f, on_bytes: Optional[Callable[[int], None]] = None):
+        self.f, self.on_bytes = f, on_bytes
+        self.digest, self.size = xxhash.xxh3_64(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), HASH_SLICE):
+            self.digest.update(view[start:start + HASH_SLICE])
+        written = self.f.write(view)
+        self.size += written
+        if self.on_bytes:
+            self.on_bytes(written)
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_durably(obj: Any, path: str, zipfile: bool = True,
+                  on_bytes: Optional[Callable[[int], None]] = None) -> dict:
+    """torch.save to a temp name (`zipfile`: torch's zip format, as DeepSpeed's
+    checkpoint_serialization says), fsync, rename, fsync the directory. -> the file's record
+    entry {"size", "xxh3_64"} (checkpoint/integrity.py)."""
     temp = f"{path}.tmp{os.getpid()}"
     with open(temp, "wb") as f:
-        torch.save(obj, f)
+        out = DigestingFile(f, on_bytes)
+        torch.save(obj, out, _use_new_zipfile_serialization=zipfile)
         f.flush()
         os.fsync(f.fileno())
-        size = f.tell()
     os.replace(temp, path)
     fsync_dir(os.path.dirname(path))
-    return size
+    return {"size": out.size, DIGEST: out.digest.hexdigest()}
 
 
 @dataclass
@@ -85,18 +138,29 @@ class WriteBatch:
     """The files of one checkpoint on this rank, written in order by the writer thread."""
     label: str                                   # e.g. the tag, for messages
     files: List[Tuple[str, Any]] = field(default_factory=list)  # (path, snapshot)
+    root: str = ""                               # the tag directory: records are relative to it
+    step: int = 0                                # the step saved (fault points)
+    zipfile: bool = True                         # torch.save's format
+    records: Dict[str, dict] = field(default_factory=dict)  # name -> {"size", "xxh3_64"}
+    bytes_written: int = 0                       # so far: the write's progress
+    snapshot_bytes: int = 0                      # the host copy's size
     done: threading.Event = field(default_factory=threading.Event)
     error: Optional[BaseException] = None
-    bytes_written: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0                         # the write's wall time
+
+    def count(self, n: int) -> None:
+        self.bytes_written += n
 
 
 class BackgroundWriter:
     """One daemon thread that writes batches of snapshot files, one batch at a time. A failure
-    is kept and raised by the next wait(), in the training thread."""
+    is kept and raised by the next wait(), in the training thread. `on_file(batch, n)` runs in
+    the writer thread before the first file (n = 0) and after the n-th is durable (fault
+    points)."""
 
-    def __init__(self, write: Callable[[Any, str], int] = write_durably):
-        self.write = write
+    def __init__(self, write: Callable[..., dict] = write_durably,
+                 on_file: Callable[[WriteBatch, int], None] = lambda batch, n: None):
+        self.write, self.on_file = write, on_file
         self.queue: "queue.Queue[WriteBatch]" = queue.Queue()
         self.current: Optional[WriteBatch] = None
         self.thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -107,8 +171,11 @@ class BackgroundWriter:
             batch = self.queue.get()
             start = time.perf_counter()
             try:
-                for path, obj in batch.files:
-                    batch.bytes_written += self.write(obj, path)
+                self.on_file(batch, 0)
+                for n, (path, obj) in enumerate(batch.files, 1):
+                    name = os.path.relpath(path, batch.root or os.path.dirname(path))
+                    batch.records[name] = self.write(obj, path, batch.zipfile, batch.count)
+                    self.on_file(batch, n)
             except BaseException as err:  # raised again in the training thread by wait()
                 batch.error = err
             batch.files = []  # the snapshot's memory goes back as soon as it is on disk
@@ -135,9 +202,9 @@ class BackgroundWriter:
 
 
 class SnapshotCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's checkpoint engine, with save() collecting snapshots into the open batch
-    instead of writing; the checkpoint manager opens the batch before engine.save_checkpoint and
-    submits it after. Loading is DeepSpeed's own (torch.load)."""
+    """DeepSpeed's checkpoint engine, with save() collecting snapshots into a batch inside
+    `collecting(batch)` instead of writing; outside it (DeepSpeed's own tools) it writes as
+    DeepSpeed's does. Loading is DeepSpeed's own (torch.load)."""
 
     def __init__(self, config_params=None):
         super().__init__(config_params)
@@ -150,15 +217,24 @@ class SnapshotCheckpointEngine(TorchCheckpointEngine):
         return False
 
     def save(self, state_dict, path: str) -> None:
-        if self.batch is None:  # not inside a managed save (e.g. DeepSpeed's own tools)
+        if self.batch is None:
             super().save(state_dict, path)
             return
         use_pinned = torch.cuda.is_available()
-        copy = snapshot(state_dict, self.pinned if use_pinned else None,
-                        (os.path.basename(path),))
-        self.batch.files.append((path, copy))
+        copied = snapshot(state_dict, self.pinned if use_pinned else None,
+                          (os.path.basename(path),))
+        self.batch.files.append((path, copied))
+        self.batch.snapshot_bytes += tensor_bytes(copied)
 
-    def snapshot_ready(self) -> None:
-        """The non-blocking device-to-host copies of the open batch are complete."""
+    @contextlib.contextmanager
+    def collecting(self, batch: WriteBatch):
+        """save() adds to `batch` while inside; on leaving, the device-to-host copies are
+        complete (the writer thread may read them)."""
+        batch.zipfile = self.zipfile_serialization
+        self.batch = batch
+        try:
+            yield batch
+        finally:
+            self.batch = None
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()
