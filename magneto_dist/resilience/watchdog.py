@@ -79,6 +79,7 @@ class StepWatchdog:
         self.auto = setting == "auto"
         self.fixed = 0.0 if self.auto else float(setting or 0)
         self.durations: List[float] = []
+        self.watching = False  # inside expires(), with the timer armed
         if self.enabled:
             from torch.distributed.elastic import timer
 
@@ -108,13 +109,22 @@ class StepWatchdog:
             return
         start = time.monotonic()
         watched = self._request(self.client.acquire, self.SCOPE, time.time() + self.allowance(long))
+        self.watching = watched
         try:
             yield
         finally:
+            self.watching = False
             if watched:
                 self._request(self.client.release, self.SCOPE)
         if not long:
             self.durations.append(time.monotonic() - start)
+
+    def renew(self) -> None:
+        """Inside expires(): a new long allowance from now. For work that is slow but shows
+        progress (waiting for a background checkpoint write that keeps writing); its caller
+        renews at most every few seconds (each renewal is a request to the timer's FIFO)."""
+        if self.enabled and self.watching:
+            self._request(self.client.acquire, self.SCOPE, time.time() + self.allowance(True))
 
     def _request(self, call, *args) -> bool:
         """Whether the timer server took the request; when it is gone (the agent is stopping
