@@ -2,14 +2,20 @@
 whatever happens to the live tensors afterwards, files appear whole or not at all, and a failed
 background write surfaces in the training thread."""
 import os
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from magneto_dist.checkpoint import integrity
+from magneto_dist.checkpoint import integrity, manager, savers
 from magneto_dist.checkpoint.async_save import (BackgroundWriter, SnapshotCheckpointEngine,
                                                 WriteBatch, snapshot, tensor_bytes,
                                                 write_durably)
+from magneto_dist.config import load_config
+from magneto_dist.dims import ParallelDims
+from magneto_dist.resilience.watchdog import StepWatchdog
 
 
 class LossScaler:
@@ -70,3 +76,79 @@ def test_the_engine_collects_snapshots_inside_a_managed_save_and_writes_outside_
     engine.save({"w": live}, str(tmp_path / "direct.pt"))    # DeepSpeed's own use: written now
     assert torch.load(tmp_path / "direct.pt")["w"].tolist() == [7.0] * 3
     assert not engine.preserves_storage_sharing()
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class TimerClient:
+    """Stands for torch elastic's FileTimerClient: records the deadlines asked for."""
+
+    def __init__(self):
+        self.deadlines = []
+
+    def acquire(self, scope, deadline):
+        self.deadlines.append(deadline)
+
+    def release(self, scope):
+        pass
+
+
+def background_save(tmp_path, write):
+    """An AsyncSaver on a stand-in engine whose write of one file goes through `write`."""
+    cfg = load_config(None, [])
+    engine = SimpleNamespace(_config=None, device=torch.device("cpu"))
+    watchdog = StepWatchdog("30", timer_file=None)
+    watchdog.enabled, watchdog.client = True, TimerClient()
+    logged = []
+    saver = savers.AsyncSaver(engine, str(tmp_path), cfg, ParallelDims.of(cfg, 1),
+                              log=logged.append, keepalive=watchdog.renew)
+    saver.writer = BackgroundWriter(write=write)
+    tag_dir = tmp_path / "global_step2"
+    tag_dir.mkdir()
+    batch = WriteBatch("global_step2", [(str(tag_dir / "model.pt"), {"w": torch.ones(8)})],
+                       root=str(tag_dir), step=2)
+    saver.writer.submit(batch)
+    saver.current = savers.PendingSave(2, "global_step2", {"consumed_samples": 32}, batch, 0.1)
+    return saver, watchdog, logged
+
+
+def test_waiting_for_a_write_that_progresses_renews_the_watchdog_then_marks_the_tag(
+        tmp_path, one_rank_group, monkeypatch):
+    monkeypatch.setattr(savers, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(savers, "POLL_S", 0.02)
+
+    def slow(obj, path, zipfile, count):  # 1.2 s of steady progress, then the file
+        for _ in range(12):
+            time.sleep(0.1)
+            count(10)
+        return write_durably(obj, path, zipfile, count)
+    saver, watchdog, logged = background_save(tmp_path, slow)
+    with watchdog.expires(long=True):
+        saver.flush(at_step=5, reason="the save of step 4 is due")
+    assert len(watchdog.client.deadlines) >= 5  # the first, then renewals during the wait
+    assert saver.waits == 1 and "the save of step 4 is due while global_step2 is still being " \
+                                "written: waiting for it" in logged[0]
+    # complete, with the digest the writer took of the bytes it wrote
+    assert manager.complete_tags(str(tmp_path)) == ["global_step2"]
+    assert manager.damage(str(tmp_path), "global_step2") is None
+    assert (tmp_path / "latest").read_text() == "global_step2"
+
+
+def test_a_write_that_stalls_does_not_renew_the_watchdog(tmp_path, one_rank_group, monkeypatch):
+    monkeypatch.setattr(savers, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(savers, "POLL_S", 0.02)
+
+    def stalled(obj, path, zipfile, count):  # no byte for 1 s (a hung filesystem)
+        time.sleep(1.0)
+        return write_durably(obj, path, zipfile, count)
+    saver, watchdog, _ = background_save(tmp_path, stalled)
+    start = time.time()
+    with watchdog.expires(long=True):
+        saver.flush(at_step=5)
+    renewed_at = [d - watchdog.allowance(True) for d in watchdog.client.deadlines[1:]]
+    assert renewed_at and min(renewed_at) > start + 0.9  # none while it stalled

@@ -152,7 +152,8 @@ class AsyncSaver(Saver):
         """Collective: until every rank's writer is done; renews the watchdog while the
         writers make progress. -> whether any rank was still writing (the wait is logged and
         counted)."""
-        batch, last_bytes, renewed, waited = self.current.batch, -1.0, time.monotonic(), False
+        batch, renewed, waited = self.current.batch, time.monotonic(), False
+        last_bytes = None  # all ranks' bytes at the first poll
         while True:
             batch.done.wait(POLL_S)
             agreed = torch.tensor([float(self.busy()), float(batch.bytes_written)],
@@ -166,8 +167,10 @@ class AsyncSaver(Saver):
                 self.waits += 1
                 self.log(f"{why}: waiting for it (one save in flight; {self.waits} wait(s) "
                          "so far)")
-            if written != last_bytes and time.monotonic() - renewed >= KEEPALIVE_S:
-                self.keepalive()
+            progressed = last_bytes is not None and written != last_bytes
+            if last_bytes is None or (progressed and time.monotonic() - renewed >= KEEPALIVE_S):
+                if progressed:
+                    self.keepalive()
                 last_bytes, renewed = written, time.monotonic()
 
     def finalize(self, at_step: int) -> None:
