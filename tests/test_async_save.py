@@ -13,7 +13,9 @@ from magneto_dist.checkpoint import integrity, manager, savers
 from magneto_dist.checkpoint.async_save import (BackgroundWriter, SnapshotCheckpointEngine,
                                                 WriteBatch, snapshot, tensor_bytes,
                                                 write_durably)
+from magneto_dist.checkpoint.write_process import WriterProcess
 from magneto_dist.config import load_config
+from magneto_dist.errors import NoSpaceError
 from magneto_dist.dims import ParallelDims
 from magneto_dist.resilience.watchdog import StepWatchdog
 
@@ -106,8 +108,7 @@ def background_save(tmp_path, write):
     watchdog.enabled, watchdog.client = True, TimerClient()
     logged = []
     saver = savers.AsyncSaver(engine, str(tmp_path), cfg, ParallelDims.of(cfg, 1),
-                              log=logged.append, keepalive=watchdog.renew)
-    saver.writer = BackgroundWriter(write=write)
+                              log=logged.append, keepalive=watchdog.renew, write=write)
     tag_dir = tmp_path / "global_step2"
     tag_dir.mkdir()
     batch = WriteBatch("global_step2", [(str(tag_dir / "model.pt"), {"w": torch.ones(8)})],
@@ -152,3 +153,34 @@ def test_a_write_that_stalls_does_not_renew_the_watchdog(tmp_path, one_rank_grou
         saver.flush(at_step=5)
     renewed_at = [d - watchdog.allowance(True) for d in watchdog.client.deadlines[1:]]
     assert renewed_at and min(renewed_at) > start + 0.9  # none while it stalled
+
+
+def test_snapshots_reuse_their_shared_memory_and_a_full_dev_shm_is_named(monkeypatch):
+    staging = {}
+    first = snapshot({"w": torch.ones(3), "n": torch.tensor(1)}, staging, ("f.pt",))
+    second = snapshot({"w": torch.full((3,), 2.0), "n": torch.tensor(2)}, staging, ("f.pt",))
+    assert first["w"].is_shared() and second["w"].data_ptr() == first["w"].data_ptr()
+    assert second["w"].tolist() == [2.0] * 3 and second["n"].item() == 2
+
+    def no_room(self):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    with pytest.raises(NoSpaceError, match=r"checkpoint.async_save: no shared memory left .*"
+                                           r"No space left on device.* enlarge /dev/shm"):
+        snapshot({"new": torch.ones(5)}, staging, ("f.pt",))
+
+
+def test_the_writer_process_writes_digests_and_reports_a_failure(tmp_path):
+    process = WriterProcess()
+    counted = []
+    state = snapshot({"w": torch.arange(1000.0)}, {}, ("a.pt",))
+    entry = process.write(state, str(tmp_path / "a.pt"), True, counted.append)
+    assert entry == integrity.record(str(tmp_path), ["a.pt"])["a.pt"]
+    assert sum(counted) == entry["size"]  # its progress, as the bytes went out
+    assert torch.load(tmp_path / "a.pt")["w"].equal(torch.arange(1000.0))
+    with pytest.raises(FileNotFoundError, match="no/b.pt"):
+        process.write(state, str(tmp_path / "no" / "b.pt"), True, counted.append)
+    process.process.kill()  # a writer that died is named, not waited for
+    process.process.join()
+    with pytest.raises(RuntimeError, match="the checkpoint writer process died"):
+        process.write(state, str(tmp_path / "c.pt"), True, counted.append)

@@ -1,14 +1,14 @@
-"""Checkpoint files written in the background: a snapshot of step N's state, then a writer thread.
+"""Checkpoint files written in the background: a snapshot of step N's state, then a writer.
 
 DeepSpeed's engine writes every file of a checkpoint through its `checkpoint_engine.save(
 state_dict, path)`. `SnapshotCheckpointEngine` takes that call: it copies the state's tensors
-(to CPU, into pinned buffers reused from save to save when the state is on a GPU) and hands the
-copy to a `BackgroundWriter` thread, so the training loop goes on with step N+1 while step N's
-files are written; the copy is what makes the files exactly step N's, whatever N+1 does to the
-live tensors. The writer writes each file under a temp name, fsyncs it, renames it and fsyncs
-its directory: a file that exists under its final name is whole and on disk. It digests the
-bytes as they go out (XXH3-64, checkpoint/integrity.py), so the completeness marker's record
-needs no second read of the files.
+into shared-memory buffers (reused from save to save; from a GPU too) and the `BackgroundWriter`
+thread hands each file's copy to the rank's writer process (write_process.py), so the training
+loop goes on with step N+1 while step N's files are written; the copy is what makes the files
+exactly step N's, whatever N+1 does to the live tensors. The writer writes each file under a
+temp name, fsyncs it, renames it and fsyncs its directory: a file that exists under its final
+name is whole and on disk. It digests the bytes as they go out (XXH3-64, checkpoint/
+integrity.py), so the completeness marker's record needs no second read of the files.
 
 What neither engine we could have built on gives (read in the installed sources, measured with
 tools/bench_checkpoint.py):
@@ -16,8 +16,11 @@ tools/bench_checkpoint.py):
   queues the live state dicts to a writer process and waits for it before the next optimizer
   step (engine.py step(): `_commit_decoupled_checkpoint` before `_take_model_step`), so the
   write overlaps one step's forward and backward at most; queuing CPU tensors moves their
-  storage into shared memory, itself a copy of the whole state per save. save_checkpoint
-  returns before the files exist, so a marker written after it could cover missing files.
+  storage into shared memory, a copy of the whole state inside save_checkpoint (measured: it
+  stopped the loop as long as a synchronous save, and the next step took twice as long).
+  Under ZeRO-1/2 it dies on the first save: the ZeRO optimizer's state dict holds tensors
+  that require grad, which torch.multiprocessing refuses to queue. And save_checkpoint returns
+  before the files exist, so a marker written after it could cover missing files.
 - torch.distributed.checkpoint's async_save writes its own format (.distcp shards and a
   .metadata file, of DTensor / ShardedTensor state dicts), which DeepSpeed's loader,
   ds_to_universal and this project's converters do not read.
@@ -28,40 +31,38 @@ import contextlib
 import copy
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import xxhash
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from ..files import fsync_dir
-from .integrity import DIGEST
+from ..errors import NoSpaceError
+from .write_process import write_durably
 
+SHARED_MEMORY = "/dev/shm"  # where torch's shared-memory tensors live (Linux)
 # Leaves of a state that are immutable, so a snapshot may share them with the live state.
 IMMUTABLE = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
-# Bytes hashed per call: the hash holds the GIL, and the training thread should get it back
-# between slices (a whole 200 MB tensor in one call stalled it for ~80 ms).
-HASH_SLICE = 8 * 2 ** 20
 
 
-def snapshot(item: Any, pinned: Optional[Dict[Tuple, torch.Tensor]] = None,
+def snapshot(item: Any, staging: Optional[Dict[Tuple, torch.Tensor]] = None,
              key: Tuple = ()) -> Any:
     """A copy of `item` whose tensors are compact CPU copies (dicts, lists and tuples walked;
-    other mutable leaves, e.g. DeepSpeed's loss scaler object, deep-copied). CUDA tensors go
-    into pinned CPU buffers from `pinned`, reused when the same key (file and position) comes
-    again with the same shape and dtype."""
+    other mutable leaves, e.g. DeepSpeed's loss scaler object, deep-copied). With `staging`,
+    the copies go into its shared-memory buffers, reused when the same key (file and position)
+    comes again with the same shape and dtype: a writer process reads them without a copy."""
     if torch.is_tensor(item):
-        return _copy_tensor(item.detach(), pinned, key)
+        return _copy_tensor(item.detach(), staging, key)
     if isinstance(item, dict):
         copied = copy.copy(item)  # keeps the mapping's type (OrderedDict, defaultdict)
         for k, v in item.items():
-            copied[k] = snapshot(v, pinned, key + (k,))
+            copied[k] = snapshot(v, staging, key + (k,))
         return copied
     if isinstance(item, (list, tuple)):
-        copied = [snapshot(v, pinned, key + (i,)) for i, v in enumerate(item)]
+        copied = [snapshot(v, staging, key + (i,)) for i, v in enumerate(item)]
         if isinstance(item, list):
             return copied
         return type(item)(*copied) if hasattr(item, "_fields") else type(item)(copied)
@@ -70,17 +71,28 @@ def snapshot(item: Any, pinned: Optional[Dict[Tuple, torch.Tensor]] = None,
     return copy.deepcopy(item)
 
 
-def _copy_tensor(tensor: torch.Tensor, pinned: Optional[Dict[Tuple, torch.Tensor]],
+def _copy_tensor(tensor: torch.Tensor, staging: Optional[Dict[Tuple, torch.Tensor]],
                  key: Tuple) -> torch.Tensor:
-    if tensor.device.type == "cpu":
-        return tensor.clone()  # compact: torch.save of a view writes its whole storage
-    if pinned is None:
-        return tensor.to("cpu")
-    buffer = pinned.get(key)
+    if staging is None:  # compact: torch.save of a view writes its whole storage
+        return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
+    buffer = staging.get(key)
     if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-        buffer = pinned[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    buffer.copy_(tensor, non_blocking=True)
+        buffer = staging[key] = _shared_empty(tensor)
+    buffer.copy_(tensor)  # from a GPU: into pageable memory, synchronous
     return buffer
+
+
+def _shared_empty(like: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.empty(like.shape, dtype=like.dtype).share_memory_()
+    except RuntimeError as err:  # torch's shared memory is /dev/shm, small in many containers
+        free = shutil.disk_usage(SHARED_MEMORY).free if os.path.isdir(SHARED_MEMORY) else 0
+        raise NoSpaceError(
+            f"checkpoint.async_save: no shared memory left for the copy of the checkpoint "
+            f"({str(err)[:200]}; {free / 1e9:.1f} GB free in {SHARED_MEMORY}). The copy takes "
+            "about this rank's share of the checkpoint (tools/plan_memory.py: host copy): "
+            f"enlarge {SHARED_MEMORY} (docker --shm-size) or set checkpoint.async_save=false"
+        ) from err
 
 
 def tensor_bytes(item: Any) -> int:
@@ -92,45 +104,6 @@ def tensor_bytes(item: Any) -> int:
     if isinstance(item, (list, tuple)):
         return sum(tensor_bytes(v) for v in item)
     return 0
-
-
-class DigestingFile:
-    """A binary file whose write() also counts and digests what goes through it: torch.save
-    writes a file front to back through write() (its zip writer refuses to seek), so the
-    digest is the file's."""
-
-    def __init__(self, f, on_bytes: Optional[Callable[[int], None]] = None):
-        self.f, self.on_bytes = f, on_bytes
-        self.digest, self.size = xxhash.xxh3_64(), 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), HASH_SLICE):
-            self.digest.update(view[start:start + HASH_SLICE])
-        written = self.f.write(view)
-        self.size += written
-        if self.on_bytes:
-            self.on_bytes(written)
-        return written
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def write_durably(obj: Any, path: str, zipfile: bool = True,
-                  on_bytes: Optional[Callable[[int], None]] = None) -> dict:
-    """torch.save to a temp name (`zipfile`: torch's zip format, as DeepSpeed's
-    checkpoint_serialization says), fsync, rename, fsync the directory. -> the file's record
-    entry {"size", "xxh3_64"} (checkpoint/integrity.py)."""
-    temp = f"{path}.tmp{os.getpid()}"
-    with open(temp, "wb") as f:
-        out = DigestingFile(f, on_bytes)
-        torch.save(obj, out, _use_new_zipfile_serialization=zipfile)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    fsync_dir(os.path.dirname(path))
-    return {"size": out.size, DIGEST: out.digest.hexdigest()}
 
 
 @dataclass
@@ -153,8 +126,9 @@ class WriteBatch:
 
 
 class BackgroundWriter:
-    """One daemon thread that writes batches of snapshot files, one batch at a time. A failure
-    is kept and raised by the next wait(), in the training thread. `on_file(batch, n)` runs in
+    """One daemon thread that writes batches of snapshot files, one batch at a time, through
+    `write` (in-thread write_durably, or WriterProcess.write, which waits for the writer
+    process). A failure is kept and raised by the next wait(), in the training thread. `on_file(batch, n)` runs in
     the writer thread before the first file (n = 0) and after the n-th is durable (fault
     points)."""
 
@@ -209,7 +183,9 @@ class SnapshotCheckpointEngine(TorchCheckpointEngine):
     def __init__(self, config_params=None):
         super().__init__(config_params)
         self.batch: Optional[WriteBatch] = None
-        self.pinned: Dict[Tuple, torch.Tensor] = {}  # reused host buffers (GPU states)
+        # the snapshot's shared-memory buffers, kept from save to save: allocating them
+        # (the first save) costs several times the copy into them
+        self.staging: Dict[Tuple, torch.Tensor] = {}
 
     def preserves_storage_sharing(self) -> bool:
         # False: DeepSpeed hands over the live state dicts without cloning them first; the
@@ -220,21 +196,16 @@ class SnapshotCheckpointEngine(TorchCheckpointEngine):
         if self.batch is None:
             super().save(state_dict, path)
             return
-        use_pinned = torch.cuda.is_available()
-        copied = snapshot(state_dict, self.pinned if use_pinned else None,
-                          (os.path.basename(path),))
+        copied = snapshot(state_dict, self.staging, (os.path.basename(path),))
         self.batch.files.append((path, copied))
         self.batch.snapshot_bytes += tensor_bytes(copied)
 
     @contextlib.contextmanager
     def collecting(self, batch: WriteBatch):
-        """save() adds to `batch` while inside; on leaving, the device-to-host copies are
-        complete (the writer thread may read them)."""
+        """save() adds to `batch` while inside."""
         batch.zipfile = self.zipfile_serialization
         self.batch = batch
         try:
             yield batch
         finally:
             self.batch = None
-        if torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()

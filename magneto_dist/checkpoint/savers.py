@@ -6,7 +6,8 @@ A background save of step N, on every rank at the same step:
    then DeepSpeed's save_checkpoint with the snapshot engine installed (async_save.py): every
    file's state is copied to host memory, nothing of size is written; the RNG state joins the
    copy. The copy goes to this rank's writer thread and the loop goes on with step N+1.
-2. write (writer thread, no collectives): each file under a temp name, fsync, rename, digest.
+2. write (a writer process per rank, fed by a thread of the rank; no collectives): each file
+   under a temp name, fsync, rename, digest.
 3. finalize (training thread, collective), at the end of the first step at which every rank's
    writer is done: the loop's per-step all-reduce, which already carries the stop flag, carries
    "my writer is busy" beside it, so finding that out costs no extra collective; then the
@@ -39,6 +40,7 @@ from ..errors import NoSpaceError, RestartNeeded
 from ..resilience.faults import NO_FAULTS, Faults
 from . import manager
 from .async_save import BackgroundWriter, SnapshotCheckpointEngine, WriteBatch
+from .write_process import WriterProcess
 
 POLL_S = 0.25       # a waiting rank looks at its writer this often (and all ranks agree)
 KEEPALIVE_S = 5.0   # the step watchdog is renewed at most this often while a write progresses
@@ -96,11 +98,15 @@ class PendingSave:
 class AsyncSaver(Saver):
     """Saves in the background (see the module docstring)."""
 
-    def __init__(self, *args, device: torch.device = torch.device("cpu"), **kwargs):
+    def __init__(self, *args, device: torch.device = torch.device("cpu"),
+                 write: Optional[Callable[..., dict]] = None, **kwargs):
+        """`write`: how the writer thread writes a file (default: through a writer process,
+        started now so that its imports are done before the first save)."""
         super().__init__(*args, **kwargs)
         self.device = device
         self.snapshots = replace_checkpoint_engine(self.engine, SnapshotCheckpointEngine)
-        self.writer = BackgroundWriter(on_file=self._on_file)
+        self.writer = BackgroundWriter(write=write or WriterProcess().write,
+                                       on_file=self._on_file)
         self.current: Optional[PendingSave] = None
         self.waits = 0            # saves that came due while the previous one was writing
         self.told_size = False    # the host copy's size is logged at the first save
@@ -127,9 +133,8 @@ class AsyncSaver(Saver):
         if not self.told_size:
             self.told_size = True
             self.log(f"checkpoint.async_save: this rank's host copy of its checkpoint state is "
-                     f"{manager.size_text(batch.snapshot_bytes)}"
-                     + (" (pinned host memory, kept for the next saves)"
-                        if torch.cuda.is_available() else " (freed once written)"))
+                     f"{manager.size_text(batch.snapshot_bytes)} (shared memory, kept for the "
+                     "next saves)")
         self.log(f"saving checkpoint {self.ckpt_dir}/{tag} in the background: the loop "
                  f"stopped {blocking:.2f} s to copy {manager.size_text(batch.snapshot_bytes)}")
 

@@ -40,11 +40,16 @@ PR_SET_PDEATHSIG = 1
 def die_with_parent() -> None:
     """Under the launcher: SIGKILL this rank when its agent dies (a killed agent otherwise
     leaves its workers running as orphans: they run in sessions of their own)."""
-    if os.environ.get(SUPERVISED_ENV) != "1" or not sys.platform.startswith("linux"):
+    if os.environ.get(SUPERVISED_ENV) == "1":
+        die_with(os.getppid())
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL this process when its parent (pid `parent`) dies (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the agent died before the call
+    if os.getppid() != parent:  # the parent died before the call
         os._exit(137)
 
 
