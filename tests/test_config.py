@@ -7,13 +7,12 @@ import pytest
 import torch
 import yaml
 
+from magneto_dist.launch_env import ROOT
 from magneto_dist.config import Config, ConfigError, config_to_dict, dump_config, load_config, validate
 from magneto_dist.launch_env import default_config
 from magneto_dist.dims import ParallelDims
 from magneto_dist.training.run import main
 from magneto_dist.training.schedule import lr_at, make_scheduler
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_overrides_parse_as_yaml_and_floats_without_dot():
