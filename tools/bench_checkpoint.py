@@ -32,7 +32,9 @@ import sys
 import tempfile
 import time
 
-from bench_convert import MODEL, ROOT  # beside this file
+from bench_convert import MODEL  # beside this file
+
+from magneto_dist.launch_env import ROOT
 
 RUN_MODEL = [a for a in MODEL if not a.startswith("train.train_iters=")]
 
