@@ -4,8 +4,8 @@
 A background save of step N, on every rank at the same step:
 1. begin (training thread, collective): refuse it if the disk cannot hold it, unmark the tag,
    then DeepSpeed's save_checkpoint with the snapshot engine installed (async_save.py): every
-   file's state is copied to host memory, nothing of size is written; the RNG state joins the
-   copy. The copy goes to this rank's writer thread and the loop goes on with step N+1.
+   file's state is copied into shared host memory, nothing of size is written; the RNG state
+   joins the copy. The copy goes to this rank's writer and the loop goes on with step N+1.
 2. write (a writer process per rank, fed by a thread of the rank; no collectives): each file
    under a temp name, fsync, rename, digest.
 3. finalize (training thread, collective), at the end of the first step at which every rank's
