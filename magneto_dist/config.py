@@ -79,7 +79,7 @@ class TrainConfig:
                                            # Off by default: on this project's 2-core CPU it
                                            # gave no speed-up (1.003x the model's eager step)
                                            # for 33-40 s of first compile (3-5 s cached);
-                                           # for long GPU runs
+                                           # meant for long GPU runs
     seed: int = 1234                       # model init, data order, dropout
     eval_interval: int = 50                # validate every N steps and at the end (0: never)
     eval_iters: int = 4                    # global batches per validation
@@ -115,6 +115,9 @@ class CheckpointConfig:
     init_from: str = ""                    # start from a consolidated export's weights
                                            # (tools/convert_checkpoint.py --to safetensors):
                                            # fresh optimizer, step 0; unused when resuming
+    async_save: bool = False               # copy the state to host memory and write it in the
+                                           # background while training goes on (a host copy
+                                           # of each rank's checkpoint; see README)
 
 
 @dataclass
@@ -378,3 +381,8 @@ def _validate_data_logging_checkpoint(cfg: Config) -> None:
     c = cfg.checkpoint
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
     _require(c.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+    ds_checkpoint = cfg.deepspeed.get("checkpoint")
+    writer = ds_checkpoint.get("writer") if isinstance(ds_checkpoint, dict) else None
+    _require(not (c.async_save and writer), "checkpoint.async_save=true writes the checkpoint "
+             "files with the project's background writer, which takes the place of DeepSpeed's "
+             "deepspeed.checkpoint.writer; drop that key, or set checkpoint.async_save=false")

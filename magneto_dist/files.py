@@ -32,6 +32,15 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fsync_dir(path: str) -> None:
+    """A rename or removal inside `path` is on disk once this returns."""
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_jsonl(path: str, on_bad_line: Optional[Callable[[int, str], None]] = None
                ) -> List[dict]:
     """The JSON objects of a JSON-lines file ([] if it does not exist). Blank lines are

@@ -92,9 +92,12 @@ def test_unmark_makes_a_tag_incomplete_before_it_is_rewritten(tmp_path):
     """...and drops the tag's universal form, which would describe the old contents."""
     tag_dir = save_tag(tmp_path, 4, {"a.pt": b"1"})
     (tag_dir / ckpt.UNIVERSAL / "zero").mkdir(parents=True)
+    (tag_dir / "b.pt.tmp4242").write_bytes(b"half")  # left by a writer killed mid-file
     ckpt._unmark(str(tmp_path), "global_step4")
     assert not ckpt.is_complete(str(tmp_path), "global_step4")
     assert not (tag_dir / ckpt.UNIVERSAL).exists() and (tag_dir / "a.pt").exists()
+    # the temp would be recorded as a file of the rewritten tag, and stay there for good
+    assert sorted(p.name for p in tag_dir.iterdir()) == ["a.pt", "config.yaml"]
     ckpt._unmark(str(tmp_path), "global_step4")  # nothing to remove: fine
 
 

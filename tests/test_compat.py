@@ -11,6 +11,7 @@ from deepspeed.checkpoint import constants as ds_constants
 from deepspeed.checkpoint import ds_to_universal
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from megatron.core.datasets import gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -44,6 +45,12 @@ TOUCHES = [
     (ds_engine, PipelineModule, "_count_layer_params", None),
     (ds_engine, PipelineModule, "_partition_layers", _without_fragment),
     (ds_engine, ds_comm_torch, "build_shm_op", _without_fragment),
+    (ds_engine, DeepSpeedEngine, "_configure_checkpointing", _without_fragment),
+    (ds_engine, DeepSpeedEngine, "save_checkpoint", _without_fragment),
+    (ds_engine, DeepSpeedEngine, "_save_checkpoint", _without_fragment),
+    (ds_engine, DeepSpeedEngine, "_save_zero_checkpoint", _without_fragment),
+    (ds_engine, PipelineEngine, "module_state_dict", _without_fragment),
+    (ds_engine, PipelineModule, "save_state_dict", _without_fragment),
     (megatron, MegatronTokenizerText, "__init__", _without_fragment),
     (megatron, BlendedMegatronDatasetBuilder, "__init__", lambda self, cls, sizes, config: None),
     (megatron, gpt_dataset.GPTDataset, "_build_document_sample_shuffle_indices",

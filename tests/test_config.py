@@ -7,13 +7,12 @@ import pytest
 import torch
 import yaml
 
+from magneto_dist.launch_env import ROOT
 from magneto_dist.config import Config, ConfigError, config_to_dict, dump_config, load_config, validate
 from magneto_dist.launch_env import default_config
 from magneto_dist.dims import ParallelDims
 from magneto_dist.training.run import main
 from magneto_dist.training.schedule import lr_at, make_scheduler
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_yaml_booleans_in_a_string_key_read_as_off_and_on():
@@ -79,6 +78,9 @@ def test_config_errors_name_the_key(overrides, message):
     (["data.split=90,10"], 1, "data.split='90,10' must be three comma-separated numbers"),
     (["logging.diagnostics_interval=5", "parallel.tensor_model_parallel_size=2"], 2,
      "logging.diagnostics_interval=5 needs the whole model on one rank (TP1 x PP1, ZeRO 0-2)"),
+    (["checkpoint.async_save=true", "deepspeed.checkpoint.writer.type=fast"], 1,
+     "checkpoint.async_save=true writes the checkpoint files with the project's background "
+     "writer, which takes the place of DeepSpeed's deepspeed.checkpoint.writer"),
 ])
 def test_cross_field_validation(overrides, world, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -182,7 +184,10 @@ def test_deepspeed_section_merges_nests_overrides_and_refuses_project_keys():
     check_deepspeed_section(cfg, ParallelDims.of(cfg, 2))  # DeepSpeed's own config class accepts it
     for override, owner in (("deepspeed.zero_optimization.stage=3", "train.zero_stage"),
                             ("deepspeed.train_batch_size=64", "train.global_batch_size"),
-                            ("deepspeed.bf16.enabled=true", "train.precision")):
+                            ("deepspeed.bf16.enabled=true", "train.precision"),
+                            # returns before its files exist: a marker would cover missing files
+                            ("deepspeed.checkpoint.writer.decoupled=true",
+                             "checkpoint.async_save")):
         key = override.split("=")[0]
         with pytest.raises(ConfigError, match=rf"^{re.escape(key)} is set by the project from "
                                               rf"{re.escape(owner)}; set that instead"):

@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+from magneto_dist.launch_env import ROOT
 from magneto_dist.data.jsonl import BadInputError
 from magneto_dist.data.preprocess import preprocess
 from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
@@ -18,7 +19,6 @@ from magneto_dist.errors import ConfigError, ExitCode
 
 from .tokenizer_files import read_bytes, stdlib_docs, write_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = stdlib_docs(90, 1500) + ["", "   ", "a <|endoftext|> b", "naïve 東京 🙂", "x\r\ny"]
 
 

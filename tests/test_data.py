@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from magneto_dist.launch_env import ROOT
 from magneto_dist.data import checks
 from magneto_dist.data import preprocess as preprocess_module
 from magneto_dist.data.checks import DataError, check_token_ids, split_sizes
@@ -20,8 +21,6 @@ from magneto_dist.data.datasets import DatasetRequest, GlobalSampleBatches, buil
 from magneto_dist.data.jsonl import BadInputError
 from magneto_dist.data.preprocess import WorkerDied, preprocess
 from magneto_dist.data.tokenizer import sentencepiece_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_jsonl(path, records):

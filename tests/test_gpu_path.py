@@ -227,3 +227,51 @@ def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "gpu_check: no CUDA device is visible" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def _gpu_check_verdicts():
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "tools", "gpu_check.sh"), encoding="utf-8").read()
+    return dict(re.findall(r"verdict ([\w.]+) <<'EOF'\n(.*?)\nEOF\n", text, re.S))
+
+
+def _fake_run(out, name, losses, **extra):
+    import json
+    (out / name).mkdir(parents=True)
+    rows = [dict(split="train", step=10 * (i + 1), loss=loss, tokens_per_s=1e5, **extra)
+            for i, loss in enumerate(losses)]
+    (out / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_gpu_check_verdicts_judge_the_files_a_gpu_run_writes(tmp_path, good):
+    """The verdicts run only on a GPU machine; here they read fabricated run directories of the
+    shape the runs write (metrics.jsonl, deepspeed_config.json, the bench log), so an import or
+    a file name gone stale fails on this CPU and not on the first GPU lent (a verdict read
+    training.metrics.read_metrics after it moved to metrics_file). Good numbers pass, bad fail."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path
+    drop = 0.0 if good else 3.0  # a bad run does not learn
+    _fake_run(out, "default_bf16", [7.0, 6.0 + drop, 5.0 + drop])
+    (out / "default_bf16" / "deepspeed_config.json").write_text(json.dumps(
+        {"data_types": {"grad_accum_dtype": "fp32" if good else "bf16"},
+         "communication_data_type": "fp32"}))
+    _fake_run(out, "track_fp32", [7.0, 6.0, 5.0])
+    _fake_run(out, "track_bf16", [7.01, 6.02, 5.01 + drop])
+    _fake_run(out, "tp2_bf16", [7.01, 6.03, 5.02 + 2 * drop])
+    _fake_run(out, "fp16", [7.0] + [6.5] * 3 + [6.0 + drop], skipped_steps=1)
+    (out / "bench_1.3b.log").write_text(
+        "trainer        812.0      10,090    150.20   15.2%     1.031\noverhead: 1.031x\n"
+        if good else "RuntimeError: CUDA out of memory\n")
+    verdicts = _gpu_check_verdicts()
+    assert sorted(verdicts) == ["bench_1.3b", "bf16_tracks_fp32", "default_bf16",
+                                "fp16_loss_scaling", "tp2_tracks_one_gpu"]
+    for name, source in verdicts.items():
+        proc = subprocess.run([sys.executable, "-", str(out)], input=source, text=True,
+                              capture_output=True, timeout=120)
+        assert "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert (proc.returncode == 0) == good, (name, proc.stdout, proc.stderr)

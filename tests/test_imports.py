@@ -13,6 +13,8 @@ from its own package):
 
 This reads every module's imports (without running them) and checks each against that order."""
 import ast
+import importlib
+import importlib.util
 import pathlib
 
 import pytest
@@ -96,3 +98,21 @@ def test_no_script_edits_sys_path():
     offenders = [str(p.relative_to(root)) for p in scripts
                  if any(edit in p.read_text() for edit in edits)]
     assert not offenders
+
+
+def test_every_name_scripts_import_from_the_package_exists():
+    """launch/ and tools/ run only when someone runs them (several only on a GPU or a cluster),
+    so a name moved inside the package would fail there first: every `from magneto_dist...
+    import NAME` in them, at the top or inside a function, must name something that exists."""
+    root = PACKAGE.parent
+    scripts = [p for folder in ("launch", "tools") for p in (root / folder).rglob("*.py")]
+    missing = []
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 \
+                    and (node.module or "").split(".")[0] == "magneto_dist":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(root)}:{node.lineno}: {node.module}.{a.name}"
+                            for a in node.names if not hasattr(module, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert len(scripts) > 15 and not missing, missing

@@ -12,22 +12,22 @@ def refused(argv):
 
 
 def test_a_node_range_the_global_batch_cannot_keep_is_refused_naming_the_counts_that_work():
-    """gpt_1.3b on 8 GPUs per node (TP2: DP 4 per node), micro-batch 4, global batch 512: of
+    """gpt_1.3b on 8 GPUs per node (TP1: DP 8 per node), micro-batch 4, global batch 512: of
     4-8 nodes only 4 and 8 keep the batch. Losing one of 8 nodes re-formed on 7 and every
     survivor exited 2 (never retried); now the range is refused at start-up."""
     message = refused(["--nnodes", "4:8", "--nproc-per-node", "8", "--rdzv-endpoint", "h:1",
                        "launch/pretrain_gpt.py", "--config", "configs/gpt_1.3b.yaml"])
     assert message.startswith(
-        "--nnodes 4:8 with --nproc-per-node 8 (TP2 x PP1, train.micro_batch_size=4, "
+        "--nnodes 4:8 with --nproc-per-node 8 (TP1 x PP1, train.micro_batch_size=4, "
         "train.global_batch_size=512, train.zero_stage=1): the run cannot continue on 5, 6, 7 "
         "node(s) (on 5: train.global_batch_size=512 is not divisible by "
-        "train.micro_batch_size x data-parallel size = 4 x 20; use a multiple of 80); node "
+        "train.micro_batch_size x data-parallel size = 4 x 40; use a multiple of 160); node "
         "counts that work: 4, 8. Give --nnodes only working counts (e.g. --nnodes 8), or "
-        "train.global_batch_size=13440 (a multiple of 13440"), message
+        "train.global_batch_size=26880 (a multiple of 26880"), message
     message = refused(["--nnodes", "7:8", "--nproc-per-node", "8", "--rdzv-endpoint", "h:1",
                        "launch/pretrain_gpt.py", "--config", "configs/gpt_1.3b.yaml"])
     assert "on 7: train.global_batch_size=512 is not divisible by train.micro_batch_size x " \
-        "data-parallel size = 4 x 28" in message and "global_batch_size=896 (" in message
+        "data-parallel size = 4 x 56" in message and "global_batch_size=1792 (" in message
     tiny = ["--rdzv-endpoint", "h:1", "launch/pretrain_gpt.py", "train.micro_batch_size=2"]
     message = refused(["--nnodes", "1:4", "--nproc-per-node", "2", *tiny,
                        "train.global_batch_size=16"])

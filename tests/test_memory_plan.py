@@ -52,6 +52,20 @@ def test_cli_prints_the_configured_layout_and_alternatives(capsys):
     assert "(ZeRO-0)" not in out  # bf16 needs ZeRO (fp32 gradient accumulation)
 
 
+def test_the_host_copy_of_async_saves_is_planned_and_printed(capsys):
+    """The checkpoint's tensors: parameters (the tied embedding under both names) and optimizer
+    state; tests/dist/test_async_save.py holds it against a measured copy."""
+    cfg = load_config(None, SMALL)
+    plan = MemoryPlanner(cfg.model, "fp32", 32).plan(layout(cfg, 2))
+    embedding = 1000 * 64 * 4
+    assert plan["host_copy"] == plan["parameters"] + plan["optimizer"] + embedding
+    assert plan_memory.main(["--config", "configs/gpt_1.3b.yaml", "--vocab-size", "50257"]) == 0
+    assert "host copy" not in capsys.readouterr().out
+    assert plan_memory.main(["--config", "configs/gpt_1.3b.yaml", "--vocab-size", "50257",
+                             "checkpoint.async_save=true"]) == 0
+    assert "host copy, checkpoint.async_save" in capsys.readouterr().out
+
+
 def test_cli_names_a_layout_the_devices_cannot_run_and_a_bad_config(capsys):
     assert plan_memory.main(["--config", "configs/gpt_1.3b.yaml", "--nodes", "1",
                              "--gpus-per-node", "1", "--device-memory", "1",

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from magneto_dist.launch_env import ROOT
 from magneto_dist.data.datasets import DatasetRequest, build_datasets
 from magneto_dist.data.preprocess import preprocess
 from magneto_dist.data.run_tokenizer import (check_resume_tokenizer, copied_tokenizer,
@@ -17,8 +18,6 @@ from magneto_dist.errors import CheckpointError, DataError
 
 from .tokenizer_files import (EDGE_DOCS, empty_documents, make_tokenizers, megatron_preprocess,
                               megatron_tokenizer, read_bytes, stdlib_docs, write_jsonl)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

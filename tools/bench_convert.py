@@ -28,8 +28,9 @@ import tempfile
 import time
 import zlib
 
+from magneto_dist.launch_env import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
 # ds_to_universal has no peak-memory report of its own: run it under a wrapper that prints one.
 REFERENCE = ("import resource, runpy, sys; sys.argv = ['ds_to_universal'] + sys.argv[1:]; "
              "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__'); "

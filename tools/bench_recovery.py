@@ -26,9 +26,9 @@ import sys
 import tempfile
 import time
 
+from magneto_dist.launch_env import ROOT
 from magneto_dist.resilience.parent_watch import parent_of
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 PHASES = ["detection", "re-rendezvous and spawn", "process start-up", "checkpoint load",
           "first step", "kill to first step"]

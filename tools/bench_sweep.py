@@ -21,13 +21,13 @@ import sys
 import tempfile
 import time
 
+from magneto_dist.launch_env import ROOT
 from magneto_dist.stability.grid import load_sweep
 from magneto_dist.stability.sweep import prepare_data
 
 CONFIG = "configs/stability/depth_lr_cpu.yaml"
 GRID = ["grid.schemes=[pre_ln,magneto]", "grid.depths=[6]", "grid.lrs=[1e-3,5e-3]",
         "grid.steps=100", "grid.diagnostics_interval=50", "train.eval_interval=50"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 
 def children_cpu() -> float:

@@ -62,7 +62,7 @@ train() {  # train NAME GPUS SECONDS OVERRIDES...: launch/pretrain_gpt.py under 
 if train default_bf16 1 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0; then
     verdict default_bf16 <<'EOF'
 import json, math, sys
-from magneto_dist.training.metrics import read_metrics
+from magneto_dist.training.metrics_file import read_metrics
 out = sys.argv[1]
 rows = read_metrics(f"{out}/default_bf16", "train")
 ds = json.load(open(f"{out}/default_bf16/deepspeed_config.json"))
@@ -97,7 +97,7 @@ if train track_fp32 1 180 train.train_iters=100 train.eval_interval=0 &&
    train track_bf16 1 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0; then
     verdict bf16_tracks_fp32 <<'EOF'
 import sys
-from magneto_dist.training.metrics import read_metrics
+from magneto_dist.training.metrics_file import read_metrics
 out = sys.argv[1]
 fp32 = [r["loss"] for r in read_metrics(f"{out}/track_fp32", "train")]
 bf16 = [r["loss"] for r in read_metrics(f"{out}/track_bf16", "train")]
@@ -113,7 +113,7 @@ fi
 if train fp16 1 180 train.precision=fp16 train.train_iters=50 train.eval_interval=0; then
     verdict fp16_loss_scaling <<'EOF'
 import math, sys
-from magneto_dist.training.metrics import read_metrics
+from magneto_dist.training.metrics_file import read_metrics
 rows = read_metrics(f"{sys.argv[1]}/fp16", "train")
 skipped = sum(r.get("skipped_steps", 0) for r in rows)
 print(f"   loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} in {rows[-1]['step']} steps, "
@@ -129,7 +129,7 @@ if [[ "$GPUS" -ge 2 ]]; then
             parallel.tensor_model_parallel_size=2; then
         verdict tp2_tracks_one_gpu <<'EOF'
 import sys
-from magneto_dist.training.metrics import read_metrics
+from magneto_dist.training.metrics_file import read_metrics
 out = sys.argv[1]
 one = [r["loss"] for r in read_metrics(f"{out}/track_bf16", "train")]
 tp2 = [r["loss"] for r in read_metrics(f"{out}/tp2_bf16", "train")]

@@ -6,7 +6,8 @@
 
 Prints the configured layout's bytes per rank (parameters, gradients, optimizer state,
 activations with and without recompute, the start-up peak, DeepSpeed's own estimate of the
-model states) and then the other layouts of the same global batch that fit --device-memory,
+model states; with checkpoint.async_save, the host memory of its copy of the rank's checkpoint
+state) and then the other layouts of the same global batch that fit --device-memory,
 least model parallelism first. Figures are for the busiest rank (the pipeline stage with the
 most parameters); see magneto_dist/training/memory_plan.py for what is and is not counted.
 """
@@ -49,6 +50,8 @@ def print_plan(cfg, planner: MemoryPlanner, layout: Layout) -> None:
             ("total (as configured)", p["total"]),
             ("start-up peak (fp32 shard + 1 param)", p["startup_peak"]),
             ("DeepSpeed estimator, model states", ds)]
+    if cfg.checkpoint.async_save:  # host memory, not in the device total
+        rows.append(("host copy, checkpoint.async_save", p["host_copy"]))
     for name, value in rows:
         print(f"  {name:<38}{value / GiB:>10.2f} GiB")
 

@@ -22,6 +22,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch.distributed as dist
 import xxhash
 
+from ..files import fsync_dir
+
 DIGEST = "xxh3_64"
 _CHUNK = 8 * 2 ** 20  # read size: large enough that per-call overhead vanishes
 
@@ -45,15 +47,6 @@ def file_digest(path: str, durable: bool = False) -> str:
 def buffer_digest(data) -> str:
     """The digest of bytes in memory (anything with the buffer protocol)."""
     return xxhash.xxh3_64(data).hexdigest()
-
-
-def fsync_dir(path: str) -> None:
-    """A directory's entries (new names, removals) on disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_files(root: str, skip: Callable[[str], bool] = lambda top: False) -> List[str]:
@@ -140,19 +133,25 @@ def _assign(views: List[List[str]]) -> List[List[str]]:
     return shares
 
 
-def record_collectively(root: str, skip: Callable[[str], bool]
+def record_collectively(root: str, skip: Callable[[str], bool],
+                        known: Optional[Dict[str, dict]] = None
                         ) -> Tuple[Dict[str, dict], bool, float]:
     """Collective, once every rank has written its files under root: each rank fsyncs and
     digests its share of them (reading them back once, from the page cache as a rule).
+    `known`: this rank's files that are durable and digested already (a background writer
+    digests the bytes as it writes them, checkpoint/async_save.py); they are not read again.
     -> (the whole record, on every rank; whether every rank listed the same files, i.e. root
     is on a filesystem they share; this rank's seconds)."""
-    views: List[Optional[List[str]]] = [None] * dist.get_world_size()
-    dist.all_gather_object(views, list_files(root, skip))
+    views: List[Optional[Tuple[List[str], Dict[str, dict]]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (list_files(root, skip), known or {}))
+    digested_by_writers = {name: entry for _, written in views for name, entry in written.items()}
     start = time.monotonic()
-    mine = record(root, _assign(views)[dist.get_rank()], durable=True)
+    unread = [[n for n in names if n not in digested_by_writers] for names, _ in views]
+    mine = record(root, _assign(unread)[dist.get_rank()], durable=True)
     fsync_dir(root)
     seconds = time.monotonic() - start
     parts: List[Optional[dict]] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
-    shared = all(v == views[0] for v in views)
-    return {name: entry for part in parts for name, entry in part.items()}, shared, seconds
+    shared = all(names == views[0][0] for names, _ in views)
+    whole = {**digested_by_writers, **{n: e for part in parts for n, e in part.items()}}
+    return dict(sorted(whole.items())), shared, seconds

@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ import yaml
 
 from .. import errors
 from ..config import Config, config_from_dict, config_to_dict, dump_config
-from ..files import atomic_write
+from ..files import atomic_write, fsync_dir
 from ..dims import ParallelDims
 from ..resilience.faults import NO_FAULTS, Faults
 from . import integrity
@@ -41,6 +41,7 @@ COMPLETE = "complete.json"
 DAMAGED = "damaged.json"  # a marker moved aside: the tag's contents were found damaged
 UNIVERSAL = "universal"  # a tag's universal form, when another layout resumed it (reshard.py)
 TAG = re.compile(r"^global_step(\d+)$")
+TEMP = re.compile(r"\.tmp")  # a file being written (files.atomic_write, async_save, _save_now)
 # Model fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE_MODEL_CHANGES = {"dropout"}
 # Settings that decide which sample comes at each global index: changing one on resume
@@ -101,7 +102,7 @@ def damage(ckpt_dir: str, tag: str, share: Optional[Tuple[int, int]] = (0, 1),
     problem = integrity.content_problem(tag_dir, recorded, names)
     if problem is None and log and names:
         log(f"verified the contents of {tag} in {time.monotonic() - start:.2f} s: {len(names)} "
-            f"of its {len(recorded)} files, {_size(integrity.total_bytes(recorded, names))}"
+            f"of its {len(recorded)} files, {size_text(integrity.total_bytes(recorded, names))}"
             + (f" (this rank's share of {share[1]})" if share[1] > 1 else ""))
     return problem
 
@@ -117,7 +118,7 @@ def mark_damaged(ckpt_dir: str, tag: str, problem: str) -> None:
     atomic_write(os.path.join(tag_dir, DAMAGED), json.dumps(dict(marker, damage=problem)) + "\n")
     with contextlib.suppress(FileNotFoundError):  # another rank moved it first
         os.remove(os.path.join(tag_dir, COMPLETE))
-    integrity.fsync_dir(tag_dir)
+    fsync_dir(tag_dir)
 
 
 def find_resume_tag(ckpt_dir: str, resume: str, log=print,
@@ -223,13 +224,14 @@ def _rng_path(ckpt_dir: str, tag: str, rank: int) -> str:
     return os.path.join(ckpt_dir, tag, f"rng_rank{rank:05d}.pt")
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _unmark(ckpt_dir: str, tag: str) -> None:
     """Make a tag incomplete before anything is written into it again; its universal form, if
-    one was built, would describe the old contents."""
+    one was built, would describe the old contents. Temp files a killed save left behind go
+    too (no rank writes into the tag before the barrier that follows)."""
     tag_dir = os.path.join(ckpt_dir, tag)
     shutil.rmtree(os.path.join(tag_dir, UNIVERSAL), ignore_errors=True)
     markers = [os.path.join(tag_dir, m) for m in (COMPLETE, DAMAGED)]
@@ -237,7 +239,10 @@ def _unmark(ckpt_dir: str, tag: str) -> None:
         for marker in markers:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(marker)
-        integrity.fsync_dir(tag_dir)  # the removal is on disk before any file of the tag changes
+        fsync_dir(tag_dir)  # the removal is on disk before any file of the tag changes
+    for name in os.listdir(tag_dir) if os.path.isdir(tag_dir) else []:
+        if TEMP.search(name) and os.path.isfile(os.path.join(tag_dir, name)):
+            os.remove(os.path.join(tag_dir, name))
 
 
 def _not_a_saved_file(name: str) -> bool:
@@ -280,9 +285,9 @@ def space_shortfall(ckpt_dir: str, tag: str) -> Optional[str]:
     free = _free_bytes(ckpt_dir)
     if free + reusable >= needed:
         return None
-    return (f"no space left on {ckpt_dir} (needs about {_size(needed)} for {tag}, as "
-            f"{measured_on} took; {_size(free)} free): nothing was written. Free space (or lower "
-            f"checkpoint.keep_last) and rerun; the run resumes from {measured_on}")
+    return (f"no space left on {ckpt_dir} (needs about {size_text(needed)} for {tag}, as "
+            f"{measured_on} took; {size_text(free)} free): nothing was written. Free space (or "
+            f"lower checkpoint.keep_last) and rerun; the run resumes from {measured_on}")
 
 
 def check_space(ckpt_dir: str, tag: str) -> None:
@@ -320,25 +325,30 @@ def full_disk_as_no_space(ckpt_dir: str, tag: str):
         if not _out_of_space(err, ckpt_dir, needed):
             raise
         written = _tag_bytes(ckpt_dir, tag)
-        need = (f"needs about {_size(needed)}, as {measured_on} took" if needed else
-                f"needs more than the {_size(written)} written before it ran out")
+        need = (f"needs about {size_text(needed)}, as {measured_on} took" if needed else
+                f"needs more than the {size_text(written)} written before it ran out")
         raise errors.NoSpaceError(
-            f"no space left on {ckpt_dir} ({need}; {_size(_free_bytes(ckpt_dir))} "
+            f"no space left on {ckpt_dir} ({need}; {size_text(_free_bytes(ckpt_dir))} "
             f"free) while saving {tag} ({type(err).__name__}: {str(err)[:200]}). {tag} is not "
             f"marked complete; free space (or lower checkpoint.keep_last) and rerun to resume "
             f"from {measured_on or 'the start'}") from err
 
 
+def _save_now(obj, path: str) -> None:
+    """torch.save under a temp name, then the rename (a synchronous save's small files)."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def write_files(engine, ckpt_dir: str, tag: str, client_state: dict, cfg: Config,
-                extra_rng: Optional[dict]) -> None:
-    """Collective: DeepSpeed's files of the tag, this rank's RNG state and (rank 0) the
-    resolved config."""
+                extra_rng: Optional[dict], save_file: Callable[[object, str], None] = _save_now
+                ) -> None:
+    """Collective: DeepSpeed's files of the tag, this rank's RNG state (through `save_file`:
+    a background save hands it to its writer) and (rank 0) the resolved config."""
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     rng = rng_state()
     rng.update(extra_rng or {})
-    path = _rng_path(ckpt_dir, tag, dist.get_rank())
-    torch.save(rng, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_file(rng, _rng_path(ckpt_dir, tag, dist.get_rank()))
     if dist.get_rank() == 0:
         dump_config(cfg, os.path.join(ckpt_dir, tag, "config.yaml"))
 
@@ -360,6 +370,32 @@ def write_latest(ckpt_dir: str, tag: str) -> None:
     atomic_write(os.path.join(ckpt_dir, "latest"), tag)
 
 
+def prepare_save(ckpt_dir: str, tag: str) -> None:
+    """Collective, before a save writes anything: refuse it if the disk cannot hold it; make
+    the tag incomplete (rank 0)."""
+    check_space(ckpt_dir, tag)
+    if dist.get_rank() == 0:
+        _unmark(ckpt_dir, tag)
+    dist.barrier()
+
+
+def finish_save(ckpt_dir: str, tag: str, step: int, client_state: dict, dims: ParallelDims,
+                keep_last: int, known: Optional[Dict[str, dict]] = None
+                ) -> Tuple[Dict[str, dict], float]:
+    """Collective, once every rank's files of the tag are written: make them durable and
+    record their sizes and digests (`known`: this rank's, done already), then rank 0 writes
+    the marker, moves `latest` and prunes. -> (the record, this rank's digest seconds)."""
+    files, shared, digest_seconds = integrity.record_collectively(
+        os.path.join(ckpt_dir, tag), skip=_not_a_saved_file, known=known)
+    if dist.get_rank() == 0:
+        with full_disk_as_no_space(ckpt_dir, tag):
+            write_marker(ckpt_dir, tag, step, client_state, dims, files, shared)
+            write_latest(ckpt_dir, tag)
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return files, digest_seconds
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config, dims: ParallelDims,
          keep_last: int, extra_rng: Optional[dict] = None, faults: Faults = NO_FAULTS,
          log=None) -> str:
@@ -367,27 +403,16 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, cfg: Config, dims
     disk too full for it raises NoSpaceError (before writing when the previous tag's size
     says so, else when a write fails)."""
     tag = tag_for(step)
-    rank = dist.get_rank()
     start = time.monotonic()
-    check_space(ckpt_dir, tag)
-    if rank == 0:
-        _unmark(ckpt_dir, tag)
-    dist.barrier()
+    prepare_save(ckpt_dir, tag)
     with full_disk_as_no_space(ckpt_dir, tag):
         write_files(engine, ckpt_dir, tag, client_state, cfg, extra_rng)
-    faults.inject("kill_in_save", rank, step)
+    faults.inject("kill_in_save", dist.get_rank(), step)
     dist.barrier()  # every rank's files are written
-    files, shared, digest_seconds = integrity.record_collectively(
-        os.path.join(ckpt_dir, tag), skip=_not_a_saved_file)
-    if rank == 0:
-        with full_disk_as_no_space(ckpt_dir, tag):
-            write_marker(ckpt_dir, tag, step, client_state, dims, files, shared)
-            write_latest(ckpt_dir, tag)
-        prune(ckpt_dir, keep_last)
-    dist.barrier()
+    files, digest_seconds = finish_save(ckpt_dir, tag, step, client_state, dims, keep_last)
     if log:
         log(f"saved checkpoint {ckpt_dir}/{tag} in {time.monotonic() - start:.2f} s "
-            f"({_size(integrity.total_bytes(files))}; durable and digested in "
+            f"({size_text(integrity.total_bytes(files))}; durable and digested in "
             f"{digest_seconds:.2f} s)")
     return tag
 

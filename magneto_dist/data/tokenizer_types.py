@@ -133,15 +133,8 @@ def gpt2_bpe_from_files(spec: TokenizerSpec):
     which is refused here instead.
     """
     from transformers import GPT2TokenizerFast
-    try:
-        with open(spec.vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"tokenizer vocab_file {spec.vocab_file} is not a GPT-2 vocab.json "
-                        f"({err})") from None
-    if not isinstance(vocab, dict):
-        raise DataError(f"tokenizer vocab_file {spec.vocab_file} is not a GPT-2 vocab.json (a "
-                        "JSON object of token -> id)")
+    vocab = _read_json(spec.vocab_file, "vocab_file", dict,
+                       "a GPT-2 vocab.json (a JSON object of token -> id)")
     if spec.eod_token is None and GPT2_EOD not in vocab:
         raise DataError(f"tokenizer vocab_file {spec.vocab_file} has no {GPT2_EOD} token; name "
                         f"the end-of-document token with {flag('eod_token')}")
@@ -196,16 +189,22 @@ class TikToken(Tokenizer):
 
 
 def _count_ranks(spec: TokenizerSpec) -> int:
+    return len(_read_json(spec.model, "model", list, "a Megatron tiktoken vocabulary (a JSON "
+                          "list of {rank, token_bytes, token_str})"))
+
+
+def _read_json(path: str, key: str, kind: type, what: str):
+    """The JSON value in `path` (the tokenizer's `key` file), which must be a `kind`; a file
+    that is not one is a DataError naming it and saying it is not `what`."""
+    label = f"tokenizer {key} {path}"
     try:
-        with open(spec.model, encoding="utf-8") as f:
-            ranks = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"tokenizer model {spec.model} is not a Megatron tiktoken vocabulary (a "
-                        f"JSON list of ranks): {err}") from None
-    if not isinstance(ranks, list):
-        raise DataError(f"tokenizer model {spec.model} is not a Megatron tiktoken vocabulary (a "
-                        "JSON list of {rank, token_bytes, token_str})")
-    return len(ranks)
+        raise DataError(f"{label} is not {what} ({err})") from None
+    if not isinstance(value, kind):
+        raise DataError(f"{label} is not {what}")
+    return value
 
 
 class Null(Tokenizer):

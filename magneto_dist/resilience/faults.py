@@ -12,7 +12,17 @@ so a restarted group replaying that step goes on. Points:
 - kill_at_step: that rank SIGKILLs itself at the start of that step.
 - hang: that rank stops making progress at the start of that step (sleeps forever).
 - kill_in_save: that rank dies with SIGKILL's exit status after DeepSpeed wrote its files of
-  that step's checkpoint, before the completeness marker.
+  that step's checkpoint, before the completeness marker (a background save: once every
+  rank's writer has finished, before the marker).
+- kill_after_snapshot: (checkpoint.async_save) that rank dies so once its snapshot of that
+  step's checkpoint is taken, before its background writer starts.
+- kill_mid_write: (checkpoint.async_save) that rank's background writer kills the process so
+  once the first of its files of that step's checkpoint is durable.
+- sigterm_mid_write: (checkpoint.async_save) that rank's background writer sends its process
+  SIGTERM (a preemption) once the first of its files of that step's checkpoint is durable.
+- slow_write: (checkpoint.async_save) that rank's background writer waits SLOW_WRITE_S before
+  it writes that step's checkpoint (a slow filesystem: the next steps change the live state,
+  and the next save comes due, while it writes).
 - kill_in_convert: that rank dies while it converts the checkpoint of that step to its
   universal form (resuming in another layout), after the conversion, before the rename.
 - nonfinite_loss: that rank's loss is NaN in those steps (so are its gradients); runs without
@@ -28,7 +38,9 @@ from typing import List, Optional, Tuple
 
 FAULT_ENV = "MAGNETO_DIST_FAULT"
 ONCE_ENV = "MAGNETO_DIST_FAULT_ONCE_DIR"
-POINTS = ("kill_at_step", "hang", "kill_in_save", "kill_in_convert", "nonfinite_loss")
+POINTS = ("kill_at_step", "hang", "kill_in_save", "kill_in_convert", "nonfinite_loss",
+          "kill_after_snapshot", "kill_mid_write", "sigterm_mid_write", "slow_write")
+SLOW_WRITE_S = 2.0
 
 
 class Faults:
@@ -39,7 +51,7 @@ class Faults:
         return False
 
     def inject(self, point: str, rank: int, step: int) -> None:
-        """Die or hang here if a fault is set for this point, rank and step."""
+        """Die, hang, signal or stall here if a fault is set for this point, rank and step."""
 
 
 NO_FAULTS = Faults()
@@ -104,6 +116,12 @@ class InjectedFaults(Faults):
                 time.sleep(3600)
         if point == "kill_at_step":
             os.kill(os.getpid(), signal.SIGKILL)
+        if point == "sigterm_mid_write":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if point == "slow_write":
+            time.sleep(SLOW_WRITE_S)
+            return
         os._exit(137)
 
 

@@ -40,11 +40,16 @@ PR_SET_PDEATHSIG = 1
 def die_with_parent() -> None:
     """Under the launcher: SIGKILL this rank when its agent dies (a killed agent otherwise
     leaves its workers running as orphans: they run in sessions of their own)."""
-    if os.environ.get(SUPERVISED_ENV) != "1" or not sys.platform.startswith("linux"):
+    if os.environ.get(SUPERVISED_ENV) == "1":
+        die_with(os.getppid())
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL this process when its parent (pid `parent`) dies (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the agent died before the call
+    if os.getppid() != parent:  # the parent died before the call
         os._exit(137)
 
 
@@ -79,6 +84,7 @@ class StepWatchdog:
         self.auto = setting == "auto"
         self.fixed = 0.0 if self.auto else float(setting or 0)
         self.durations: List[float] = []
+        self.watching = False  # inside expires(), with the timer armed
         if self.enabled:
             from torch.distributed.elastic import timer
 
@@ -108,13 +114,22 @@ class StepWatchdog:
             return
         start = time.monotonic()
         watched = self._request(self.client.acquire, self.SCOPE, time.time() + self.allowance(long))
+        self.watching = watched
         try:
             yield
         finally:
+            self.watching = False
             if watched:
                 self._request(self.client.release, self.SCOPE)
         if not long:
             self.durations.append(time.monotonic() - start)
+
+    def renew(self) -> None:
+        """Inside expires(): a new long allowance from now. For work that is slow but shows
+        progress (waiting for a background checkpoint write that keeps writing); its caller
+        renews at most every few seconds (each renewal is a request to the timer's FIFO)."""
+        if self.enabled and self.watching:
+            self._request(self.client.acquire, self.SCOPE, time.time() + self.allowance(True))
 
     def _request(self, call, *args) -> bool:
         """Whether the timer server took the request; when it is gone (the agent is stopping

@@ -17,14 +17,14 @@ from ..config import Config, with_vocab_size
 from ..model import flops_per_token
 from ..dims import ParallelDims
 from ..training.memory_plan import GiB, Layout, MemoryPlanner
-from ..training.metrics import PEAK_TFLOPS
+from ..training.metrics import peak_tflops_for
 from .grid import Sweep
 from .sweep import RESULTS, load_results
 
 
 @dataclass
 class Assumptions:
-    device_tflops: float = PEAK_TFLOPS["H100"]  # peak per device (dense bf16 of an H100 SXM)
+    device_tflops: float = peak_tflops_for("H100 SXM")  # peak per device (dense bf16)
     mfu: float = 0.35                           # model FLOPs utilization of that peak
 
 

@@ -107,6 +107,11 @@ PASSED_AS_OBJECTS = {
     "optimizer": "train.lr, train.adam_* and train.weight_decay (the project builds AdamW)",
     "scheduler": "train.warmup_iters, train.lr_decay_style and train.min_lr",
 }
+# DeepSpeed features a project setting takes the place of. The decoupled checkpoint writer
+# returns from save_checkpoint before its files are written, and the checkpoint manager would
+# digest and mark complete whatever was on disk by then; the project's background writer marks
+# a checkpoint complete once it is on disk.
+REPLACED = {"checkpoint.writer.decoupled": "checkpoint.async_save"}
 
 
 # The dtype gradients are accumulated over micro-batches and all-reduced in, by
@@ -190,8 +195,9 @@ def _merge(base: dict, extra: dict, refused: dict, prefix: str = "") -> dict:
         if dotted in refused:
             raise ConfigError(f"deepspeed.{dotted} is set by the project from "
                               f"{refused[dotted]}; set that instead")
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value, refused, f"{dotted}.")
+        if isinstance(value, dict):  # a new mapping too: a refused key may be inside it
+            base_value = merged.get(key) if isinstance(merged.get(key), dict) else {}
+            merged[key] = _merge(base_value, value, refused, f"{dotted}.")
         else:
             merged[key] = value
     return merged
@@ -253,7 +259,8 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, load_universal: bool = Fal
     overridable defaults, and the `deepspeed:` section over both."""
     derived = derived_keys(cfg, dims, load_universal)
     generated = _merge(_defaults(cfg, dims), _nest({k: v for k, (v, _) in derived.items()}), {})
-    refused = {**{k: source for k, (_, source) in derived.items()}, **PASSED_AS_OBJECTS}
+    refused = {**{k: source for k, (_, source) in derived.items()}, **PASSED_AS_OBJECTS,
+               **REPLACED}
     return _merge(generated, cfg.deepspeed, refused)
 
 

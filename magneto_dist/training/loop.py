@@ -7,12 +7,12 @@ import math
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import manager as ckpt
+from ..checkpoint.savers import make_saver
 from ..config import Config
 from ..data.datasets import GlobalSampleBatches, train_samples
 from ..errors import ExitCode
@@ -48,11 +48,12 @@ class StopRequest:
             raise KeyboardInterrupt
         self.request(signal.Signals(signum).name)
 
-    def agreed(self, device: torch.device) -> bool:
-        """Whether any rank was asked to stop (all ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def any_rank(device: torch.device, *flags: bool) -> List[bool]:
+    """Collective: for each flag, whether it is set on any rank (one all-reduce for all)."""
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 @dataclass
@@ -114,6 +115,9 @@ class Trainer:
         self.train_step_fn = setup.train_step_fn or self._micro_batch_step
         self.eval_fn = setup.eval_fn or self._micro_batch_eval
         self.diagnostics = self._make_diagnostics()
+        self.watchdog: Optional[StepWatchdog] = None  # while train() runs
+        self.saver = make_saver(self.engine, ckpt_dir, cfg, self.dims, faults=faults, log=log,
+                                report=metrics.checkpoint, keepalive=self._keepalive)
         self.saved_at: Optional[int] = None  # the step of this process's newest save
         self.started_steps = False           # whether a step ran (the start-up time is logged)
         self.interval_start = time.perf_counter()  # this metrics interval: its start, its steps
@@ -202,11 +206,16 @@ class Trainer:
         return self.state.nonfinite_streak < limit
 
     def save(self) -> None:
+        """Collective: the checkpoint of this step (checkpoint.async_save: begun; it completes
+        at a later step's agree(), or at flush_saves())."""
         extra_rng = {TP_RNG_KEY: self.tp_rng.state} if self.tp_rng is not None else None
-        ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.client_state_fn(self.state),
-                  self.cfg, self.dims, self.cfg.checkpoint.keep_last, extra_rng=extra_rng,
-                  faults=self.faults, log=self.log)
+        self.saver.save(self.state.step, self.client_state_fn(self.state), extra_rng)
         self.saved_at = self.state.step
+
+    def _keepalive(self) -> None:
+        """Waiting for a background checkpoint write that progresses is not a hang."""
+        if self.watchdog is not None:
+            self.watchdog.renew()
 
     def restore_tp_rng(self, saved_rng: Optional[dict]) -> None:
         """The TP dropout stream where the checkpoint left it (exact resume with dropout)."""
@@ -233,12 +242,15 @@ class Trainer:
                                                            self.state.consumed_samples),
                               self.state.consumed_samples)
         self.stop.install()
-        watchdog = StepWatchdog.from_env()  # a no-op unless launch/ft_launch.py enabled it
+        # a no-op unless launch/ft_launch.py enabled it
+        watchdog = self.watchdog = StepWatchdog.from_env()
         self.start()
         while self.state.step < t.last_step:
             with watchdog.expires(long=self._long_step(self.state.step + 1)):
                 stop = self.step(batches)
             if stop == ExitCode.NONFINITE:
+                with watchdog.expires(long=True):
+                    self.saver.flush(self.state.step)  # an earlier save still writing
                 return stop
             if stop == ExitCode.INTERRUPTED:
                 with watchdog.expires(long=True):
@@ -251,8 +263,10 @@ class Trainer:
         return ExitCode.OK
 
     def save_unless_saved(self) -> None:
+        """Collective, on the way out: this step's checkpoint, complete on disk."""
         if self.saved_at != self.state.step:
             self.save()
+        self.saver.flush(self.state.step)
 
     def start(self) -> None:
         """Before the first step: train mode, step-0 diagnostics, the first metrics interval."""
@@ -266,7 +280,7 @@ class Trainer:
     def step(self, batches) -> Optional[ExitCode]:
         """One optimizer step as the run takes it, in this order: the fault points, the step,
         the non-finite check, metrics, diagnostics, evaluation, the periodic save, the agreed
-        stop. Returns NONFINITE or INTERRUPTED (not yet saved) to stop with, else None."""
+        stop (and the completion of a background save). Returns NONFINITE or INTERRUPTED (not yet saved) to stop with, else None."""
         for point in ("kill_at_step", "hang"):
             self.faults.inject(point, self.rank, self.state.step + 1)
         loss, grad_norm = self.optimizer_step(batches)
@@ -279,7 +293,16 @@ class Trainer:
         # no periodic save inside a run of skipped steps: keep_last must not prune good ones
         if self._saves(self.state.step) and not self.state.nonfinite_streak:
             self.untimed(self.save)
-        return ExitCode.INTERRUPTED if self.stop.agreed(self.device) else None
+        return self.agree()
+
+    def agree(self) -> Optional[ExitCode]:
+        """Collective, one all-reduce at the end of every step: whether any rank was asked to
+        stop (all stop at the same step), and whether any is still writing a background
+        checkpoint; once none is, every rank finalizes it here, at the same step."""
+        stop, writing = any_rank(self.device, self.stop.requested, self.saver.busy())
+        if self.saver.pending() and not writing:
+            self.untimed(lambda: self.saver.finalize(self.state.step))
+        return ExitCode.INTERRUPTED if stop else None
 
     def optimizer_step(self, batches) -> Tuple[float, Optional[float]]:
         """The step itself; -> (loss, grad norm), both global."""

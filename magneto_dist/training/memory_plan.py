@@ -136,7 +136,20 @@ class MemoryPlanner:
                "largest_param": self.largest_param}
         out["total"] = sum(out[k] for k in ("parameters", "gradients", "optimizer",
                                             "activations"))
+        out["host_copy"] = self.host_copy(layout, out)
         return out
+
+    def host_copy(self, layout: Layout, plan: Dict) -> float:
+        """Host bytes of checkpoint.async_save's copy of this rank's checkpoint state: the
+        tensors of the files it writes, i.e. the parameters it holds (DP rank 0 writes the
+        model file) and its optimizer state, not the gradients. A tied embedding is in the
+        model's state dict under both names (copied twice; each pipeline stage has it once)."""
+        d, alias = layout.dims, 0.0
+        if self.cfg.tie_embeddings and d.pp == 1:
+            name = next(n for n in self.shapes if tp_kind(n) == VOCAB)
+            alias = _local_numel(name, self.shapes[name], d.tp, layout.vocab_padding_multiple)
+            alias *= BYTES[self.precision] / (d.dp if d.zero_stage >= 3 else 1)
+        return plan["parameters"] + plan["optimizer"] + alias
 
 
 def deepspeed_estimate(params_per_rank: int, largest_param: int, dims: ParallelDims) -> float:

@@ -13,7 +13,12 @@ metrics.jsonl rows:
   of tools/evaluate.py (TensorBoard: eval/TASK/METRIC);
 - {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
   run starts: the rows after it
-  replay the steps after `step` (take the last occurrence of a step).
+  replay the steps after `step` (take the last occurrence of a step);
+- {"split": "checkpoint", "step", "tag", "async", "blocking_s", "time", ...} per save, once it
+  is complete: the seconds the loop stopped for it; a background save adds "write_s" (its
+  write), "bytes" (rank 0's files), "snapshot_bytes" (rank 0's host copy), "done_step" (the
+  step at whose end it was found written on every rank), "waited_s" (how long the next save,
+  or the end of the run, waited for it) and "waits" (saves so far that had to wait).
 """
 from __future__ import annotations
 
@@ -184,6 +189,11 @@ class MetricsLogger:
         if self.enabled:
             self._emit({"split": "resume", "step": step, "tag": tag, "time": time.time(),
                         "process_start": process_start, "load_start": load_start})
+
+    def checkpoint(self, row: dict) -> None:
+        """A save, once complete (checkpoint/savers.py says what the row holds)."""
+        if self.enabled:
+            self._emit({"split": "checkpoint", **row, "time": time.time()})
 
     def close(self) -> None:
         if self.jsonl is not None:

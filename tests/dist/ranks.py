@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from magneto_dist.launch_env import ROOT
 
 
 def free_port() -> int:

@@ -24,14 +24,17 @@ COMMON = ["train.train_iters=10", "train.micro_batch_size=2", "checkpoint.save_i
           "checkpoint.keep_last=2"]
 
 
-def layout(name, ranks, tp=1, pp=1, zero=1):
+def layout(name, ranks, tp=1, pp=1, zero=1, *extra):
     return {"name": name, "ranks": ranks,
             "args": [f"parallel.tensor_model_parallel_size={tp}",
-                     f"parallel.pipeline_model_parallel_size={pp}", f"train.zero_stage={zero}"]}
+                     f"parallel.pipeline_model_parallel_size={pp}", f"train.zero_stage={zero}",
+                     *extra]}
 
 
 TP1, TP2, PP2 = layout("tp1", 1), layout("tp2", 2, tp=2), layout("pp2", 2, pp=2)
-TP2_PP2, DP4, DP2 = layout("tp2_pp2", 4, tp=2, pp=2), layout("dp4", 4), layout("dp2", 2)
+# saved in the background (step 5's files written while step 6 runs), pipeline layer files too
+TP2_PP2 = layout("tp2_pp2", 4, 2, 2, 1, "checkpoint.async_save=true")
+DP4, DP2 = layout("dp4", 4), layout("dp2", 2)
 DP2_ZERO1, DP2_ZERO3 = layout("dp2_zero1", 2, zero=1), layout("dp2_zero3", 2, zero=3)
 TP2_ZERO3, TP1_ZERO3 = layout("tp2_zero3", 2, tp=2, zero=3), layout("tp1_zero3", 1, zero=3)
 
