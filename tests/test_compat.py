@@ -22,7 +22,11 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from torch.distributed.elastic.rendezvous import utils as rdzv_utils
 from torch.distributed.launcher import api as launcher_api
 
-from magneto_dist.compat import CompatError, ds_engine, ds_universal, elastic, megatron
+import torch._dynamo.utils
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import layers as tp_layers
+
+from magneto_dist.compat import CompatError, ds_engine, ds_universal, dynamo, elastic, megatron
 
 
 def _without_fragment(*args, **kwargs):
@@ -51,6 +55,15 @@ TOUCHES = [
     (megatron, BlendedMegatronDatasetBuilder, "__init__", lambda self, cls, sizes, config: None),
     (megatron, gpt_dataset.GPTDataset, "_build_document_sample_shuffle_indices",
      _without_fragment),
+    (megatron, ColumnParallelLinear, "forward", _without_fragment),
+    (megatron, tp_layers.linear_with_grad_accumulation_and_async_allreduce, "warned", None),
+    (megatron, tp_layers, "linear_with_grad_accumulation_and_async_allreduce",
+     _without_fragment),
+    (dynamo, torch._dynamo.utils, "calculate_time_spent", _without_fragment),
+    (dynamo, torch._dynamo.config, "ignore_logging_functions", None),
+    (dynamo, torch._dynamo.config, "recompile_limit", None),
+    (dynamo, torch._dynamo.config, "accumulated_recompile_limit", None),
+    (dynamo, torch._inductor.config, "fallback_random", None),
     (elastic, LocalElasticAgent, "_monitor_workers", lambda self, group, extra: None),
     (elastic, agent_api.SimpleElasticAgent, "_rendezvous", None),
     (elastic, LocalElasticAgent, "_setup_local_watchdog", _without_fragment),
@@ -63,7 +76,7 @@ TOUCHES = [
 ]
 
 
-@pytest.mark.parametrize("module", [ds_universal, ds_engine, megatron, elastic],
+@pytest.mark.parametrize("module", [ds_universal, ds_engine, megatron, dynamo, elastic],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_the_pinned_versions_pass_every_check(module):
     module.check()

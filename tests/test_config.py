@@ -15,6 +15,17 @@ from magneto_dist.training.run import main
 from magneto_dist.training.schedule import lr_at, make_scheduler
 
 
+def test_yaml_booleans_in_a_string_key_read_as_off_and_on():
+    """YAML 1.1 reads `off` as False: train.compile=off was refused as 'must be str'. Only
+    keys with an `off` choice read booleans so: a prompt of `yes` is still refused."""
+    assert load_config(None, ["train.compile=off"]).train.compile == "off"
+    assert load_config(None, ["train.compile=blocks"]).train.compile == "blocks"
+    with pytest.raises(ConfigError, match="train.compile='on' must be off or blocks"):
+        validate(load_config(None, ["train.compile=on"]), 1)
+    with pytest.raises(ConfigError, match="logging.sample_prompt=True must be str"):
+        load_config(None, ["logging.sample_prompt=yes"])
+
+
 def test_overrides_parse_as_yaml_and_floats_without_dot():
     cfg = load_config(None, ["train.lr=3e-4", "model.num_layers=4", "data.prefixes=[a, b]",
                              "data.weights=[1, 3]", "train.exit_at_step=null",
@@ -58,6 +69,10 @@ def test_config_errors_name_the_key(overrides, message):
     (["parallel.pipeline_model_parallel_size=4", "model.num_layers=2"], 4,
      "more stages than model.num_layers=2"),
     (["train.precision=fp16"], 1, "train.precision='fp16' needs a GPU"),
+    (["train.precision=bf16", "train.zero_stage=0"], 1,
+     "train.precision='bf16' with train.zero_stage=0"),
+    (["train.compile=all"], 1, "train.compile='all' must be off or blocks"),
+    (["parallel.timeout_minutes=0"], 1, "parallel.timeout_minutes=0 must be at least 1"),
     (["train.exit_at_step=500", "train.train_iters=100"], 1, "train.exit_at_step=500"),
     (["data.prefixes=[x]"], 1, "data.prefixes needs data.tokenizer_model"),
     (["data.split=90,10"], 1, "data.split='90,10' must be three comma-separated numbers"),

@@ -11,7 +11,9 @@ The reference is a plain loop on the same weights (the same name-keyed init) and
 global batch: forward and backward per micro-batch, clipping, AdamW and the LR schedule. Rounds
 alternate (plain then trainer, trainer then plain, ...) and medians are compared, so this
 machine's noise hits both alike. On a GPU it also prints TFLOP/s and MFU (logging.peak_tflops or the known-GPU
-table). The last line is `overhead: X.XXXx` (trainer step time over plain step time).
+table). The last line is `overhead: X.XXXx` (trainer step time over plain step time); with
+train.compile=blocks the trainer's blocks are compiled (during its warm-up steps, whose compile
+time is printed) and the plain loop stays eager.
 """
 import argparse
 import os
@@ -96,16 +98,17 @@ def main():
              "trainer": lambda: trainer.step(data)}
     times = {name: [] for name in loops}
     for name, step in loops.items():
-        time_round(step, args.warmup, device)
+        time_round(step, args.warmup, device)  # train.compile=blocks compiles here
+    compile_seconds = trainer.compile_seconds()
     for round_ in range(args.rounds):  # A B, then B A: neither always runs first
         for name, step in list(loops.items())[::1 if round_ % 2 == 0 else -1]:
             times[name].append(time_round(step, args.steps, device))
     trainer.metrics.close()
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics and TensorBoard of the timed steps
-    report(cfg, device, times)
+    report(cfg, device, times, compile_seconds)
 
 
-def report(cfg, device, times) -> None:
+def report(cfg, device, times, compile_seconds=None) -> None:
     t = cfg.train
     tokens = t.global_batch_size * cfg.model.max_seq_len
     flops = flops_per_token(cfg.model, cfg.model.max_seq_len) * tokens
@@ -120,6 +123,9 @@ def report(cfg, device, times) -> None:
         mfu = f"{flops / m / 1e12 / peak:.1%}" if peak else "-"
         print(f"{name:<16}{m * 1e3:>10.1f}{tokens / m:>12,.0f}{flops / m / 1e12:>10.2f}"
               f"{mfu:>8}{m / reference:>10.3f}")
+    if compile_seconds is not None:
+        print(f"compile: {compile_seconds:.1f} s (train.compile={t.compile}, in the warm-up "
+              "steps, not timed)")
     print(f"overhead: {statistics.median(times['trainer']) / reference:.3f}x")
 
 

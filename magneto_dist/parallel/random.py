@@ -77,19 +77,18 @@ def checkpointed(forward, rng: TensorParallelRNG = None):
     recompute through context_fn, then left where the forward pass had left it.
     """
     def run(*args, **kwargs):
+        if rng is None:  # torch.compile traces this form (a custom context_fn it cannot)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False,
+                                                     preserve_rng_state=True, **kwargs)
         saved = {}
 
         @contextlib.contextmanager
         def at_forward():
-            if rng is not None:
-                saved["state"] = rng.state
+            saved["state"] = rng.state
             yield
 
         @contextlib.contextmanager
         def at_recompute():
-            if rng is None:
-                yield
-                return
             after_forward = rng.state
             rng.state = saved["state"]
             try:

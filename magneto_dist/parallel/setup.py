@@ -1,5 +1,6 @@
 """From a model to this rank's shard, in small explicit steps (torchtitan's order): process
-groups -> tensor parallelism -> activation recompute -> pipeline stages -> memory for the shard.
+groups -> tensor parallelism -> activation recompute -> compiled blocks -> pipeline stages ->
+memory for the shard.
 The model is normally a meta-device skeleton (model_skeleton) and only this rank's shard is ever
 materialized (materialize.py). The model itself holds no parallelism, and nothing here knows
 about training: the DeepSpeed engine around the result is built in training/engine.py."""
@@ -15,6 +16,7 @@ from torch import nn
 from ..config import Config
 from . import state
 from ..dims import ParallelDims
+from .compile import compile_blocks, transformer_blocks
 from .materialize import FullWeights, is_meta, materialize
 from .pipeline import build_pipeline
 from .random import (TensorParallelRNG, apply_activation_checkpointing, seed_streams,
@@ -32,6 +34,7 @@ class Parallelized:
                                          # (a PipelineModule carries its own topology)
     tp_rng: Optional[TensorParallelRNG] = None  # the per-TP-rank dropout stream, when used:
                                          # saved and restored with each rank's RNG state
+    compile_note: Optional[str] = None   # train.compile=blocks: what was compiled, or why not
 
 
 def local_device() -> torch.device:
@@ -56,17 +59,17 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims,
         raise ValueError(f"parallelize: the process groups have DP"
                          f"{ps.get_data_parallel_world_size()}, the layout {dims.describe()}")
     rng = seed_streams(cfg.train.seed, state.tp_rank(), ps.get_pipeline_model_parallel_rank())
+    tp_stream = tp > 1 and cfg.model.dropout > 0  # attention dropout draws from the TP stream
     if tp > 1:
         apply_tensor_parallel(model, p.vocab_padding_multiple)
-        if cfg.model.dropout > 0:
+        if tp_stream:
             use_tensor_parallel_rng(model, rng)
     if p.activation_checkpointing:
-        stacks = [s for s in (getattr(model, "encoder", None), getattr(model, "decoder", None))
-                  if s]
-        apply_activation_checkpointing([l for s in stacks for l in s.layers],
-                                       rng if tp > 1 else None)
+        apply_activation_checkpointing(transformer_blocks(model), rng if tp_stream else None)
+    compiled = compile_blocks(model, cfg, dims) if cfg.train.compile == "blocks" else None
     common = dict(dims=dims, dp_rank=ps.get_data_parallel_rank(),
-                  dp_group=ps.get_data_parallel_group(), tp_rng=rng if tp > 1 else None)
+                  dp_group=ps.get_data_parallel_group(), tp_rng=rng if tp > 1 else None,
+                  compile_note=compiled)
     if pp > 1:
         if pipeline_loss is None:
             raise ValueError("parallelize: PP > 1 needs pipeline_loss")

@@ -12,8 +12,17 @@ def sample(model, prompt: List[int], max_new_tokens: int, vocab_size: int, max_s
     """Continue `prompt`; a private generator keeps the training RNG streams untouched.
 
     Every rank of a ZeRO-3 or tensor-parallel model must call this in lockstep (same prompt and
-    seed), since each forward gathers parameters from all of them.
+    seed), since each forward gathers parameters from all of them. Compiled blocks
+    (train.compile=blocks) run eager here: the window grows by a token per step, and each new
+    length would compile every block again.
     """
+    with torch.compiler.set_stance("force_eager"):
+        return _sample(model, prompt, max_new_tokens, vocab_size, max_seq_len, temperature,
+                       top_k, seed, eod)
+
+
+def _sample(model, prompt, max_new_tokens, vocab_size, max_seq_len, temperature, top_k, seed,
+            eod) -> List[int]:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = list(prompt)

@@ -106,6 +106,7 @@ class Trainer:
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
         self.client_state_fn = client_state_fn
         self.tp_rng = par.tp_rng
+        self.compile_note = par.compile_note  # train.compile=blocks: what compiles, or why not
         self.log, self.faults = log, faults
         self.device = self.engine.device
         self.rank = dist.get_rank()
@@ -270,6 +271,8 @@ class Trainer:
     def start(self) -> None:
         """Before the first step: train mode, step-0 diagnostics, the first metrics interval."""
         self.engine.train()
+        if self.compile_note:
+            self.log(self.compile_note)
         self.untimed(self.diagnose)  # at step 0: the gradients at init and F(x, theta_0)
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_skipped = 0
@@ -305,13 +308,20 @@ class Trainer:
         """The step itself; -> (loss, grad norm), both global."""
         loss = self.train_step(batches)
         if not self.started_steps:
-            self.metrics.started(self.state.step + 1)
+            self.metrics.started(self.state.step + 1, self.compile_seconds())
             self.started_steps = True
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         self.interval_steps += 1
         norm = self.engine.get_global_grad_norm()
         return loss, (float(norm) if norm is not None else None)
+
+    def compile_seconds(self) -> Optional[float]:
+        """Seconds this process spent compiling blocks so far (None: train.compile=off)."""
+        if self.cfg.train.compile == "off":
+            return None
+        from ..compat.dynamo import compile_seconds
+        return compile_seconds()
 
     def stop_nonfinite(self) -> ExitCode:
         first = self.state.step - self.state.nonfinite_streak + 1

@@ -7,7 +7,8 @@ metrics.jsonl rows:
 - {"split": "valid", "step", "loss", "ppl", "time"} every eval interval;
 - {"split": "diagnostics", "step", "grad_norm_per_layer", ...} every
   logging.diagnostics_interval steps (see training/diagnostics.py);
-- {"split": "startup", "step", "startup_seconds", "time"} once, after this process's first step;
+- {"split": "startup", "step", "startup_seconds", "compile_seconds", "time"} once, after this
+  process's first step (compile_seconds: null unless train.compile=blocks);
 - {"split": "eval", "step", "task", METRIC: value, ..., "time"} per lm-evaluation-harness task
   of tools/evaluate.py (TensorBoard: eval/TASK/METRIC);
 - {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
@@ -144,15 +145,18 @@ class MetricsLogger:
               f"mem {row['memory_gb']:.2f} GB{skips}", flush=True)
         self._emit(row)
 
-    def started(self, step: int) -> None:
+    def started(self, step: int, compile_seconds: Optional[float] = None) -> None:
         """The first step of this process is done: start-up took this long since the command
-        (imports, data checks, process group, model, engine, checkpoint load, first step)."""
+        (imports, data checks, process group, model, engine, checkpoint load, first step),
+        of which `compile_seconds` compiling blocks (train.compile=blocks; None: off)."""
         if not self.enabled:
             return
         seconds = time.time() - process_start_time()
-        print(f"start-up: {seconds:.1f} s from the command to the end of step {step}", flush=True)
+        compiling = f" (compiling {compile_seconds:.1f} s)" if compile_seconds is not None else ""
+        print(f"start-up: {seconds:.1f} s from the command to the end of step {step}{compiling}",
+              flush=True)
         self._emit({"split": "startup", "step": step, "startup_seconds": seconds,
-                    "time": time.time()})
+                    "compile_seconds": compile_seconds, "time": time.time()})
 
     def valid(self, step: int, loss: float) -> None:
         if not self.enabled:

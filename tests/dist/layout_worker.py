@@ -5,17 +5,21 @@ global batch sequence, and have rank 0 write {case name: result} to the output f
     python tests/dist/layout_worker.py CASES.json OUT.json
 
 A training case: {"name", "tp", "pp", "zero", "model": {ModelConfig overrides}, "steps",
-"recompute", "partition", "precision", "deepspeed": [key=value of the deepspeed: section]}
--> [loss per step]. A case with "check" runs one of block_checks.py instead.
+"recompute", "partition", "precision", "compile", "deepspeed": [key=value of the deepspeed:
+section]} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
+"compile_seconds": spent compiling this case}. A case with "check" runs one of
+block_checks.py instead.
 Starting ranks costs seconds, so one group of ranks goes through many cases.
 """
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
+from magneto_dist.compat.dynamo import compile_seconds
 from magneto_dist.config import load_config
 from magneto_dist.model import InitWeights, model_skeleton
 from magneto_dist.parallel import state
@@ -57,6 +61,7 @@ def case_config(case):
                   f"parallel.pipeline_partition={case.get('partition', 'parameters')}",
                   f"train.zero_stage={case['zero']}", f"train.micro_batch_size={MICRO_BATCH}",
                   f"train.precision={case.get('precision', 'fp32')}",
+                  f"train.compile={case.get('compile', 'off')}",
                   f"train.global_batch_size={GLOBAL_BATCH}", "train.lr=3e-3",
                   "train.warmup_iters=1", f"train.train_iters={case['steps']}",
                   "train.grad_clip=0.5", "train.seed=7"]  # clipping active: tests the TP norm
@@ -66,6 +71,10 @@ def case_config(case):
 
 def train_case(case):
     cfg = case_config(case)
+    compiled = cfg.train.compile != "off"
+    if compiled:
+        torch.compiler.reset()  # this case compiles its own blocks, reusing no earlier case's
+        before = compile_seconds()
     task = (GPTTask if cfg.model.arch == "decoder" else MaskedLMTask)(
         VOCAB, tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
     torch.manual_seed(cfg.train.seed)
@@ -76,7 +85,11 @@ def train_case(case):
     trainer = Trainer(cfg, task, setup, data, None, MetricsLogger("", False, False, 0, 1, None),
                       "", TrainState(), lambda s: {})
     batches = trainer.loader(data, len(data), 0)
-    return [trainer.train_step(batches) for _ in range(case["steps"])]
+    losses = [trainer.train_step(batches) for _ in range(case["steps"])]
+    if not compiled:
+        return losses
+    return {"losses": losses, "note": setup.par.compile_note,
+            "compile_seconds": compile_seconds() - before}
 
 
 def main():
@@ -89,6 +102,7 @@ def main():
         cases = json.load(f)
     results = {}
     for case in cases:
+        start = time.perf_counter()
         if case.get("check") == "memory_plan":
             results[case["name"]] = memory_versus_plan(case, case_config, synthetic_dataset)
         elif case.get("check") == "fp16_loss_scale":
@@ -96,7 +110,8 @@ def main():
         else:
             results[case["name"]] = run_check(case) if "check" in case else train_case(case)
         if dist.get_rank() == 0:
-            print(f"{case['name']}: {results[case['name']]}", flush=True)
+            print(f"{case['name']} ({time.perf_counter() - start:.1f} s): "
+                  f"{results[case['name']]}", flush=True)
     if dist.get_rank() == 0:
         with open(out_path + ".tmp", "w") as f:
             json.dump(results, f)
