@@ -128,9 +128,9 @@ class WriteBatch:
 class BackgroundWriter:
     """One daemon thread that writes batches of snapshot files, one batch at a time, through
     `write` (in-thread write_durably, or WriterProcess.write, which waits for the writer
-    process). A failure is kept and raised by the next wait(), in the training thread. `on_file(batch, n)` runs in
-    the writer thread before the first file (n = 0) and after the n-th is durable (fault
-    points)."""
+    process). A failure is kept and raised by the next wait(), in the training thread.
+    `on_file(batch, n)` runs in the writer thread before the first file (n = 0) and after the
+    n-th is durable (fault points)."""
 
     def __init__(self, write: Callable[..., dict] = write_durably,
                  on_file: Callable[[WriteBatch, int], None] = lambda batch, n: None):

@@ -38,7 +38,7 @@ from ..config import Config
 from ..dims import ParallelDims
 from ..errors import NoSpaceError, RestartNeeded
 from ..resilience.faults import NO_FAULTS, Faults
-from . import manager
+from . import integrity, manager
 from .async_save import BackgroundWriter, SnapshotCheckpointEngine, WriteBatch
 from .write_process import WriterProcess
 
@@ -188,7 +188,7 @@ class AsyncSaver(Saver):
             self.cfg.checkpoint.keep_last, known=batch.records)
         waited = f", a wait of {pending.waited_s:.2f} s for it" if pending.waited_s else ""
         self.log(f"saved checkpoint {self.ckpt_dir}/{pending.tag} in the background "
-                 f"({manager.size_text(sum(e['size'] for e in files.values()))}; the loop "
+                 f"({manager.size_text(integrity.total_bytes(files))}; the loop "
                  f"stopped {pending.blocking_s:.2f} s{waited}; written in {batch.seconds:.2f} s, "
                  f"the other files durable and digested in {digest_seconds:.2f} s)")
         self.report({"step": pending.step, "tag": pending.tag, "async": True,

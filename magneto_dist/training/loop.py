@@ -280,7 +280,8 @@ class Trainer:
     def step(self, batches) -> Optional[ExitCode]:
         """One optimizer step as the run takes it, in this order: the fault points, the step,
         the non-finite check, metrics, diagnostics, evaluation, the periodic save, the agreed
-        stop (and the completion of a background save). Returns NONFINITE or INTERRUPTED (not yet saved) to stop with, else None."""
+        stop (and the completion of a background save). Returns NONFINITE or INTERRUPTED (not
+        yet saved) to stop with, else None."""
         for point in ("kill_at_step", "hang"):
             self.faults.inject(point, self.rank, self.state.step + 1)
         loss, grad_norm = self.optimizer_step(batches)
