@@ -34,9 +34,10 @@ class ParallelDims:
                               f"parallel.pipeline_model_parallel_size={pp} must be at least 1")
         model_ranks = tp * cp * pp
         if world % model_ranks:
-            raise LayoutError(f"world size {world} is not divisible by tensor x context x "
-                              f"pipeline parallel size {tp} x {cp} x {pp}; launch a multiple of "
-                              f"{model_ranks} ranks")
+            sizes = (f"tensor x context x pipeline parallel size {tp} x {cp} x {pp}" if cp > 1
+                     else f"tensor x pipeline parallel size {tp} x {pp}")
+            raise LayoutError(f"world size {world} is not divisible by {sizes}; launch a "
+                              f"multiple of {model_ranks} ranks")
         dp = world // model_ranks
         if micro_batch < 1:
             raise LayoutError(f"train.micro_batch_size={micro_batch} must be >= 1")
@@ -68,30 +69,24 @@ class ParallelDims:
 
     @property
     def layout(self) -> dict:
-        """What a checkpoint's files depend on, as its marker records it (ZeRO's partitions
-        follow DP x CP, so CP is part of it)."""
-        return {k: v for k, v in asdict(self).items()
-                if k in ("tp", "pp", "dp", "cp", "zero_stage")}
+        """What a checkpoint's files depend on, as its marker records it. ZeRO's partitions
+        follow DP x CP, so CP is part of it; it is named only when used, so a layout without
+        CP is recorded as it was before CP existed (and such checkpoints compare equal)."""
+        kept = ("tp", "pp", "dp", "zero_stage") + (("cp",) if self.cp > 1 else ())
+        return {k: v for k, v in asdict(self).items() if k in kept}
 
     def describe(self) -> str:
         return describe(self.layout)
 
 
-# Layout fields added after checkpoints were first written, with the value older markers imply.
-_LATER_FIELDS = {"cp": 1}
-
-
-def recorded_layout(record: dict) -> dict:
-    """A checkpoint marker's layout, completed with the fields markers written before they
-    existed imply (a marker without "cp" was written without context parallelism), so it
-    compares equal to the layout of a run that would write the same files."""
-    return {**_LATER_FIELDS, **record}
+def world_of(layout: dict) -> int:
+    """The ranks of a layout as a checkpoint marker records it."""
+    return layout["tp"] * layout.get("cp", 1) * layout["pp"] * layout["dp"]
 
 
 def describe(layout: dict) -> str:
     """A layout as a checkpoint marker records it, for messages: TP2 x PP1 x DP2 (ZeRO-1);
     CP is named when it is used: TP2 x CP2 x PP1 x DP1 (ZeRO-1)."""
-    layout = recorded_layout(layout)
-    cp = f" x CP{layout['cp']}" if layout["cp"] > 1 else ""
+    cp = f" x CP{layout['cp']}" if layout.get("cp", 1) > 1 else ""
     return (f"TP{layout['tp']}{cp} x PP{layout['pp']} x DP{layout['dp']} "
             f"(ZeRO-{layout['zero_stage']})")

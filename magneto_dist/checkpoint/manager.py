@@ -33,7 +33,7 @@ import yaml
 from .. import errors
 from ..config import Config, config_from_dict, config_to_dict, dump_config
 from ..files import atomic_write, fsync_dir
-from ..dims import ParallelDims, recorded_layout
+from ..dims import ParallelDims
 from ..resilience.faults import NO_FAULTS, Faults
 from . import integrity
 
@@ -172,7 +172,7 @@ def saved_layout(ckpt_dir: str, tag: str) -> dict:
     and the marker's world size."""
     marker = read_marker(ckpt_dir, tag)
     if "layout" in marker:
-        return recorded_layout(marker["layout"])
+        return marker["layout"]
     return ParallelDims.of(saved_config(os.path.join(ckpt_dir, tag)), marker["world_size"]).layout
 
 

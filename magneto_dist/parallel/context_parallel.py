@@ -31,7 +31,8 @@ groups), and the loss of a rank is its tokens' loss sum over the CP group's toke
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -124,15 +125,18 @@ def block_kind(q: Tuple[int, int], k: Tuple[int, int], causal: bool) -> Optional
     return DIAGONAL if q == k else None
 
 
-def block_scores(q, k, scale: float, kind: str, q_docs, k_docs) -> torch.Tensor:
-    """fp32 scores [b, h, cq, ck] of one block, masked entries -inf (causal inside a DIAGONAL
-    block; other documents' keys when q_docs/k_docs [b, c] are given)."""
+def block_scores(q, k, scale: float, causal_offset: Optional[int], q_docs,
+                 k_docs) -> torch.Tensor:
+    """fp32 scores [b, h, nq, nk] of one tile, masked entries -inf: query i sees key j only if
+    j <= i + causal_offset (None: every key), and with document ids q_docs [b, nq] / k_docs
+    [b, nk] only the keys of its own document."""
     scores = torch.matmul(q.to(ACC), k.to(ACC).transpose(-1, -2)) * scale
     allowed = None
-    if kind == DIAGONAL:
-        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if causal_offset is not None:
+        rows = torch.arange(q.shape[2], device=q.device)[:, None] + causal_offset
+        allowed = rows >= torch.arange(k.shape[2], device=q.device)[None, :]    # [nq, nk]
     if q_docs is not None:
-        same = (q_docs[:, :, None] == k_docs[:, None, :])[:, None]        # [b, 1, cq, ck]
+        same = (q_docs[:, :, None] == k_docs[:, None, :])[:, None]        # [b, 1, nq, nk]
         allowed = same if allowed is None else allowed & same
     return scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
 
@@ -159,16 +163,37 @@ def _chunk(docs: Optional[torch.Tensor], index: slice) -> Optional[torch.Tensor]
     return None if docs is None else docs[:, index]
 
 
-def _blocks(ring: "Ring", hop: int, seq: int, causal: bool):
-    """(query rows, key columns, kind) of the blocks to compute at `hop`: this rank's two
-    chunks against the two chunks of the rank whose keys it holds, those not all masked."""
-    c = seq // (2 * ring.size)
+# The scores of one tile (and their softmax and gradient, alive together in backward) are
+# fp32 [b, heads, rows, chunk]: a chunk's queries go in tiles of rows small enough that one such
+# tensor stays under this (at 32k tokens over CP2, a whole 8k-query chunk against an 8k-key
+# chunk would be 2 GiB per 8 heads).
+TILE_BYTES = 256 * 2 ** 20
+
+
+@dataclass(frozen=True)
+class Tile:
+    rows: slice                    # this rank's queries (local positions)
+    cols: slice                    # the held keys (local positions of their owner)
+    causal_offset: Optional[int]   # query i sees key j iff j <= i + offset; None: all keys
+
+
+def _tiles(ring: "Ring", hop: int, q: torch.Tensor, causal: bool) -> Iterator[Tile]:
+    """The tiles to compute at `hop`: this rank's two chunks of queries against the two chunks
+    of keys it holds (those of CP rank ring.source(hop)), skipping chunk pairs with every key
+    after every query, and in a chunk's own diagonal block the keys after the tile's last
+    query."""
+    b, heads, local, _ = q.shape
+    c, seq = local // 2, local * ring.size
+    step = max(1, TILE_BYTES // (4 * b * heads * c))
     mine, theirs = (chunk_bounds(r, ring.size, seq) for r in (ring.rank, ring.source(hop)))
     for qi, qc in enumerate(mine):
         for ki, kc in enumerate(theirs):
             kind = block_kind(qc, kc, causal)
-            if kind is not None:
-                yield slice(qi * c, (qi + 1) * c), slice(ki * c, (ki + 1) * c), kind
+            for start in range(0, c, step) if kind is not None else ():
+                end = min(c, start + step)
+                keys = end if kind == DIAGONAL else c
+                yield Tile(slice(qi * c + start, qi * c + end), slice(ki * c, ki * c + keys),
+                           start if kind == DIAGONAL else None)
 
 
 # --- the ring ----------------------------------------------------------------------------
@@ -179,16 +204,17 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, docs, ring: Ring, causal: bool, scale: float):
-        seq = q.shape[2] * ring.size
         out = torch.zeros(q.shape, dtype=ACC, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)        # [b, h, 2c]
         held = (k, v, docs)  # the keys, values and their document ids this rank holds now
         for hop in range(ring.size):
             if hop < ring.size - 1:  # the next rank's block travels while this one computes
                 arriving, handle = ring.start([t for t in held if t is not None])
-            for rows, cols, kind in _blocks(ring, hop, seq, causal):
-                scores = block_scores(q[:, :, rows], held[0][:, :, cols], scale, kind,
-                                      _chunk(docs, rows), _chunk(held[2], cols))
+            for tile in _tiles(ring, hop, q, causal):
+                rows, cols = tile.rows, tile.cols
+                scores = block_scores(q[:, :, rows], held[0][:, :, cols], scale,
+                                      tile.causal_offset, _chunk(docs, rows),
+                                      _chunk(held[2], cols))
                 block_lse = torch.logsumexp(scores, dim=-1)
                 block_out = torch.matmul(_exp_minus(scores, block_lse),
                                          held[1][:, :, cols].to(ACC))
@@ -206,7 +232,6 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, docs = ctx.saved_tensors
         ring, causal, scale = ctx.ring, ctx.causal, ctx.scale
-        seq = q.shape[2] * ring.size
         grad_out = grad_out.to(ACC)
         delta = (grad_out * out.to(ACC)).sum(-1, keepdim=True)              # [b, h, 2c, 1]
         dq = torch.zeros(q.shape, dtype=ACC, device=q.device)
@@ -217,10 +242,11 @@ class _RingAttention(torch.autograd.Function):
                 arriving, handle = ring.start([t for t in held if t is not None])
             dk = torch.zeros(k.shape, dtype=ACC, device=k.device)
             dv = torch.zeros_like(dk)
-            for rows, cols, kind in _blocks(ring, hop, seq, causal):
+            for tile in _tiles(ring, hop, q, causal):
+                rows, cols = tile.rows, tile.cols
                 kb, vb = held[0][:, :, cols].to(ACC), held[1][:, :, cols].to(ACC)
-                scores = block_scores(q[:, :, rows], kb, scale, kind, _chunk(docs, rows),
-                                      _chunk(held[2], cols))
+                scores = block_scores(q[:, :, rows], kb, scale, tile.causal_offset,
+                                      _chunk(docs, rows), _chunk(held[2], cols))
                 p = _exp_minus(scores, lse[:, :, rows])                       # [b, h, c, c]
                 g = grad_out[:, :, rows]
                 dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), g)

@@ -190,9 +190,10 @@ def test_dropout_masks_differ_across_tp_ranks_and_repeat_under_recompute(group_r
 @pytest.mark.parametrize("world,name", [(2, "ring_attention_cp2"), (4, "ring_attention_cp4")])
 def test_ring_attention_equals_full_attention(world, name, group_results):
     """Output and q/k/v gradients on each rank's head and tail chunks, against full attention
-    over the whole sequence (fp32): causal, causal over packed documents, bidirectional."""
+    over the whole sequence (fp32): causal, causal over packed documents, bidirectional, and
+    with the chunks' queries in tiles."""
     r = group_results(world)[name]
-    assert set(r) == {"causal", "documents", "bidirectional"}, r
+    assert set(r) == {"causal", "documents", "bidirectional", "tiled"}, r
     assert max(r.values()) < 1e-5, r
 
 
