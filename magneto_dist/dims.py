@@ -1,11 +1,55 @@
 """A run's layout, validated once from the config and the world size and passed down: the
 data-parallel size, the gradient accumulation and what a checkpoint records as its layout are
-read from here and computed nowhere else (torchtitan's ParallelDims)."""
+read from here and computed nowhere else (torchtitan's ParallelDims). Every product of the
+model-parallel sizes, every world size and data-parallel size, and every reading of the
+layout's config keys is a function here, so that a new dimension is added in this file alone.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Dict, Optional
 
 from .errors import ConfigError
+
+# The model-parallel dimensions and the config key of each: one model replica spans the product
+# of their sizes, and the world is that product times the data-parallel size.
+MODEL_PARALLEL_KEYS = {"tp": "parallel.tensor_model_parallel_size",
+                       "pp": "parallel.pipeline_model_parallel_size"}
+
+
+def model_parallel_sizes(cfg) -> Dict[str, int]:
+    """{"tp": ..., "pp": ...} as a run config (config.Config) sets them."""
+    return {dim: getattr(cfg.parallel, key.split(".", 1)[1])
+            for dim, key in MODEL_PARALLEL_KEYS.items()}
+
+
+def model_parallel_size(sizes: dict) -> int:
+    """The ranks one model replica spans, from model_parallel_sizes or a layout."""
+    return math.prod(sizes[dim] for dim in MODEL_PARALLEL_KEYS)
+
+
+def model_parallel_text(sizes: dict) -> str:
+    """For messages: TP2 x PP1."""
+    return " x ".join(f"{dim.upper()}{sizes[dim]}" for dim in MODEL_PARALLEL_KEYS)
+
+
+def data_parallel_size(sizes: dict, world: int) -> Optional[int]:
+    """The data-parallel replicas `world` ranks hold, or None when world is no multiple of
+    the model-parallel size."""
+    replica = model_parallel_size(sizes)
+    return None if world % replica else world // replica
+
+
+def world_of(layout: dict) -> int:
+    """The ranks a layout (as a checkpoint marker records it) ran on."""
+    return model_parallel_size(layout) * layout["dp"]
+
+
+def layout_settings(layout: dict) -> str:
+    """The config overrides that run a layout's model-parallel sizes and ZeRO stage again."""
+    return " ".join([f"{key}={layout[dim]}" for dim, key in MODEL_PARALLEL_KEYS.items()]
+                    + [f"train.zero_stage={layout['zero_stage']}"])
 
 
 class LayoutError(ConfigError):
@@ -29,10 +73,12 @@ class ParallelDims:
         if tp < 1 or pp < 1:
             raise LayoutError(f"parallel.tensor_model_parallel_size={tp} and "
                               f"parallel.pipeline_model_parallel_size={pp} must be at least 1")
-        if world % (tp * pp):
+        sizes = {"tp": tp, "pp": pp}
+        dp = data_parallel_size(sizes, world)
+        if dp is None:
             raise LayoutError(f"world size {world} is not divisible by tensor x pipeline "
-                              f"parallel size {tp} x {pp}; launch a multiple of {tp * pp} ranks")
-        dp = world // (tp * pp)
+                              f"parallel size {tp} x {pp}; launch a multiple of "
+                              f"{model_parallel_size(sizes)} ranks")
         if micro_batch < 1:
             raise LayoutError(f"train.micro_batch_size={micro_batch} must be >= 1")
         if global_batch % (micro_batch * dp) or global_batch < 1:
@@ -45,18 +91,24 @@ class ParallelDims:
     @classmethod
     def of(cls, cfg, world: int) -> "ParallelDims":
         """From a run config (config.Config) and the number of ranks."""
-        p, t = cfg.parallel, cfg.train
-        return cls.build(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                         t.micro_batch_size, t.global_batch_size, t.zero_stage)
+        t = cfg.train
+        return cls.build(world, **model_parallel_sizes(cfg), micro_batch=t.micro_batch_size,
+                         global_batch=t.global_batch_size, zero_stage=t.zero_stage)
 
     @property
     def pipelined(self) -> bool:
         return self.pp > 1
 
     @property
+    def model_parallel(self) -> int:
+        """The ranks one model replica spans."""
+        return model_parallel_size(self.layout)
+
+    @property
     def layout(self) -> dict:
         """What a checkpoint's files depend on, as its marker records it."""
-        return {k: v for k, v in asdict(self).items() if k in ("tp", "pp", "dp", "zero_stage")}
+        recorded = (*MODEL_PARALLEL_KEYS, "dp", "zero_stage")
+        return {k: v for k, v in asdict(self).items() if k in recorded}
 
     def describe(self) -> str:
         return describe(self.layout)
@@ -64,5 +116,4 @@ class ParallelDims:
 
 def describe(layout: dict) -> str:
     """A layout as a checkpoint marker records it, for messages: TP2 x PP1 x DP2 (ZeRO-1)."""
-    return (f"TP{layout['tp']} x PP{layout['pp']} x DP{layout['dp']} "
-            f"(ZeRO-{layout['zero_stage']})")
+    return f"{model_parallel_text(layout)} x DP{layout['dp']} (ZeRO-{layout['zero_stage']})"

@@ -14,7 +14,7 @@ most parameters); see magneto_dist/training/memory_plan.py for what is and is no
 import argparse
 
 from magneto_dist.config import ConfigError, load_config, validate, with_vocab_size
-from magneto_dist.dims import LayoutError, ParallelDims
+from magneto_dist.dims import LayoutError, ParallelDims, model_parallel_size, model_parallel_sizes
 from magneto_dist.errors import ExitCode
 from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner, candidate_layouts,
                                                deepspeed_estimate)
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
         cfg = with_vocab_size(cfg, vocab)
         # every check a run makes, on the fewest devices the configured TP x PP needs (the
         # devices asked about may not fit it; the alternatives are listed all the same)
-        p = cfg.parallel
-        validate(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        validate(cfg, model_parallel_size(model_parallel_sizes(cfg)))
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}")
         return 2
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
                                     t.global_batch_size, t.precision):
         total = planner.plan(layout)["total"]
         if total <= budget:
-            fits.append((layout.recompute, layout.dims.tp * layout.dims.pp,
+            fits.append((layout.recompute, layout.dims.model_parallel,
                          layout.dims.zero_stage, total, layout))
     print(f"\nlayouts that fit {args.device_memory:g} GiB ({len(fits)}; no recompute, least "
           "model parallelism and lowest ZeRO stage first):")

@@ -25,6 +25,7 @@ import torch
 
 from ..config import Config, config_to_dict
 from ..data.hf_tokenizer import tokenizer_of_tag, tokenizer_record
+from ..dims import model_parallel_size, model_parallel_sizes, model_parallel_text
 from ..files import atomic_write
 from ..model import ModelConfig, build_model, model_skeleton
 from . import integrity
@@ -103,11 +104,11 @@ def load_full_model(tag_dir: str, log=print):
 
 
 def _zero0_parameters(tag_dir: str, cfg: Config, shapes) -> Iterator[Tuple[str, torch.Tensor]]:
-    par = cfg.parallel
-    if par.tensor_model_parallel_size > 1 or par.pipeline_model_parallel_size > 1:
+    sizes = model_parallel_sizes(cfg)
+    if model_parallel_size(sizes) > 1:
         raise CheckpointError(
-            f"{tag_dir} was written without ZeRO (train.zero_stage=0) by TP"
-            f"{par.tensor_model_parallel_size} x PP{par.pipeline_model_parallel_size}: it has no "
+            f"{tag_dir} was written without ZeRO (train.zero_stage=0) by "
+            f"{model_parallel_text(sizes)}: it has no "
             "universal form to consolidate from; resume it on its own layout with "
             "train.exit_at_step and train.zero_stage=1, save, and convert that checkpoint")
     module = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), mmap=True,

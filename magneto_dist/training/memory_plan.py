@@ -174,11 +174,11 @@ def candidate_layouts(model_cfg: ModelConfig, world: int, gpus_per_node: int,
     for tp in (n for n in range(1, gpus_per_node + 1) if gpus_per_node % n == 0):
         if model_cfg.num_heads % tp or model_cfg.ffn_hidden_size % tp:
             continue
-        for pp in (n for n in range(1, world // tp + 1) if (world // tp) % n == 0):
+        for pp in range(1, world + 1):
             if pp > model_cfg.num_layers or (pp > 1 and model_cfg.arch != "decoder"):
                 continue
             for zero in range(min_zero_stage(precision), 4 if pp == 1 else 2):
-                try:
+                try:  # refused: a world TP x PP does not divide, a batch DP does not
                     dims = ParallelDims.build(world, tp, pp, micro_batch, global_batch, zero)
                 except LayoutError:
                     continue
