@@ -26,7 +26,8 @@ def vocabulary(cfg, override):
     if override:
         return override, "--vocab-size"
     if cfg.data.prefixes:
-        from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+        from magneto_dist.data.tokenizer import TokenizerSpec
+        from magneto_dist.data.tokenizer_types import build_tokenizer
         tokenizer = build_tokenizer(TokenizerSpec.from_data_config(cfg.data))
         return tokenizer.vocab_size, tokenizer.setting
     return cfg.data.builtin_vocab_size, "the built-in corpus (pass --vocab-size for your data)"
