@@ -30,9 +30,8 @@ from ..files import atomic_write
 from ..model import ModelConfig, build_model, model_skeleton
 from . import integrity
 from .hf_format import HFDirectory, is_hf_directory
-from .manager import (COMPLETE, UNIVERSAL, CheckpointError, damage, is_complete,
-                      model_differences, saved_config)
 from .reshard import build_universal, source_identity, universal_problem
+from .tags import COMPLETE, UNIVERSAL, CheckpointError, Tag, model_differences, saved_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -44,7 +43,6 @@ def check_input(tag_dir: str, exports_too: bool = False) -> None:
     """A complete, undamaged checkpoint tag (or, with exports_too, an export directory), or
     CheckpointError saying what it is instead."""
     tag_dir = tag_dir.rstrip("/")
-    ckpt_dir, tag = os.path.split(tag_dir)
     if not os.path.isdir(tag_dir):
         raise CheckpointError(f"--input {tag_dir} is not a directory; pass a checkpoint tag, "
                               "e.g. runs/gpt_tiny/checkpoints/global_step200")
@@ -54,10 +52,11 @@ def check_input(tag_dir: str, exports_too: bool = False) -> None:
         raise CheckpointError(f"--input {tag_dir} is not a checkpoint of this project (no "
                               "config.yaml); pass RUN/checkpoints/global_stepN"
                               + (" or an export" if exports_too else ""))
-    if not is_complete(ckpt_dir, tag):
+    tag = Tag.at(tag_dir)
+    if not tag.is_complete():
         raise CheckpointError(f"--input {tag_dir} is incomplete (no {COMPLETE}: its save was "
                               "interrupted); convert an older tag")
-    problem = damage(ckpt_dir, tag)
+    problem = tag.damage()
     if problem:
         raise CheckpointError(f"--input {tag_dir} is damaged: {problem}")
 
