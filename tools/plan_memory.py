@@ -48,6 +48,8 @@ def print_plan(cfg, planner: MemoryPlanner, layout: Layout) -> None:
             (f"optimizer (ZeRO-{layout.dims.zero_stage})", p["optimizer"]),
             ("activations, no recompute", p["activations_no_recompute"]),
             ("activations, recompute", p["activations_recompute"]),
+            *([("  of which ring attention buffers (CP)", p["cp_buffers"])]
+              if layout.dims.cp > 1 else []),
             ("total (as configured)", p["total"]),
             ("start-up peak (fp32 shard + 1 param)", p["startup_peak"]),
             ("DeepSpeed estimator, model states", ds)]

@@ -135,7 +135,7 @@ def plan_run(task: str, argv, ranks: RankInfo, faults: Faults,
                                          resume.train_samples)
     load_from = load_source(resume, ranks.local_rank, log=ranks.log, faults=faults,
                             rank=ranks.rank)
-    objective = TASKS[task](tokenizer.vocab_size, tensor_parallel=dims.tp > 1)
+    objective = TASKS[task].for_run(cfg, dims, tokenizer.vocab_size, tokenizer.eod)
     return RunPlan(cfg=cfg, dims=dims, task=objective, tokenizer=tokenizer, train_ds=train_ds,
                    valid_ds=valid_ds, resume=resume, load_from=load_from, ranks=ranks,
                    faults=faults, launchers=launchers)
