@@ -31,6 +31,7 @@ from magneto_dist.training.loop import TrainState
 from magneto_dist.training.metrics import device_peak_tflops
 from magneto_dist.data.setup import load_tokenizer, prepare_data
 from magneto_dist.launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
+from magneto_dist.checkpoint.resume import FRESH
 from magneto_dist.training.run import TASKS, build_setup, make_trainer
 from magneto_dist.training.schedule import make_scheduler
 
@@ -80,7 +81,7 @@ def build_trainer(config: str, overrides, steps: int, run_dir: str):
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)
     state.init_distributed()
-    setup = build_setup(cfg, dims, task, None, ranks)
+    setup = build_setup(cfg, dims, task, FRESH, ranks)
     trainer = make_trainer(cfg, task, setup, train_ds, None, os.path.join(run_dir, "ckpt"),
                            TrainState(), ranks)
     data = trainer.loader(train_ds, (steps + 1) * cfg.train.global_batch_size, 0)
