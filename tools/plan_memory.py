@@ -33,15 +33,11 @@ def vocabulary(cfg, override):
     return cfg.data.builtin_vocab_size, "the built-in corpus (pass --vocab-size for your data)"
 
 
-def describe(layout: Layout) -> str:
-    return f"{layout.dims.describe()}{' recompute' if layout.recompute else ''}"
-
-
 def print_plan(cfg, planner: MemoryPlanner, layout: Layout) -> None:
     t = cfg.train
     p = planner.plan(layout)
     ds = deepspeed_estimate(p["params_per_rank"], p["largest_param"], layout.dims)
-    print(f"{describe(layout)}: {p['params_per_rank'] / 1e6:,.1f}M parameters on the busiest "
+    print(f"{layout.describe()}: {p['params_per_rank'] / 1e6:,.1f}M parameters on the busiest "
           f"rank, {layout.dims.grad_accum} micro-batches of {layout.micro_batch} x "
           f"{cfg.model.max_seq_len} per step, {t.precision}")
     rows = [("parameters", p["parameters"]), ("gradients", p["gradients"]),
@@ -121,7 +117,7 @@ def main(argv=None) -> int:
     print(f"\nlayouts that fit {args.device_memory:g} GiB ({len(fits)}; no recompute, least "
           "model parallelism and lowest ZeRO stage first):")
     for *_, total, layout in sorted(fits, key=lambda f: f[:3])[:args.top]:
-        print(f"  {describe(layout):<36}{total / GiB:>8.2f} GiB")
+        print(f"  {layout.describe():<40}{total / GiB:>8.2f} GiB")
     if not fits:
         print("  none: lower train.micro_batch_size, or use more devices")
     return 0
