@@ -100,6 +100,10 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1  # PP degree (DeepSpeed PipelineModule)
     pipeline_partition: str = "parameters"  # balance stages by parameters | layers
     activation_checkpointing: bool = False  # recompute each layer in backward
+    sequence_parallel: bool = False        # with TP: the regions outside the TP GEMMs (outer
+                                           # norms, dropout, residual adds, the embeddings'
+                                           # output) hold 1/TP of the sequence per rank
+                                           # (Megatron's --sequence-parallel)
     vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
     timeout_minutes: int = 30              # how long a collective waits for the slowest rank
                                            # before the process group gives up (DeepSpeed's
@@ -309,6 +313,15 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              f"divide model.ffn_hidden_size={m.ffn_hidden_size}")
     _require(pp <= m.num_layers, f"parallel.pipeline_model_parallel_size={pp} is more stages "
              f"than model.num_layers={m.num_layers}; use at most {m.num_layers} stages")
+    _require(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel=true needs tensor "
+             "parallelism (it splits the TP group's replicated regions along the sequence) but "
+             "parallel.tensor_model_parallel_size=1: set tensor_model_parallel_size to 2 or "
+             "more, or sequence_parallel=false")
+    _require(not p.sequence_parallel or m.max_seq_len % tp == 0,
+             f"parallel.sequence_parallel=true splits the sequence across the "
+             f"parallel.tensor_model_parallel_size={tp} ranks, but model.max_seq_len="
+             f"{m.max_seq_len} (the training sequence length) is not divisible by {tp}; use a "
+             f"multiple of {tp} (e.g. {m.max_seq_len - m.max_seq_len % tp or tp})")
     _require(pp == 1 or m.arch == "decoder", f"parallel.pipeline_model_parallel_size={pp}: "
              f"pipeline parallelism supports model.arch='decoder' only (got {m.arch!r})")
     _require(0 <= t.zero_stage <= 3, f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")

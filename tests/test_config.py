@@ -68,6 +68,13 @@ def test_config_errors_name_the_key(overrides, message):
      "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1"),
     (["parallel.pipeline_model_parallel_size=4", "model.num_layers=2"], 4,
      "more stages than model.num_layers=2"),
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs tensor "
+     "parallelism (it splits the TP group's replicated regions along the sequence) but "
+     "parallel.tensor_model_parallel_size=1: set tensor_model_parallel_size to 2 or more"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2",
+      "model.max_seq_len=127"], 2, "parallel.sequence_parallel=true splits the sequence across "
+     "the parallel.tensor_model_parallel_size=2 ranks, but model.max_seq_len=127 (the training "
+     "sequence length) is not divisible by 2; use a multiple of 2 (e.g. 126)"),
     (["train.precision=fp16"], 1, "train.precision='fp16' needs a GPU"),
     (["train.precision=bf16", "train.zero_stage=0"], 1,
      "train.precision='bf16' with train.zero_stage=0"),
@@ -107,6 +114,8 @@ def test_main_refuses_bad_config_before_any_work(tmp_path, capsys, monkeypatch):
     assert "config error: train.global_batch_size=16 is not divisible" in err
     assert main("gpt", ["model.arch=encoder"]) == 2
     assert "use launch/pretrain_bert.py" in capsys.readouterr().err
+    assert main("gpt", ["parallel.sequence_parallel=true"]) == 2  # SP without TP
+    assert "parallel.sequence_parallel=true needs tensor parallelism" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 

@@ -9,7 +9,8 @@ every LayerSpec, arguments included, for the whole run, so the specs name module
 that is emptied after the build: the other stages' layers are then freed. With tied
 embeddings the word embedding is a TiedLayerSpec shared by the first and last stage (DeepSpeed
 all-reduces its gradient between them). The topology (pipe, data, model) must match
-megatron-core's rank order, which it does.
+megatron-core's rank order, which it does. Under sequence parallelism the activations passed
+between stages are [b, s/tp, d].
 """
 from __future__ import annotations
 
@@ -26,16 +27,21 @@ from torch import nn
 from ..compat.ds_engine import CountingHookPipelineModule
 from ..model.layers import Rotary
 from ..model.models import MagnetoGPT
+from . import state
 from .materialize import FullWeights, materialize
 from .pipe_names import TIED_KEY, pipe_plan
+from .sequence_parallel import gather_sequence
 
 
 class ModuleSource:
     """The model's modules by dotted name, materialized on the way out (except while the
-    pipeline only counts parameters), until release()."""
+    pipeline only counts parameters), until release(); and whether the model is sequence-
+    parallel, which the pipe layers that see the sequence length or feed the head need."""
 
-    def __init__(self, model: nn.Module, weights: Optional[FullWeights], device: torch.device):
+    def __init__(self, model: nn.Module, weights: Optional[FullWeights], device: torch.device,
+                 sequence_parallel: bool = False):
         self.model, self.weights, self.device = model, weights, device
+        self.sequence_parallel = sequence_parallel
         self.counting = False
 
     def get(self, name):
@@ -56,13 +62,18 @@ class WordEmbeddingPipe(nn.Module):
     def __init__(self, source: ModuleSource):
         super().__init__()
         self.word = source.get("embed.word")
+        self.sequence_parallel = source.sequence_parallel
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.word(tokens)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T over this rank's vocab slice (the column-parallel LM head, weight tied)."""
-        x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+        """x @ W^T over this rank's vocab slice (the column-parallel LM head, weight tied);
+        under SP x [b, s/tp, d] is gathered first, as SequenceParallelVocabHead does."""
+        if self.sequence_parallel:
+            x = gather_sequence(x)
+        else:
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
         return F.linear(x, self.word.weight)
 
 
@@ -71,29 +82,34 @@ def tied_head(module: WordEmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 
 
 class EmbeddingTailPipe(nn.Module):
-    """Learned positions (if any) and embedding dropout: the rest of Embeddings.forward."""
+    """Learned positions (if any), the split into the layers' layout (sequence parallelism)
+    and embedding dropout: the rest of Embeddings.forward."""
 
     def __init__(self, source: ModuleSource, learned_positions: bool):
         super().__init__()
         self.position = source.get("embed.position" if learned_positions else None)
+        self.to_layers = source.get("embed.to_layers")
         self.dropout = source.get("embed.dropout")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.position is not None:
             x = x + self.position(torch.arange(x.shape[1], device=x.device))
-        return self.dropout(x)
+        return self.dropout(self.to_layers(x))
 
 
 class TransformerLayerPipe(nn.Module):
-    """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap)."""
+    """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap), for the
+    whole sequence (under SP x holds 1/TP of it)."""
 
     def __init__(self, source: ModuleSource, name: str, cfg):
         super().__init__()
         self.layer = source.get(name)
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
+        self.sequence_parts = state.tp_size() if source.sequence_parallel else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rope = self.rotary(x.shape[1]) if self.rotary is not None else None
+        rope = (self.rotary(x.shape[1] * self.sequence_parts) if self.rotary is not None
+                else None)
         return self.layer(x, rope=rope)
 
 
@@ -142,12 +158,14 @@ def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
 
 
 def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn, partition: str,
-                   weights: Optional[FullWeights], device: torch.device) -> PipelineModule:
+                   weights: Optional[FullWeights], device: torch.device,
+                   sequence_parallel: bool = False) -> PipelineModule:
     """partition: "parameters" balances parameter counts (read from the shapes, so a meta
-    model partitions as a full one), "layers" transformer layers."""
+    model partitions as a full one), "layers" transformer layers. sequence_parallel: the model
+    was made sequence-parallel (apply_tensor_parallel)."""
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     method = "parameters" if partition == "parameters" else "type:TransformerLayerPipe"
-    source = ModuleSource(model, weights, device)
+    source = ModuleSource(model, weights, device, sequence_parallel)
     pipe = ShardOnlyPipelineModule(layers=pipeline_layers(model, source), topology=topology,
                                    loss_fn=loss_fn, partition_method=method,
                                    activation_checkpoint_interval=0)

@@ -322,5 +322,6 @@ def build_training(model: nn.Module, cfg: Config, dims: ParallelDims, task,
     if dims.pipelined:
         train_step, evaluate = _pipeline_steps(engine)
         return TrainingSetup(train_step_fn=train_step, eval_fn=evaluate, **common)
-    sample_model = FullLogits(engine.module) if tp > 1 else engine.module
+    sample_model = (FullLogits(engine.module, cfg.parallel.sequence_parallel) if tp > 1
+                    else engine.module)
     return TrainingSetup(sample_model=sample_model, **common)

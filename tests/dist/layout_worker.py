@@ -5,8 +5,8 @@ global batch sequence, and have rank 0 write {case name: result} to the output f
     python tests/dist/layout_worker.py CASES.json OUT.json
 
 A training case: {"name", "tp", "pp", "zero", "model": {ModelConfig overrides}, "steps",
-"recompute", "partition", "precision", "compile", "deepspeed": [key=value of the deepspeed:
-section]} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
+"recompute", "sp" (parallel.sequence_parallel), "partition", "precision", "compile",
+"deepspeed": [key=value of the deepspeed: section]} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
 "compile_seconds": spent compiling this case}. A case with "check" runs one of
 block_checks.py instead.
 Starting ranks costs seconds, so one group of ranks goes through many cases.
@@ -58,6 +58,7 @@ def case_config(case):
     overrides += [f"parallel.tensor_model_parallel_size={case['tp']}",
                   f"parallel.pipeline_model_parallel_size={case['pp']}",
                   f"parallel.activation_checkpointing={case.get('recompute', False)}",
+                  f"parallel.sequence_parallel={case.get('sp', False)}",
                   f"parallel.pipeline_partition={case.get('partition', 'parameters')}",
                   f"train.zero_stage={case['zero']}", f"train.micro_batch_size={MICRO_BATCH}",
                   f"train.precision={case.get('precision', 'fp32')}",
