@@ -72,9 +72,14 @@ def test_config_errors_name_the_key(overrides, message):
      "parallelism (it splits the TP group's replicated regions along the sequence) but "
      "parallel.tensor_model_parallel_size=1: set tensor_model_parallel_size to 2 or more"),
     (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2",
-      "model.max_seq_len=127"], 2, "parallel.sequence_parallel=true splits the sequence across "
-     "the parallel.tensor_model_parallel_size=2 ranks, but model.max_seq_len=127 (the training "
-     "sequence length) is not divisible by 2; use a multiple of 2 (e.g. 126)"),
+      "model.max_seq_len=127"], 2, "parallel.sequence_parallel=true splits each rank's sequence "
+     "(model.max_seq_len=127) across the parallel.tensor_model_parallel_size=2 ranks, but it is "
+     "not divisible by 2; use a model.max_seq_len that is a multiple of 2"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=4",
+      "parallel.context_parallel_size=2", "model.max_seq_len=20"], 8,
+     "(model.max_seq_len=20 / parallel.context_parallel_size=2) across the "
+     "parallel.tensor_model_parallel_size=4 ranks, but it is not divisible by 4; use a "
+     "model.max_seq_len that is a multiple of 8"),
     (["train.precision=fp16"], 1, "train.precision='fp16' needs a GPU"),
     (["train.precision=bf16", "train.zero_stage=0"], 1,
      "train.precision='bf16' with train.zero_stage=0"),

@@ -9,8 +9,16 @@ every LayerSpec, arguments included, for the whole run, so the specs name module
 that is emptied after the build: the other stages' layers are then freed. With tied
 embeddings the word embedding is a TiedLayerSpec shared by the first and last stage (DeepSpeed
 all-reduces its gradient between them). The topology (pipe, data, model) must match
-megatron-core's rank order, which it does. Under sequence parallelism the activations passed
-between stages are [b, s/tp, d].
+megatron-core's rank order, which it does. Under sequence parallelism the hidden activations
+passed between stages are [b, s/tp, d]; position_ids and document_ids stay whole [b, s].
+
+Positions and documents: when a batch carries position_ids (context parallelism's chunk
+offsets, positions restarting per packed document) and document_ids (document masking), they
+travel with the activations from stage to stage as integer tensors of the pipeline's tuples,
+(hidden [b, s, d], position_ids [b, s], document_ids [b, s]), and each stage builds its own
+attention mask from them (model/attention.py Documents): [b, s] integers cost nothing to send
+next to [b, s, d] activations, while a mask rebuilt per layer would cost each layer's mask
+build. Without them the activations are a plain tensor, as before.
 """
 from __future__ import annotations
 
@@ -25,7 +33,8 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from ..compat.ds_engine import CountingHookPipelineModule
-from ..model.layers import Rotary
+from ..model.attention import Documents
+from ..model.layers import Rotary, positions_of
 from ..model.models import MagnetoGPT
 from . import state
 from .materialize import FullWeights, materialize
@@ -56,16 +65,29 @@ class ModuleSource:
         self.model = None
 
 
+def _split(inputs):
+    """(the activations, (position_ids, document_ids) or ()) of a pipe layer's input."""
+    if isinstance(inputs, tuple):
+        return inputs[0], inputs[1:]
+    return inputs, ()
+
+
+def _join(x: torch.Tensor, extras: tuple):
+    return (x, *extras) if extras else x
+
+
 class WordEmbeddingPipe(nn.Module):
-    """tokens [b, s] -> [b, s, d]; on the last stage (tied) also the LM head."""
+    """tokens [b, s] -> [b, s, d] (position and document ids passed on); on the last stage
+    (tied) also the LM head."""
 
     def __init__(self, source: ModuleSource):
         super().__init__()
         self.word = source.get("embed.word")
         self.sequence_parallel = source.sequence_parallel
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.word(tokens)
+    def forward(self, inputs):
+        tokens, extras = _split(inputs)
+        return _join(self.word(tokens), extras)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T over this rank's vocab slice (the column-parallel LM head, weight tied);
@@ -77,8 +99,8 @@ class WordEmbeddingPipe(nn.Module):
         return F.linear(x, self.word.weight)
 
 
-def tied_head(module: WordEmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
-    return module.logits(x)
+def tied_head(module: WordEmbeddingPipe, inputs) -> torch.Tensor:
+    return module.logits(_split(inputs)[0])
 
 
 class EmbeddingTailPipe(nn.Module):
@@ -91,15 +113,17 @@ class EmbeddingTailPipe(nn.Module):
         self.to_layers = source.get("embed.to_layers")
         self.dropout = source.get("embed.dropout")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs):
+        x, extras = _split(inputs)
         if self.position is not None:
-            x = x + self.position(torch.arange(x.shape[1], device=x.device))
-        return self.dropout(self.to_layers(x))
+            x = x + self.position(positions_of(x, extras[0] if extras else None))
+        return _join(self.dropout(self.to_layers(x)), extras)
 
 
 class TransformerLayerPipe(nn.Module):
-    """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap), for the
-    whole sequence (under SP x holds 1/TP of it)."""
+    """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap), and the
+    document mask per stage (Documents.shared: the layers of a stage see the same ids); both for
+    the whole sequence (under SP x holds 1/TP of it, attention sees it gathered)."""
 
     def __init__(self, source: ModuleSource, name: str, cfg):
         super().__init__()
@@ -107,10 +131,13 @@ class TransformerLayerPipe(nn.Module):
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.sequence_parts = state.tp_size() if source.sequence_parallel else 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rope = (self.rotary(x.shape[1] * self.sequence_parts) if self.rotary is not None
-                else None)
-        return self.layer(x, rope=rope)
+    def forward(self, inputs):
+        x, extras = _split(inputs)
+        positions = extras[0] if extras else None
+        rope = (self.rotary(x.shape[1] * self.sequence_parts, positions)
+                if self.rotary is not None else None)
+        documents = Documents.shared(extras[1]) if len(extras) > 1 else None
+        return _join(self.layer(x, rope=rope, documents=documents), extras)
 
 
 class SubmodulePipe(nn.Module):
@@ -122,8 +149,9 @@ class SubmodulePipe(nn.Module):
         self.attribute = name.rsplit(".", 1)[-1]
         self.add_module(self.attribute, source.get(name))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.attribute)(x)
+    def forward(self, inputs) -> torch.Tensor:
+        """The final norm or the head: position and document ids end here."""
+        return getattr(self, self.attribute)(_split(inputs)[0])
 
 
 class ShardOnlyPipelineModule(CountingHookPipelineModule):

@@ -20,6 +20,7 @@ VARIANT = {"norm": "magneto", "norm_type": "rmsnorm", "activation": "swiglu",
            "position": "rope", "tie_embeddings": False}
 NORMS = ("magneto", "post_ln", "pre_ln", "deepnorm", "normformer", "lns")
 SP = {"tp": 2, "sp": True}  # TP2 with parallel.sequence_parallel
+ROPE = {"norm": "magneto", "position": "rope"}
 
 
 def case(name, tp=1, pp=1, zero=1, model=None, **extra):
@@ -41,6 +42,13 @@ GROUPS = {
        case("pp2_untied_by_layers", pp=2, model=VARIANT, partition="layers"),
        case("dp2_zero1", zero=1), case("dp2_zero2", zero=2), case("dp2_zero3", zero=3),
        case("dp2_encoder_zero1", model=ENCODER)]
+    # context parallelism: the ring attention over each rank's head and tail chunks
+    + [case("cp2", cp=2), case("cp2_rope_rmsnorm_swiglu_untied", cp=2, model=VARIANT),
+       case("cp2_post_ln", cp=2, model={"norm": "post_ln"}),
+       case("cp2_zero3", cp=2, zero=3), case("cp2_recompute", cp=2, recompute=True),
+       case("cp2_documents", cp=2, model=ROPE, documents=True),
+       case("pp2_documents", pp=2, model=ROPE, documents=True),
+       case("dp2_documents", documents=True)]
     # ZeRO-Offload: DeepSpeed's CPU Adam steps the offloaded optimizer (torch's AdamW was
     # refused with ZeRORuntimeException); its updates match AdamW's to ~1e-9 here
     + [case(f"{name}_offload", **layout, deepspeed=[f"{OFFLOAD}_optimizer.device=cpu", *extra])
@@ -51,7 +59,13 @@ GROUPS = {
         case("tp2_pp2", tp=2, pp=2), case("pp2_dp2", pp=2),
         case("tp2_sp_dp2_zero2", zero=2, **SP), case("tp2_sp_dp2_zero3", zero=3, **SP),
         case("tp2_sp_pp2", pp=2, **SP),  # tied head on the last stage, learned positions
-        case("tp2_sp_pp2_untied_rope", pp=2, model=VARIANT, **SP)],
+        case("tp2_sp_pp2_untied_rope", pp=2, model=VARIANT, **SP),
+        case("cp4", cp=4), case("cp4_documents", cp=4, model=ROPE, documents=True),
+        case("cp2_tp2", cp=2, tp=2), case("cp2_dp2_zero1", cp=2),
+        case("cp2_pp2", cp=2, pp=2), case("cp2_pp2_documents", cp=2, pp=2, model=ROPE,
+                                            documents=True),
+        case("cp2_tp2_sp", cp=2, model=ROPE, **SP),
+        case("cp2_tp2_sp_documents", cp=2, model=ROPE, documents=True, **SP)],
     8: [case("tp2_pp2_dp2", tp=2, pp=2)],
 }
 CHECKS = [
@@ -64,6 +78,7 @@ CHECKS = [
     dict(case("fp16_loss_scale", zero=1, steps=14), check="fp16_loss_scale", nan_from=10),
     {"name": "pipeline_memory", "check": "pipeline_memory"},
     {"name": "pipe_names", "check": "pipe_names"},
+    {"name": "ring_attention_cp2", "check": "ring_attention"},
     {"name": "shard_only_tp2", "check": "shard_only", "tp": 2, "pp": 1},
     {"name": "shard_only_pp2", "check": "shard_only", "tp": 1, "pp": 2},
 ] + [dict(case(f"memory_plan_{name}", **layout), check="memory_plan")
@@ -85,6 +100,9 @@ SP_DROPOUT = [case(f"tp2_sp_dropout{suffix}", model={"norm": "magneto", "dropout
 # same two partial sums as the all-reduce), so their first losses are equal.
 BF16 = [case("tp2_bf16", tp=2, precision="bf16"), case("tp2_sp_bf16", precision="bf16", **SP)]
 BF16_TOLERANCE = 2e-3  # tests/dist/test_precision.py's for a layout change in bf16
+
+RING_CP4 = {"name": "ring_attention_cp4", "check": "ring_attention"}
+
 
 # train.compile=blocks against the eager single-process run, 20 steps, on a representative
 # set (a cold compile costs 10-40 s here): decoder, encoder with dropout, TP2 with recompute, PP2,
@@ -108,8 +126,10 @@ COMPILED = {
 
 
 def reference_name(c):
+    """The single-process run a case is compared with: its model, steps, data and precision."""
     precision = {"precision": c["precision"]} if c.get("precision", "fp32") != "fp32" else {}
-    return json.dumps({**c["model"], "steps": c["steps"], **precision}, sort_keys=True)
+    return json.dumps({**c["model"], "steps": c["steps"], "documents": c.get("documents", False),
+                       **precision}, sort_keys=True)
 
 
 def run_group(tmp_path, world, cases, timeout):
@@ -128,7 +148,7 @@ def references(tmp_path_factory):
     compiled cases."""
     compared = [c for cs in (*GROUPS.values(), *COMPILED.values(), BF16) for c in cs]
     models = {reference_name(c): c for c in compared}
-    cases = [case(name, model=c["model"], steps=c["steps"],
+    cases = [case(name, model=c["model"], steps=c["steps"], documents=c.get("documents", False),
                   precision=c.get("precision", "fp32")) for name, c in models.items()]
     return run_group(tmp_path_factory.mktemp("ref"), 1, cases + COMPILED[1], timeout=600)
 
@@ -141,6 +161,7 @@ def group_results(tmp_path_factory):
         if world not in cache:
             cases = GROUPS[world] + (CHECKS + SP_DROPOUT + BF16 + COMPILED[2] if world == 2
                                      else [])
+            cases += [RING_CP4] if world == 4 else []
             # two cold TP2 compiles (TP, TP+SP) took 40-80 s each here
             compiling = 250 if world == 2 else 0
             try:
@@ -217,6 +238,16 @@ def test_dropout_masks_differ_across_tp_ranks_and_repeat_under_recompute(group_r
     # tensor backward needs: here the attention sublayers' dropouts of both layers)
     assert r["sp_replayed"] and r["sp_replays_equal"], r
     assert all(name.startswith("decoder.layers.") for name in r["sp_replayed"]), r
+
+
+@pytest.mark.parametrize("world,name", [(2, "ring_attention_cp2"), (4, "ring_attention_cp4")])
+def test_ring_attention_equals_full_attention(world, name, group_results):
+    """Output and q/k/v gradients on each rank's head and tail chunks, against full attention
+    over the whole sequence (fp32): causal, causal over packed documents, bidirectional, and
+    with the chunks' queries in tiles."""
+    r = group_results(world)[name]
+    assert set(r) == {"causal", "documents", "bidirectional", "tiled"}, r
+    assert max(r.values()) < 1e-5, r
 
 
 def test_pipeline_stage_frees_other_stages_layers(group_results):
