@@ -239,3 +239,20 @@ def test_default_configs_write_each_value_once(task):
                 for key, value in (values or {}).items()
                 if section != "deepspeed" and defaults[section][key] == value]
     assert not restated, f"{default_config(task)} restates defaults: {restated}"
+
+
+def test_sequence_parallel_pipeline_sends_whole_activations():
+    """DeepSpeed's pipeline splits what a stage sends across the TP ranks, assuming they are
+    equal; under SP they are not (the tp2_sp_pp2 layout rows drifted by 0.02 with it on)."""
+    from magneto_dist.training.engine import deepspeed_config
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
+    sp = load_config(None, [*layout, "parallel.sequence_parallel=true"])
+    pipeline = deepspeed_config(sp, validate(sp, world_size=4))["pipeline"]
+    assert pipeline == {"pipe_partitioned": False, "grad_partitioned": False}
+    plain = load_config(None, layout)
+    assert "pipeline" not in deepspeed_config(plain, validate(plain, world_size=4))
+    refused = load_config(None, [*layout, "parallel.sequence_parallel=true",
+                                 "deepspeed.pipeline.pipe_partitioned=true"])
+    with pytest.raises(ConfigError, match=r"^deepspeed.pipeline.pipe_partitioned is set by the "
+                                          r"project from parallel.sequence_parallel"):
+        deepspeed_config(refused, validate(refused, world_size=4))

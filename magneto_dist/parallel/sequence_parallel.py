@@ -19,6 +19,12 @@ The collectives are written here because megatron-core's (tensor_parallel/mappin
 _gather_along_first_dim / _reduce_scatter_along_first_dim, and ColumnParallelLinear's gather
 into get_global_memory_buffer) split dim 0 of its [s, b, h] layout and allocate on
 torch.cuda.current_device(): they run neither on CPU nor on this batch-first [b, s, d] model.
+Here they are torch.distributed's all_gather_single / reduce_scatter_single (torch 2.13's
+names for all_gather_into_tensor / reduce_scatter_tensor), which gloo and NCCL both run, over
+dim 0 of a [tp, b, s/tp, ...] view, so a rank's part of the sequence is one contiguous block.
+Under context parallelism the sequence split is of what the CP rank holds (its head and tail
+chunks, concatenated): position ids and document ids stay whole, since attention sees the
+gathered sequence.
 
 Where the gather happens follows torchtitan (PrepareModuleInput on the attention and FFN
 modules), not megatron-core: once per sublayer, at the entry of its TP region
