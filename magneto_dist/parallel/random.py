@@ -6,8 +6,8 @@ inside the TP region (attention probabilities of the local heads) must draw diff
 TP rank. So the default generator is seeded alike on all TP ranks and a second stream, seeded
 seed + 2718 + tp_rank as in Megatron, is swapped in around attention. Under sequence
 parallelism the embeddings' and residual dropouts act on each rank's own part of the sequence,
-so they draw from that per-rank stream too (Megatron forks its tracker there as well). megatron-core's tracker
-(get_cuda_rng_tracker) only works on CUDA, hence this one, which uses the CPU generator on CPU
+so they draw from that per-rank stream too (Megatron forks its tracker there as well).
+megatron-core's tracker (get_cuda_rng_tracker) only works on CUDA, hence this one, which uses the CPU generator on CPU
 and the current CUDA device's generator on GPU.
 """
 from __future__ import annotations
