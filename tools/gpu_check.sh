@@ -196,6 +196,26 @@ else
     echo "== cp2_bf16: skipped (one CUDA device visible)"
 fi
 
+# 8. TP2 with sequence parallelism against the single-GPU bf16 run
+if [[ "$GPUS" -ge 2 ]]; then
+    if train tp2_sp_bf16 2 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0 \
+            parallel.tensor_model_parallel_size=2 parallel.sequence_parallel=true; then
+        verdict tp2_sp_tracks_one_gpu <<'EOF'
+import sys
+from magneto_dist.training.metrics_file import read_metrics
+out = sys.argv[1]
+one = [r["loss"] for r in read_metrics(f"{out}/track_bf16", "train")]
+sp = [r["loss"] for r in read_metrics(f"{out}/tp2_sp_bf16", "train")]
+diffs = [abs(a - b) for a, b in zip(one, sp)]
+print(f"   |TP2+SP - 1 GPU| (bf16) max {max(diffs):.4f} over {len(diffs)} logged steps; "
+      f"{read_metrics(f'{out}/tp2_sp_bf16', 'train')[-1]['tokens_per_s']:,.0f} tokens/s")
+sys.exit(0 if len(one) == len(sp) and max(diffs) < 0.1 else 1)
+EOF
+    fi
+else
+    echo "== tp2_sp_bf16: skipped (one CUDA device visible)"
+fi
+
 if [[ ${#FAILED[@]} -gt 0 ]]; then
     echo "gpu_check: FAILED: ${FAILED[*]}"
     exit 1

@@ -94,15 +94,12 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}")
         return 2
-    t, par = cfg.train, cfg.parallel
+    t = cfg.train
     print(f"{args.config}: {args.nodes} node(s) x {args.gpus_per_node} devices of "
           f"{args.device_memory:g} GiB; vocabulary {vocab} ({source})\n")
     planner = MemoryPlanner(cfg.model, t.precision, cfg.model.max_seq_len)
     try:
-        configured = Layout(dims=ParallelDims.of(cfg, world),
-                            recompute=par.activation_checkpointing,
-                            micro_batch=t.micro_batch_size, partition=par.pipeline_partition,
-                            vocab_padding_multiple=par.vocab_padding_multiple)
+        configured = Layout.of(cfg, ParallelDims.of(cfg, world))
         print_plan(cfg, planner, configured)
     except LayoutError as err:  # the alternatives below may still fit these devices
         print(f"the configured layout cannot run on {world} device(s): {err}")

@@ -45,6 +45,15 @@ class Layout:
     vocab_padding_multiple: int = 128
     sequence_parallel: bool = False  # parallel.sequence_parallel (with TP > 1)
 
+    @classmethod
+    def of(cls, cfg, dims: ParallelDims) -> "Layout":
+        """The layout a run config (config.Config) runs on `dims`."""
+        p = cfg.parallel
+        return cls(dims=dims, recompute=p.activation_checkpointing,
+                   micro_batch=cfg.train.micro_batch_size, partition=p.pipeline_partition,
+                   vocab_padding_multiple=p.vocab_padding_multiple,
+                   sequence_parallel=p.sequence_parallel)
+
     def describe(self) -> str:
         """For listings: TP2 x PP1 x DP4 (ZeRO-1) +SP recompute."""
         return (f"{self.dims.describe()}{' +SP' if self.sequence_parallel else ''}"
