@@ -89,6 +89,11 @@ def tp_size() -> int:
     return ps.get_tensor_model_parallel_world_size()
 
 
+def pp_rank() -> int:
+    """This rank's pipeline stage (0 without pipeline parallelism)."""
+    return ps.get_pipeline_model_parallel_rank()
+
+
 class DeepSpeedMPU:
     """The `mpu` DeepSpeed's engine reads (no pipeline): DP groups for gradient reduction and
     ZeRO partitioning, the model-parallel group for the grad norm and checkpoint file names.
