@@ -161,3 +161,15 @@ def test_a_run_without_steps_renders_and_a_directory_without_metrics_is_refused(
 def test_labels_are_the_shortest_unique_tails():
     assert unique_labels(["/x/a/run", "/x/b/run"]) == ["a/run", "b/run"]
     assert unique_labels(["/x/one", "/y/two"]) == ["one", "two"]
+
+
+def test_each_attempt_s_layout_is_listed_once_with_cp_named_when_used(tmp_path):
+    run_dir = write_run(tmp_path / "run", [train(1, 2.0)], layout={"tp": 1, "pp": 1, "dp": 1,
+                                                                  "zero_stage": 1})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        for layout in ({"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1},
+                       {"tp": 2, "cp": 2, "pp": 1, "dp": 1, "zero_stage": 1}):
+            f.write(json.dumps({"split": "startup", "step": 2, "layout": layout, "time": 3.0})
+                    + "\n")
+    assert load_run(run_dir).layouts() == ["TP1 x PP1 x DP1 (ZeRO-1), 1 rank",
+                                           "TP2 x CP2 x PP1 x DP1 (ZeRO-1), 4 ranks"]

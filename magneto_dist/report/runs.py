@@ -11,6 +11,7 @@ from typing import List, Optional
 import numpy as np
 import yaml
 
+from ..dims import describe, world_of
 from ..errors import ConfigError
 from ..files import read_jsonl
 from ..launcher.incidents import RESTARTS
@@ -64,9 +65,8 @@ class Run:
         for r in self.split("startup"):
             layout = r.get("layout")
             if layout:
-                text = (f"TP{layout['tp']} x PP{layout['pp']} x DP{layout['dp']} "
-                        f"(ZeRO-{layout['zero_stage']}), "
-                        f"{layout['tp'] * layout['pp'] * layout['dp']} ranks")
+                world = world_of(layout)
+                text = f"{describe(layout)}, {world} rank{'s' if world > 1 else ''}"
                 if not seen or seen[-1] != text:
                     seen.append(text)
         return seen

@@ -46,7 +46,7 @@ def test_one_rank_profiles_its_window_and_reports(tmp_path, cache_dir):
     assert profiled_steps(run_dir, 0) == (["ProfilerStep#3", "ProfilerStep#4"], True)
     assert "profile of steps 3-4: a Chrome trace per rank" in out
     assert read_metrics(run_dir, "straggler") == []
-    check_report(run_dir, 6, layout="TP1 x PP1 x DP1 (ZeRO-1), 1 ranks")
+    check_report(run_dir, 6, layout="TP1 x PP1 x DP1 (ZeRO-1), 1 rank")
 
 
 def test_a_slowed_rank_is_named_after_a_clean_stretch_names_none(tmp_path, cache_dir):
