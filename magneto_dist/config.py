@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional, Tuple, get_type_hints
 
 import yaml
 
@@ -162,6 +162,21 @@ class LoggingConfig:
     sample_tokens: int = 48
     diagnostics_interval: int = 0          # every N steps (and at step 0): per-layer grad norms,
                                            # update ratios, residual RMS, model update (0: off)
+    straggler_interval: int = 50           # every N steps: name a rank that keeps its peers
+                                           # waiting (0: off; README "Seeing inside a run")
+    straggler_margin: float = 0.5          # named when its delay makes the step 1 + this times
+                                           # as long as without it (training/stragglers.py
+                                           # says why 0.5; lower it on dedicated GPUs)
+    profile_steps: str = ""                # torch.profiler over steps "A-B" (or "A") on every
+                                           # rank, a trace each in RUN_DIR/profile ("": off)
+    profile_stacks: bool = False           # the profile records Python stacks too (bigger)
+    memory_snapshot: bool = False          # CUDA: the allocator's history over the profile
+                                           # window, a snapshot at its end and on out-of-memory
+
+    @property
+    def profile_window(self) -> Optional[Tuple[int, int]]:
+        """(first, last) step of logging.profile_steps, None when off (validate() checked it)."""
+        return step_range(self.profile_steps)
 
 
 @dataclass
@@ -182,6 +197,18 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 FREE_FORM = "deepspeed"  # the section that is a mapping passed on, not typed keys
 ON_OFF_KEYS = ("train.compile",)  # string keys with an `off` choice, which YAML reads as False
+STEP_RANGE_KEYS = ("logging.profile_steps",)  # "A-B" string keys, where YAML reads "A" as an int
+
+
+def step_range(text: str) -> Optional[Tuple[int, int]]:
+    """"A-B" or "A" -> (A, B) (B = A); "" -> None; ValueError for anything else."""
+    if not text:
+        return None
+    first, dash, last = text.partition("-")
+    first, last = int(first), int(last) if dash else int(first)
+    if not 1 <= first <= last:
+        raise ValueError(text)
+    return first, last
 
 
 def _coerce(key: str, value: Any, hint) -> Any:
@@ -207,6 +234,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
             return float(value)
         except ValueError:
             pass
+    if key in STEP_RANGE_KEYS and type(value) is int:
+        return str(value)
     if key in ON_OFF_KEYS and isinstance(value, bool):
         return "on" if value else "off"  # YAML 1.1 reads off/on as booleans; validate() checks
     if hint in (int, float, str, bool) and not (type(value) is hint):
@@ -387,7 +416,31 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _require(t.log_interval >= 1, "train.log_interval must be at least 1")
     _validate_data_logging_checkpoint(cfg, dims)
+    _validate_observation(cfg.logging, t, has_cuda)
     return dims
+
+
+def _validate_observation(g: LoggingConfig, t: TrainConfig, has_cuda: bool) -> None:
+    """The straggler check, the profile window and the memory snapshot."""
+    _require(g.straggler_interval >= 0,
+             f"logging.straggler_interval={g.straggler_interval} must be >= 0 (0: off)")
+    _require(g.straggler_margin > 0,
+             f"logging.straggler_margin={g.straggler_margin} must be > 0 (0.5: a rank is named "
+             "when its delay makes every step half as long again)")
+    try:
+        window = g.profile_window
+    except ValueError:
+        raise ConfigError(f"logging.profile_steps={g.profile_steps!r} must be FIRST-LAST or one "
+                          "step, counted from 1 (e.g. 5-7), or empty (off)") from None
+    _require(window is None or window[1] <= t.train_iters,
+             f"logging.profile_steps={g.profile_steps!r} ends after train.train_iters="
+             f"{t.train_iters}; profile steps within the run")
+    _require(not g.memory_snapshot or window is not None, "logging.memory_snapshot=true records "
+             "over the profile window: set logging.profile_steps too (e.g. 1-2 to catch the "
+             "first steps' peak or an out-of-memory error in them)")
+    _require(not g.memory_snapshot or has_cuda, "logging.memory_snapshot=true records the CUDA "
+             "caching allocator, and this machine has no GPU; drop it (on CPU, the profile "
+             "window's trace shows each operator's time and shapes)")
 
 
 def _validate_context_parallel(cfg: Config, dims: ParallelDims) -> None:

@@ -26,8 +26,8 @@ import torch._dynamo.utils
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel import layers as tp_layers
 
-from magneto_dist.compat import (CompatError, ds_engine, ds_universal, dynamo, elastic, megatron,
-                                 torch_modules)
+from magneto_dist.compat import (CompatError, cuda_memory, ds_engine, ds_universal, dynamo,
+                                 elastic, megatron, torch_modules)
 
 
 def _without_fragment(*args, **kwargs):
@@ -61,6 +61,10 @@ TOUCHES = [
     (megatron, tp_layers, "linear_with_grad_accumulation_and_async_allreduce",
      _without_fragment),
     (dynamo, torch._dynamo.utils, "calculate_time_spent", _without_fragment),
+    (cuda_memory, torch.cuda.memory, "_record_memory_history", None),
+    (cuda_memory, torch.cuda.memory, "_record_memory_history", lambda enabled=None: None),
+    (cuda_memory, torch.cuda.memory, "_dump_snapshot", None),
+    (cuda_memory, torch.cuda.memory, "_dump_snapshot", lambda path: None),
     (dynamo, torch._dynamo.config, "ignore_logging_functions", None),
     (dynamo, torch._dynamo.config, "recompile_limit", None),
     (dynamo, torch._dynamo.config, "accumulated_recompile_limit", None),
@@ -80,7 +84,7 @@ TOUCHES = [
 
 
 @pytest.mark.parametrize("module", [ds_universal, ds_engine, megatron, dynamo, elastic,
-                                    torch_modules],
+                                    cuda_memory, torch_modules],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_the_pinned_versions_pass_every_check(module):
     module.check()

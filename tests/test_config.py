@@ -93,10 +93,30 @@ def test_config_errors_name_the_key(overrides, message):
     (["checkpoint.async_save=true", "deepspeed.checkpoint.writer.type=fast"], 1,
      "checkpoint.async_save=true writes the checkpoint files with the project's background "
      "writer, which takes the place of DeepSpeed's deepspeed.checkpoint.writer"),
+    (["logging.straggler_interval=-1"], 1, "logging.straggler_interval=-1 must be >= 0"),
+    (["logging.straggler_margin=0"], 1, "logging.straggler_margin=0.0 must be > 0"),
+    (["logging.profile_steps=5-3"], 1, "logging.profile_steps='5-3' must be FIRST-LAST or one "
+     "step, counted from 1 (e.g. 5-7)"),
+    (["logging.profile_steps=0"], 1, "logging.profile_steps='0' must be FIRST-LAST"),
+    (["logging.profile_steps=x-y"], 1, "logging.profile_steps='x-y' must be FIRST-LAST"),
+    (["logging.profile_steps=150-250"], 1, "logging.profile_steps='150-250' ends after "
+     "train.train_iters=200"),
+    (["logging.memory_snapshot=true"], 1, "logging.memory_snapshot=true records over the "
+     "profile window: set logging.profile_steps too"),
+    (["logging.memory_snapshot=true", "logging.profile_steps=1-2"], 1,
+     "logging.memory_snapshot=true records the CUDA caching allocator, and this machine has no "
+     "GPU"),
 ])
 def test_cross_field_validation(overrides, world, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(load_config(None, overrides), world_size=world)
+
+
+def test_profile_steps_read_a_range_or_one_step():
+    for text, window in (("3-4", (3, 4)), ("7", (7, 7)), ("", None)):
+        cfg = load_config(None, [f"logging.profile_steps={text}"])
+        validate(cfg, world_size=1)
+        assert cfg.logging.profile_window == window
 
 
 def test_yaml_file_errors_name_the_file(tmp_path):

@@ -197,7 +197,8 @@ def test_plots_keep_every_title_label_and_legend_inside_the_canvas(tmp_path, mon
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from magneto_dist.stability.plots import DPI, write_plots
+    from magneto_dist.plotting import DPI
+    from magneto_dist.stability.plots import write_plots
     figures = []  # each figure as write_plots would save it (not encoded: only its layout)
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     for rows, expected in ((_synthetic_sweep(tmp_path / "a"), 7),

@@ -14,6 +14,16 @@ machine's noise hits both alike. On a GPU it also prints TFLOP/s and MFU (loggin
 table). The last line is `overhead: X.XXXx` (trainer step time over plain step time); with
 train.compile=blocks the trainer's blocks are compiled (during its warm-up steps, whose compile
 time is printed) and the plain loop stays eager.
+
+The straggler check (logging.straggler_interval) needs peers, so its cost is measured on two
+ranks or more, where a third loop runs the same trainer with the check switched off:
+
+    deepspeed --num_gpus 2 tools/bench_train.py --steps 50 --rounds 6
+
+prints `straggler check: X.XXXx` (the trainer's step time with the check over without it; with
+--steps a multiple of the interval, each timed round of the trainer holds its share of the
+check's gathers). With several ranks the plain loop runs each rank's own micro-batches, without
+communication, and rank 0 prints.
 """
 import argparse
 import os
@@ -33,9 +43,12 @@ from magneto_dist.data.setup import load_tokenizer, prepare_data
 from magneto_dist.launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from magneto_dist.checkpoint.resume import FRESH
 from magneto_dist.training.run import TASKS, build_setup, make_trainer
+from magneto_dist.training.stragglers import NO_CHECK
 from magneto_dist.training.schedule import make_scheduler
 
 from bench_model import time_round  # beside this file
+
+NO_CHECK_LOOP = "no straggler check"  # the trainer's loop with logging.straggler_interval=0
 
 
 def plain_loop(cfg, task, device, batches):
@@ -95,29 +108,45 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args()
-    steps = args.warmup + args.rounds * args.steps
+    # the trainer's loops (with and without the straggler check) both draw from its data
+    steps = 2 * (args.warmup + args.rounds * args.steps)
     run_dir = tempfile.mkdtemp(prefix="bench_train-")
     cfg, dims, task, trainer, data = build_trainer(args.config, args.overrides, steps, run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the plain loop repeats the first global batch; the trainer goes on through the data
     fixed = [{k: v.to(device) for k, v in next(data).items()} for _ in range(dims.grad_accum)]
-    loops = {"plain PyTorch": plain_loop(cfg, task, device, fixed),
-             "trainer": lambda: trainer.step(data)}
+    check, checks = trainer.stragglers, []  # the steps at which the check gathered
+
+    def with_check():
+        trainer.step(data)
+        if check is not NO_CHECK and trainer.state.step % check.interval == 0:
+            checks.append(trainer.state.step)
+
+    def without_check():
+        trainer.stragglers = NO_CHECK
+        trainer.step(data)
+        trainer.stragglers = check
+
+    loops = {"plain PyTorch": plain_loop(cfg, task, device, fixed), "trainer": with_check}
+    if check is not NO_CHECK:
+        loops[NO_CHECK_LOOP] = without_check
     times = {name: [] for name in loops}
     for name, step in loops.items():
         time_round(step, args.warmup, device)  # train.compile=blocks compiles here
-    compile_seconds = trainer.compile_seconds()
+    compile_seconds, checks[:] = trainer.compile_seconds(), []
     for round_ in range(args.rounds):  # A B, then B A: neither always runs first
         for name, step in list(loops.items())[::1 if round_ % 2 == 0 else -1]:
             times[name].append(time_round(step, args.steps, device))
     trainer.metrics.close()
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics and TensorBoard of the timed steps
-    report(cfg, device, times, compile_seconds)
+    if torch.distributed.get_rank() == 0:
+        report(cfg, device, times, compile_seconds, checks, args.steps)
 
 
-def report(cfg, device, times, compile_seconds=None) -> None:
+def report(cfg, device, times, compile_seconds=None, checks=(), steps_per_round=0) -> None:
     t = cfg.train
     tokens = t.global_batch_size * cfg.model.max_seq_len
     flops = flops_per_token(cfg.model, cfg.model.max_seq_len) * tokens
@@ -125,16 +154,22 @@ def report(cfg, device, times, compile_seconds=None) -> None:
     print(f"device={device} threads={torch.get_num_threads()} precision={t.precision} "
           f"ZeRO-{t.zero_stage} global batch={t.global_batch_size} x {cfg.model.max_seq_len} "
           f"tokens; medians of {len(times['trainer'])} rounds")
-    print(f"{'loop':<16}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'vs plain':>10}")
+    print(f"{'loop':<20}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'vs plain':>10}")
     reference = statistics.median(times["plain PyTorch"])
     for name, samples in times.items():
         m = statistics.median(samples)
         mfu = f"{flops / m / 1e12 / peak:.1%}" if peak else "-"
-        print(f"{name:<16}{m * 1e3:>10.1f}{tokens / m:>12,.0f}{flops / m / 1e12:>10.2f}"
+        print(f"{name:<20}{m * 1e3:>10.1f}{tokens / m:>12,.0f}{flops / m / 1e12:>10.2f}"
               f"{mfu:>8}{m / reference:>10.3f}")
     if compile_seconds is not None:
         print(f"compile: {compile_seconds:.1f} s (train.compile={t.compile}, in the warm-up "
               "steps, not timed)")
+    if NO_CHECK_LOOP in times:
+        timed = len(times["trainer"]) * steps_per_round
+        print(f"straggler check every {cfg.logging.straggler_interval} steps: {len(checks)} "
+              f"gathers in the trainer's {timed} timed steps")
+        ratio = statistics.median(times["trainer"]) / statistics.median(times[NO_CHECK_LOOP])
+        print(f"straggler check: {ratio:.3f}x")
     print(f"overhead: {statistics.median(times['trainer']) / reference:.3f}x")
 
 

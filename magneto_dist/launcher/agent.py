@@ -109,6 +109,10 @@ class SupervisingAgent(HookedElasticAgent):
         row = self.incidents.record(self._attempt, cause_of(first.exitcode, hung), rank, where)
         if where:
             log.warning("rank %s hung at %s", rank, where)
+        for slow in row["slow"]:
+            log.warning("before it, the straggler check at step %s named rank %s on %s: %.2fx "
+                        "the step time, behind in %s", slow["step"], slow["rank"], slow["host"],
+                        slow["slowdown"], slow["section"])
         log.warning("attempt %d failed: rank %s %s at step %s (%.0f s after its last progress);"
                     " resuming from step %s (%.0f s of training to redo)", self._attempt, rank,
                     row["cause"], row["step_reached"], row["seconds_stalled"],

@@ -98,6 +98,11 @@ def tp_size() -> int:
     return ps.get_tensor_model_parallel_world_size()
 
 
+def pp_rank() -> int:
+    """This rank's pipeline stage (0 without pipeline parallelism)."""
+    return ps.get_pipeline_model_parallel_rank()
+
+
 def cp_group():
     return ps.get_context_parallel_group()
 

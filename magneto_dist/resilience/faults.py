@@ -27,6 +27,9 @@ so a restarted group replaying that step goes on. Points:
   universal form (resuming in another layout), after the conversion, before the rename.
 - nonfinite_loss: that rank's loss is NaN in those steps (so are its gradients); runs without
   a pipeline.
+- slow_step: that rank sleeps SLOW_STEP_S at the start of each of those steps, before it
+  fetches its batch (a straggler: a slow host or input pipeline; the straggler check names it,
+  section data, while its peers wait for it in the step's first collective).
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ from typing import List, Optional, Tuple
 FAULT_ENV = "MAGNETO_DIST_FAULT"
 ONCE_ENV = "MAGNETO_DIST_FAULT_ONCE_DIR"
 POINTS = ("kill_at_step", "hang", "kill_in_save", "kill_in_convert", "nonfinite_loss",
-          "kill_after_snapshot", "kill_mid_write", "sigterm_mid_write", "slow_write")
+          "kill_after_snapshot", "kill_mid_write", "sigterm_mid_write", "slow_write", "slow_step")
 SLOW_WRITE_S = 2.0
+SLOW_STEP_S = 0.5  # many times a test step (~30 ms), far under the hang watchdog (>= 60 s)
 
 
 class Faults:
@@ -121,6 +125,9 @@ class InjectedFaults(Faults):
             return
         if point == "slow_write":
             time.sleep(SLOW_WRITE_S)
+            return
+        if point == "slow_step":
+            time.sleep(SLOW_STEP_S)
             return
         os._exit(137)
 

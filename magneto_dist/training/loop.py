@@ -21,6 +21,8 @@ from ..resilience.parent_watch import Launchers, watch_launchers
 from ..resilience.watchdog import StepWatchdog
 from .diagnostics import Diagnostics
 from .metrics import MetricsLogger
+from .profiling import profile_window
+from .stragglers import straggler_check
 from .tasks import move_batch
 
 TP_RNG_KEY = "tensor_parallel"  # the TP dropout stream's entry in a rank's saved RNG state
@@ -126,6 +128,10 @@ class Trainer:
         self.interval_start = time.perf_counter()  # this metrics interval: its start, its steps
         self.interval_steps = 0                    # and its skipped steps (not applied)
         self.interval_skipped = 0
+        g = cfg.logging  # the straggler check times each step's sections; the profile window
+        self.stragglers = straggler_check(g.straggler_interval, g.straggler_margin, self.device,
+                                          metrics, self.dims.pp)
+        self.profile = profile_window(g, g.run_dir, self.rank, log)
 
     def _make_diagnostics(self) -> Optional[Diagnostics]:
         if not self.cfg.logging.diagnostics_interval or self.rank != 0:
@@ -158,11 +164,16 @@ class Trainer:
         # slower per step on the default run (tools/bench_train.py, CPU).
         total = torch.zeros((), device=self.device)
         for _ in range(self.dims.grad_accum):
-            loss = self._loss(next(batches))
+            batch = next(batches)
+            self.stragglers.lap("data")
+            loss = self._loss(batch)
             if self.faults.active("nonfinite_loss", self.rank, self.state.step + 1):
                 loss = loss * float("nan")
+            self.stragglers.lap("forward")
             self.engine.backward(loss)
+            self.stragglers.lap("backward")
             self.engine.step()
+            self.stragglers.lap("optimizer")
             total += loss.detach()
             del loss
         return total / self.dims.grad_accum
@@ -173,7 +184,11 @@ class Trainer:
 
     def train_step(self, batches) -> float:
         """One optimizer step over a global batch; the loss averaged over it (all DP ranks)."""
-        return dp_mean(self.train_step_fn(batches), self.dp_group)
+        loss = self.train_step_fn(batches)
+        self.stragglers.lap("pipeline")  # the pipeline's schedule (the micro-batch loop lapped)
+        mean = dp_mean(loss, self.dp_group)
+        self.stragglers.lap("wait")
+        return mean
 
     def evaluate(self) -> Optional[float]:
         """Validation loss over the first eval_iters global batches of the validation split."""
@@ -250,7 +265,9 @@ class Trainer:
         watchdog = self.watchdog = StepWatchdog.from_env()
         self.start()
         while self.state.step < t.last_step:
-            with watchdog.expires(long=self._long_step(self.state.step + 1)):
+            # the profile window outside the watchdog: writing a trace is not a hung step
+            with self.profile.step(self.state.step + 1), \
+                    watchdog.expires(long=self._long_step(self.state.step + 1)):
                 stop = self.step(batches)
             if stop == ExitCode.NONFINITE:
                 with watchdog.expires(long=True):
@@ -286,7 +303,8 @@ class Trainer:
         the non-finite check, metrics, diagnostics, evaluation, the periodic save, the agreed
         stop (and the completion of a background save). Returns NONFINITE or INTERRUPTED (not
         yet saved) to stop with, else None."""
-        for point in ("kill_at_step", "hang"):
+        self.stragglers.begin_step()
+        for point in ("kill_at_step", "hang", "slow_step"):
             self.faults.inject(point, self.rank, self.state.step + 1)
         loss, grad_norm = self.optimizer_step(batches)
         if not self.check_finite(loss, grad_norm):
@@ -303,10 +321,14 @@ class Trainer:
     def agree(self) -> Optional[ExitCode]:
         """Collective, one all-reduce at the end of every step: whether any rank was asked to
         stop (all stop at the same step), and whether any is still writing a background
-        checkpoint; once none is, every rank finalizes it here, at the same step."""
+        checkpoint; once none is, every rank finalizes it here, at the same step. Every
+        logging.straggler_interval steps the straggler check gathers the steps' timings too."""
+        self.stragglers.lap("logging")
         stop, writing = any_rank(self.device, self.stop.requested, self.saver.busy())
+        self.stragglers.lap("wait")
         if self.saver.pending() and not writing:
             self.untimed(lambda: self.saver.finalize(self.state.step))
+        self.stragglers.end_step(self.state.step)  # collective every straggler_interval steps
         return ExitCode.INTERRUPTED if stop else None
 
     def optimizer_step(self, batches) -> Tuple[float, Optional[float]]:
@@ -353,7 +375,9 @@ class Trainer:
         """Run work that is not training (diagnostics, evaluation, saves) outside the metrics
         interval's time, so tokens/s measures the steps."""
         start = time.perf_counter()
+        self.stragglers.pause()
         work()
+        self.stragglers.resume()
         self.interval_start += time.perf_counter() - start
 
     def diagnose(self) -> None:

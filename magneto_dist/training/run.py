@@ -212,7 +212,8 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
     `launchers` exits."""
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
-                            device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log))
+                            device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log),
+                            layout=setup.par.dims.layout)
     extra = {"faults": faults} if faults is not None else {}
     return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
                    lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
@@ -254,6 +255,7 @@ def train_locked(plan: RunPlan) -> ExitCode:
                                 load_start)
         trainer.restore_tp_rng(client.get("_rng"))
     code = trainer.train()
+    trainer.profile.close()  # a profile window the run ended inside of
     trainer.metrics.close()
     if code == ExitCode.OK and cfg.logging.sample_prompt and plan.task.name == "gpt":
         print_sample(cfg, setup, plan.tokenizer, ranks)

@@ -48,7 +48,8 @@ DOCUMENTS = ["data.reset_attention_mask=true", "data.reset_position_ids=true",
 
 
 @pytest.mark.parametrize("ranks,zero,layout", [
-    (1, 1, []), (1, 3, []), (2, 1, []), (2, 3, []), (2, 3, [TP2]), (4, 1, [TP2, PP2]),
+    (1, 1, []), (1, 3, []), (2, 1, []), (2, 3, []), (2, 3, [TP2]),
+    (4, 1, [TP2, PP2, "logging.straggler_interval=2"]),  # the check's gathers under PP too
     (2, 1, [TP2, "model.dropout=0.1"]), (1, 1, ["model.dropout=0.1"]),
     (2, 1, [CP2, *DOCUMENTS]), (2, 1, [TP2, SP, "model.dropout=0.1"])],
     ids=["1rank-zero1", "1rank-zero3", "dp2-zero1", "dp2-zero3", "tp2-zero3", "tp2-pp2-zero1",
