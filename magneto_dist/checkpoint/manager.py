@@ -121,13 +121,18 @@ def mark_damaged(ckpt_dir: str, tag: str, problem: str) -> None:
     fsync_dir(tag_dir)
 
 
+def step_of(tag: str) -> int:
+    return int(TAG.match(tag).group(1))
+
+
 def find_resume_tag(ckpt_dir: str, resume: str, log=print,
-                    share: Optional[Tuple[int, int]] = (0, 1), warn=None) -> Optional[str]:
+                    share: Optional[Tuple[int, int]] = (0, 1), warn=None,
+                    at_most: Optional[int] = None) -> Optional[str]:
     """The tag to resume from: None for a fresh start. Every tag's files are checked for size;
     the chosen one's contents too, this rank's `share` of them (see damage; None: sizes only).
     A tag found damaged in content is marked damaged (mark_damaged): the other ranks, each
     checking another share, may have chosen it. `warn` says what this rank alone found
-    (default: log)."""
+    (default: log). `at_most`: only tags of that step or earlier (a rollback's bound)."""
     if resume == "none":
         return None
     if resume != "auto":
@@ -142,6 +147,8 @@ def find_resume_tag(ckpt_dir: str, resume: str, log=print,
                                   "good one)")
         return resume
     for tag in _tags_newest_first(ckpt_dir):
+        if at_most is not None and step_of(tag) > at_most:
+            continue
         if not is_complete(ckpt_dir, tag):
             damaged = os.path.isfile(os.path.join(ckpt_dir, tag, DAMAGED))
             log(f"WARNING: skipping {'damaged' if damaged else 'incomplete'} checkpoint "

@@ -34,8 +34,10 @@ from ..resilience.faults import Faults, faults_from_env
 from ..resilience.parent_watch import launcher_chain
 from ..resilience.watchdog import die_with_parent
 from .generate import sample
+from .healing import skip_data
 from .loop import Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops, process_start_time
+from .rollback import load_train_state
 from .preflight import PreflightError, RunLock, check_run_dir_writable, finished_message
 from .tasks import GPTTask, MaskedLMTask
 
@@ -126,9 +128,10 @@ def train_split_size(cfg: Config, ckpt_dir: str, tag: Optional[str], ranks: Rank
     samples), never smaller than the size that tag's run used (which keeps the order)."""
     t = cfg.train
     if not tag:
-        return train_samples(t.train_iters, t.global_batch_size)
+        return train_samples(t.train_iters, t.global_batch_size) + skip_room(cfg)
     marker, saved = ckpt.read_marker(ckpt_dir, tag), ckpt.saved_config(os.path.join(ckpt_dir, tag))
     consumed = marker.get("consumed_samples") or marker["step"] * saved.train.global_batch_size
+    consumed += manual_skip(cfg, tag) * t.global_batch_size
     if saved.train.global_batch_size != t.global_batch_size:
         ranks.log(f"train.global_batch_size: checkpoint {saved.train.global_batch_size}, config "
                   f"{t.global_batch_size}: continuing at sample {consumed}, "
@@ -136,6 +139,23 @@ def train_split_size(cfg: Config, ckpt_dir: str, tag: Optional[str], ranks: Rank
     return train_samples(t.train_iters, t.global_batch_size, marker["step"], consumed,
                          at_least=marker.get("train_samples") or
                          saved.train.train_iters * saved.train.global_batch_size)
+
+
+def skip_room(cfg: Config) -> int:
+    """Samples a fresh run's training split holds beyond its steps' own: the data windows
+    train.spike_policy=rollback may skip (resumed runs keep their split's size, and so what
+    is left of the room)."""
+    t = cfg.train
+    if t.spike_policy != "rollback":
+        return 0
+    return t.spike_max_skips * t.spike_skip_steps * t.global_batch_size
+
+
+def manual_skip(cfg: Config, tag: Optional[str]) -> int:
+    """Global batches to skip on resuming `tag` (checkpoint.resume_skip_batches, which applies
+    to the tag checkpoint.resume names only)."""
+    c = cfg.checkpoint
+    return c.resume_skip_batches if tag and tag == c.resume else 0
 
 
 def main(task: str, argv: Optional[List[str]] = None) -> int:
@@ -238,7 +258,8 @@ def train(plan: RunPlan) -> ExitCode:
         code = train_locked(plan)
     finally:
         lock.release()
-    if code in (ExitCode.OK, ExitCode.INTERRUPTED, ExitCode.NONFINITE):  # every rank together
+    if code in (ExitCode.OK, ExitCode.INTERRUPTED, ExitCode.NONFINITE, ExitCode.SPIKES,
+                ExitCode.HARDWARE):  # every rank together
         # Shut the process group down before the interpreter does: a rank that exited with
         # gloo's threads still running once died with "terminate called without an active
         # exception" (SIGABRT) after a complete run.
@@ -274,8 +295,8 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
                             device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log))
     extra = {"faults": faults} if faults is not None else {}
     return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
-                   lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
-                              "train_samples": train_size, **setup.checkpoint_info},
+                   lambda s: {**s.client_state(), "train_samples": train_size,
+                              **setup.checkpoint_info},
                    log=ranks.log, **extra)
 
 
@@ -285,10 +306,9 @@ def resume_state(plan: RunPlan, setup) -> Tuple[TrainState, dict]:
     from .engine import group_weight_decays
 
     resume, cfg = plan.resume, plan.cfg
-    client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
+    state, client = load_train_state(setup.engine, resume.load_dir, resume.load_tag)
     if resume.universal and cfg.train.zero_stage == 3:
         repair_zero3_universal_load(setup.engine, group_weight_decays(cfg.train.weight_decay))
-    state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
     plan.ranks.log(f"resumed from {plan.ckpt_dir}/{resume.tag}: step {state.step}, "
                    f"{state.consumed_samples} samples consumed")
     return state, client
@@ -310,6 +330,9 @@ def train_locked(plan: RunPlan) -> ExitCode:
     if plan.resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
         trainer.metrics.resumed(state.step, plan.resume.tag, process_start_time(), load_start)
         trainer.restore_tp_rng(client.get("_rng"))
+        if manual_skip(cfg, plan.resume.tag):
+            skip_data(trainer, manual_skip(cfg, plan.resume.tag),
+                      f"checkpoint.resume_skip_batches={cfg.checkpoint.resume_skip_batches}")
     code = trainer.train()
     trainer.metrics.close()
     if code == ExitCode.OK and cfg.logging.sample_prompt and plan.task.name == "gpt":
