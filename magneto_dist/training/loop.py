@@ -16,7 +16,7 @@ from ..config import Config
 from ..data.datasets import GlobalSampleBatches
 from ..errors import ExitCode
 from ..resilience.faults import LOSS_SPIKE_SCALE, NO_FAULTS, Faults
-from ..resilience.parent_watch import watch_launchers
+from ..resilience.parent_watch import Launchers, watch_launchers
 from ..resilience.watchdog import StepWatchdog
 from .diagnostics import Diagnostics
 from .healing import ROLLED_BACK, make_healer
@@ -29,17 +29,18 @@ TP_RNG_KEY = "tensor_parallel"  # the TP dropout stream's entry in a rank's save
 
 
 class StopRequest:
-    """SIGTERM, the first Ctrl-C or the launcher's exit asks to stop after the current step; a
-    second Ctrl-C aborts."""
+    """SIGTERM, the first Ctrl-C or the exit of one of `launchers` asks to stop after the
+    current step; a second Ctrl-C aborts."""
 
-    def __init__(self):
+    def __init__(self, launchers: Launchers):
         self.requested = False
         self.signal_name = None
+        self.launchers = launchers
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
-        watch_launchers(self.request)
+        watch_launchers(self.launchers, self.request)
 
     def request(self, reason: str) -> None:
         self.requested = True
@@ -90,14 +91,16 @@ def dp_mean(value: torch.Tensor, group) -> float:
 class Trainer:
     def __init__(self, cfg: Config, task, setup, train_ds, valid_ds, metrics: MetricsLogger,
                  ckpt_dir: str, state: TrainState, client_state_fn: Callable[[TrainState], dict],
-                 log=print, faults: Faults = NO_FAULTS):
+                 log=print, faults: Faults = NO_FAULTS, launchers: Launchers = ()):
         """setup: a training/engine.py TrainingSetup (the engine, the parallelized model's DP
         rank/size/group, and the pipeline's own train/eval steps when there is one). faults:
-        the fault points' hook (tests; NO_FAULTS in production)."""
+        the fault points' hook (tests; NO_FAULTS in production). launchers: those above this
+        process (parent_watch.launcher_chain), watched while training; () watches none."""
         par = setup.par
         self.cfg, self.task, self.engine = cfg, task, setup.engine
         self.train_ds, self.valid_ds = train_ds, valid_ds
         self.dims, self.dp_rank, self.dp_group = par.dims, par.dp_rank, par.dp_group
+        self.local_batch = par.local_batch  # this rank's chunks of each sequence under CP
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
         self.client_state_fn = client_state_fn
         self.tp_rng = par.tp_rng
@@ -105,7 +108,7 @@ class Trainer:
         self.log, self.faults = log, faults
         self.device = self.engine.device
         self.rank = dist.get_rank()
-        self.stop = StopRequest()
+        self.stop = StopRequest(launchers)
         # the pipeline engine replaces the micro-batch loops with its own schedule
         self.train_step_fn = setup.train_step_fn or self._micro_batch_step
         self.eval_fn = setup.eval_fn or self._micro_batch_eval
@@ -128,7 +131,8 @@ class Trainer:
         # a fixed probe batch: the first micro-batch of the training data
         probe = torch.utils.data.default_collate(
             [self.train_ds[i] for i in range(self.cfg.train.micro_batch_size)])
-        return Diagnostics(self.engine.module, self.task, move_batch(probe, self.device))
+        return Diagnostics(self.engine.module, self.task,
+                           self.task.prepare(move_batch(probe, self.device)))
 
     def loader(self, dataset, total: int, start: int):
         """Micro-batches of this DP rank for global samples [start, total)."""
@@ -143,7 +147,7 @@ class Trainer:
                                                 generator=torch.Generator().manual_seed(t.seed)))
 
     def _loss(self, batch) -> torch.Tensor:
-        batch = move_batch(batch, self.device)
+        batch = self.local_batch(self.task.prepare(move_batch(batch, self.device)))
         return self.task.loss(self.task.forward(self.engine, batch), batch)
 
     def _micro_batch_step(self, batches) -> torch.Tensor:

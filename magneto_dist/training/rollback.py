@@ -20,15 +20,17 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
+from ..checkpoint.resume import rollback_point
 from ..checkpoint.storage import agree_on_resume
+from ..checkpoint.tags import CheckpointDir, Tag
 from ..data.datasets import train_samples
 from .train_state import TrainState
 
 
-def load_train_state(engine, ckpt_dir: str, tag: str) -> Tuple[TrainState, dict]:
+def load_train_state(engine, tag: Tag) -> Tuple[TrainState, dict]:
     """Collective: `tag` into the engine (and this rank's RNG); -> the loop's state and the
     client state."""
-    client = ckpt.load(engine, ckpt_dir, tag)
+    client = ckpt.load(engine, tag)
     return TrainState.from_client(client), client
 
 
@@ -60,23 +62,23 @@ def reload(trainer, at_most: int, why: str) -> Optional[str]:
     -> its tag, or None when there is none (nothing changed)."""
     start = time.time()
     trainer.saver.flush(trainer.state.step, why)
-    tag = ckpt.find_resume_tag(trainer.ckpt_dir, "auto", log=trainer.log,
-                               share=(dist.get_rank(), dist.get_world_size()), at_most=at_most)
-    problem = agree_on_resume(trainer.ckpt_dir, tag, trainer.log)
+    ckpts = CheckpointDir(trainer.ckpt_dir)
+    tag = rollback_point(ckpts, at_most, (dist.get_rank(), dist.get_world_size()), trainer.log)
+    problem = agree_on_resume(ckpts, tag and tag.name, trainer.log)
     if problem is not None:
         raise problem
     if tag is None:
         return None
-    trainer.state, client = load_train_state(trainer.engine, trainer.ckpt_dir, tag)
+    trainer.state, client = load_train_state(trainer.engine, tag)
     trainer.restore_tp_rng(client.get("_rng"))
     trainer.saved_at = trainer.state.step
     trainer.batches.seek(trainer.state)
-    trainer.metrics.resumed(trainer.state.step, tag, start, start, reason=why)
+    trainer.metrics.resumed(trainer.state.step, tag.name, start, start, reason=why)
     trainer.restart_interval()
-    trainer.log(f"{why}: back to {trainer.ckpt_dir}/{tag} (step {trainer.state.step}, "
+    trainer.log(f"{why}: back to {tag.label} (step {trainer.state.step}, "
                 f"{trainer.state.consumed_samples} samples consumed) in "
                 f"{time.time() - start:.2f} s, in this process")
-    return tag
+    return tag.name
 
 
 def mark_abandoned(ckpt_dir: str, after: int, why: str) -> None:
@@ -84,6 +86,7 @@ def mark_abandoned(ckpt_dir: str, after: int, why: str) -> None:
     so that no restart resumes the state a rollback left behind."""
     if dist.get_rank() != 0:
         return
-    for tag in ckpt.complete_tags(ckpt_dir):
-        if ckpt.step_of(tag) > after:
-            ckpt.mark_damaged(ckpt_dir, tag, why)
+    ckpts = CheckpointDir(ckpt_dir)
+    for tag in map(ckpts.tag, ckpts.complete_tags()):
+        if tag.step > after:
+            tag.mark_damaged(why)
