@@ -223,13 +223,13 @@ def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
     out_dir = os.path.abspath(out_dir or os.path.join("runs", "sweeps", name))  # cells run in ROOT
     sweep = Sweep(grid, verdict, run_overrides, out_dir, name, _widths(grid, run_overrides))
     for cell in sweep.cells():
-        try:
-            cfg = sweep.cell_config(cell)
-            validate(cfg, world_size=world_size, has_cuda=has_cuda)
-        except ConfigError as err:
-            raise ConfigError(f"cell {cell.name}: {err}") from None
+        cfg = sweep.cell_config(cell)
         if cfg.train.spike_policy == "rollback":
             raise ConfigError(f"{path}: run.train.spike_policy=rollback: a cell that rolls its "
                               "spikes back hides the instability the sweep measures; use warn "
                               "(a row per spike, the default) or off")
+        try:
+            validate(cfg, world_size=world_size, has_cuda=has_cuda)
+        except ConfigError as err:
+            raise ConfigError(f"cell {cell.name}: {err}") from None
     return sweep

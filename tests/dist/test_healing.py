@@ -98,8 +98,9 @@ BITFLIP = ["train.train_iters=8", "checkpoint.save_interval=2", "checkpoint.keep
     ids=["dp2-zero1", "dp2-zero3", "tp2-dp2-zero1"])
 def test_a_flipped_bit_is_named_and_rolled_back(tmp_path, cache_dir, world, layout):
     """A bit of one weight of DP rank 1 (global rank 1 without TP, 2 under TP2) flipped at the
-    start of step 5, once (a memory fault, not a bad chip): the check before it names that rank, the run goes back to the checkpoint
-    of the last check that agreed (step 2) and ends equal to a run that met no fault."""
+    start of step 5, once (a memory fault, not a bad chip): the check before it names that
+    rank, the run goes back to the checkpoint of the last check that agreed (step 2) and ends
+    equal to a run that met no fault."""
     check_ok(run_ranks(gpt(tmp_path / "clean", cache_dir, *BITFLIP, *layout), world))
     bad = 1 if world == 2 else 2
     out = check_ok(run_ranks(gpt(tmp_path / "run", cache_dir, *BITFLIP, *layout), world,
