@@ -111,3 +111,26 @@ def test_a_flipped_bit_is_named_and_rolled_back(tmp_path, cache_dir, world, layo
     assert {(r["rank"], r["step"], r["last_agreed"]) for r in mismatches} == {(bad, 4, 2)}
     assert mismatches[0]["host"]
     assert losses(tmp_path / "run") == losses(tmp_path / "clean")
+
+
+def test_a_replay_that_differs_is_a_hardware_fault_naming_the_rank(tmp_path, cache_dir):
+    """DP rank 1's weights are corrupted once, at the start of step 13 (the first after the
+    save of step 12); the bad batch 14 spikes on rank 0 and the run goes back to step 12. The
+    replay of step 13 from the same state and batch gives another loss than its first run:
+    not the data but a rank's hardware. Rank 1 (whose own loss differs) is named and every
+    rank exits 6, which the launcher retries."""
+    run_dir = tmp_path / "run"
+    env = {"MAGNETO_DIST_FAULT": f"bitflip:1:13,loss_spike:0:{SPIKE_AT}",
+           "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}
+    results = run_ranks(gpt(run_dir, cache_dir, *SHORT, "train.spike_policy=rollback",
+                            "train.zero_stage=1"), 2, extra_env=env)
+    for res in results:
+        assert res.returncode == ExitCode.HARDWARE, res.output[-3000:]
+    assert ExitCode.HARDWARE.retried
+    out = results[0].output
+    assert "stopped: a hardware fault, not the data: step 13 re-run from the checkpoint of " \
+           "step 12 (the same batch, the same state) gave loss" in out
+    assert "rank 1 on " in out and "computed another result" in out
+    (fault,) = [r for r in rows(run_dir) if r.get("action") == "hardware_fault"]
+    assert fault["step"] == 13 and fault["ranks"] == [1] and fault["hosts"][0]
+    assert events(run_dir) == [(SPIKE_AT, "rollback"), (13, "hardware_fault")]
