@@ -11,9 +11,11 @@ The reference is a plain loop on the same weights (the same name-keyed init) and
 global batch: forward and backward per micro-batch, clipping, AdamW and the LR schedule. Rounds
 alternate (plain then trainer, trainer then plain, ...) and medians are compared, so this
 machine's noise hits both alike. On a GPU it also prints TFLOP/s and MFU (logging.peak_tflops or the known-GPU
-table). The last line is `overhead: X.XXXx` (trainer step time over plain step time); with
+table). The table ends with `overhead: X.XXXx` (trainer step time over plain step time); with
 train.compile=blocks the trainer's blocks are compiled (during its warm-up steps, whose compile
-time is printed) and the plain loop stays eager.
+time is printed) and the plain loop stays eager. With train.replica_check_interval=N the check
+alone is timed as a third loop, and a line after that one gives its cost against the trainer's
+step (pass a large N to keep it out of the trainer's own steps).
 """
 import argparse
 import os
@@ -36,6 +38,8 @@ from magneto_dist.training.run import TASKS, build_setup, make_trainer
 from magneto_dist.training.schedule import make_scheduler
 
 from bench_model import time_round  # beside this file
+
+REPLICA_CHECK = "replica check"
 
 
 def plain_loop(cfg, task, device, batches):
@@ -107,6 +111,9 @@ def main():
     fixed = [{k: v.to(device) for k, v in next(data).items()} for _ in range(dims.grad_accum)]
     loops = {"plain PyTorch": plain_loop(cfg, task, device, fixed),
              "trainer": lambda: trainer.step(data)}
+    replicas = trainer.healer and trainer.healer.replicas
+    if replicas:  # train.replica_check_interval: the check alone, timed beside the step
+        loops[REPLICA_CHECK] = replicas.check
     times = {name: [] for name in loops}
     for name, step in loops.items():
         time_round(step, args.warmup, device)  # train.compile=blocks compiles here
@@ -116,7 +123,18 @@ def main():
             times[name].append(time_round(step, args.steps, device))
     trainer.metrics.close()
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics and TensorBoard of the timed steps
+    check = times.pop(REPLICA_CHECK, None)
     report(cfg, device, times, compile_seconds)
+    if check:
+        report_replica_check(cfg, statistics.median(check), statistics.median(times["trainer"]))
+
+
+def report_replica_check(cfg, check: float, step: float) -> None:
+    """The replica check's cost: one check against the trainer's step (which makes one every
+    train.replica_check_interval steps; at 1 the trainer's own step includes it)."""
+    interval = cfg.train.replica_check_interval
+    print(f"replica check: {check * 1e3:.1f} ms each, {check / step:.3f}x a trainer step; "
+          f"per step at train.replica_check_interval={interval}: {check / step / interval:.2%}")
 
 
 def report(cfg, device, times, compile_seconds=None) -> None:

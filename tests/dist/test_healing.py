@@ -111,6 +111,12 @@ def test_a_flipped_bit_is_named_and_rolled_back(tmp_path, cache_dir, world, layo
     assert {(r["rank"], r["step"], r["last_agreed"]) for r in mismatches} == {(bad, 4, 2)}
     assert mismatches[0]["host"]
     assert losses(tmp_path / "run") == losses(tmp_path / "clean")
+    # global_step4, saved after the last check that agreed, was marked damaged, then saved
+    # again by the replay: every tag is complete, none is left marked
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.parent.name for p in ckpts.glob("*/complete.json")) == \
+        [f"global_step{s}" for s in (2, 4, 6, 8)]
+    assert not list(ckpts.glob("*/damaged.json"))
 
 
 def test_a_replay_that_differs_is_a_hardware_fault_naming_the_rank(tmp_path, cache_dir):
