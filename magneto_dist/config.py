@@ -156,6 +156,10 @@ class ParallelConfig:
                                            # over the group (parallel/context_parallel.py)
     pipeline_partition: str = "parameters"  # balance stages by parameters | layers
     activation_checkpointing: bool = False  # recompute each layer in backward
+    sequence_parallel: bool = False        # with TP: the regions outside the TP GEMMs (outer
+                                           # norms, dropout, residual adds, the embeddings'
+                                           # output) hold 1/TP of the sequence per rank
+                                           # (Megatron's --sequence-parallel)
     vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
     timeout_minutes: int = 30              # how long a collective waits for the slowest rank
                                            # before the process group gives up (DeepSpeed's
@@ -391,6 +395,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1 "
              "(or drop pipeline parallelism to use ZeRO-2/3)")
     _validate_context_parallel(cfg, dims)
+    _validate_sequence_parallel(cfg, dims)
     _require(p.vocab_padding_multiple >= 1, "parallel.vocab_padding_multiple must be at least 1")
     _require(t.train_iters >= 1, f"train.train_iters={t.train_iters} must be at least 1")
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
@@ -474,6 +479,25 @@ def _validate_context_parallel(cfg: Config, dims: ParallelDims) -> None:
              "model.dropout=0 (or parallel.context_parallel_size=1)")
     _require(cfg.logging.diagnostics_interval == 0, f"{key}: logging.diagnostics_interval "
              "needs the whole sequence on one rank; set it to 0")
+
+
+def _validate_sequence_parallel(cfg: Config, dims: ParallelDims) -> None:
+    """Sequence parallelism splits what a rank of a TP group holds of each sequence (all of it,
+    or its CP chunks) into TP parts. Without TP it is an error, not Megatron's silent no-op:
+    a run asking for SP at TP1 would otherwise report a layout it does not have."""
+    p, m, tp, cp = cfg.parallel, cfg.model, dims.tp, dims.cp
+    if not p.sequence_parallel:
+        return
+    _require(tp > 1, "parallel.sequence_parallel=true needs tensor parallelism (it splits the "
+             "TP group's replicated regions along the sequence) but "
+             "parallel.tensor_model_parallel_size=1: set tensor_model_parallel_size to 2 or "
+             "more, or sequence_parallel=false")
+    local = f"model.max_seq_len={m.max_seq_len}" + (f" / parallel.context_parallel_size={cp}"
+                                                     if cp > 1 else "")
+    _require(m.max_seq_len % (cp * tp) == 0,
+             f"parallel.sequence_parallel=true splits each rank's sequence ({local}) across the "
+             f"parallel.tensor_model_parallel_size={tp} ranks, but it is not divisible by {tp}; "
+             f"use a model.max_seq_len that is a multiple of {cp * tp}")
 
 
 def _validate_data_logging_checkpoint(cfg: Config, dims: ParallelDims) -> None:

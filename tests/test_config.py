@@ -69,6 +69,18 @@ def test_config_errors_name_the_key(overrides, message):
      "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1"),
     (["parallel.pipeline_model_parallel_size=4", "model.num_layers=2"], 4,
      "more stages than model.num_layers=2"),
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs tensor "
+     "parallelism (it splits the TP group's replicated regions along the sequence) but "
+     "parallel.tensor_model_parallel_size=1: set tensor_model_parallel_size to 2 or more"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2",
+      "model.max_seq_len=127"], 2, "parallel.sequence_parallel=true splits each rank's sequence "
+     "(model.max_seq_len=127) across the parallel.tensor_model_parallel_size=2 ranks, but it is "
+     "not divisible by 2; use a model.max_seq_len that is a multiple of 2"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=4",
+      "parallel.context_parallel_size=2", "model.max_seq_len=20"], 8,
+     "(model.max_seq_len=20 / parallel.context_parallel_size=2) across the "
+     "parallel.tensor_model_parallel_size=4 ranks, but it is not divisible by 4; use a "
+     "model.max_seq_len that is a multiple of 8"),
     (["train.precision=fp16"], 1, "train.precision='fp16' needs a GPU"),
     (["train.precision=bf16", "train.zero_stage=0"], 1,
      "train.precision='bf16' with train.zero_stage=0"),
@@ -117,6 +129,8 @@ def test_main_refuses_bad_config_before_any_work(tmp_path, capsys, monkeypatch):
     assert "config error: train.global_batch_size=16 is not divisible" in err
     assert main("gpt", ["model.arch=encoder"]) == 2
     assert "use launch/pretrain_bert.py" in capsys.readouterr().err
+    assert main("gpt", ["parallel.sequence_parallel=true"]) == 2  # SP without TP
+    assert "parallel.sequence_parallel=true needs tensor parallelism" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 
@@ -235,3 +249,20 @@ def test_default_configs_write_each_value_once(task):
                 for key, value in (values or {}).items()
                 if section != "deepspeed" and defaults[section][key] == value]
     assert not restated, f"{default_config(task)} restates defaults: {restated}"
+
+
+def test_sequence_parallel_pipeline_sends_whole_activations():
+    """DeepSpeed's pipeline splits what a stage sends across the TP ranks, assuming they are
+    equal; under SP they are not (the tp2_sp_pp2 layout rows drifted by 0.02 with it on)."""
+    from magneto_dist.training.engine import deepspeed_config
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
+    sp = load_config(None, [*layout, "parallel.sequence_parallel=true"])
+    pipeline = deepspeed_config(sp, validate(sp, world_size=4))["pipeline"]
+    assert pipeline == {"pipe_partitioned": False, "grad_partitioned": False}
+    plain = load_config(None, layout)
+    assert "pipeline" not in deepspeed_config(plain, validate(plain, world_size=4))
+    refused = load_config(None, [*layout, "parallel.sequence_parallel=true",
+                                 "deepspeed.pipeline.pipe_partitioned=true"])
+    with pytest.raises(ConfigError, match=r"^deepspeed.pipeline.pipe_partitioned is set by the "
+                                          r"project from parallel.sequence_parallel"):
+        deepspeed_config(refused, validate(refused, world_size=4))
