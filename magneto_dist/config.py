@@ -41,6 +41,7 @@ CHOICES = {
     ("train", "lr_decay_style"): ("cosine", "linear", "constant"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "compile"): ("off", "blocks"),
+    ("train", "spike_policy"): ("off", "warn", "rollback"),
     ("parallel", "pipeline_partition"): ("parameters", "layers"),
 }
 
@@ -112,6 +113,32 @@ class TrainConfig:
     max_nonfinite_steps: int = 3           # consecutive steps with a non-finite loss or grad
                                            # norm (each skipped, not applied) before the run
                                            # stops with exit code 4
+    # Loss spikes and silent corruption (README "Self-healing"; training/spikes.py is the rule)
+    spike_policy: str = "warn"             # off | warn (a "spike" metrics row) | rollback (back
+                                           # to the last checkpoint, replay; a spike that
+                                           # recurs there skips a window of data)
+    spike_window: int = 10                 # a spike is judged against the previous this-many
+                                           # steps (after the LR warm-up)
+    spike_loss_rise: float = 1.0           # a spike: the loss this many nats above the window's
+                                           # median (this CPU's tiny runs: ~0.2 nats of noise)
+    spike_mad_factor: float = 4.0          # ... and this many robust standard deviations
+                                           # (1.4826 x MAD) above it
+    spike_grad_norm_factor: float = 10.0   # or the grad norm this many times its window's
+                                           # median (and as many deviations of its log); 0 off
+    spike_skip_steps: int = 20             # rollback: a spike that recurs on the replay skips
+                                           # this many global batches around it (PaLM skipped
+                                           # 200-500); a third spike within this many steps
+                                           # stops the run (exit code 5)
+    spike_max_skips: int = 4               # rollback: windows a run may skip; its training
+                                           # split is built longer by that many (no sample
+                                           # changes its index), one more stops the run
+    replay_tolerance: float = 0.0          # rollback: the first replayed step re-runs the
+                                           # same batch from the same state; a relative
+                                           # difference above this from its first loss is a
+                                           # hardware fault (exit code 6). 0: bit for bit
+    replica_check_interval: int = 0        # every N steps compare the digests of the data-
+                                           # parallel replicas' parameters (0: off); see README
+                                           # for the measured cost
 
     @property
     def last_step(self) -> int:
@@ -151,6 +178,10 @@ class CheckpointConfig:
     async_save: bool = False               # copy the state to host memory and write it in the
                                            # background while training goes on (a host copy
                                            # of each rank's checkpoint; see README)
+    resume_skip_batches: int = 0           # resuming from the tag checkpoint.resume names,
+                                           # skip this many global batches of data first (a
+                                           # skip by hand past bad data, as the rollback
+                                           # policy's own skip does; recorded in the metrics)
 
 
 @dataclass
@@ -196,7 +227,8 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 FREE_FORM = "deepspeed"  # the section that is a mapping passed on, not typed keys
-ON_OFF_KEYS = ("train.compile",)  # string keys with an `off` choice, which YAML reads as False
+# string keys with an `off` choice, which YAML reads as False
+ON_OFF_KEYS = ("train.compile", "train.spike_policy")
 STEP_RANGE_KEYS = ("logging.profile_steps",)  # "A-B" string keys, where YAML reads "A" as an int
 
 
@@ -402,6 +434,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     _require(t.warmup_iters >= 0, f"train.warmup_iters={t.warmup_iters} must be at least 0")
     _require(t.max_nonfinite_steps >= 1,
              f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1")
+    _validate_healing(cfg)
     _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "
              "no fast CPU kernels); use fp32 on CPU, bf16 or fp16 on GPU")
     _require(t.zero_stage >= min_zero_stage(t.precision), "train.precision='bf16' with "
@@ -441,6 +474,36 @@ def _validate_observation(g: LoggingConfig, t: TrainConfig, has_cuda: bool) -> N
     _require(not g.memory_snapshot or has_cuda, "logging.memory_snapshot=true records the CUDA "
              "caching allocator, and this machine has no GPU; drop it (on CPU, the profile "
              "window's trace shows each operator's time and shapes)")
+
+
+def _validate_healing(cfg: Config) -> None:
+    """The spike and replica-check keys (train.spike_*, replica_check_interval)."""
+    t, c = cfg.train, cfg.checkpoint
+    _require(t.spike_window >= 3, f"train.spike_window={t.spike_window} must be at least 3 (a "
+             "median and a deviation need a few steps)")
+    for name in ("spike_loss_rise", "spike_mad_factor", "spike_grad_norm_factor",
+                 "replay_tolerance"):
+        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
+    _require(t.spike_grad_norm_factor == 0 or t.spike_grad_norm_factor > 1,
+             f"train.spike_grad_norm_factor={t.spike_grad_norm_factor} must be above 1 (a "
+             "multiple of the median grad norm), or 0 to judge the loss only")
+    _require(t.spike_skip_steps >= 1 and t.spike_max_skips >= 0,
+             f"train.spike_skip_steps={t.spike_skip_steps} must be at least 1 and "
+             f"train.spike_max_skips={t.spike_max_skips} at least 0")
+    _require(t.replica_check_interval >= 0,
+             f"train.replica_check_interval={t.replica_check_interval} must be >= 0")
+    healing = [f"train.spike_policy=rollback"] * (t.spike_policy == "rollback") + \
+        [f"train.replica_check_interval={t.replica_check_interval}"] * bool(
+            t.replica_check_interval)
+    _require(not healing or c.save_interval > 0, f"{' and '.join(healing)} with "
+             "checkpoint.save_interval=0: there would be no checkpoint to roll back to; set "
+             "checkpoint.save_interval > 0")
+    _require(c.resume_skip_batches >= 0,
+             f"checkpoint.resume_skip_batches={c.resume_skip_batches} must be >= 0")
+    _require(not c.resume_skip_batches or c.resume not in ("auto", "none"),
+             f"checkpoint.resume_skip_batches={c.resume_skip_batches} needs checkpoint.resume "
+             "set to the tag to skip from (e.g. global_step400), not "
+             f"{c.resume!r}: a skip after whichever tag is newest would repeat at every restart")
 
 
 def _validate_context_parallel(cfg: Config, dims: ParallelDims) -> None:

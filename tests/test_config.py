@@ -20,6 +20,7 @@ def test_yaml_booleans_in_a_string_key_read_as_off_and_on():
     keys with an `off` choice read booleans so: a prompt of `yes` is still refused."""
     assert load_config(None, ["train.compile=off"]).train.compile == "off"
     assert load_config(None, ["train.compile=blocks"]).train.compile == "blocks"
+    assert load_config(None, ["train.spike_policy=off"]).train.spike_policy == "off"
     with pytest.raises(ConfigError, match="train.compile='on' must be off or blocks"):
         validate(load_config(None, ["train.compile=on"]), 1)
     with pytest.raises(ConfigError, match="logging.sample_prompt=True must be str"):
@@ -85,6 +86,15 @@ def test_config_errors_name_the_key(overrides, message):
      "train.precision='bf16' with train.zero_stage=0"),
     (["train.compile=all"], 1, "train.compile='all' must be off or blocks"),
     (["parallel.timeout_minutes=0"], 1, "parallel.timeout_minutes=0 must be at least 1"),
+    (["train.spike_policy=undo"], 1, "train.spike_policy='undo' must be off, warn or rollback"),
+    (["train.spike_window=2"], 1, "train.spike_window=2 must be at least 3"),
+    (["train.spike_grad_norm_factor=0.5"], 1, "train.spike_grad_norm_factor=0.5 must be above 1"),
+    (["train.spike_policy=rollback", "train.replica_check_interval=5",
+      "checkpoint.save_interval=0"], 1, "train.spike_policy=rollback and "
+     "train.replica_check_interval=5 with checkpoint.save_interval=0: there would be no "
+     "checkpoint to roll back to"),
+    (["checkpoint.resume_skip_batches=4"], 1, "checkpoint.resume_skip_batches=4 needs "
+     "checkpoint.resume set to the tag to skip from (e.g. global_step400), not 'auto'"),
     (["train.exit_at_step=500", "train.train_iters=100"], 1, "train.exit_at_step=500"),
     (["data.prefixes=[x]"], 1, "data.prefixes needs data.tokenizer_model"),
     (["data.split=90,10"], 1, "data.split='90,10' must be three comma-separated numbers"),

@@ -11,9 +11,11 @@ The reference is a plain loop on the same weights (the same name-keyed init) and
 global batch: forward and backward per micro-batch, clipping, AdamW and the LR schedule. Rounds
 alternate (plain then trainer, trainer then plain, ...) and medians are compared, so this
 machine's noise hits both alike. On a GPU it also prints TFLOP/s and MFU (logging.peak_tflops or the known-GPU
-table). The last line is `overhead: X.XXXx` (trainer step time over plain step time); with
+table). The table ends with `overhead: X.XXXx` (trainer step time over plain step time); with
 train.compile=blocks the trainer's blocks are compiled (during its warm-up steps, whose compile
-time is printed) and the plain loop stays eager.
+time is printed) and the plain loop stays eager. With train.replica_check_interval=N the check
+alone is timed as a third loop, and a line after that one gives its cost against the trainer's
+step (pass a large N to keep it out of the trainer's own steps).
 
 The straggler check (logging.straggler_interval) needs peers, so its cost is measured on two
 ranks or more, where a third loop runs the same trainer with the check switched off:
@@ -49,6 +51,7 @@ from magneto_dist.training.schedule import make_scheduler
 from bench_model import time_round  # beside this file
 
 NO_CHECK_LOOP = "no straggler check"  # the trainer's loop with logging.straggler_interval=0
+REPLICA_CHECK = "replica check"
 
 
 def plain_loop(cfg, task, device, batches):
@@ -80,8 +83,10 @@ def build_trainer(config: str, overrides, steps: int, run_dir: str):
     make_trainer) for `steps` optimizer steps with evaluation and saves off, in this process's
     rank of the launcher's world (a world of one without a launcher). Returns the config, its
     ParallelDims, the task, the trainer (started) and its data iterator."""
+    # saves off: an interval past the last step (train.replica_check_interval and
+    # spike_policy=rollback refuse 0, having no checkpoint to roll back to)
     cfg = load_config(config, [*overrides, f"train.train_iters={steps + 1}",
-                               "train.eval_interval=0", "checkpoint.save_interval=0",
+                               "train.eval_interval=0", f"checkpoint.save_interval={steps + 2}",
                                f"logging.run_dir={run_dir}", "logging.tensorboard=true"])
     single_process_env()
     ranks = RankInfo()
@@ -133,6 +138,9 @@ def main():
     loops = {"plain PyTorch": plain_loop(cfg, task, device, fixed), "trainer": with_check}
     if check is not NO_CHECK:
         loops[NO_CHECK_LOOP] = without_check
+    replicas = trainer.healer and trainer.healer.replicas
+    if replicas:  # train.replica_check_interval: the check alone, timed beside the step
+        loops[REPLICA_CHECK] = replicas.check
     times = {name: [] for name in loops}
     for name, step in loops.items():
         time_round(step, args.warmup, device)  # train.compile=blocks compiles here
@@ -142,8 +150,20 @@ def main():
             times[name].append(time_round(step, args.steps, device))
     trainer.metrics.close()
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics and TensorBoard of the timed steps
+    replica_seconds = times.pop(REPLICA_CHECK, None)
     if torch.distributed.get_rank() == 0:
         report(cfg, device, times, compile_seconds, checks, args.steps)
+        if replica_seconds:
+            report_replica_check(cfg, statistics.median(replica_seconds),
+                                 statistics.median(times["trainer"]))
+
+
+def report_replica_check(cfg, check: float, step: float) -> None:
+    """The replica check's cost: one check against the trainer's step (which makes one every
+    train.replica_check_interval steps; at 1 the trainer's own step includes it)."""
+    interval = cfg.train.replica_check_interval
+    print(f"replica check: {check * 1e3:.1f} ms each, {check / step:.3f}x a trainer step; "
+          f"per step at train.replica_check_interval={interval}: {check / step / interval:.2%}")
 
 
 def report(cfg, device, times, compile_seconds=None, checks=(), steps_per_round=0) -> None:

@@ -9,7 +9,8 @@ killing the agent itself):
   that failed, not its peers; for a hang, every rank's stacks are taken before the kill (its
   peers' timers expire too, waiting for it in a collective);
 - exit codes that a restart cannot fix (errors.NOT_RETRIED: config or data, checkpoint,
-  non-finite loss, which a replay of the same data reproduces, no space) are not retried.
+  non-finite loss and the loss kept spiking, which a replay of the same data reproduces, no
+  space) are not retried; a hardware fault (a replayed step that differs) is.
 """
 from __future__ import annotations
 

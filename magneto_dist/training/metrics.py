@@ -17,8 +17,14 @@ metrics.jsonl rows:
 - {"split": "eval", "step", "task", METRIC: value, ..., "time"} per lm-evaluation-harness task
   of tools/evaluate.py (TensorBoard: eval/TASK/METRIC);
 - {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
-  run starts: the rows after it
-  replay the steps after `step` (take the last occurrence of a step);
+  run starts, and with "reason" where a rollback went back in the running process: the rows
+  after it replay the steps after `step` (take the last occurrence of a step);
+- {"split": "spike", "step", "loss", "grad_norm", "median", "rise", "action", ...} per loss
+  spike (action: warn, rollback, transient, skip, stop, none: no checkpoint to go back to),
+  {"split": "spike", "action": "skip_data", "skipped_samples": [first, end), "before_step"}
+  per skipped data window, {"split": "spike", "action": "hardware_fault", "ranks", "hosts",
+  "why"}, and {"split": "replica_mismatch", "step", "rank", "host", "last_agreed", "what"} per
+  rank a replica check names (training/healing.py);
 - {"split": "checkpoint", "step", "tag", "async", "blocking_s", "time", ...} per save, once it
   is complete: the seconds the loop stopped for it; a background save adds "write_s" (its
   write), "bytes" (rank 0's files), "snapshot_bytes" (rank 0's host copy), "done_step" (the
@@ -211,13 +217,27 @@ class MetricsLogger:
             for rank, value in enumerate(values):
                 self.writer.add_scalar(f"straggler/slowdown/rank_{rank:05d}", value, step)
 
-    def resumed(self, step: int, tag: str, process_start: float, load_start: float) -> None:
+    def resumed(self, step: int, tag: str, process_start: float, load_start: float,
+                reason: Optional[str] = None) -> None:
         """A restart: rows after this one replay steps from `step` on; readers keep the last
         occurrence of each step. The times of the process start and of the checkpoint load's
-        start (time.time()) say where a restart's seconds went (tools/bench_recovery.py)."""
+        start (time.time()) say where a restart's seconds went (tools/bench_recovery.py).
+        `reason`: a rollback inside the running process (training/healing.py), whose
+        "process start" is when it began."""
         if self.enabled:
             self._emit({"split": "resume", "step": step, "tag": tag, "time": time.time(),
-                        "process_start": process_start, "load_start": load_start})
+                        "process_start": process_start, "load_start": load_start,
+                        **({"reason": reason} if reason else {})})
+
+    def event(self, row: dict, text: str) -> None:
+        """A healing event (training/healing.py: a spike, a skipped window, a replica
+        mismatch, a hardware fault): its row, and a marker in TensorBoard's text tab at its
+        step (its numbers are scalars there too)."""
+        if not self.enabled:
+            return
+        self._emit({**row, "time": time.time()})
+        if self.writer is not None:
+            self.writer.add_text(f"events/{row['split']}", text, row["step"])
 
     def checkpoint(self, row: dict) -> None:
         """A save, once complete (checkpoint/savers.py says what the row holds)."""
