@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from .ranks import run_ranks
+from .ranks import once, run_ranks
 
 STEPS = 5
 TOLERANCE = 1e-5
@@ -110,19 +110,12 @@ def references(tmp_path_factory):
 def group_results(tmp_path_factory):
     cache = {}
 
-    def get(world):
-        if world not in cache:
-            cases = GROUPS[world] + (CHECKS + COMPILED[2] if world == 2 else [])
-            compiling = 150 if world == 2 else 0  # a cold TP2 compile took 40-80 s here
-            try:
-                cache[world] = run_group(tmp_path_factory.mktemp(f"w{world}"), world, cases,
-                                         timeout=240 + 60 * world + compiling)
-            except AssertionError as failed:  # every test of the group fails with it, once
-                cache[world] = failed
-        if isinstance(cache[world], AssertionError):
-            raise cache[world]
-        return cache[world]
-    return get
+    def run(world):
+        cases = GROUPS[world] + (CHECKS + COMPILED[2] if world == 2 else [])
+        compiling = 150 if world == 2 else 0  # a cold TP2 compile took 40-80 s here
+        return run_group(tmp_path_factory.mktemp(f"w{world}"), world, cases,
+                         timeout=240 + 60 * world + compiling)
+    return lambda world: once(cache, world, lambda: run(world))
 
 
 def _params(world):

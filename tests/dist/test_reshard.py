@@ -42,19 +42,12 @@ PAIRS = [(TP2, TP1), (TP1, TP2), (PP2, TP1), (TP1, PP2), (TP2_PP2, DP4), (DP4, D
          (DP2_ZERO1, DP2_ZERO3), (DP2_ZERO3, DP2_ZERO1), (TP2_ZERO3, TP1_ZERO3)]
 
 
-@pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory, cache_dir):
-    """Layout A's name -> its 10-step run directory (checkpoints at steps 5 and 10)."""
-    runs = {}
-
-    def get(a):
-        if a["name"] not in runs:
-            run_dir = tmp_path_factory.mktemp(f"straight_{a['name']}")
-            check_ok(run_ranks(gpt(run_dir, cache_dir, *COMMON, *a["args"]), a["ranks"],
-                               timeout=300))
-            runs[a["name"]] = run_dir
-        return runs[a["name"]]
-    return get
+@pytest.fixture
+def straight_runs(shared_run, cache_dir):
+    """Layout A -> its 10-step run directory (checkpoints at steps 5 and 10), made once per
+    session: tests/dist/test_pretrain.py's same-layout resumes compare with the same runs."""
+    return lambda a: shared_run(lambda run_dir: gpt(run_dir, cache_dir, *COMMON, *a["args"]),
+                                a["ranks"])
 
 
 @pytest.mark.parametrize("a,b", PAIRS, ids=[f"{a['name']}-to-{b['name']}" for a, b in PAIRS])
