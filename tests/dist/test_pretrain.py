@@ -9,8 +9,8 @@ import pytest
 
 from .gpt_runs import TINY, check_ok, gpt, read_metrics, wait_for_steps
 from .ranks import ROOT, free_port, kill_group, run_ranks, start_ranks
-from .test_reshard import (COMMON, DP2_ZERO1, DP2_ZERO3, TP1, TP1_ZERO3, TP2_PP2, TP2_ZERO3,
-                           layout)
+from .test_reshard import (COMMON, CP2, DP2_ZERO1, DP2_ZERO3, TP1, TP1_ZERO3, TP2_PP2,
+                           TP2_ZERO3, layout)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -45,7 +45,8 @@ TP2 = "parallel.tensor_model_parallel_size=2"
 
 DROPOUT = "model.dropout=0.1"
 SAME_LAYOUT = [TP1, TP1_ZERO3, DP2_ZERO1, DP2_ZERO3, TP2_ZERO3, TP2_PP2,
-               layout("tp2_dropout", 2, 2, 1, 1, DROPOUT), layout("tp1_dropout", 1, 1, 1, 1, DROPOUT)]
+               layout("tp2_dropout", 2, 2, 1, 1, DROPOUT),
+               layout("tp1_dropout", 1, 1, 1, 1, DROPOUT), CP2]
 
 
 @pytest.mark.parametrize("a", SAME_LAYOUT, ids=[a["name"] for a in SAME_LAYOUT])
