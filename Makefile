@@ -16,5 +16,5 @@ train: $(BIN)/.installed  ## the default pretraining run (ARGS="train.train_iter
 test: $(BIN)/.installed   ## the whole test suite (ARGS="-k resume" to select)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-fast: $(BIN)/.installed  ## the quick loop: every module, the long multi-rank runs left out
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+test-fast: $(BIN)/.installed  ## the quick loop: the single-process tests (tests/dist's ranks left out)
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/dist $(ARGS)
