@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from .ranks import run_ranks
+from .ranks import once, run_ranks
 
 STEPS = 5
 TOLERANCE = 1e-5
@@ -157,22 +157,14 @@ def references(tmp_path_factory):
 def group_results(tmp_path_factory):
     cache = {}
 
-    def get(world):
-        if world not in cache:
-            cases = GROUPS[world] + (CHECKS + SP_DROPOUT + BF16 + COMPILED[2] if world == 2
-                                     else [])
-            cases += [RING_CP4] if world == 4 else []
-            # two cold TP2 compiles (TP, TP+SP) took 40-80 s each here
-            compiling = 250 if world == 2 else 0
-            try:
-                cache[world] = run_group(tmp_path_factory.mktemp(f"w{world}"), world, cases,
-                                         timeout=300 + 60 * world + compiling)
-            except AssertionError as failed:  # every test of the group fails with it, once
-                cache[world] = failed
-        if isinstance(cache[world], AssertionError):
-            raise cache[world]
-        return cache[world]
-    return get
+    def run(world):
+        cases = GROUPS[world] + (CHECKS + SP_DROPOUT + BF16 + COMPILED[2] if world == 2 else [])
+        cases += [RING_CP4] if world == 4 else []
+        # two cold TP2 compiles (TP, TP+SP) took 40-80 s each here
+        compiling = 250 if world == 2 else 0
+        return run_group(tmp_path_factory.mktemp(f"w{world}"), world, cases,
+                         timeout=300 + 60 * world + compiling)
+    return lambda world: once(cache, world, lambda: run(world))
 
 
 def _params(world):

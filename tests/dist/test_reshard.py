@@ -32,8 +32,10 @@ def layout(name, ranks, tp=1, pp=1, zero=1, *extra):
 
 
 TP1, TP2, PP2 = layout("tp1", 1), layout("tp2", 2, tp=2), layout("pp2", 2, pp=2)
-# saved in the background (step 5's files written while step 6 runs), pipeline layer files too
-TP2_PP2 = layout("tp2_pp2", 4, 2, 2, 1, "checkpoint.async_save=true")
+# saved in the background (step 5's files written while step 6 runs), pipeline layer files too;
+# the straggler check gathers every 2 steps, under the pipeline too (it must not change a loss)
+TP2_PP2 = layout("tp2_pp2", 4, 2, 2, 1, "checkpoint.async_save=true",
+                 "logging.straggler_interval=2")
 DP4, DP2 = layout("dp4", 4), layout("dp2", 2)
 DP2_ZERO1, DP2_ZERO3 = layout("dp2_zero1", 2, zero=1), layout("dp2_zero3", 2, zero=3)
 TP2_ZERO3, TP1_ZERO3 = layout("tp2_zero3", 2, tp=2, zero=3), layout("tp1_zero3", 1, zero=3)
@@ -55,19 +57,12 @@ PAIRS = [(TP2, TP1), (TP1, TP2), (PP2, TP1), (TP1, PP2), (TP2_PP2, DP4), (DP4, D
          (CP2, CP1), (CP2, CP4), (TP2_SP, TP2), (TP2, TP2_SP), (TP2_SP, TP1)]
 
 
-@pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory, cache_dir):
-    """Layout A's name -> its 10-step run directory (checkpoints at steps 5 and 10)."""
-    runs = {}
-
-    def get(a):
-        if a["name"] not in runs:
-            run_dir = tmp_path_factory.mktemp(f"straight_{a['name']}")
-            check_ok(run_ranks(gpt(run_dir, cache_dir, *COMMON, *a["args"]), a["ranks"],
-                               timeout=300))
-            runs[a["name"]] = run_dir
-        return runs[a["name"]]
-    return get
+@pytest.fixture
+def straight_runs(shared_run, cache_dir):
+    """Layout A -> its 10-step run directory (checkpoints at steps 5 and 10), made once per
+    session: tests/dist/test_pretrain.py's same-layout resumes compare with the same runs."""
+    return lambda a: shared_run(lambda run_dir: gpt(run_dir, cache_dir, *COMMON, *a["args"]),
+                                a["ranks"])
 
 
 @pytest.mark.parametrize("a,b", PAIRS, ids=[f"{a['name']}-to-{b['name']}" for a, b in PAIRS])
