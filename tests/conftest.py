@@ -10,6 +10,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # rebuilt it in turn for each other (100-225 s a build here): one build per environment.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def accelerate_process_group():
+    """For a test that runs transformers' Trainer or lm-eval's hf model in this process: their
+    accelerate state starts a default process group here (harmless in the user's own process),
+    which would make every later test's own init_process_group fail; it is ended afterwards."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -215,7 +215,8 @@ def test_unknown_task_is_a_one_line_config_error_naming_the_local_ones(models, t
 
 
 def test_lm_evals_own_hf_model_scores_an_export_as_evaluate_does(models, tmp_path, capsys,
-                                                                 monkeypatch):
+                                                                 monkeypatch,
+                                                                 accelerate_process_group):
     """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` (the command
     lm-eval's users type first; it stopped on a missing accelerate), offline, on the local
     tasks and a task of the user's own: the scores are tools/evaluate.py's."""

@@ -258,7 +258,7 @@ def trainer_run(directory, batch, accumulation, data, tmp_path):
 
 
 def test_trainer_fine_tunes_the_export_alike_with_and_without_gradient_accumulation(
-        exports, tmp_path):
+        exports, tmp_path, accelerate_process_group):
     """Trainer passes num_items_in_batch to a model whose forward takes **kwargs and then does
     not divide the loss by the accumulation steps: the model ignored it, so with 2 steps of
     accumulation the logged loss and every gradient were doubled. Now 2 x 2 samples train
