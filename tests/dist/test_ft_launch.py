@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .gpt_runs import TINY, read_metrics, wait_for_steps
 from .ranks import ROOT, free_port, kill_group
 
@@ -257,23 +259,28 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, cache_dir):
                 pass
 
 
-CP2_DOCUMENTS = ["parallel.context_parallel_size=2", "data.reset_attention_mask=true",
-                 "data.reset_position_ids=true", "data.eod_mask_loss=true"]
+# the long-sequence layouts: CP2 with packed documents (the ring's blocks, the chunks'
+# positions and the documents' masks are all rebuilt from the checkpoint's data position) and
+# TP2+SP with dropout (the SP region's masks draw from the per-TP-rank stream, restored too)
+LONG_SEQUENCE = {
+    "cp2_documents": ["parallel.context_parallel_size=2", "data.reset_attention_mask=true",
+                      "data.reset_position_ids=true", "data.eod_mask_loss=true"],
+    "tp2_sp_dropout": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                       "model.dropout=0.1"]}
 
 
-def test_kills_under_context_parallelism_resume_exactly(tmp_path, cache_dir, shared_run):
-    """CP2 with packed documents: a rank killed mid-run and another killed inside a save;
-    every step's loss equals the uninterrupted CP2 run's bit for bit (the ring attention's
-    blocks, the chunks' positions and the documents' masks are all rebuilt from the
-    checkpoint's data position)."""
+@pytest.mark.parametrize("layout", LONG_SEQUENCE)
+def test_kills_under_long_sequence_layouts_resume_exactly(tmp_path, cache_dir, shared_run,
+                                                          layout):
+    """A rank killed mid-run and another killed inside a save: every step's loss equals the
+    uninterrupted run's of the same layout bit for bit."""
     faults = "kill_at_step:1:5,kill_in_save:0:10"
-    run_dir = tmp_path / "run"
-    code, out = finish(ft_launch(script(run_dir, cache_dir, "train.train_iters=12",
-                                        *CP2_DOCUMENTS),
+    run_dir, args = tmp_path / "run", LONG_SEQUENCE[layout]
+    code, out = finish(ft_launch(script(run_dir, cache_dir, "train.train_iters=12", *args),
                                  extra_env={"MAGNETO_DIST_FAULT": faults,
                                             "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}))
     assert code == 0, out[-5000:]
     assert sorted((r["rank"], r["cause"]) for r in incidents(run_dir)) == \
         [(0, "exit 137"), (1, "signal SIGKILL")]
     assert final_losses(run_dir) == reference(shared_run, cache_dir, 2, "train.train_iters=12",
-                                              *CP2_DOCUMENTS)
+                                              *args)
