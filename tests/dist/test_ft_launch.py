@@ -12,6 +12,7 @@ import pytest
 
 from .gpt_runs import TINY, read_metrics, wait_for_steps
 from .ranks import ROOT, free_port, kill_group
+from .test_reshard import DOCUMENTS
 
 COMMON = ["train.train_iters=24", "checkpoint.save_interval=2", "checkpoint.keep_last=3",
           "train.micro_batch_size=2", "train.global_batch_size=8"]
@@ -263,8 +264,7 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, cache_dir):
 # positions and the documents' masks are all rebuilt from the checkpoint's data position) and
 # TP2+SP with dropout (the SP region's masks draw from the per-TP-rank stream, restored too)
 LONG_SEQUENCE = {
-    "cp2_documents": ["parallel.context_parallel_size=2", "data.reset_attention_mask=true",
-                      "data.reset_position_ids=true", "data.eod_mask_loss=true"],
+    "cp2_documents": ["parallel.context_parallel_size=2", *DOCUMENTS],
     "tp2_sp_dropout": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
                        "model.dropout=0.1"]}
 
