@@ -102,7 +102,11 @@ def run_layout(name: str, args) -> list:
         if done.returncode:
             sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         print(f"  {name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
-        return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(ranks)]
+        figures = []
+        for r in range(ranks):
+            with open(os.path.join(out, f"rank{r}.json")) as f:
+                figures.append(json.load(f))
+        return figures
 
 
 def report(results: dict, seq: int) -> None:
