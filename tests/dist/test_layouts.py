@@ -75,6 +75,7 @@ CHECKS = [
     {"name": "sub_ln_normformer_layernorm", "check": "sub_ln", "norm": "normformer",
      "norm_type": "layernorm"},
     {"name": "dropout", "check": "dropout"},
+    {"name": "groups_released", "check": "groups_released"},
     dict(case("fp16_loss_scale", zero=1, steps=14), check="fp16_loss_scale", nan_from=10),
     {"name": "pipeline_memory", "check": "pipeline_memory"},
     {"name": "pipe_names", "check": "pipe_names"},
@@ -242,6 +243,13 @@ def test_ring_attention_equals_full_attention(world, name, group_results):
     r = group_results(world)[name]
     assert set(r) == {"causal", "documents", "bidirectional", "tiled"}, r
     assert max(r.values()) < 1e-5, r
+
+
+def test_a_new_layout_releases_the_previous_layouts_process_groups(group_results):
+    """The same layout built again holds the same groups and threads as the first time."""
+    first, other, again = group_results(2)["groups_released"]
+    assert again == first, (first, other, again)
+    assert first["groups"] > 2 and other["groups"] > 2, first  # megatron's groups are live
 
 
 def test_pipeline_stage_frees_other_stages_layers(group_results):
