@@ -21,9 +21,10 @@ class ExitCode(enum.IntEnum):
     SPIKES = 5        # stopped on a third loss spike within train.spike_skip_steps steps (or no
                       # room left to skip one): the data or the model keeps spiking, not retried
     HARDWARE = 6      # a step replayed from a checkpoint gave another result than its first run,
-                      # or the data-parallel replicas' parameters disagree with no checkpoint to
-                      # go back to: a rank computed or held something wrong; retried (the restart
-                      # resumes from a good checkpoint, a scheduler may replace the node)
+                      # or the data-parallel replicas' parameters disagree again after a rollback
+                      # or with no checkpoint to go back to: a rank computed or held something
+                      # wrong; retried (the restart resumes from a good checkpoint, a scheduler
+                      # may replace the node)
     NO_SPACE = 74     # EX_IOERR: no space left for a checkpoint; not retried until freed
     INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; rerun (requeue) to resume
 

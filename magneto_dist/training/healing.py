@@ -19,6 +19,12 @@ A spike under rollback, at step S:
    A spike with another loss: a hardware fault, as in 2;
 4. a third spike within train.spike_skip_steps steps, or a skip the training split has no room
    for, stops the run (SPIKES, not retried), its checkpoints untouched.
+
+A replica mismatch goes back, in this process, to the checkpoint of the last check that
+agreed. A mismatch again before a check at or past the first one's step agrees is not a
+one-time flip but a device that keeps corrupting: rolling back once more would replay it
+forever, so the run exits HARDWARE (the launcher retries; the node should be replaced), the
+checkpoints after the last agreement marked so that the restart starts before it.
 """
 from __future__ import annotations
 
@@ -70,6 +76,7 @@ class Healer:
         self.tolerance, self.interval = t.replay_tolerance, t.replica_check_interval
         self.replicas = ReplicaCheck(trainer.engine, trainer.dp_group) if self.interval else None
         self.last_agreed = trainer.state.step  # the last check that agreed (the start: trusted)
+        self.mismatch_at: Optional[int] = None  # a mismatch rolled back, until a check past it
         self.first_runs = {}          # step -> (loss, local loss) of the steps after a save
         self.spikes: List[int] = []   # steps of the spikes met, first runs and replays
         self.replaying: Optional[Spike] = None
@@ -269,18 +276,31 @@ class Healer:
         found, checked = self.replicas.check(), tr.state.step
         if not found:
             self.last_agreed = checked
+            if self.mismatch_at is not None and checked >= self.mismatch_at:
+                self.mismatch_at = None  # the replay passed it: that flip is healed
             return None
+        again = self.mismatch_at is not None
         for m in found:
             tr.metrics.event({"split": "replica_mismatch", "rank": m.rank, "host": m.host,
-                              "step": checked, "last_agreed": self.last_agreed, "what": m.text},
+                              "step": checked, "last_agreed": self.last_agreed, "what": m.text,
+                              "action": "hardware_fault" if again else "rollback"},
                              f"replica mismatch at step {checked}: {m.text}")
             tr.log(f"WARNING: silent corruption at step {checked}: {m.text}")
         why = (f"replica mismatch at step {checked} (the last check that agreed: step "
                f"{self.last_agreed})")
+        if again:
+            tr.saver.flush(checked, why)  # a save in flight is marked with the others
+            self._abandon_after_agreement(checked)
+            ranks = ", ".join(f"rank {m.rank} on {m.host}" for m in found)
+            tr.log(f"stopped: a hardware fault: {why}, again after the rollback for the "
+                   f"mismatch at step {self.mismatch_at}; {ranks} keeps diverging. Exit "
+                   f"{int(ExitCode.HARDWARE)}: the launcher retries from the checkpoint of "
+                   f"step {self.last_agreed} or earlier; a node that does it again should be "
+                   "replaced")
+            return ExitCode.HARDWARE
+        self.mismatch_at = checked
         tag = self._reload(self.last_agreed, why)
-        mark_abandoned(tr.ckpt_dir, self.last_agreed, f"saved after the last replica check "
-                       f"that agreed (step {self.last_agreed}), before a mismatch at step "
-                       f"{checked}")
+        self._abandon_after_agreement(checked)
         if tag is None:
             tr.log(f"stopped: {why}, and no complete checkpoint of step {self.last_agreed} or "
                    f"earlier to go back to. Exit {int(ExitCode.HARDWARE)}: the launcher "
@@ -290,6 +310,11 @@ class Healer:
         return ROLLED_BACK
 
     # -- small pieces --------------------------------------------------------------------
+    def _abandon_after_agreement(self, checked: int) -> None:
+        mark_abandoned(self.trainer.ckpt_dir, self.last_agreed, f"saved after the last "
+                       f"replica check that agreed (step {self.last_agreed}), before a "
+                       f"mismatch at step {checked}")
+
     def _record(self) -> None:
         if self.replicas and self.trainer.state.step % self.interval == 0:
             self.replicas.record()

@@ -11,6 +11,7 @@ from magneto_dist.training.metrics_file import last_per_step
 
 from .gpt_runs import check_ok, gpt
 from .ranks import run_ranks
+from .test_ft_launch import finish, ft_launch, incidents
 
 SPIKE_AT = 14  # the global batch the loss_spike fault scales (judged: warm-up 2 + window 10)
 SHORT = ["train.train_iters=16", "checkpoint.save_interval=4", "checkpoint.keep_last=10"]
@@ -119,24 +120,49 @@ def test_a_flipped_bit_is_named_and_rolled_back(tmp_path, cache_dir, world, layo
     assert not list(ckpts.glob("*/damaged.json"))
 
 
-def test_a_replay_that_differs_is_a_hardware_fault_naming_the_rank(tmp_path, cache_dir):
+def test_a_bit_flipped_again_after_the_rollback_is_a_hardware_fault(tmp_path, cache_dir):
+    """The bit of DP rank 1 flips at every attempt of step 5 (a device that keeps corrupting):
+    the first mismatch (step 4) rolls back to step 2, the replay meets it again at the same
+    check, and rather than roll back forever every rank exits 6 with the tags after step 2
+    marked, so the launcher's restart resumes from the trusted one."""
+    run_dir = tmp_path / "run"
+    results = run_ranks(gpt(run_dir, cache_dir, *BITFLIP, "train.zero_stage=1"), 2,
+                        extra_env={"MAGNETO_DIST_FAULT": "bitflip:1:5"})
+    for res in results:
+        assert res.returncode == ExitCode.HARDWARE, res.output[-3000:]
+    out = results[0].output
+    assert "stopped: a hardware fault: replica mismatch at step 4 (the last check that agreed: " \
+           "step 2), again after the rollback for the mismatch at step 4; rank 1 on " in out
+    assert "keeps diverging" in out
+    assert [(r["rank"], r["step"], r["action"]) for r in rows(run_dir)
+            if r["split"] == "replica_mismatch"] == [(1, 4, "rollback"), (1, 4, "hardware_fault")]
+    ckpts = run_dir / "checkpoints"
+    assert [p.parent.name for p in ckpts.glob("*/complete.json")] == ["global_step2"]
+    assert [p.parent.name for p in ckpts.glob("*/damaged.json")] == ["global_step4"]
+
+
+def test_a_replay_that_differs_is_a_hardware_fault_retried_by_the_launcher(tmp_path, cache_dir,
+                                                                           shared_run):
     """DP rank 1's weights are corrupted once, at the start of step 13 (the first after the
     save of step 12); the bad batch 14 spikes on rank 0 and the run goes back to step 12. The
     replay of step 13 from the same state and batch gives another loss than its first run:
     not the data but a rank's hardware. Rank 1 (whose own loss differs) is named and every
-    rank exits 6, which the launcher retries."""
+    rank exits 6; launch/ft_launch.py retries, the restart resumes from step 12 (saved before
+    the flip) and the run ends with the losses of one that met no fault."""
+    args = [*SHORT, "train.spike_policy=rollback", "train.zero_stage=1"]
     run_dir = tmp_path / "run"
     env = {"MAGNETO_DIST_FAULT": f"bitflip:1:13,loss_spike:0:{SPIKE_AT}",
            "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}
-    results = run_ranks(gpt(run_dir, cache_dir, *SHORT, "train.spike_policy=rollback",
-                            "train.zero_stage=1"), 2, extra_env=env)
-    for res in results:
-        assert res.returncode == ExitCode.HARDWARE, res.output[-3000:]
+    code, out = finish(ft_launch(gpt(run_dir, cache_dir, *args), extra_env=env,
+                                 launcher_args=["--max-restarts", "1"]))
+    assert code == 0, out[-5000:]
     assert ExitCode.HARDWARE.retried
-    out = results[0].output
     assert "stopped: a hardware fault, not the data: step 13 re-run from the checkpoint of " \
            "step 12 (the same batch, the same state) gave loss" in out
     assert "rank 1 on " in out and "computed another result" in out
     (fault,) = [r for r in rows(run_dir) if r.get("action") == "hardware_fault"]
     assert fault["step"] == 13 and fault["ranks"] == [1] and fault["hosts"][0]
     assert events(run_dir) == [(SPIKE_AT, "rollback"), (13, "hardware_fault")]
+    assert {r["cause"] for r in incidents(run_dir)} == {f"exit {int(ExitCode.HARDWARE)}"}
+    clean = shared_run(lambda d: gpt(d, cache_dir, *args), 2)
+    assert losses(run_dir) == losses(clean)  # all 16 steps, bit for bit
