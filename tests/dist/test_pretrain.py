@@ -1,6 +1,7 @@
 """launch/pretrain_gpt.py end to end: the default run, exact resume, incomplete checkpoints,
 SIGTERM, metrics.jsonl, incompatible checkpoints. Ranks are real processes on gloo."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,23 +53,33 @@ SAME_LAYOUT = [TP1, TP1_ZERO3, DP2_ZERO1, DP2_ZERO3, TP2_ZERO3, TP2_PP2,
 
 @pytest.mark.parametrize("a", SAME_LAYOUT, ids=[a["name"] for a in SAME_LAYOUT])
 def test_resume_is_exact(tmp_path, cache_dir, shared_run, a):
-    """10 steps straight == 5 steps, stop (train.exit_at_step), resume in the same directory,
-    5 more: every loss bit for bit. The straight runs are the session's (test_reshard.py
-    resumes them in other layouts); TP2 x PP2's saves in the background, its staged twin
-    synchronously (the same bits either way)."""
+    """10 steps straight == its checkpoint of step 5 resumed, 5 more: every loss bit for bit.
+    The straight runs are the session's (test_reshard.py resumes the same tags in other
+    layouts); TP2 x PP2's was saved in the background, and resumes to the same bits."""
     straight = shared_run(lambda run_dir: gpt(run_dir, cache_dir, *COMMON, *a["args"]),
                           a["ranks"])
-    args = [arg for arg in a["args"] if arg != "checkpoint.async_save=true"]
-    staged = tmp_path / "staged"
-    check_ok(run_ranks(gpt(staged, cache_dir, *COMMON, *args, "train.exit_at_step=5"),
-                       a["ranks"]))
-    assert [r["step"] for r in read_metrics(staged)] == [1, 2, 3, 4, 5]
-    out = check_ok(run_ranks(gpt(staged, cache_dir, *COMMON, *args), a["ranks"]))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "global_step5",
+                    resumed / "checkpoints" / "global_step5")
+    out = check_ok(run_ranks(gpt(resumed, cache_dir, *COMMON, *a["args"]), a["ranks"]))
     assert "resumed from" in out and "step 5, 40 samples consumed" in out
+    assert "changing layouts" not in out
     expected = [r["loss"] for r in read_metrics(straight)]
-    resumed = [r["loss"] for r in read_metrics(staged)]
-    assert len(expected) == 10
-    assert resumed == expected  # bit-exact: same layout, same arithmetic
+    assert [r["step"] for r in read_metrics(resumed)] == [6, 7, 8, 9, 10]
+    assert [r["loss"] for r in read_metrics(resumed)] == expected[5:]  # same arithmetic
+
+
+def test_a_run_stopped_at_a_step_resumes_in_its_directory_exactly(tmp_path, cache_dir,
+                                                                  shared_run):
+    """train.exit_at_step=5 saves and stops; the same command without it resumes in the same
+    directory: the 10 losses equal the straight run's, bit for bit."""
+    straight = shared_run(lambda run_dir: gpt(run_dir, cache_dir, *COMMON, *TP1["args"]), 1)
+    staged = tmp_path / "staged"
+    check_ok(run_ranks(gpt(staged, cache_dir, *COMMON, *TP1["args"], "train.exit_at_step=5"), 1))
+    assert [r["step"] for r in read_metrics(staged)] == [1, 2, 3, 4, 5]
+    out = check_ok(run_ranks(gpt(staged, cache_dir, *COMMON, *TP1["args"]), 1))
+    assert "resumed from" in out and "step 5, 40 samples consumed" in out
+    assert [r["loss"] for r in read_metrics(staged)] == [r["loss"] for r in read_metrics(straight)]
 
 
 def test_incomplete_checkpoint_is_never_chosen(tmp_path, cache_dir):
