@@ -65,13 +65,23 @@ class TrainConfig:
     min_lr: float = 3e-4                   # floor of the decay
     warmup_iters: int = 20                 # linear warm-up from 0 to lr (a run shorter than
                                            # this warms up over all its steps)
-    lr_decay_style: str = "cosine"         # cosine | linear | constant (after warm-up)
-    lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters)
+    lr_decay_style: str = "cosine"         # cosine | linear | constant | wsd (after warm-up;
+                                           # wsd: warm-up, stable at lr, then decay to min_lr
+                                           # over the last wsd_decay_iters steps)
+    lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters);
+                                           # wsd: the step its decay ends at
+    wsd_decay_iters: Optional[int] = None  # wsd: length of the final decay (the cooldown)
+    wsd_decay_style: str = "1-sqrt"        # wsd: the cooldown's shape: linear | cosine | 1-sqrt
+                                           # (1 - sqrt(progress); Hagele et al. 2024 found it
+                                           # the best of these)
     weight_decay: float = 0.1              # AdamW decay on matrices (not norms, biases)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0                 # global grad-norm clip (0 disables)
+    z_loss: float = 0.0                    # coefficient of log(Z)^2 per token on the output
+                                           # logits (PaLM: 1e-4); in the gradient, not in the
+                                           # reported loss (training/tasks.py)
     precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16: GPU only, loss scaling)
     zero_stage: int = 1                    # DeepSpeed ZeRO stage 0-3
     compile: str = "off"                   # off | blocks: torch.compile each transformer
@@ -147,6 +157,8 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
+WSD_DECAY_STYLES = ("linear", "cosine", "1-sqrt")
 FREE_FORM = "deepspeed"  # the section that is a mapping passed on, not typed keys
 ON_OFF_KEYS = ("train.compile",)  # string keys with an `off` choice, which YAML reads as False
 
@@ -307,8 +319,17 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              f"model.num_heads={m.num_heads}; use a TP size that divides it")
     _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
              f"divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _require(m.query_groups % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
+             f"divide model.num_query_groups={m.num_query_groups}: tensor parallelism gives "
+             "each rank whole key/value groups (with the query heads they serve); use a TP size "
+             "that divides it, or more groups")
     _require(pp <= m.num_layers, f"parallel.pipeline_model_parallel_size={pp} is more stages "
              f"than model.num_layers={m.num_layers}; use at most {m.num_layers} stages")
+    _require(pp <= 2 or m.parametrization != "mup", f"parallel.pipeline_model_parallel_size={pp}"
+             " with model.parametrization='mup': a middle stage holds no embedding or head, so "
+             "its optimizer would lack muP's group for them, and DeepSpeed pairs a checkpoint's "
+             "parameter groups with a run's by position; use at most 2 pipeline stages (or more "
+             "TP or DP) with muP")
     _require(pp == 1 or m.arch == "decoder", f"parallel.pipeline_model_parallel_size={pp}: "
              f"pipeline parallelism supports model.arch='decoder' only (got {m.arch!r})")
     _require(0 <= t.zero_stage <= 3, f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
@@ -323,8 +344,10 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
              f"train.exit_at_step={t.exit_at_step} must be between 1 and "
              f"train.train_iters={t.train_iters}")
-    _require(t.lr_decay_style in ("cosine", "linear", "constant"),
-             f"train.lr_decay_style={t.lr_decay_style!r} must be cosine, linear or constant")
+    _require(t.lr_decay_style in LR_DECAY_STYLES, f"train.lr_decay_style={t.lr_decay_style!r} "
+             f"must be one of {', '.join(LR_DECAY_STYLES)}")
+    _validate_wsd(t)
+    _require(t.z_loss >= 0, f"train.z_loss={t.z_loss} must be at least 0")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr")
     _require(t.warmup_iters >= 0, f"train.warmup_iters={t.warmup_iters} must be at least 0")
     _require(t.max_nonfinite_steps >= 1,
@@ -348,6 +371,22 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     _require(t.log_interval >= 1, "train.log_interval must be at least 1")
     _validate_data_logging_checkpoint(cfg)
     return dims
+
+
+def _validate_wsd(t: TrainConfig) -> None:
+    _require(t.wsd_decay_style in WSD_DECAY_STYLES, f"train.wsd_decay_style="
+             f"{t.wsd_decay_style!r} must be one of {', '.join(WSD_DECAY_STYLES)}")
+    if t.lr_decay_style != "wsd":
+        _require(t.wsd_decay_iters is None, f"train.wsd_decay_iters={t.wsd_decay_iters} is only "
+                 f"used by train.lr_decay_style=wsd (it is {t.lr_decay_style!r})")
+        return
+    span = (t.lr_decay_iters or t.train_iters) - min(t.warmup_iters, t.train_iters)
+    _require(t.wsd_decay_iters is not None, "train.lr_decay_style=wsd needs "
+             "train.wsd_decay_iters: the length of the final decay (e.g. a fifth of "
+             "train.train_iters)")
+    _require(1 <= t.wsd_decay_iters <= span, f"train.wsd_decay_iters={t.wsd_decay_iters} must "
+             f"be between 1 and the {span} steps between the warm-up and the decay's end "
+             "(train.lr_decay_iters, else train.train_iters)")
 
 
 def _validate_data_logging_checkpoint(cfg: Config) -> None:

@@ -43,7 +43,7 @@ def plain_loop(cfg, task, device, batches):
     PyTorch's own mixed precision: fp32 weights, the forward under bf16 autocast."""
     model = build_model(cfg.model, seed=cfg.train.seed).to(device)
     t = cfg.train
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=t.lr,
                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, cfg.train)
@@ -81,7 +81,8 @@ def main():
     tokenizer, prefixes = load_tokenizer(cfg, ranks)
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)  # as the run does (training/run.py)
     train_ds, _, _ = prepare_data(cfg, "gpt", tokenizer, prefixes, ranks)
-    task = TASKS["gpt"](tokenizer.vocab_size, tensor_parallel=dims.tp > 1)
+    task = TASKS["gpt"](tokenizer.vocab_size, tensor_parallel=dims.tp > 1,
+                        z_loss=cfg.train.z_loss)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -62,7 +62,11 @@ def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int
     # FFN hidden, NormFormer's on the attention output
     attention_norm = slots.attention.inner_norm or slots.attention.output_norm
     replicated = 4 * h  # each sublayer's norm input and the normalized input to its matmuls
-    attention = 3 * h + h + (h if attention_norm else 0)  # q, k, v; attention output; norm
+    # q, k, v as attention saves them (under GQA k and v are repeated to every query head
+    # before the call, so they are h wide all the same); the attention output; the inner norm;
+    # QK-norm saves its inputs, the projections' outputs (q: h wide, k: kv_size)
+    qk_norm = h + cfg.kv_size if cfg.qk_norm else 0
+    attention = 3 * h + h + (h if attention_norm else 0) + qk_norm
     ffn_tensors = (5 if cfg.activation == "swiglu" else 2) + (1 if slots.ffn.inner_norm else 0)
     per_token = elem * (replicated + (attention + ffn_tensors * f) // tp) + 4 * heads // tp
     if cfg.dropout > 0:

@@ -196,7 +196,8 @@ def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPl
     train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks, num_train)
     resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks, faults) if resume_tag
               else None)
-    objective = TASKS[task](tokenizer.vocab_size, tensor_parallel=dims.tp > 1)
+    objective = TASKS[task](tokenizer.vocab_size, tensor_parallel=dims.tp > 1,
+                            z_loss=cfg.train.z_loss)
     return RunPlan(cfg=cfg, dims=dims, task=objective, tokenizer=tokenizer, train_ds=train_ds,
                    valid_ds=valid_ds, ckpt_dir=ckpt_dir, resume=resume,
                    train_samples=num_train, ranks=ranks, faults=faults)
@@ -282,15 +283,16 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
 def resume_state(plan: RunPlan, setup) -> Tuple[TrainState, dict]:
     """Load the resume checkpoint into the engine; -> the loop's state and the client state."""
     from ..compat.ds_universal import repair_zero3_universal_load
-    from .engine import group_weight_decays
+    from .engine import describe_param_groups, group_settings
 
     resume, cfg = plan.resume, plan.cfg
     client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
     if resume.universal and cfg.train.zero_stage == 3:
-        repair_zero3_universal_load(setup.engine, group_weight_decays(cfg.train.weight_decay))
+        repair_zero3_universal_load(setup.engine, group_settings(cfg))
     state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
     plan.ranks.log(f"resumed from {plan.ckpt_dir}/{resume.tag}: step {state.step}, "
-                   f"{state.consumed_samples} samples consumed")
+                   f"{state.consumed_samples} samples consumed; optimizer groups: "
+                   f"{describe_param_groups(setup.engine.optimizer)}")
     return state, client
 
 

@@ -3,6 +3,11 @@
 Losses are per-micro-batch means over the loss-masked tokens, computed in fp32. The vocabulary
 may be padded (for tensor parallelism, to multiples of 128 x TP); padded entries are cut off
 before the softmax, so padding never changes the loss.
+
+train.z_loss (PaLM's auxiliary loss, OLMo's too) adds z_loss * log(Z)^2 per token, Z the
+softmax's normalizer over the whole vocabulary: it keeps the logits from drifting as a whole,
+which the cross-entropy cannot see. It enters the gradient only: the loss's value stays the
+cross-entropy, so training and validation losses compare across z_loss settings.
 """
 from __future__ import annotations
 
@@ -25,25 +30,41 @@ def cross_entropy_unpadded(logits: torch.Tensor, labels: torch.Tensor, vocab_siz
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
+def logsumexp_unpadded(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log Z per token [b, s] over the first vocab_size logits."""
+    return logits[..., :vocab_size].float().logsumexp(dim=-1)
+
+
 class GPTTask:
     """Next-token prediction; megatron-core GPTDataset samples (tokens, labels, loss_mask)."""
     name = "gpt"
     arch = "decoder"
 
-    def __init__(self, vocab_size: int, tensor_parallel: bool = False):
+    def __init__(self, vocab_size: int, tensor_parallel: bool = False, z_loss: float = 0.0):
         self.vocab_size = vocab_size       # the tokenizer's, before padding
-        # per-token CE over the logits; under TP each rank holds a vocabulary slice of them
+        self.z_loss = z_loss               # train.z_loss: coefficient of log(Z)^2
+        # per-token CE and log Z over the logits; under TP each rank holds a vocabulary slice
         self.cross_entropy: Callable = cross_entropy_unpadded
+        self.logsumexp: Callable = logsumexp_unpadded
         if tensor_parallel:  # imported here: megatron's import costs seconds a config error skips
-            from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
+            from ..parallel.tensor_parallel import (vocab_parallel_cross_entropy,
+                                                    vocab_parallel_logsumexp)
             self.cross_entropy = vocab_parallel_cross_entropy
+            self.logsumexp = vocab_parallel_logsumexp
+
+    def per_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy per token [b, s], carrying the z-loss's gradient when it is on."""
+        per_token = self.cross_entropy(logits, labels, self.vocab_size)
+        if not self.z_loss:
+            return per_token
+        z = self.z_loss * self.logsumexp(logits, self.vocab_size).square()
+        return per_token + (z - z.detach())  # exactly 0 in value (x - x), z's gradient in backward
 
     def forward(self, model, batch: Batch) -> torch.Tensor:
         return model(batch["tokens"])
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        per_token = self.cross_entropy(logits, batch["labels"], self.vocab_size)
-        return masked_mean(per_token, batch["loss_mask"])
+        return masked_mean(self.per_token_loss(logits, batch["labels"]), batch["loss_mask"])
 
     def pipeline_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
         """The loss as DeepSpeed's pipeline calls it on the last stage: labels is the
@@ -61,8 +82,7 @@ class MaskedLMTask(GPTTask):
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         labels = batch["labels"].clamp(min=0)  # -1 marks unmasked positions (loss_mask is 0)
-        per_token = self.cross_entropy(logits, labels, self.vocab_size)
-        return masked_mean(per_token, batch["loss_mask"])
+        return masked_mean(self.per_token_loss(logits, labels), batch["loss_mask"])
 
 
 def move_batch(batch: Batch, device: torch.device) -> Batch:

@@ -117,31 +117,43 @@ class MagnetoAttention(MagnetoSublayer):
     def __init__(self, config, layer_number):
         slots = config.slots["attention"]
         super().__init__(config, slots, layer_number)
-        d, gain = config.hidden_size, config.init_gain
+        d, gain, hd = config.hidden_size, config.init_gain, config.head_dim
+        kv = config.num_key_value_heads * hd  # grouped-query attention: narrower k and v
         self.q_proj = linear(config, d, d, 1.0)
-        self.k_proj = linear(config, d, d, 1.0)
-        self.v_proj = linear(config, d, d, gain)
+        self.k_proj = linear(config, d, kv, 1.0)
+        self.v_proj = linear(config, d, kv, gain)
         self.out_proj = linear(config, d, d, gain)
+        # QK-norm per head: one gain of width head_dim shared by every head
+        self.q_norm = make_norm(config, hd) if config.qk_norm else None
+        self.k_norm = make_norm(config, hd) if config.qk_norm else None
         # Sub-LN: normalizes the merged heads (width d) before W_o.
         self.inner_norm = make_norm(config, d) if slots["inner_norm"] else None
         self.head_scale = (nn.Parameter(torch.ones(config.num_attention_heads))
                            if slots["head_scale"] else None)
-        self.head_dim = config.head_dim
+        self.head_dim = hd
+        self.softmax_scale = config.attention_scale  # None: 1/sqrt(head_dim)
         self.layer_index = layer_number - 1  # its slot in the KV cache
         self.attn_dropout = config.dropout
 
     def transform(self, h, mask=None, is_causal=False, rope=None, cache=None):
         """h: [b, s, d]; mask: bool [b, 1, s, t] (True = may attend) or None."""
         b, s, _ = h.shape
-        q = self.q_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)   # [b, heads, s, hd]
-        k = self.k_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(h).view(b, s, -1, self.head_dim)                   # [b, s, heads, hd]
+        k = self.k_proj(h).view(b, s, -1, self.head_dim)                   # [b, s, groups, hd]
         v = self.v_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if cache is not None:  # k, v of every position so far: [b, heads, t, hd]
+        if cache is not None:  # k, v of every position so far: [b, groups, t, hd]
             k, v = cache.update(k, v, self.layer_index)
+        heads = q.shape[1]  # each group serves heads / groups consecutive query heads
+        if k.shape[1] != heads:
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale,
             dropout_p=self.attn_dropout if self.training else 0.0)         # [b, heads, s, hd]
         if self.head_scale is not None:
             y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
@@ -218,6 +230,11 @@ def attention_mask_4d(attention_mask, s, t, causal, device):
         mask = mask & attention_mask[:, None, None, :t].bool()              # [b, 1, s, t]
         mask = mask | (keys[None, :] == queries[:, None])[None, None]
     return mask, False
+
+
+def readout_input(config, hidden):
+    """The head's input: muP multiplies it (so the logits) by base width / width."""
+    return hidden * config.logit_multiplier if config.logit_multiplier != 1.0 else hidden
 
 
 class MagnetoPreTrainedModel(PreTrainedModel):
@@ -315,7 +332,7 @@ class MagnetoForCausalLM(MagnetoPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         if logits_to_keep:  # generate() needs only the last position's logits
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)                                        # [b, s, vocab]
+        logits = self.lm_head(readout_input(self.config, hidden))            # [b, s, vocab]
         loss = None
         if labels is not None:  # labels are the inputs; position i predicts token i + 1
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
@@ -346,7 +363,8 @@ class MagnetoForMaskedLM(MagnetoPreTrainedModel):
                 return_dict=None, **kwargs):
         hidden = self.model(input_ids, attention_mask=attention_mask,
                             position_ids=position_ids).last_hidden_state
-        logits = self.lm_head(self.mlm_norm(F.gelu(self.mlm_dense(hidden))))  # [b, s, vocab]
+        transformed = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
+        logits = self.lm_head(readout_input(self.config, transformed))        # [b, s, vocab]
         loss = None
         if labels is not None:  # -100 marks the positions that were not masked
             loss = F.cross_entropy(logits.flatten(0, 1).float(),
