@@ -52,6 +52,14 @@ class DataConfig:
     builtin_vocab_size: int = 8192         # vocabulary of the built-in corpus tokenizer
     loader_workers: int = 0                # torch DataLoader worker processes per rank
     masking_probability: float = 0.15      # masked-LM (BERT) runs only
+    # Document masking of packed sequences (GPT runs; Megatron-LM's flags). A training
+    # sequence packs several documents separated by the end-of-document token:
+    reset_attention_mask: bool = False     # tokens attend only within their own document
+                                           # (block-causal; the eod token ends its document)
+    reset_position_ids: bool = False       # positions restart at 0 after each eod token
+    eod_mask_loss: bool = False            # no loss where the input token is the eod (the
+                                           # first token of the next document is not predicted
+                                           # from the previous one)
 
 
 @dataclass
@@ -108,6 +116,10 @@ class TrainConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1    # TP degree (megatron-core layers)
     pipeline_model_parallel_size: int = 1  # PP degree (DeepSpeed PipelineModule)
+    context_parallel_size: int = 1         # CP degree: each rank of a CP group holds 1/CP of
+                                           # every sequence (a head and a tail chunk, for an
+                                           # even causal load) and attention runs as a ring
+                                           # over the group (parallel/context_parallel.py)
     pipeline_partition: str = "parameters"  # balance stages by parameters | layers
     activation_checkpointing: bool = False  # recompute each layer in backward
     vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
@@ -337,6 +349,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              f"train.zero_stage={t.zero_stage} with parallel.pipeline_model_parallel_size={pp}: "
              "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1 "
              "(or drop pipeline parallelism to use ZeRO-2/3)")
+    _validate_context_parallel(cfg, dims)
     _require(p.pipeline_partition in ("parameters", "layers"),
              f"parallel.pipeline_partition={p.pipeline_partition!r} must be parameters or layers")
     _require(p.vocab_padding_multiple >= 1, "parallel.vocab_padding_multiple must be at least 1")
@@ -387,6 +400,34 @@ def _validate_wsd(t: TrainConfig) -> None:
     _require(1 <= t.wsd_decay_iters <= span, f"train.wsd_decay_iters={t.wsd_decay_iters} must "
              f"be between 1 and the {span} steps between the warm-up and the decay's end "
              "(train.lr_decay_iters, else train.train_iters)")
+
+
+def _validate_context_parallel(cfg: Config, dims: ParallelDims) -> None:
+    """Context parallelism and document masking: what the ring attention and the block-causal
+    kernel support (parallel/context_parallel.py, model/attention.py)."""
+    m, d, cp = cfg.model, cfg.data, dims.cp
+    masking = d.reset_attention_mask or d.reset_position_ids or d.eod_mask_loss
+    _require(not masking or m.arch == "decoder", f"data.reset_attention_mask, "
+             f"reset_position_ids and eod_mask_loss are for packed GPT sequences "
+             f"(model.arch='decoder'); got model.arch={m.arch!r}: set them to false")
+    _require(not d.reset_attention_mask or m.dropout == 0.0,
+             f"data.reset_attention_mask=true with model.dropout={m.dropout}: the block-causal "
+             "attention kernel used on GPUs (FlexAttention) has no attention dropout; set "
+             "model.dropout=0")
+    if cp == 1:
+        return
+    key = f"parallel.context_parallel_size={cp}"
+    _require(m.arch == "decoder", f"{key}: context parallelism supports model.arch='decoder' "
+             f"only (got {m.arch!r}); use parallel.context_parallel_size=1, or tensor "
+             "parallelism to split the model")
+    _require(m.max_seq_len % (2 * cp) == 0, f"{key}: model.max_seq_len={m.max_seq_len} must "
+             f"split into 2 x CP = {2 * cp} equal chunks (each rank holds a head and a tail "
+             f"chunk); use a sequence length that is a multiple of {2 * cp}")
+    _require(m.dropout == 0.0, f"{key} with model.dropout={m.dropout}: the ring attention "
+             "computes attention block by block and has no attention dropout; set "
+             "model.dropout=0 (or parallel.context_parallel_size=1)")
+    _require(cfg.logging.diagnostics_interval == 0, f"{key}: logging.diagnostics_interval "
+             "needs the whole sequence on one rank; set it to 0")
 
 
 def _validate_data_logging_checkpoint(cfg: Config) -> None:

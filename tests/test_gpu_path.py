@@ -218,9 +218,11 @@ def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     text = open(script, encoding="utf-8").read()
     verdicts = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", text, re.S)
-    assert len(verdicts) == 5
+    assert len(verdicts) == 6
     for i, source in enumerate(verdicts):
         compile(source, f"gpu_check.sh verdict {i}", "exec")
+    (flex,) = re.findall(r"run flex_documents 300 \"\$PYTHON\" -c '\n(.*?)\n'; then", text, re.S)
+    compile(flex, "gpu_check.sh flex_documents", "exec")  # runs only on CUDA
     env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True,
                           text=True, timeout=120, env=env)
@@ -263,13 +265,15 @@ def test_gpu_check_verdicts_judge_the_files_a_gpu_run_writes(tmp_path, good):
     _fake_run(out, "track_fp32", [7.0, 6.0, 5.0])
     _fake_run(out, "track_bf16", [7.01, 6.02, 5.01 + drop])
     _fake_run(out, "tp2_bf16", [7.01, 6.03, 5.02 + 2 * drop])
+    _fake_run(out, "documents_bf16", [7.0, 6.1, 5.2])
+    _fake_run(out, "cp2_bf16", [7.01, 6.11, 5.21 + 2 * drop])
     _fake_run(out, "fp16", [7.0] + [6.5] * 3 + [6.0 + drop], skipped_steps=1)
     (out / "bench_1.3b.log").write_text(
         "trainer        812.0      10,090    150.20   15.2%     1.031\noverhead: 1.031x\n"
         if good else "RuntimeError: CUDA out of memory\n")
     verdicts = _gpu_check_verdicts()
-    assert sorted(verdicts) == ["bench_1.3b", "bf16_tracks_fp32", "default_bf16",
-                                "fp16_loss_scaling", "tp2_tracks_one_gpu"]
+    assert sorted(verdicts) == ["bench_1.3b", "bf16_tracks_fp32", "cp2_tracks_one_gpu",
+                                "default_bf16", "fp16_loss_scaling", "tp2_tracks_one_gpu"]
     for name, source in verdicts.items():
         proc = subprocess.run([sys.executable, "-", str(out)], input=source, text=True,
                               capture_output=True, timeout=120)

@@ -118,7 +118,7 @@ def scripted_trainer(tmp_path, script, overrides, clock):
         clock.now += 1.0  # each optimizer step takes one second
         return engine.run_step()
     par = SimpleNamespace(dims=ParallelDims.of(cfg, 1), dp_rank=0, dp_group=None, tp_rng=None,
-                          compile_note=None)
+                          compile_note=None, local_batch=lambda batch: batch)
     setup = SimpleNamespace(engine=engine, par=par, train_step_fn=train_step,
                             eval_fn=lambda batches, n: torch.tensor(3.0))
     metrics = MetricsLogger(str(tmp_path), True, False, 6 * 1000, 1, None)

@@ -59,7 +59,7 @@ def test_mup_factors_at_four_times_the_base_width():
 
 
 def test_z_loss_adds_its_gradient_and_leaves_the_loss_value_the_cross_entropy():
-    logits = torch.randn(2, 5, 50, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 5, 50, requires_grad=True)  # fp32: the losses are computed in fp32
     labels = torch.randint(0, 40, (2, 5))
     batch = {"labels": labels, "loss_mask": torch.ones(2, 5)}
     task = GPTTask(40, z_loss=0.3)
@@ -70,6 +70,6 @@ def test_z_loss_adds_its_gradient_and_leaves_the_loss_value_the_cross_entropy():
     reference = (torch.nn.functional.cross_entropy(logits[..., :40].flatten(0, 1),
                                                    labels.flatten()) + 0.3 * lse.square().mean())
     (expected,) = torch.autograd.grad(reference, logits)
-    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-8)
     assert (grad - torch.autograd.grad(GPTTask(40).loss(logits, batch), logits)[0]).abs().max() \
         > 1e-3  # the z-loss changed the gradient

@@ -81,8 +81,7 @@ def main():
     tokenizer, prefixes = load_tokenizer(cfg, ranks)
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)  # as the run does (training/run.py)
     train_ds, _, _ = prepare_data(cfg, "gpt", tokenizer, prefixes, ranks)
-    task = TASKS["gpt"](tokenizer.vocab_size, tensor_parallel=dims.tp > 1,
-                        z_loss=cfg.train.z_loss)
+    task = TASKS["gpt"].for_run(cfg, dims, tokenizer.vocab_size, tokenizer.eod)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

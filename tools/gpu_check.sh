@@ -11,7 +11,12 @@
 #  3. bf16 against fp32 on the default model: per-step loss difference over 100 steps;
 #  4. fp16 with dynamic loss scaling for 50 steps: it finishes (loss-scale skips are not
 #     non-finite steps) and the loss falls;
-#  5. TP2 in bf16 against the single-GPU bf16 run, when two devices are visible.
+#  5. TP2 in bf16 against the single-GPU bf16 run, when two devices are visible;
+#  6. document masking's GPU kernel (FlexAttention with a block mask, compiled) against the
+#     dense-mask SDPA path, forward and backward, in fp32 and bf16 (the CPU tests can check
+#     only FlexAttention's forward: its backward is GPU-only);
+#  7. CP2 (the ring attention over NCCL) with packed documents in bf16 against the same run
+#     on one GPU, when two devices are visible.
 # Each check prints its numbers and PASS or FAIL; the script exits 1 if any failed and 2 when
 # no CUDA device is visible (it checks nothing on a CPU). OUT_DIR keeps the run directories
 # (default: a new temporary directory); the built-in corpus is cached under it.
@@ -141,6 +146,54 @@ EOF
     fi
 else
     echo "== tp2_bf16: skipped (one CUDA device visible)"
+fi
+
+# 6. FlexAttention (the GPU's document mask) against the dense mask, forward and backward
+if run flex_documents 300 "$PYTHON" -c '
+import torch
+from magneto_dist.model.attention import Documents, DotProductAttention
+g = torch.Generator(device="cuda").manual_seed(0)
+ids = torch.cat([torch.full((n,), i) for i, n in enumerate([300, 700, 1048])]).cuda()[None]
+for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+    q, k, v, w = (torch.randn(1, 8, 2048, 64, device="cuda", generator=g).to(dtype)
+                  for _ in range(4))
+    outs, grads = [], []
+    for flex in (False, True):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = DotProductAttention(flex=flex)(*inputs, causal=True, documents=Documents(ids))
+        (out.float() * w.float()).sum().backward()
+        outs.append(out.float())
+        grads.append([t.grad.float() for t in inputs])
+    diff = max([(outs[0] - outs[1]).abs().max().item()]
+               + [(a - b).abs().max().item() for a, b in zip(*grads)])
+    print(f"   {dtype}: |flex - dense| max {diff:.2e} (output and q/k/v gradients)")
+    assert diff < tol, (dtype, diff)
+'; then
+    sed 's/^/   /' "$OUT/flex_documents.log" | grep "flex - dense"
+    echo "   PASS flex_documents"
+fi
+
+# 7. CP2 with packed documents against one GPU (bf16)
+if [[ "$GPUS" -ge 2 ]]; then
+    DOCS=(data.reset_attention_mask=true data.reset_position_ids=true data.eod_mask_loss=true)
+    if train documents_bf16 1 180 train.precision=bf16 train.train_iters=100 \
+            train.eval_interval=0 "${DOCS[@]}" &&
+       train cp2_bf16 2 240 train.precision=bf16 train.train_iters=100 train.eval_interval=0 \
+            parallel.context_parallel_size=2 "${DOCS[@]}"; then
+        verdict cp2_tracks_one_gpu <<'EOF'
+import sys
+from magneto_dist.training.metrics_file import read_metrics
+out = sys.argv[1]
+one = [r["loss"] for r in read_metrics(f"{out}/documents_bf16", "train")]
+cp2 = [r["loss"] for r in read_metrics(f"{out}/cp2_bf16", "train")]
+diffs = [abs(a - b) for a, b in zip(one, cp2)]
+print(f"   |CP2 - 1 GPU| (bf16, packed documents) max {max(diffs):.4f} over {len(diffs)} logged "
+      f"steps; {read_metrics(f'{out}/cp2_bf16', 'train')[-1]['tokens_per_s']:,.0f} tokens/s")
+sys.exit(0 if len(one) == len(cp2) and max(diffs) < 0.1 else 1)
+EOF
+    fi
+else
+    echo "== cp2_bf16: skipped (one CUDA device visible)"
 fi
 
 if [[ ${#FAILED[@]} -gt 0 ]]; then

@@ -47,6 +47,8 @@ def print_plan(cfg, planner: MemoryPlanner, layout: Layout) -> None:
             (f"optimizer (ZeRO-{layout.dims.zero_stage})", p["optimizer"]),
             ("activations, no recompute", p["activations_no_recompute"]),
             ("activations, recompute", p["activations_recompute"]),
+            *([("  of which ring attention buffers (CP)", p["cp_buffers"])]
+              if layout.dims.cp > 1 else []),
             ("total (as configured)", p["total"]),
             ("start-up peak (fp32 shard + 1 param)", p["startup_peak"]),
             ("DeepSpeed estimator, model states", ds)]
@@ -114,8 +116,8 @@ def main(argv=None) -> int:
                                     t.global_batch_size, t.precision):
         total = planner.plan(layout)["total"]
         if total <= budget:
-            fits.append((layout.recompute, layout.dims.tp * layout.dims.pp,
-                         layout.dims.zero_stage, total, layout))
+            d = layout.dims
+            fits.append((layout.recompute, d.tp * d.cp * d.pp, d.zero_stage, total, layout))
     print(f"\nlayouts that fit {args.device_memory:g} GiB ({len(fits)}; no recompute, least "
           "model parallelism and lowest ZeRO stage first):")
     for *_, total, layout in sorted(fits, key=lambda f: f[:3])[:args.top]:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from ..dims import world_of
 from ..files import ProgressLock, atomic_write, pid_alive
 from ..resilience.faults import NO_FAULTS, Faults
 from . import integrity
@@ -55,10 +56,12 @@ def refusal(before: dict, now: dict) -> Optional[str]:
       (AttributeError: 'NoneType' object has no attribute 'copy');
     - ZeRO-3's universal loader does not re-slice megatron TP shards: into TP2 it failed with
       "start (81920) + length (16384) exceeds dimension size"."""
-    same_size = f"resume on {before['tp'] * before['pp'] * before['dp']} rank(s) with " \
-                f"parallel.tensor_model_parallel_size={before['tp']} " \
-                f"parallel.pipeline_model_parallel_size={before['pp']} " \
-                f"train.zero_stage={before['zero_stage']}"
+    cp = before.get("cp", 1)
+    context = f"parallel.context_parallel_size={cp} " if cp > 1 else ""
+    same_size = (f"resume on {world_of(before)} rank(s) with "
+                 f"parallel.tensor_model_parallel_size={before['tp']} "
+                 f"parallel.pipeline_model_parallel_size={before['pp']} {context}"
+                 f"train.zero_stage={before['zero_stage']}")
     if before["zero_stage"] == 0 or now["zero_stage"] == 0:
         return (f"a layout change needs ZeRO's partitioned optimizer state on both sides "
                 f"(train.zero_stage 1, 2 or 3), not ZeRO-0; {same_size}, or export the weights "

@@ -46,6 +46,13 @@ class DatasetRequest:
     cache_dir: str                        # where the sample/shuffle index caches go
     masked_lm: bool = False               # BERT-style samples instead of GPT ones
     masking_probability: float = 0.15     # masked LM only
+    # GPT only, megatron-core's GPTDatasetConfig flags: positions restarting after each eod
+    # token, and no loss where the input is the eod (the attention mask is built by the model
+    # from the eod tokens, not by megatron-core, whose mask is sequence x sequence per sample).
+    # Not in the cache key: megatron-core's sample and shuffle indices do not depend on them.
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
 
 
 def _megatron_config(req: DatasetRequest, tokenizer: Tokenizer, cache_dir: str):
@@ -59,8 +66,10 @@ def _megatron_config(req: DatasetRequest, tokenizer: Tokenizer, cache_dir: str):
             masking_max_ngram=3, masking_do_full_word=False, masking_do_permutation=False,
             masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
             classification_head=False, **common)
-    return GPTDatasetConfig(reset_position_ids=False, reset_attention_mask=False,
-                            eod_mask_loss=False, create_attention_mask=False, **common)
+    return GPTDatasetConfig(reset_position_ids=req.reset_position_ids,
+                            reset_attention_mask=req.reset_attention_mask,
+                            eod_mask_loss=req.eod_mask_loss, create_attention_mask=False,
+                            **common)
 
 
 def _marker_path(req: DatasetRequest, tokenizer: Tokenizer) -> str:

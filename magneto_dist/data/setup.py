@@ -41,7 +41,8 @@ def prepare_data(cfg: Config, task: str, tokenizer: Tokenizer, prefixes: List[st
     request = DatasetRequest(
         prefixes=prefixes, weights=d.weights, split=d.split, seq_len=cfg.model.max_seq_len,
         seed=t.seed, cache_dir=os.path.join(d.cache_dir, "index"), masked_lm=task == "bert",
-        masking_probability=d.masking_probability,
+        masking_probability=d.masking_probability, reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
         num_samples=(num_train or train_samples(t.train_iters, t.global_batch_size),
                      max(1, evals * t.eval_iters * t.global_batch_size),
                      max(1, t.eval_iters * t.global_batch_size)))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Documents, DotProductAttention
 from .config import ModelConfig
 from .norms import make_norm
 from .spec import LayerSpec, SublayerSlots
@@ -28,11 +29,21 @@ class Embeddings(nn.Module):
                          if cfg.position == "learned" else None)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """position_ids [b, s]: each token's position (restarting per packed document, or a
+        chunk's global offsets under context parallelism); None: 0 .. s-1."""
         x = self.word(tokens)  # [b, s, d]
         if self.position is not None:
-            x = x + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+            x = x + self.position(positions_of(tokens, position_ids))
         return self.dropout(x)
+
+
+def positions_of(tokens: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The given position ids, or 0 .. s-1 for every sequence."""
+    if position_ids is not None:
+        return position_ids
+    return torch.arange(tokens.shape[1], device=tokens.device)
 
 
 class Rotary(nn.Module):
@@ -51,8 +62,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, seq_len: int):
-        return self.cos[:seq_len], self.sin[:seq_len]
+    def forward(self, seq_len: int, position_ids: Optional[torch.Tensor] = None):
+        """(cos, sin): [s, hd] for positions 0 .. s-1, or [b, 1, s, hd] at position_ids
+        [b, s] (broadcast over heads)."""
+        if position_ids is None:
+            return self.cos[:seq_len], self.sin[:seq_len]
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, rope) -> torch.Tensor:
@@ -95,8 +110,7 @@ class ResidualSublayer(nn.Module):
 
 
 class Attention(ResidualSublayer):
-    """Multi-head or grouped-query (self or cross) attention through
-    scaled_dot_product_attention."""
+    """Multi-head or grouped-query (self or cross) attention through its core."""
 
     def __init__(self, cfg: ModelConfig, slots: SublayerSlots, spec: LayerSpec, init_gain: float,
                  causal: bool):
@@ -123,13 +137,17 @@ class Attention(ResidualSublayer):
         self.softmax_scale = spec.attention_scale  # None: SDPA's 1/sqrt(head_dim)
         self.causal = causal
         self.attn_dropout = cfg.dropout
+        # softmax(q k^T * scale) v; context parallelism swaps in its ring attention
+        self.core = DotProductAttention()
         # Where attention dropout draws its mask; tensor parallelism points this at a per-rank
         # stream (its heads differ by rank), see magneto_dist/parallel/random.py.
         self.dropout_rng = contextlib.nullcontext
 
     def transform(self, h, memory: Optional[torch.Tensor] = None,
-                  mask: Optional[torch.Tensor] = None, rope=None) -> torch.Tensor:
-        """h: [b, s, d]; memory: [b, t, d] for cross-attention; mask: bool, True = may attend."""
+                  mask: Optional[torch.Tensor] = None, rope=None,
+                  documents: Optional[Documents] = None) -> torch.Tensor:
+        """h: [b, s, d]; memory: [b, t, d] for cross-attention; mask: bool, True = may attend;
+        documents: packed documents that must not attend to each other."""
         b, s, _ = h.shape
         kv = h if memory is None else memory
         t = kv.shape[1]
@@ -141,28 +159,16 @@ class Attention(ResidualSublayer):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])        # [b, heads, t, hd]
-        if self.causal and mask is not None:  # SDPA takes a mask or is_causal, not both
-            mask = mask & torch.ones(s, t, dtype=torch.bool, device=h.device).tril()
-        with self.dropout_rng():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
-                dropout_p=self.attn_dropout if self.training else 0.0,
-                scale=self.softmax_scale)                                   # [b, heads, s, hd]
+        with self.dropout_rng():  # k, v keep their groups: a ring carries only those
+            y = self.core(q, k, v, causal=self.causal, key_mask=mask, documents=documents,
+                          dropout_p=self.attn_dropout if self.training else 0.0,
+                          scale=self.softmax_scale)                        # [b, heads, s, hd]
         if self.head_scale is not None:
             y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(b, s, -1)                            # [b, s, d]
         if self.inner_norm is not None:
             y = self.inner_norm(y)
         return self.out_proj(y)
-
-
-def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """GQA: [b, groups, t, hd] -> [b, heads, t, hd], group g serving query heads g * r .. g * r +
-    r - 1 (r = heads / groups); the local counts under TP, which splits groups as it splits
-    heads. Repeated before the attention call, so any attention core sees plain multi-head."""
-    groups = x.shape[1]
-    return x if groups == heads else x.repeat_interleave(heads // groups, dim=1)
 
 
 class FeedForward(ResidualSublayer):
@@ -198,8 +204,8 @@ class TransformerLayer(nn.Module):
                            if spec.cross_attention is not None else None)
         self.ffn = FeedForward(cfg, spec.ffn, spec)
 
-    def forward(self, x, mask=None, rope=None, memory=None, memory_mask=None):
-        x = self.self_attn(x, mask=mask, rope=rope)
+    def forward(self, x, mask=None, rope=None, memory=None, memory_mask=None, documents=None):
+        x = self.self_attn(x, mask=mask, rope=rope, documents=documents)
         if self.cross_attn is not None:
             x = self.cross_attn(x, memory=memory, mask=memory_mask)
         return self.ffn(x)

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .init import init_weights, stack_gains
+from .attention import Documents
 from .layers import Embeddings, Rotary, TransformerLayer
 from .mup import attention_scale, output_multiplier
 from .norms import make_norm
@@ -54,8 +55,8 @@ class LanguageModel(nn.Module):
             x = x * self.readout_multiplier
         return self.lm_head(x)
 
-    def rope(self, seq_len: int):
-        return self.rotary(seq_len) if self.rotary is not None else None
+    def rope(self, seq_len: int, position_ids: Optional[torch.Tensor] = None):
+        return self.rotary(seq_len, position_ids) if self.rotary is not None else None
 
     def _check_length(self, tokens: torch.Tensor, what: str) -> None:
         if tokens.shape[1] > self.config.max_seq_len:
@@ -64,15 +65,24 @@ class LanguageModel(nn.Module):
 
 
 class MagnetoGPT(LanguageModel):
-    """Decoder-only causal LM: tokens [b, s] -> logits [b, s, vocab]."""
+    """Decoder-only causal LM: tokens [b, s] -> logits [b, s, vocab].
+
+    Packed sequences (several documents per sequence): position_ids [b, s] restart per
+    document, document_ids [b, s] make attention block-causal (model/attention.py). Under
+    context parallelism each rank sees its chunks of the sequence, and position_ids carry
+    their global offsets."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.decoder = TransformerStack(cfg, "decoder", cfg.num_layers, causal=True, cross=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_length(tokens, "tokens")
-        x = self.decoder(self.embed(tokens), rope=self.rope(tokens.shape[1]))  # [b, s, d]
+        documents = Documents(document_ids) if document_ids is not None else None
+        x = self.decoder(self.embed(tokens, position_ids),
+                         rope=self.rope(tokens.shape[1], position_ids),
+                         documents=documents)                                # [b, s, d]
         return self.readout(x)
 
 

@@ -39,7 +39,11 @@ Run eager instead, with the reason at start-up (eager_reason):
 - ZeRO-3: DeepSpeed gathers each submodule's parameters in forward hooks it marks
   torch.compiler.disable, so no block traces whole;
 - dropout under TP: attention dropout draws from the per-rank stream by swapping the
-  generator state (random.TensorParallelRNG.fork), which dynamo refuses to trace.
+  generator state (random.TensorParallelRNG.fork), which dynamo refuses to trace;
+- context parallelism: the ring attention exchanges blocks point to point inside its own
+  autograd function (context_parallel.py), which a whole-graph trace cannot hold;
+- document masking: the mask is built once per forward pass and shared by every block
+  (model/attention.py Documents, a caching Python object), not a tensor a graph takes.
 """
 from __future__ import annotations
 
@@ -64,6 +68,12 @@ def eager_reason(cfg: Config, dims: ParallelDims) -> Optional[str]:
     if dims.tp > 1 and cfg.model.dropout > 0:
         return ("attention dropout under tensor parallelism swaps in the per-rank RNG stream "
                 "(torch.get_rng_state/set_rng_state), which torch.compile cannot trace")
+    if dims.cp > 1:
+        return ("context parallelism's ring attention sends and receives blocks inside its "
+                "autograd function, which a whole-graph trace cannot hold")
+    if cfg.data.reset_attention_mask:
+        return ("document masking shares one mask object, built per forward pass, between "
+                "the blocks; it is not a tensor a compiled graph takes")
     return None
 
 

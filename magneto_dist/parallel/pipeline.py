@@ -10,6 +10,14 @@ that is emptied after the build: the other stages' layers are then freed. With t
 embeddings the word embedding is a TiedLayerSpec shared by the first and last stage (DeepSpeed
 all-reduces its gradient between them). The topology (pipe, data, model) must match
 megatron-core's rank order, which it does.
+
+Positions and documents: when a batch carries position_ids (context parallelism's chunk
+offsets, positions restarting per packed document) and document_ids (document masking), they
+travel with the activations from stage to stage as integer tensors of the pipeline's tuples,
+(hidden [b, s, d], position_ids [b, s], document_ids [b, s]), and each stage builds its own
+attention mask from them (model/attention.py Documents): [b, s] integers cost nothing to send
+next to [b, s, d] activations, while a mask rebuilt per layer would cost each layer's mask
+build. Without them the activations are a plain tensor, as before.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from ..compat.ds_engine import CountingHookPipelineModule
-from ..model.layers import Rotary
+from ..model.attention import Documents
+from ..model.layers import Rotary, positions_of
 from ..model.models import MagnetoGPT
 from .materialize import FullWeights, materialize
 from .pipe_names import TIED_KEY, pipe_plan
@@ -50,16 +59,29 @@ class ModuleSource:
         self.model = None
 
 
+def _split(inputs):
+    """(the activations, (position_ids, document_ids) or ()) of a pipe layer's input."""
+    if isinstance(inputs, tuple):
+        return inputs[0], inputs[1:]
+    return inputs, ()
+
+
+def _join(x: torch.Tensor, extras: tuple):
+    return (x, *extras) if extras else x
+
+
 class WordEmbeddingPipe(nn.Module):
-    """tokens [b, s] -> [b, s, d]; on the last stage (tied) also the LM head."""
+    """tokens [b, s] -> [b, s, d] (position and document ids passed on); on the last stage
+    (tied) also the LM head."""
 
     def __init__(self, source: ModuleSource, readout_multiplier: float):
         super().__init__()
         self.word = source.get("embed.word")
         self.readout_multiplier = readout_multiplier  # LanguageModel.readout's (muP: 1/m)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.word(tokens)
+    def forward(self, inputs):
+        tokens, extras = _split(inputs)
+        return _join(self.word(tokens), extras)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T over this rank's vocab slice (the column-parallel LM head, weight tied)."""
@@ -69,8 +91,8 @@ class WordEmbeddingPipe(nn.Module):
         return F.linear(x, self.word.weight)
 
 
-def tied_head(module: WordEmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
-    return module.logits(x)
+def tied_head(module: WordEmbeddingPipe, inputs) -> torch.Tensor:
+    return module.logits(_split(inputs)[0])
 
 
 class EmbeddingTailPipe(nn.Module):
@@ -81,23 +103,28 @@ class EmbeddingTailPipe(nn.Module):
         self.position = source.get("embed.position" if learned_positions else None)
         self.dropout = source.get("embed.dropout")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs):
+        x, extras = _split(inputs)
         if self.position is not None:
-            x = x + self.position(torch.arange(x.shape[1], device=x.device))
-        return self.dropout(x)
+            x = x + self.position(positions_of(x, extras[0] if extras else None))
+        return _join(self.dropout(x), extras)
 
 
 class TransformerLayerPipe(nn.Module):
-    """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap)."""
+    """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap), and the
+    document mask per stage (Documents.shared: the layers of a stage see the same ids)."""
 
     def __init__(self, source: ModuleSource, name: str, cfg):
         super().__init__()
         self.layer = source.get(name)
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rope = self.rotary(x.shape[1]) if self.rotary is not None else None
-        return self.layer(x, rope=rope)
+    def forward(self, inputs):
+        x, extras = _split(inputs)
+        positions = extras[0] if extras else None
+        rope = self.rotary(x.shape[1], positions) if self.rotary is not None else None
+        documents = Documents.shared(extras[1]) if len(extras) > 1 else None
+        return _join(self.layer(x, rope=rope, documents=documents), extras)
 
 
 class SubmodulePipe(nn.Module):
@@ -109,8 +136,9 @@ class SubmodulePipe(nn.Module):
         self.attribute = name.rsplit(".", 1)[-1]
         self.add_module(self.attribute, source.get(name))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.attribute)(x)
+    def forward(self, inputs) -> torch.Tensor:
+        """The final norm or the head: position and document ids end here."""
+        return getattr(self, self.attribute)(_split(inputs)[0])
 
 
 class HeadPipe(SubmodulePipe):

@@ -1,7 +1,15 @@
 """Process groups from megatron-core's parallel_state, and the adapter DeepSpeed reads them from.
 
-Rank order is megatron's default (TP fastest, then DP, then PP), which is also the order of
-DeepSpeed's PipeModelDataParallelTopology axes (pipe, data, model), so the groups coincide.
+Rank order is megatron's default, "tp-cp-ep-dp-pp": TP fastest, then CP, then DP, then PP
+(rank = tp_rank + TP x (cp_rank + CP x (dp_rank + DP x pp_rank))). DeepSpeed's
+PipeModelDataParallelTopology has the axes (pipe, data, model); built with num_dp = DP x CP its
+"data" coordinate is cp_rank + CP x dp_rank, so its groups coincide with megatron's and its
+data-parallel group is megatron's data-parallel group with context parallelism.
+
+Two data-parallel groups, on purpose: gradients are averaged (and ZeRO partitions) over DP x CP,
+since every rank of a CP group holds the same parameters and computed them from other tokens of
+the same samples; the data sampler splits samples over DP only, since the CP ranks of a group
+read the same samples (each keeps its chunks of the sequence).
 """
 from __future__ import annotations
 
@@ -69,11 +77,12 @@ def init_distributed(timeout_minutes: int = ParallelConfig.timeout_minutes) -> N
 
 
 def initialize_groups(tp: int, pp: int,
-                      timeout_minutes: int = ParallelConfig.timeout_minutes) -> None:
-    """(Re)create the TP/PP/DP groups; collective over the whole world."""
+                      timeout_minutes: int = ParallelConfig.timeout_minutes, cp: int = 1) -> None:
+    """(Re)create the TP/CP/PP/DP groups; collective over the whole world."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 context_parallel_size=cp,
                                  distributed_timeout_minutes=timeout_minutes)
 
 
@@ -89,6 +98,28 @@ def tp_size() -> int:
     return ps.get_tensor_model_parallel_world_size()
 
 
+def cp_group():
+    return ps.get_context_parallel_group()
+
+
+def cp_rank() -> int:
+    return ps.get_context_parallel_rank()
+
+
+def cp_size() -> int:
+    return ps.get_context_parallel_world_size()
+
+
+def grad_replica_group():
+    """The ranks that average their gradients: data-parallel x context-parallel."""
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def sampler_rank() -> int:
+    """This rank's share of the samples: its data-parallel rank without CP."""
+    return ps.get_data_parallel_rank()
+
+
 class DeepSpeedMPU:
     """The `mpu` DeepSpeed's engine reads (no pipeline): DP groups for gradient reduction and
     ZeRO partitioning, the model-parallel group for the grad norm and checkpoint file names.
@@ -98,9 +129,17 @@ class DeepSpeedMPU:
     gives wrong losses under TP.
     """
 
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    # DeepSpeed's data parallelism is gradient averaging and ZeRO partitioning: over DP x CP
+    get_data_parallel_group = staticmethod(grad_replica_group)
+
+    @staticmethod
+    def get_data_parallel_rank() -> int:
+        return ps.get_data_parallel_rank(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
+
     get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
     get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
     get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
@@ -121,4 +160,4 @@ class DeepSpeedMPU:
 
     @staticmethod
     def get_data_parallel_group_ranks():
-        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+        return dist.get_process_group_ranks(grad_replica_group())

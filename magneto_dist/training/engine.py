@@ -146,7 +146,10 @@ def derived_keys(cfg: Config, dims: ParallelDims, load_universal: bool = False) 
     disagree with what the trainer does); the refusal says where each comes from."""
     t = cfg.train
     return {
-        "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
+        # DeepSpeed counts a micro-batch per rank of its data-parallel group, which is DP x CP
+        # (state.py): the CP ranks of a group compute parts of the same samples, so its batch
+        # is the global batch x CP (it uses the number only to check the batch arithmetic)
+        "train_batch_size": (t.global_batch_size * dims.cp, "train.global_batch_size"),
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (
             dims.grad_accum, "train.global_batch_size / (train.micro_batch_size x DP)"),
@@ -318,11 +321,14 @@ class TrainingSetup:
     deepspeed_config: dict = field(default_factory=dict)  # the config handed to DeepSpeed
 
 
-def _pipeline_steps(engine):
+def _pipeline_steps(engine, task, par: Parallelized):
     def pipe_batches(batches):
+        """(inputs, (labels, loss mask)) per micro-batch; the inputs are the tokens, or the
+        tuple (tokens, position_ids[, document_ids]) that the stages pass on (pipeline.py)."""
         for b in batches:
-            b = move_batch(b, engine.device)
-            yield b["tokens"], (b["labels"], b["loss_mask"])
+            b = par.local_batch(task.prepare(move_batch(b, engine.device)))
+            inputs = tuple(b[k] for k in ("tokens", "position_ids", "document_ids") if k in b)
+            yield inputs if len(inputs) > 1 else inputs[0], (b["labels"], b["loss_mask"])
 
     def train_step(batches):
         return engine.train_batch(data_iter=pipe_batches(batches))
@@ -351,7 +357,7 @@ def build_training(model: nn.Module, cfg: Config, dims: ParallelDims, task,
                                      load_universal=load_universal)
     common = dict(engine=engine, par=par, checkpoint_info=info, deepspeed_config=ds_config)
     if dims.pipelined:
-        train_step, evaluate = _pipeline_steps(engine)
+        train_step, evaluate = _pipeline_steps(engine, task, par)
         return TrainingSetup(train_step_fn=train_step, eval_fn=evaluate, **common)
     sample_model = FullLogits(engine.module) if tp > 1 else engine.module
     return TrainingSetup(sample_model=sample_model, **common)

@@ -103,6 +103,7 @@ class Trainer:
         self.cfg, self.task, self.engine = cfg, task, setup.engine
         self.train_ds, self.valid_ds = train_ds, valid_ds
         self.dims, self.dp_rank, self.dp_group = par.dims, par.dp_rank, par.dp_group
+        self.local_batch = par.local_batch  # this rank's chunks of each sequence under CP
         self.metrics, self.ckpt_dir, self.state = metrics, ckpt_dir, state
         self.client_state_fn = client_state_fn
         self.tp_rng = par.tp_rng
@@ -130,7 +131,8 @@ class Trainer:
         # a fixed probe batch: the first micro-batch of the training data
         probe = torch.utils.data.default_collate(
             [self.train_ds[i] for i in range(self.cfg.train.micro_batch_size)])
-        return Diagnostics(self.engine.module, self.task, move_batch(probe, self.device))
+        return Diagnostics(self.engine.module, self.task,
+                           self.task.prepare(move_batch(probe, self.device)))
 
     def loader(self, dataset, total: int, start: int):
         """Micro-batches of this DP rank for global samples [start, total)."""
@@ -145,7 +147,7 @@ class Trainer:
                                                 generator=torch.Generator().manual_seed(t.seed)))
 
     def _loss(self, batch) -> torch.Tensor:
-        batch = move_batch(batch, self.device)
+        batch = self.local_batch(self.task.prepare(move_batch(batch, self.device)))
         return self.task.loss(self.task.forward(self.engine, batch), batch)
 
     def _micro_batch_step(self, batches) -> torch.Tensor:

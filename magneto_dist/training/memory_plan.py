@@ -10,9 +10,12 @@ states per parameter follow DeepSpeed's ZeRO (its estimators' multipliers for mi
 moments); activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation"),
 counted tensor by tensor for these blocks (Sub-LN's inner norms save the merged heads and the
 FFN hidden a second time) with memory-efficient attention (no s x s scores saved, as SDPA's
-flash and efficient kernels on GPU). Not counted: DeepSpeed's communication buckets, the CUDA
-allocator's fragmentation and the framework's own context (DeepSpeed's estimators allow 1.5x
-for such buffers on the host side).
+flash and efficient kernels on GPU). Context parallelism divides every activation by CP (a
+rank holds 1/CP of each sequence) and adds the ring attention's transient buffers (context_
+parallel.py: the arriving keys and values, fp32 accumulators, a tile of fp32 scores), counted
+once (one layer at a time computes them). ZeRO partitions over DP x CP. Not counted:
+DeepSpeed's communication buckets, the CUDA allocator's fragmentation and the framework's own
+context (DeepSpeed's estimators allow 1.5x for such buffers on the host side).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from ..config import min_zero_stage
 from ..model import model_skeleton
 from ..model.config import ModelConfig
 from ..dims import LayoutError, ParallelDims
+from ..parallel.context_parallel import TILE_BYTES
 from ..parallel.pipe_names import pipe_plan
 from ..model.spec import SCHEMES
 from ..parallel.tp_plan import REPLICATED, SHARD_DIM, VOCAB, padded_vocab_size, tp_kind
@@ -62,8 +66,8 @@ def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int
     # FFN hidden, NormFormer's on the attention output
     attention_norm = slots.attention.inner_norm or slots.attention.output_norm
     replicated = 4 * h  # each sublayer's norm input and the normalized input to its matmuls
-    # q, k, v as attention saves them (under GQA k and v are repeated to every query head
-    # before the call, so they are h wide all the same); the attention output; the inner norm;
+    # q, k, v as attention saves them (under GQA the core repeats k and v to every query head
+    # before SDPA, so they are h wide all the same); the attention output; the inner norm;
     # QK-norm saves its inputs, the projections' outputs (q: h wide, k: kv_size)
     qk_norm = h + cfg.kv_size if cfg.qk_norm else 0
     attention = 3 * h + h + (h if attention_norm else 0) + qk_norm
@@ -72,6 +76,20 @@ def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int
     if cfg.dropout > 0:
         per_token += 2 * h  # the two residual dropout masks (bool)
     return tokens * per_token
+
+
+def ring_buffer_bytes(cfg: ModelConfig, micro_batch: int, local_tokens: int, tp: int,
+                      elem: int) -> int:
+    """The ring attention's transient bytes on one rank while one layer's attention runs
+    (backward, its peak): the arriving keys and values, fp32 gradient accumulators of the held
+    keys and values and the pair travelling beside them, the fp32 query gradient, and three
+    fp32 tiles of scores (scores, probabilities, their gradient). Under GQA the ring carries
+    the key/value groups (kv_size wide), repeated to the heads one key chunk at a time."""
+    width, kv_width = cfg.hidden_size // tp, cfg.kv_size // tp  # this TP rank's heads, groups
+    per_token = kv_width * (2 * elem + 4 * 4) + width * 4  # k, v arriving; dk, dv x 2; dq
+    chunk = local_tokens // micro_batch // 2
+    tile = min(TILE_BYTES, 4 * micro_batch * (cfg.num_heads // tp) * chunk * chunk)
+    return local_tokens * per_token + 3 * tile
 
 
 def _optimizer_bytes(zero: int, precision: str, dp: int) -> float:
@@ -116,25 +134,29 @@ class MemoryPlanner:
         d, cfg = layout.dims, self.cfg
         params = max(self.stage_params(layout))
         elem, zero = BYTES[self.precision], d.zero_stage
-        grads = params * elem / (d.dp if zero >= 2 else 1)
+        shards = d.grad_replicas  # ZeRO partitions over DP x CP
+        grads = params * elem / (shards if zero >= 2 else 1)
         if self.precision == "bf16" and zero == 1:
             # DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 accumulation, training/engine.py)
             # accumulates every micro-batch into an fp32 buffer of the whole model
             grads += params * 4
         elif self.precision != "fp32" and zero > 0:
-            grads += params * 4 / d.dp  # the fp32 gradient partition the optimizer steps on
-        tokens = layout.micro_batch * self.seq_len
+            grads += params * 4 / shards  # the fp32 gradient partition the optimizer steps on
+        tokens = layout.micro_batch * self.seq_len // d.cp  # this rank's part of each sequence
         layers = -(-cfg.num_layers // d.pp)
         in_flight = min(d.pp, d.grad_accum) if d.pp > 1 else 1  # 1F1B: stage 0 holds pp
         per_layer = activation_bytes_per_layer(cfg, tokens, d.tp, elem)
         logits = tokens * -(-cfg.vocab_size // d.tp) * (elem + 8)  # + fp32 copy and its grad
-        full = in_flight * (layers * per_layer + tokens * cfg.hidden_size * elem) + logits
+        # one layer's ring at a time: beside what is saved, not per layer
+        ring = ring_buffer_bytes(cfg, layout.micro_batch, tokens, d.tp, elem) if d.cp > 1 else 0
+        full = in_flight * (layers * per_layer + tokens * cfg.hidden_size * elem) + logits + ring
         recomputed = (in_flight * (layers + 1) * tokens * cfg.hidden_size * elem + per_layer
-                      + logits)
-        out = {"parameters": params * elem / (d.dp if zero >= 3 else 1), "gradients": grads,
-               "optimizer": params * _optimizer_bytes(zero, self.precision, d.dp),
+                      + logits + ring)
+        out = {"parameters": params * elem / (shards if zero >= 3 else 1), "gradients": grads,
+               "optimizer": params * _optimizer_bytes(zero, self.precision, shards),
                "activations": recomputed if layout.recompute else full,
                "activations_no_recompute": full, "activations_recompute": recomputed,
+               "cp_buffers": ring,
                # the shard is made in fp32 (materialize.py), beside one full fp32 parameter
                "startup_peak": (params + self.largest_param) * 4, "params_per_rank": params,
                "largest_param": self.largest_param}
@@ -152,7 +174,7 @@ class MemoryPlanner:
         if self.cfg.tie_embeddings and d.pp == 1:
             name = next(n for n in self.shapes if tp_kind(n) == VOCAB)
             alias = _local_numel(name, self.shapes[name], d.tp, layout.vocab_padding_multiple)
-            alias *= BYTES[self.precision] / (d.dp if d.zero_stage >= 3 else 1)
+            alias *= BYTES[self.precision] / (d.grad_replicas if d.zero_stage >= 3 else 1)
         return plan["parameters"] + plan["optimizer"] + alias
 
 
@@ -163,28 +185,37 @@ def deepspeed_estimate(params_per_rank: int, largest_param: int, dims: ParallelD
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     if dims.zero_stage == 3:
-        return estimate_zero3_model_states_mem_needs(params_per_rank, largest_param, dims.dp, 1,
+        return estimate_zero3_model_states_mem_needs(params_per_rank, largest_param,
+                                                     dims.grad_replicas, 1,
                                                      cpu_offload=False)[1]
-    return estimate_zero2_model_states_mem_needs(params_per_rank, dims.dp, 1,
+    return estimate_zero2_model_states_mem_needs(params_per_rank, dims.grad_replicas, 1,
                                                  cpu_offload=False)[1]
+
+
+def _divisors(n: int) -> List[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def candidate_layouts(model_cfg: ModelConfig, world: int, gpus_per_node: int,
                       micro_batch: int, global_batch: int,
                       precision: str = "fp32") -> Iterator[Layout]:
     """Every layout the config validation would accept: TP within a node dividing the heads
-    and the FFN, PP up to the depth (decoder only, ZeRO 0-1), each ZeRO stage, recompute on
-    and off."""
-    for tp in (n for n in range(1, gpus_per_node + 1) if gpus_per_node % n == 0):
+    and the FFN, CP splitting the sequence into 2 x CP chunks (decoder only), PP up to the
+    depth (decoder only, ZeRO 0-1), each ZeRO stage, recompute on and off."""
+    for tp in _divisors(gpus_per_node):
         if model_cfg.num_heads % tp or model_cfg.ffn_hidden_size % tp:
             continue
-        for pp in (n for n in range(1, world // tp + 1) if (world // tp) % n == 0):
-            if pp > model_cfg.num_layers or (pp > 1 and model_cfg.arch != "decoder"):
+        for cp in _divisors(world // tp):
+            if cp > 1 and (model_cfg.arch != "decoder" or model_cfg.max_seq_len % (2 * cp)):
                 continue
-            for zero in range(min_zero_stage(precision), 4 if pp == 1 else 2):
-                try:
-                    dims = ParallelDims.build(world, tp, pp, micro_batch, global_batch, zero)
-                except LayoutError:
+            for pp in _divisors(world // (tp * cp)):
+                if pp > model_cfg.num_layers or (pp > 1 and model_cfg.arch != "decoder"):
                     continue
-                for recompute in (False, True):
-                    yield Layout(dims=dims, recompute=recompute, micro_batch=micro_batch)
+                for zero in range(min_zero_stage(precision), 4 if pp == 1 else 2):
+                    try:
+                        dims = ParallelDims.build(world, tp, pp, micro_batch, global_batch, zero,
+                                                  cp)
+                    except LayoutError:
+                        continue
+                    for recompute in (False, True):
+                        yield Layout(dims=dims, recompute=recompute, micro_batch=micro_batch)

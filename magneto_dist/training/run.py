@@ -196,8 +196,7 @@ def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPl
     train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks, num_train)
     resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks, faults) if resume_tag
               else None)
-    objective = TASKS[task](tokenizer.vocab_size, tensor_parallel=dims.tp > 1,
-                            z_loss=cfg.train.z_loss)
+    objective = TASKS[task].for_run(cfg, dims, tokenizer.vocab_size, tokenizer.eod)
     return RunPlan(cfg=cfg, dims=dims, task=objective, tokenizer=tokenizer, train_ds=train_ds,
                    valid_ds=valid_ds, ckpt_dir=ckpt_dir, resume=resume,
                    train_samples=num_train, ranks=ranks, faults=faults)

@@ -2,7 +2,9 @@
 
 Losses are per-micro-batch means over the loss-masked tokens, computed in fp32. The vocabulary
 may be padded (for tensor parallelism, to multiples of 128 x TP); padded entries are cut off
-before the softmax, so padding never changes the loss.
+before the softmax, so padding never changes the loss. Under context parallelism a rank holds
+some of each sequence's tokens, and its loss is scaled so that the CP group's average is the
+mean over all of them (parallel/context_parallel.py context_parallel_mean).
 
 train.z_loss (PaLM's auxiliary loss, OLMo's too) adds z_loss * log(Z)^2 per token, Z the
 softmax's normalizer over the whole vocabulary: it keeps the logits from drifting as a whole,
@@ -11,10 +13,12 @@ cross-entropy, so training and validation losses compare across z_loss settings.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..model.attention import documents_from_tokens
 
 Batch = Dict[str, torch.Tensor]
 
@@ -36,12 +40,20 @@ def logsumexp_unpadded(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class GPTTask:
-    """Next-token prediction; megatron-core GPTDataset samples (tokens, labels, loss_mask)."""
+    """Next-token prediction; megatron-core GPTDataset samples (tokens, labels, loss_mask,
+    position_ids). Packed documents (data.reset_attention_mask): each batch gets document ids
+    from its end-of-document tokens, and the model masks attention across documents."""
     name = "gpt"
     arch = "decoder"
 
-    def __init__(self, vocab_size: int, tensor_parallel: bool = False, z_loss: float = 0.0):
+    def __init__(self, vocab_size: int, tensor_parallel: bool = False,
+                 context_parallel: bool = False, document_eod: Optional[int] = None,
+                 reset_positions: bool = False, z_loss: float = 0.0):
         self.vocab_size = vocab_size       # the tokenizer's, before padding
+        self.document_eod = document_eod   # the eod id when documents are masked, else None
+        # the dataset's position ids go to the model when they restart per document, or
+        # beside document ids (which the pipeline's tuples carry after them)
+        self.positions = reset_positions or document_eod is not None
         self.z_loss = z_loss               # train.z_loss: coefficient of log(Z)^2
         # per-token CE and log Z over the logits; under TP each rank holds a vocabulary slice
         self.cross_entropy: Callable = cross_entropy_unpadded
@@ -51,6 +63,33 @@ class GPTTask:
                                                     vocab_parallel_logsumexp)
             self.cross_entropy = vocab_parallel_cross_entropy
             self.logsumexp = vocab_parallel_logsumexp
+        self.mean: Callable = masked_mean
+        if context_parallel:
+            from ..parallel.context_parallel import context_parallel_mean
+            self.mean = context_parallel_mean
+
+    @classmethod
+    def for_run(cls, cfg, dims, vocab_size: int, eod: Optional[int]) -> "GPTTask":
+        """The objective of a run: its config's document masking, z-loss and its layout."""
+        d = cfg.data
+        return cls(vocab_size, tensor_parallel=dims.tp > 1, context_parallel=dims.cp > 1,
+                   document_eod=eod if d.reset_attention_mask else None,
+                   reset_positions=d.reset_position_ids, z_loss=cfg.train.z_loss)
+
+    def prepare(self, batch: Batch) -> Batch:
+        """The batch as the model takes it, before context parallelism cuts it: document ids
+        from the whole sequence (a chunk cannot tell which document it continues), position
+        ids kept only where they differ from 0 .. s-1 or travel beside document ids."""
+        batch = dict(batch)
+        if not self.positions:
+            batch.pop("position_ids", None)
+        elif "position_ids" not in batch:
+            tokens = batch["tokens"]
+            batch["position_ids"] = torch.arange(tokens.shape[1],
+                                                 device=tokens.device).expand_as(tokens)
+        if self.document_eod is not None:
+            batch["document_ids"] = documents_from_tokens(batch["tokens"], self.document_eod)
+        return batch
 
     def per_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The cross-entropy per token [b, s], carrying the z-loss's gradient when it is on."""
@@ -61,10 +100,11 @@ class GPTTask:
         return per_token + (z - z.detach())  # exactly 0 in value (x - x), z's gradient in backward
 
     def forward(self, model, batch: Batch) -> torch.Tensor:
-        return model(batch["tokens"])
+        extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+        return model(batch["tokens"], **extra)
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return masked_mean(self.per_token_loss(logits, batch["labels"]), batch["loss_mask"])
+        return self.mean(self.per_token_loss(logits, batch["labels"]), batch["loss_mask"])
 
     def pipeline_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
         """The loss as DeepSpeed's pipeline calls it on the last stage: labels is the
@@ -82,7 +122,7 @@ class MaskedLMTask(GPTTask):
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         labels = batch["labels"].clamp(min=0)  # -1 marks unmasked positions (loss_mask is 0)
-        return masked_mean(self.per_token_loss(logits, labels), batch["loss_mask"])
+        return self.mean(self.per_token_loss(logits, labels), batch["loss_mask"])
 
 
 def move_batch(batch: Batch, device: torch.device) -> Batch:

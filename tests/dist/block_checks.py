@@ -169,6 +169,9 @@ def run_check(case: dict):
         return pipeline_frees_other_stages()
     if case["check"] == "pipe_names":
         return pipe_names_map_to_model_names()
+    if case["check"] == "ring_attention":
+        from cp_checks import ring_attention_matches_full  # beside this file
+        return ring_attention_matches_full()
     if case["check"] == "shard_only":
         from shard_checks import shard_only_startup  # beside this file
         return shard_only_startup(case["tp"], case["pp"])

@@ -4,9 +4,10 @@ global batch sequence, and have rank 0 write {case name: result} to the output f
 
     python tests/dist/layout_worker.py CASES.json OUT.json
 
-A training case: {"name", "tp", "pp", "zero", "model": {ModelConfig overrides}, "steps",
+A training case: {"name", "tp", "pp", "cp", "zero", "model": {ModelConfig overrides}, "steps",
 "recompute", "partition", "precision", "compile", "deepspeed": [key=value of the deepspeed:
-section]} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
+section], "train": [key=value of the train: section], "documents": packed documents (eod tokens in the data, document masking, positions
+restarting, no loss on eod inputs)} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
 "compile_seconds": spent compiling this case}. A case with "check" runs one of
 block_checks.py instead.
 Starting ranks costs seconds, so one group of ranks goes through many cases.
@@ -30,19 +31,40 @@ from magneto_dist.training.metrics import MetricsLogger
 from magneto_dist.training.tasks import GPTTask, MaskedLMTask
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO_BATCH = 250, 16, 8, 2
+EOD = 3  # the end-of-document token of "documents" cases
 BASE_MODEL = dict(num_layers=4, hidden_size=32, num_heads=4, ffn_hidden_size=64,
                   vocab_size=VOCAB, max_seq_len=SEQ)
 
 
-def synthetic_dataset(arch: str, samples: int):
-    """Deterministic samples in the shape megatron-core's GPT / BERT datasets produce."""
+def packed_positions(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Positions restarting after each eod token (megatron-core's reset_position_ids)."""
+    positions, start = torch.empty_like(tokens), 0
+    for i, token in enumerate(tokens.tolist()):
+        positions[i] = i - start
+        if token == eod:
+            start = i + 1
+    return positions
+
+
+def synthetic_dataset(arch: str, samples: int, documents: bool = False):
+    """Deterministic samples in the shape megatron-core's GPT / BERT datasets produce; with
+    documents, 2-4 end-of-document tokens per sample, the loss masked on them and positions
+    restarting after them (GPTDataset's eod_mask_loss and reset_position_ids)."""
     g = torch.Generator().manual_seed(99)
     data = []
     for _ in range(samples):
         tokens = torch.randint(0, VOCAB, (SEQ + 1,), generator=g)
+        if documents:  # eod only where placed
+            tokens[tokens == EOD] = EOD + 1
+            ends = int(torch.randint(2, 5, (1,), generator=g))
+            tokens[torch.randperm(SEQ, generator=g)[:ends]] = EOD
         if arch == "decoder":
-            data.append({"tokens": tokens[:-1], "labels": tokens[1:],
-                         "loss_mask": torch.ones(SEQ)})
+            sample = {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": torch.ones(SEQ),
+                      "position_ids": torch.arange(SEQ)}
+            if documents:
+                sample["loss_mask"] = (tokens[:-1] != EOD).float()
+                sample["position_ids"] = packed_positions(tokens[:-1], EOD)
+            data.append(sample)
         else:
             masked = torch.rand(SEQ, generator=g) < 0.3
             padding = torch.ones(SEQ, dtype=torch.long)
@@ -55,7 +77,11 @@ def synthetic_dataset(arch: str, samples: int):
 def case_config(case):
     model = {**BASE_MODEL, **case.get("model", {})}
     overrides = [f"model.{k}={v}" for k, v in model.items()]
+    documents = case.get("documents", False)
+    overrides += [f"data.{key}={documents}"
+                  for key in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")]
     overrides += [f"parallel.tensor_model_parallel_size={case['tp']}",
+                  f"parallel.context_parallel_size={case.get('cp', 1)}",
                   f"parallel.pipeline_model_parallel_size={case['pp']}",
                   f"parallel.activation_checkpointing={case.get('recompute', False)}",
                   f"parallel.pipeline_partition={case.get('partition', 'parameters')}",
@@ -65,6 +91,7 @@ def case_config(case):
                   f"train.global_batch_size={GLOBAL_BATCH}", "train.lr=3e-3",
                   "train.warmup_iters=1", f"train.train_iters={case['steps']}",
                   "train.grad_clip=0.5", "train.seed=7"]  # clipping active: tests the TP norm
+    overrides += [f"train.{setting}" for setting in case.get("train", [])]
     overrides += [f"deepspeed.{setting}" for setting in case.get("deepspeed", [])]
     return load_config(None, overrides)
 
@@ -75,13 +102,15 @@ def train_case(case):
     if compiled:
         torch.compiler.reset()  # this case compiles its own blocks, reusing no earlier case's
         before = compile_seconds()
-    task = (GPTTask if cfg.model.arch == "decoder" else MaskedLMTask)(
-        VOCAB, tensor_parallel=cfg.parallel.tensor_model_parallel_size > 1)
+    dims = ParallelDims.of(cfg, dist.get_world_size())
+    task = (GPTTask if cfg.model.arch == "decoder" else MaskedLMTask).for_run(cfg, dims, VOCAB,
+                                                                              EOD)
     torch.manual_seed(cfg.train.seed)
     skeleton = model_skeleton(cfg.model)  # the production path: each rank builds its shard only
-    setup = build_training(skeleton, cfg, ParallelDims.of(cfg, dist.get_world_size()), task,
+    setup = build_training(skeleton, cfg, dims, task,
                            InitWeights(skeleton, cfg.model, cfg.train.seed))
-    data = synthetic_dataset(cfg.model.arch, case["steps"] * GLOBAL_BATCH)
+    data = synthetic_dataset(cfg.model.arch, case["steps"] * GLOBAL_BATCH,
+                             case.get("documents", False))
     trainer = Trainer(cfg, task, setup, data, None, MetricsLogger("", False, False, 0, 1, None),
                       "", TrainState(), lambda s: {})
     batches = trainer.loader(data, len(data), 0)

@@ -254,3 +254,25 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, cache_dir):
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+CP2_DOCUMENTS = ["parallel.context_parallel_size=2", "data.reset_attention_mask=true",
+                 "data.reset_position_ids=true", "data.eod_mask_loss=true"]
+
+
+def test_kills_under_context_parallelism_resume_exactly(tmp_path, cache_dir):
+    """CP2 with packed documents: a rank killed mid-run and another killed inside a save;
+    every step's loss equals the uninterrupted CP2 run's bit for bit (the ring attention's
+    blocks, the chunks' positions and the documents' masks are all rebuilt from the
+    checkpoint's data position)."""
+    faults = "kill_at_step:1:5,kill_in_save:0:10"
+    run_dir = tmp_path / "run"
+    code, out = finish(ft_launch(script(run_dir, cache_dir, "train.train_iters=12",
+                                        *CP2_DOCUMENTS),
+                                 extra_env={"MAGNETO_DIST_FAULT": faults,
+                                            "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}))
+    assert code == 0, out[-5000:]
+    assert sorted((r["rank"], r["cause"]) for r in incidents(run_dir)) == \
+        [(0, "exit 137"), (1, "signal SIGKILL")]
+    assert final_losses(run_dir) == reference(tmp_path, cache_dir, 2, "train.train_iters=12",
+                                              *CP2_DOCUMENTS)

@@ -17,6 +17,17 @@ ENCODER = {"arch": "encoder", "norm": "magneto"}
 OFFLOAD = "zero_optimization.offload"
 VARIANT = {"norm": "magneto", "norm_type": "rmsnorm", "activation": "swiglu",
            "position": "rope", "tie_embeddings": False}
+ROPE = {"norm": "magneto", "position": "rope"}
+# Today's options (issue 32): grouped-query attention (TP2 splits its 2 key/value groups, one
+# per rank; CP's ring carries the groups only), QK-norm, muP (base width 16 at width 32, base
+# head dim 4: every factor differs from 1), the z-loss (its gradient, through the
+# vocab-parallel log Z under TP) and WSD's cooldown inside the 5 steps.
+GQA = {"norm": "magneto", "qk_norm": True, "num_query_groups": 2, "position": "rope"}
+MUP = {"parametrization": "mup", "mup_base_hidden_size": 16, "mup_base_head_dim": 4}
+MODERN = {**GQA, **MUP}
+MODERN_TRAIN = ["z_loss=0.01", "lr_decay_style=wsd", "wsd_decay_iters=2",
+                "wsd_decay_style=1-sqrt", "min_lr=0"]
+PRE_LN_QK_Z = {"norm": "pre_ln", "qk_norm": True, "num_query_groups": 1}
 
 
 def case(name, tp=1, pp=1, zero=1, model=None, **extra):
@@ -35,6 +46,19 @@ GROUPS = {
        case("pp2_untied_by_layers", pp=2, model=VARIANT, partition="layers"),
        case("dp2_zero1", zero=1), case("dp2_zero2", zero=2), case("dp2_zero3", zero=3),
        case("dp2_encoder_zero1", model=ENCODER)]
+    # context parallelism: the ring attention over each rank's head and tail chunks
+    + [case("cp2", cp=2), case("cp2_rope_rmsnorm_swiglu_untied", cp=2, model=VARIANT),
+       case("cp2_post_ln", cp=2, model={"norm": "post_ln"}),
+       case("cp2_zero3", cp=2, zero=3), case("cp2_recompute", cp=2, recompute=True),
+       case("cp2_documents", cp=2, model=ROPE, documents=True),
+       case("pp2_documents", pp=2, model=ROPE, documents=True),
+       case("dp2_documents", documents=True)]
+    + [case("tp2_gqa_qk_norm", tp=2, model=GQA),
+       case("tp2_mup_gqa_qk_norm_zloss_wsd", tp=2, model=MODERN, train=MODERN_TRAIN),
+       case("tp2_pre_ln_qk_norm_zloss", tp=2, model=PRE_LN_QK_Z, train=["z_loss=0.01"]),
+       case("pp2_mup_gqa_qk_norm_zloss_wsd", pp=2, model=MODERN, train=MODERN_TRAIN),
+       case("cp2_gqa_qk_norm", cp=2, model=GQA),
+       case("dp2_zero3_mup_gqa_zloss_wsd", zero=3, model=MODERN, train=MODERN_TRAIN)]
     # ZeRO-Offload: DeepSpeed's CPU Adam steps the offloaded optimizer (torch's AdamW was
     # refused with ZeRORuntimeException); its updates match AdamW's to ~1e-9 here
     + [case(f"{name}_offload", **layout, deepspeed=[f"{OFFLOAD}_optimizer.device=cpu", *extra])
@@ -42,7 +66,11 @@ GROUPS = {
            ("dp2_zero1", {}, []), ("tp2_zero2", {"tp": 2, "zero": 2}, []), ("pp2", {"pp": 2}, []),
            ("dp2_zero3_params", {"zero": 3}, [f"{OFFLOAD}_param.device=cpu"]))],
     4: [case("tp2_dp2_zero1", tp=2), case("tp2_dp2_zero3", tp=2, zero=3),
-        case("tp2_pp2", tp=2, pp=2), case("pp2_dp2", pp=2)],
+        case("tp2_pp2", tp=2, pp=2), case("pp2_dp2", pp=2),
+        case("cp4", cp=4), case("cp4_documents", cp=4, model=ROPE, documents=True),
+        case("cp2_tp2", cp=2, tp=2), case("cp2_dp2_zero1", cp=2),
+        case("cp2_pp2", cp=2, pp=2), case("cp2_tp2_gqa_mup", cp=2, tp=2, model=MODERN), case("cp2_pp2_documents", cp=2, pp=2, model=ROPE,
+                                            documents=True)],
     8: [case("tp2_pp2_dp2", tp=2, pp=2)],
 }
 CHECKS = [
@@ -55,11 +83,15 @@ CHECKS = [
     dict(case("fp16_loss_scale", zero=1, steps=14), check="fp16_loss_scale", nan_from=10),
     {"name": "pipeline_memory", "check": "pipeline_memory"},
     {"name": "pipe_names", "check": "pipe_names"},
+    {"name": "ring_attention_cp2", "check": "ring_attention"},
     {"name": "shard_only_tp2", "check": "shard_only", "tp": 2, "pp": 1},
     {"name": "shard_only_pp2", "check": "shard_only", "tp": 1, "pp": 2},
 ] + [dict(case(f"memory_plan_{name}", **layout), check="memory_plan")
      for name, layout in (("dp2_zero1", {}), ("tp2_zero1", {"tp": 2}), ("pp2_zero1", {"pp": 2}),
                           ("dp2_zero3", {"zero": 3}))]
+
+
+RING_CP4 = {"name": "ring_attention_cp4", "check": "ring_attention"}
 
 
 # train.compile=blocks against the eager single-process run, 20 steps, on a representative
@@ -83,7 +115,9 @@ COMPILED = {
 
 
 def reference_name(c):
-    return json.dumps({**c["model"], "steps": c["steps"]}, sort_keys=True)
+    """The single-process run a case is compared with: its model, steps and data."""
+    return json.dumps({**c["model"], "steps": c["steps"], "train": c.get("train", []),
+                       "documents": c.get("documents", False)}, sort_keys=True)
 
 
 def run_group(tmp_path, world, cases, timeout):
@@ -102,7 +136,8 @@ def references(tmp_path_factory):
     compiled cases."""
     compared = [c for cs in (*GROUPS.values(), *COMPILED.values()) for c in cs]
     models = {reference_name(c): c for c in compared}
-    cases = [case(name, model=c["model"], steps=c["steps"]) for name, c in models.items()]
+    cases = [case(name, model=c["model"], steps=c["steps"], documents=c.get("documents", False),
+                  train=c.get("train", [])) for name, c in models.items()]
     return run_group(tmp_path_factory.mktemp("ref"), 1, cases + COMPILED[1], timeout=600)
 
 
@@ -113,6 +148,7 @@ def group_results(tmp_path_factory):
     def get(world):
         if world not in cache:
             cases = GROUPS[world] + (CHECKS + COMPILED[2] if world == 2 else [])
+            cases += [RING_CP4] if world == 4 else []
             compiling = 150 if world == 2 else 0  # a cold TP2 compile took 40-80 s here
             try:
                 cache[world] = run_group(tmp_path_factory.mktemp(f"w{world}"), world, cases,
@@ -165,6 +201,16 @@ def test_dropout_masks_differ_across_tp_ranks_and_repeat_under_recompute(group_r
     assert r["tp_masks_differ"] and r["default_masks_equal"], r
     assert r["recompute_loss_diff"] == 0.0 and r["recompute_grad_diff"] == 0.0, r
     assert r["other_tp_seed_loss_diff"] > 1e-6, r  # attention dropout really draws from it
+
+
+@pytest.mark.parametrize("world,name", [(2, "ring_attention_cp2"), (4, "ring_attention_cp4")])
+def test_ring_attention_equals_full_attention(world, name, group_results):
+    """Output and q/k/v gradients on each rank's head and tail chunks, against full attention
+    over the whole sequence (fp32): causal, causal over packed documents, bidirectional, and
+    with the chunks' queries in tiles."""
+    r = group_results(world)[name]
+    assert set(r) == {"causal", "documents", "bidirectional", "tiled"}, r
+    assert max(r.values()) < 1e-5, r
 
 
 def test_pipeline_stage_frees_other_stages_layers(group_results):

@@ -40,13 +40,18 @@ def test_default_run_through_deepspeed_cli(tmp_path, cache_dir, ranks):
 
 TP2 = "parallel.tensor_model_parallel_size=2"
 PP2 = "parallel.pipeline_model_parallel_size=2"
+CP2 = "parallel.context_parallel_size=2"
+# packed documents masked from each other, positions restarting, no loss on eod inputs
+DOCUMENTS = ["data.reset_attention_mask=true", "data.reset_position_ids=true",
+             "data.eod_mask_loss=true"]
 
 
 @pytest.mark.parametrize("ranks,zero,layout", [
     (1, 1, []), (1, 3, []), (2, 1, []), (2, 3, []), (2, 3, [TP2]), (4, 1, [TP2, PP2]),
-    (2, 1, [TP2, "model.dropout=0.1"]), (1, 1, ["model.dropout=0.1"])],
+    (2, 1, [TP2, "model.dropout=0.1"]), (1, 1, ["model.dropout=0.1"]),
+    (2, 1, [CP2, *DOCUMENTS])],
     ids=["1rank-zero1", "1rank-zero3", "dp2-zero1", "dp2-zero3", "tp2-zero3", "tp2-pp2-zero1",
-         "tp2-dropout", "1rank-dropout"])
+         "tp2-dropout", "1rank-dropout", "cp2-documents"])
 def test_resume_is_exact(tmp_path, cache_dir, ranks, zero, layout):
     """10 steps straight == 5 steps, stop, resume, 5 more (per-step losses)."""
     common = [f"train.zero_stage={zero}", "train.train_iters=10", "checkpoint.save_interval=0",

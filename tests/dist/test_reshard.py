@@ -38,8 +38,17 @@ DP4, DP2 = layout("dp4", 4), layout("dp2", 2)
 DP2_ZERO1, DP2_ZERO3 = layout("dp2_zero1", 2, zero=1), layout("dp2_zero3", 2, zero=3)
 TP2_ZERO3, TP1_ZERO3 = layout("tp2_zero3", 2, tp=2, zero=3), layout("tp1_zero3", 1, zero=3)
 
+# context parallelism changes no weight, only ZeRO's partitions (over DP x CP); packed
+# documents masked, positions restarting, so the chunks' positions and masks must be right
+DOCUMENTS = ("data.reset_attention_mask=true", "data.reset_position_ids=true",
+             "data.eod_mask_loss=true")
+CP2 = layout("cp2", 2, 1, 1, 1, "parallel.context_parallel_size=2", *DOCUMENTS)
+CP1 = layout("cp1", 1, 1, 1, 1, *DOCUMENTS)
+CP4 = layout("cp4", 4, 1, 1, 1, "parallel.context_parallel_size=4", *DOCUMENTS)
+
 PAIRS = [(TP2, TP1), (TP1, TP2), (PP2, TP1), (TP1, PP2), (TP2_PP2, DP4), (DP4, DP2),
-         (DP2_ZERO1, DP2_ZERO3), (DP2_ZERO3, DP2_ZERO1), (TP2_ZERO3, TP1_ZERO3)]
+         (DP2_ZERO1, DP2_ZERO3), (DP2_ZERO3, DP2_ZERO1), (TP2_ZERO3, TP1_ZERO3),
+         (CP2, CP1), (CP2, CP4)]
 
 
 @pytest.fixture(scope="module")
