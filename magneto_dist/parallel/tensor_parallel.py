@@ -222,7 +222,8 @@ def _unpadded_slice(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
-    """Per-token CE from this rank's logit slice [b, s, V_padded/tp]; padded entries excluded."""
+    """Per-token CE from this rank's logit slice [b, s, V_padded/tp]; padded entries excluded.
+    megatron-core overwrites an fp32 slice in place (its exp): read the logits before this."""
     return tensor_parallel.vocab_parallel_cross_entropy(_unpadded_slice(logits, vocab_size),
                                                         labels)
 

@@ -92,11 +92,15 @@ class GPTTask:
         return batch
 
     def per_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The cross-entropy per token [b, s], carrying the z-loss's gradient when it is on."""
+        """The cross-entropy per token [b, s], carrying the z-loss's gradient when it is on.
+        log Z comes first: megatron-core's vocab_parallel_cross_entropy overwrites fp32 logits
+        in place with exp(logits - max) (torch.exp(..., out=)), so under TP a log Z read after
+        it was of those (the TP z-loss rows of tests/dist/test_layouts.py caught it)."""
+        z = (self.z_loss * self.logsumexp(logits, self.vocab_size).square() if self.z_loss
+             else None)
         per_token = self.cross_entropy(logits, labels, self.vocab_size)
-        if not self.z_loss:
+        if z is None:
             return per_token
-        z = self.z_loss * self.logsumexp(logits, self.vocab_size).square()
         return per_token + (z - z.detach())  # exactly 0 in value (x - x), z's gradient in backward
 
     def forward(self, model, batch: Batch) -> torch.Tensor:

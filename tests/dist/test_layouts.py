@@ -27,7 +27,7 @@ MUP = {"parametrization": "mup", "mup_base_hidden_size": 16, "mup_base_head_dim"
 MODERN = {**GQA, **MUP}
 MODERN_TRAIN = ["z_loss=0.01", "lr_decay_style=wsd", "wsd_decay_iters=2",
                 "wsd_decay_style=1-sqrt", "min_lr=0"]
-PRE_LN_QK_Z = {"norm": "pre_ln", "qk_norm": True, "num_query_groups": 1}
+PRE_LN_QK_Z = {"norm": "pre_ln", "qk_norm": True}
 
 
 def case(name, tp=1, pp=1, zero=1, model=None, **extra):
