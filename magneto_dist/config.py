@@ -14,18 +14,36 @@ from typing import Any, Dict, List, Optional, get_type_hints
 
 import yaml
 
+from .dims import LayoutError, ParallelDims, model_parallel_text
 from .errors import ConfigError
 from .files import atomic_write
 from .model.config import ModelConfig
-from .dims import LayoutError, ParallelDims
 
 
-# Megatron-LM's --tokenizer-type names (loaded by magneto_dist/data/tokenizer_types.py) and the
-# data keys that name a tokenizer for data.prefixes.
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
-                   "TikTokenizer", "NullTokenizer")
+# Megatron-LM's --tokenizer-type names, each with the megatron-core library it loads through
+# (magneto_dist/data/tokenizer_types.py loads them), and the data keys that name a tokenizer
+# for data.prefixes.
+TOKENIZER_TYPES = {
+    "SentencePieceTokenizer": "sentencepiece",
+    "HuggingFaceTokenizer": "huggingface",
+    "GPT2BPETokenizer": "megatron",
+    "TikTokenizer": "tiktoken",
+    "NullTokenizer": "null",
+}
 TOKENIZER_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "eod_token",
                   "vocab_size")
+# The values of each key with a fixed set of them (the model's are model/config.py's, checked
+# by ModelConfig itself); validate() checks every one against this table. None is also
+# allowed where the field is Optional (data.tokenizer_type: told by the files).
+CHOICES = {
+    ("data", "tokenizer_type"): tuple(TOKENIZER_TYPES),
+    ("data", "tiktoken_pattern"): ("v1", "v2"),
+    ("train", "lr_decay_style"): ("cosine", "linear", "constant", "wsd"),
+    ("train", "wsd_decay_style"): ("linear", "cosine", "1-sqrt"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "compile"): ("off", "blocks"),
+    ("parallel", "pipeline_partition"): ("parameters", "layers"),
+}
 
 
 @dataclass
@@ -169,8 +187,6 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-LR_DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
-WSD_DECAY_STYLES = ("linear", "cosine", "1-sqrt")
 FREE_FORM = "deepspeed"  # the section that is a mapping passed on, not typed keys
 ON_OFF_KEYS = ("train.compile",)  # string keys with an `off` choice, which YAML reads as False
 
@@ -318,6 +334,18 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _either(values) -> str:
+    """("a", "b", "c") -> "a, b or c"."""
+    return " or ".join(filter(None, [", ".join(values[:-1]), values[-1]]))
+
+
+def _check_choices(cfg: Config) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        _require(value in allowed or value is None,
+                 f"{section}.{key}={value!r} must be {_either(allowed)}")
+
+
 def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDims:
     """Cross-field checks that need the world size; returns the run's validated layout, which
     everything after reads its DP size and accumulation from."""
@@ -326,6 +354,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
         dims = ParallelDims.of(cfg, world_size)
     except LayoutError as err:
         raise ConfigError(str(err)) from None
+    _check_choices(cfg)
     tp, pp = dims.tp, dims.pp
     _require(m.num_heads % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not divide "
              f"model.num_heads={m.num_heads}; use a TP size that divides it")
@@ -350,25 +379,17 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1 "
              "(or drop pipeline parallelism to use ZeRO-2/3)")
     _validate_context_parallel(cfg, dims)
-    _require(p.pipeline_partition in ("parameters", "layers"),
-             f"parallel.pipeline_partition={p.pipeline_partition!r} must be parameters or layers")
     _require(p.vocab_padding_multiple >= 1, "parallel.vocab_padding_multiple must be at least 1")
     _require(t.train_iters >= 1, f"train.train_iters={t.train_iters} must be at least 1")
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
              f"train.exit_at_step={t.exit_at_step} must be between 1 and "
              f"train.train_iters={t.train_iters}")
-    _require(t.lr_decay_style in LR_DECAY_STYLES, f"train.lr_decay_style={t.lr_decay_style!r} "
-             f"must be one of {', '.join(LR_DECAY_STYLES)}")
     _validate_wsd(t)
     _require(t.z_loss >= 0, f"train.z_loss={t.z_loss} must be at least 0")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr")
     _require(t.warmup_iters >= 0, f"train.warmup_iters={t.warmup_iters} must be at least 0")
     _require(t.max_nonfinite_steps >= 1,
              f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1")
-    _require(t.compile in ("off", "blocks"),
-             f"train.compile={t.compile!r} must be off or blocks")
-    _require(t.precision in ("fp32", "bf16", "fp16"),
-             f"train.precision={t.precision!r} must be fp32, bf16 or fp16")
     _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "
              "no fast CPU kernels); use fp32 on CPU, bf16 or fp16 on GPU")
     _require(t.zero_stage >= min_zero_stage(t.precision), "train.precision='bf16' with "
@@ -382,13 +403,11 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     for name in ("eval_interval", "log_interval"):
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _require(t.log_interval >= 1, "train.log_interval must be at least 1")
-    _validate_data_logging_checkpoint(cfg)
+    _validate_data_logging_checkpoint(cfg, dims)
     return dims
 
 
 def _validate_wsd(t: TrainConfig) -> None:
-    _require(t.wsd_decay_style in WSD_DECAY_STYLES, f"train.wsd_decay_style="
-             f"{t.wsd_decay_style!r} must be one of {', '.join(WSD_DECAY_STYLES)}")
     if t.lr_decay_style != "wsd":
         _require(t.wsd_decay_iters is None, f"train.wsd_decay_iters={t.wsd_decay_iters} is only "
                  f"used by train.lr_decay_style=wsd (it is {t.lr_decay_style!r})")
@@ -430,8 +449,8 @@ def _validate_context_parallel(cfg: Config, dims: ParallelDims) -> None:
              "needs the whole sequence on one rank; set it to 0")
 
 
-def _validate_data_logging_checkpoint(cfg: Config) -> None:
-    d, t, p = cfg.data, cfg.train, cfg.parallel
+def _validate_data_logging_checkpoint(cfg: Config, dims: ParallelDims) -> None:
+    d, t = cfg.data, cfg.train
     named = [k for k in TOKENIZER_KEYS if getattr(d, k) is not None]
     _require(not d.prefixes or d.tokenizer_model or d.vocab_file
              or d.tokenizer_type == "NullTokenizer", "data.prefixes needs data.tokenizer_model "
@@ -440,24 +459,18 @@ def _validate_data_logging_checkpoint(cfg: Config) -> None:
     _require(d.prefixes or not named, f"{', '.join('data.' + k for k in named)} set without "
              "data.prefixes: the built-in corpus has its own sentencepiece tokenizer; give "
              "data.prefixes made with this tokenizer (tools/preprocess_data.py)")
-    _require(d.tokenizer_type in TOKENIZER_TYPES + (None,),
-             f"data.tokenizer_type={d.tokenizer_type!r} must be one of "
-             f"{', '.join(TOKENIZER_TYPES)}")
-    _require(d.tiktoken_pattern in ("v1", "v2"),
-             f"data.tiktoken_pattern={d.tiktoken_pattern!r} must be v1 or v2")
     _require(d.weights is None or len(d.weights) == len(d.prefixes),
              f"data.weights has {len(d.weights or [])} entries but data.prefixes has "
              f"{len(d.prefixes)}; give one weight per prefix")
     parts = d.split.split(",")
     _require(len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts),
              f"data.split={d.split!r} must be three comma-separated numbers (train,valid,test)")
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     interval = cfg.logging.diagnostics_interval
     _require(interval >= 0, "logging.diagnostics_interval must be >= 0")
-    _require(not interval or (tp == 1 and pp == 1 and t.zero_stage <= 2),
+    _require(not interval or (dims.model_parallel == 1 and t.zero_stage <= 2),
              f"logging.diagnostics_interval={interval} needs the whole model on one rank (TP1 x "
-             f"PP1, ZeRO 0-2); this run is TP{tp} x PP{pp}, ZeRO-{t.zero_stage}: set it to 0 or "
-             "measure a TP1 x PP1 run")
+             f"PP1, ZeRO 0-2); this run is {model_parallel_text(dims.layout)}, ZeRO-"
+             f"{t.zero_stage}: set it to 0 or measure a TP1 x PP1 run")
     c = cfg.checkpoint
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
     _require(c.save_interval >= 0, "checkpoint.save_interval must be >= 0")

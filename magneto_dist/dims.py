@@ -1,11 +1,67 @@
 """A run's layout, validated once from the config and the world size and passed down: the
 data-parallel size, the gradient accumulation and what a checkpoint records as its layout are
-read from here and computed nowhere else (torchtitan's ParallelDims)."""
+read from here and computed nowhere else (torchtitan's ParallelDims). Every product of the
+model-parallel sizes, every world size and data-parallel size, and every reading of the
+layout's config keys is a function here, so that a new dimension is added in this file alone.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Dict, Optional
 
 from .errors import ConfigError
+
+# The model-parallel dimensions in megatron's rank order (tp fastest, then cp, then pp), the
+# config key of each and its word in messages: one model replica spans the product of their
+# sizes, and the world is that product times the data-parallel size.
+MODEL_PARALLEL_KEYS = {"tp": "parallel.tensor_model_parallel_size",
+                       "cp": "parallel.context_parallel_size",
+                       "pp": "parallel.pipeline_model_parallel_size"}
+_WORDS = {"tp": "tensor", "cp": "context", "pp": "pipeline"}
+# Dimensions named in layouts and messages only when used (size > 1), so that a layout without
+# them is recorded and described as it was before they existed, and such checkpoints compare equal.
+OPTIONAL_DIMS = ("cp",)
+
+
+def model_parallel_sizes(cfg) -> Dict[str, int]:
+    """{"tp": ..., "cp": ..., "pp": ...} as a run config (config.Config) sets them."""
+    return {dim: getattr(cfg.parallel, key.split(".", 1)[1])
+            for dim, key in MODEL_PARALLEL_KEYS.items()}
+
+
+def _used(sizes: dict) -> tuple:
+    """The dimensions a layout or a message names: all but the unused optional ones."""
+    return tuple(d for d in MODEL_PARALLEL_KEYS
+                 if d not in OPTIONAL_DIMS or sizes.get(d, 1) > 1)
+
+
+def model_parallel_size(sizes: dict) -> int:
+    """The ranks one model replica spans, from model_parallel_sizes or a layout."""
+    return math.prod(sizes.get(dim, 1) for dim in MODEL_PARALLEL_KEYS)
+
+
+def model_parallel_text(sizes: dict) -> str:
+    """For messages: TP2 x PP1 (TP2 x CP2 x PP1 with context parallelism)."""
+    return " x ".join(f"{dim.upper()}{sizes[dim]}" for dim in _used(sizes))
+
+
+def data_parallel_size(sizes: dict, world: int) -> Optional[int]:
+    """The data-parallel replicas `world` ranks hold, or None when world is no multiple of
+    the model-parallel size."""
+    replica = model_parallel_size(sizes)
+    return None if world % replica else world // replica
+
+
+def world_of(layout: dict) -> int:
+    """The ranks a layout (as a checkpoint marker records it) ran on."""
+    return model_parallel_size(layout) * layout["dp"]
+
+
+def layout_settings(layout: dict) -> str:
+    """The config overrides that run a layout's model-parallel sizes and ZeRO stage again."""
+    return " ".join([f"{MODEL_PARALLEL_KEYS[dim]}={layout[dim]}" for dim in _used(layout)]
+                    + [f"train.zero_stage={layout['zero_stage']}"])
 
 
 class LayoutError(ConfigError):
@@ -28,17 +84,17 @@ class ParallelDims:
     def build(cls, world: int, tp: int, pp: int, micro_batch: int, global_batch: int,
               zero_stage: int, cp: int = 1) -> "ParallelDims":
         """Checked sizes; every refusal says which key to change and to what."""
-        if tp < 1 or pp < 1 or cp < 1:
-            raise LayoutError(f"parallel.tensor_model_parallel_size={tp}, "
-                              f"parallel.context_parallel_size={cp} and "
-                              f"parallel.pipeline_model_parallel_size={pp} must be at least 1")
-        model_ranks = tp * cp * pp
-        if world % model_ranks:
-            sizes = (f"tensor x context x pipeline parallel size {tp} x {cp} x {pp}" if cp > 1
-                     else f"tensor x pipeline parallel size {tp} x {pp}")
-            raise LayoutError(f"world size {world} is not divisible by {sizes}; launch a "
-                              f"multiple of {model_ranks} ranks")
-        dp = world // model_ranks
+        sizes = {"tp": tp, "cp": cp, "pp": pp}
+        if min(sizes.values()) < 1:
+            raise LayoutError(" and ".join(f"{MODEL_PARALLEL_KEYS[d]}={sizes[d]}"
+                                           for d in MODEL_PARALLEL_KEYS) + " must be at least 1")
+        dp = data_parallel_size(sizes, world)
+        if dp is None:
+            used = _used(sizes)
+            raise LayoutError(f"world size {world} is not divisible by "
+                              f"{' x '.join(_WORDS[d] for d in used)} parallel size "
+                              f"{' x '.join(str(sizes[d]) for d in used)}; launch a multiple of "
+                              f"{model_parallel_size(sizes)} ranks")
         if micro_batch < 1:
             raise LayoutError(f"train.micro_batch_size={micro_batch} must be >= 1")
         if global_batch % (micro_batch * dp) or global_batch < 1:
@@ -51,14 +107,18 @@ class ParallelDims:
     @classmethod
     def of(cls, cfg, world: int) -> "ParallelDims":
         """From a run config (config.Config) and the number of ranks."""
-        p, t = cfg.parallel, cfg.train
-        return cls.build(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                         t.micro_batch_size, t.global_batch_size, t.zero_stage,
-                         p.context_parallel_size)
+        t = cfg.train
+        return cls.build(world, **model_parallel_sizes(cfg), micro_batch=t.micro_batch_size,
+                         global_batch=t.global_batch_size, zero_stage=t.zero_stage)
 
     @property
     def pipelined(self) -> bool:
         return self.pp > 1
+
+    @property
+    def model_parallel(self) -> int:
+        """The ranks one model replica spans."""
+        return model_parallel_size(self.layout)
 
     @property
     def grad_replicas(self) -> int:
@@ -70,23 +130,15 @@ class ParallelDims:
     @property
     def layout(self) -> dict:
         """What a checkpoint's files depend on, as its marker records it. ZeRO's partitions
-        follow DP x CP, so CP is part of it; it is named only when used, so a layout without
-        CP is recorded as it was before CP existed (and such checkpoints compare equal)."""
-        kept = ("tp", "pp", "dp", "zero_stage") + (("cp",) if self.cp > 1 else ())
-        return {k: v for k, v in asdict(self).items() if k in kept}
+        follow DP x CP, so CP is part of it when used."""
+        recorded = (*_used(asdict(self)), "dp", "zero_stage")
+        return {k: v for k, v in asdict(self).items() if k in recorded}
 
     def describe(self) -> str:
         return describe(self.layout)
 
 
-def world_of(layout: dict) -> int:
-    """The ranks of a layout as a checkpoint marker records it."""
-    return layout["tp"] * layout.get("cp", 1) * layout["pp"] * layout["dp"]
-
-
 def describe(layout: dict) -> str:
     """A layout as a checkpoint marker records it, for messages: TP2 x PP1 x DP2 (ZeRO-1);
-    CP is named when it is used: TP2 x CP2 x PP1 x DP1 (ZeRO-1)."""
-    cp = f" x CP{layout['cp']}" if layout.get("cp", 1) > 1 else ""
-    return (f"TP{layout['tp']}{cp} x PP{layout['pp']} x DP{layout['dp']} "
-            f"(ZeRO-{layout['zero_stage']})")
+    with context parallelism TP2 x CP2 x PP1 x DP1 (ZeRO-1)."""
+    return f"{model_parallel_text(layout)} x DP{layout['dp']} (ZeRO-{layout['zero_stage']})"

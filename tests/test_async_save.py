@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from magneto_dist.checkpoint import integrity, manager, savers
+from magneto_dist.checkpoint import integrity, savers
+from magneto_dist.checkpoint.tags import CheckpointDir
 from magneto_dist.checkpoint.async_save import (BackgroundWriter, SnapshotCheckpointEngine,
                                                 WriteBatch, snapshot, tensor_bytes,
                                                 write_durably)
@@ -135,8 +136,8 @@ def test_waiting_for_a_write_that_progresses_renews_the_watchdog_then_marks_the_
     assert saver.waits == 1 and "the save of step 4 is due while global_step2 is still being " \
                                 "written: waiting for it" in logged[0]
     # complete, with the digest the writer took of the bytes it wrote
-    assert manager.complete_tags(str(tmp_path)) == ["global_step2"]
-    assert manager.damage(str(tmp_path), "global_step2") is None
+    assert CheckpointDir(str(tmp_path)).complete_tags() == ["global_step2"]
+    assert CheckpointDir(str(tmp_path)).tag("global_step2").damage() is None
     assert (tmp_path / "latest").read_text() == "global_step2"
 
 

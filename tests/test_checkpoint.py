@@ -8,12 +8,16 @@ from collections import namedtuple
 import pytest
 
 from magneto_dist import errors
-from magneto_dist.checkpoint import integrity
-from magneto_dist.checkpoint import manager as ckpt
-from magneto_dist.checkpoint import reshard, storage
+from magneto_dist.checkpoint import integrity, reshard, resume, space, storage
+from magneto_dist.checkpoint import tags as ckpt
+from magneto_dist.checkpoint.tags import CheckpointDir
 from magneto_dist.data.datasets import train_samples
 from magneto_dist.config import dump_config, load_config
 from magneto_dist.dims import ParallelDims
+
+
+def at(root, name):
+    return CheckpointDir(str(root)).tag(name)
 
 
 def make_tags(root, complete, incomplete=()):
@@ -27,18 +31,19 @@ def make_tags(root, complete, incomplete=()):
 def test_resume_takes_newest_complete_and_warns_about_newer_incomplete(tmp_path):
     make_tags(tmp_path, complete=[2, 4, 10], incomplete=[12, 14])
     warnings = []
-    assert ckpt.find_resume_tag(str(tmp_path), "auto", log=warnings.append) == "global_step10"
+    assert resume.find_resume_tag(CheckpointDir(str(tmp_path)), "auto",
+                                  log=warnings.append) == "global_step10"
     assert len(warnings) == 2 and "skipping incomplete checkpoint" in warnings[0]
-    assert ckpt.find_resume_tag(str(tmp_path), "none") is None
-    assert ckpt.find_resume_tag(str(tmp_path), "global_step4") == "global_step4"
+    assert resume.find_resume_tag(CheckpointDir(str(tmp_path)), "none") is None
+    assert resume.find_resume_tag(CheckpointDir(str(tmp_path)), "global_step4") == "global_step4"
     with pytest.raises(ckpt.CheckpointError, match="global_step12 is missing or incomplete"):
-        ckpt.find_resume_tag(str(tmp_path), "global_step12")
-    assert ckpt.find_resume_tag(str(tmp_path / "absent"), "auto") is None
+        resume.find_resume_tag(CheckpointDir(str(tmp_path)), "global_step12")
+    assert resume.find_resume_tag(CheckpointDir(str(tmp_path / "absent")), "auto") is None
 
 
 def test_prune_keeps_last_k_complete_and_newer_partial_saves(tmp_path):
     make_tags(tmp_path, complete=[2, 4, 6, 8], incomplete=[3, 9])
-    ckpt.prune(str(tmp_path), keep_last=2)
+    CheckpointDir(str(tmp_path)).prune(keep_last=2)
     # older than the kept ones go (complete or not); a newer incomplete one may be in progress
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step6", "global_step8",
                                                           "global_step9"]
@@ -48,13 +53,13 @@ def test_incompatible_model_is_refused_with_fields_but_dropout_may_change(tmp_pa
     (tmp_path / "global_step5").mkdir()
     dump_config(load_config(None, ["model.num_layers=2"]),
                 str(tmp_path / "global_step5" / "config.yaml"))
-    ckpt.check_compatible(str(tmp_path), "global_step5",
-                          load_config(None, ["model.num_layers=2", "model.dropout=0.1"]))
+    resume.check_compatible(at(tmp_path, "global_step5"),
+                            load_config(None, ["model.num_layers=2", "model.dropout=0.1"]))
     with pytest.raises(ckpt.CheckpointError,
                        match=r"model.norm: checkpoint 'magneto', config 'pre_ln'; "
                              r"model.num_layers: checkpoint 2, config 3\. Use a new"):
-        ckpt.check_compatible(str(tmp_path), "global_step5",
-                              load_config(None, ["model.num_layers=3", "model.norm=pre_ln"]))
+        resume.check_compatible(at(tmp_path, "global_step5"),
+                                load_config(None, ["model.num_layers=3", "model.norm=pre_ln"]))
 
 
 def save_tag(root, step, files, cfg=None, world_size=1):
@@ -78,14 +83,15 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     newest = save_tag(tmp_path, 4, {"mp_rank_00_model_states.pt": b"x" * 100})
     (newest / "mp_rank_00_model_states.pt").write_bytes(b"")
     lines = []
-    assert ckpt.find_resume_tag(str(tmp_path), "auto", log=lines.append) == "global_step2"
+    assert resume.find_resume_tag(CheckpointDir(str(tmp_path)), "auto",
+                                  log=lines.append) == "global_step2"
     assert [line for line in lines if "WARNING" in line] == [
         f"WARNING: skipping damaged checkpoint {tmp_path}/global_step4: "
         f"{newest}/mp_rank_00_model_states.pt has 0 bytes, 100 when saved"]
     with pytest.raises(ckpt.CheckpointError, match="checkpoint.resume='global_step4' is damaged"):
-        ckpt.find_resume_tag(str(tmp_path), "global_step4")
+        resume.find_resume_tag(CheckpointDir(str(tmp_path)), "global_step4")
     (newest / "mp_rank_00_model_states.pt").unlink()
-    assert ckpt.damage(str(tmp_path), "global_step4").endswith("is missing")
+    assert at(tmp_path, "global_step4").damage().endswith("is missing")
 
 
 def test_unmark_makes_a_tag_incomplete_before_it_is_rewritten(tmp_path):
@@ -93,12 +99,12 @@ def test_unmark_makes_a_tag_incomplete_before_it_is_rewritten(tmp_path):
     tag_dir = save_tag(tmp_path, 4, {"a.pt": b"1"})
     (tag_dir / ckpt.UNIVERSAL / "zero").mkdir(parents=True)
     (tag_dir / "b.pt.tmp4242").write_bytes(b"half")  # left by a writer killed mid-file
-    ckpt._unmark(str(tmp_path), "global_step4")
-    assert not ckpt.is_complete(str(tmp_path), "global_step4")
+    at(tmp_path, "global_step4").unmark()
+    assert not at(tmp_path, "global_step4").is_complete()
     assert not (tag_dir / ckpt.UNIVERSAL).exists() and (tag_dir / "a.pt").exists()
     # the temp would be recorded as a file of the rewritten tag, and stay there for good
     assert sorted(p.name for p in tag_dir.iterdir()) == ["a.pt", "config.yaml"]
-    ckpt._unmark(str(tmp_path), "global_step4")  # nothing to remove: fine
+    at(tmp_path, "global_step4").unmark()  # nothing to remove: fine
 
 
 def lay(tp=1, pp=1, dp=1, zero=1):
@@ -127,9 +133,9 @@ def test_layout_of_a_checkpoint_older_than_the_layout_record(tmp_path):
     marker = json.loads((tag_dir / ckpt.COMPLETE).read_text())
     del marker["layout"], marker["files"]
     (tag_dir / ckpt.COMPLETE).write_text(json.dumps(marker))
-    assert ckpt.saved_layout(str(tmp_path), "global_step5") == {"tp": 1, "pp": 1, "dp": 4,
-                                                               "zero_stage": 3}
-    assert ckpt.damage(str(tmp_path), "global_step5") is None
+    assert at(tmp_path, "global_step5").layout() == {"tp": 1, "pp": 1, "dp": 4,
+                                                     "zero_stage": 3}
+    assert at(tmp_path, "global_step5").damage() is None
 
 
 def corrupt(path, offset=10, data=b"\xff" * 16):
@@ -147,7 +153,8 @@ def test_corruption_that_keeps_the_size_is_found_marked_and_skipped(tmp_path):
     newest = save_tag(tmp_path, 4, files)
     corrupt(newest / "optim_states.pt")
     lines = []
-    assert ckpt.find_resume_tag(str(tmp_path), "auto", log=lines.append) == "global_step2"
+    assert resume.find_resume_tag(CheckpointDir(str(tmp_path)), "auto",
+                                  log=lines.append) == "global_step2"
     warning = [line for line in lines if "WARNING" in line]
     saved = integrity.file_digest(str(tmp_path / "global_step2" / "optim_states.pt"))
     assert warning == [f"WARNING: skipping damaged checkpoint {tmp_path}/global_step4: "
@@ -156,13 +163,15 @@ def test_corruption_that_keeps_the_size_is_found_marked_and_skipped(tmp_path):
                        f"{saved} recorded) (marked damaged: damaged.json)"]
     assert any(line.startswith("verified the contents of global_step2 in ") for line in lines)
     # marked: every later run (and every other rank) skips it without reading it again
-    assert not ckpt.is_complete(str(tmp_path), "global_step4")
+    assert not at(tmp_path, "global_step4").is_complete()
     assert "other contents" in json.loads((newest / ckpt.DAMAGED).read_text())["damage"]
     lines = []
-    assert ckpt.find_resume_tag(str(tmp_path), "auto", log=lines.append) == "global_step2"
+    assert resume.find_resume_tag(CheckpointDir(str(tmp_path)), "auto",
+                                  log=lines.append) == "global_step2"
     assert lines[0] == (f"WARNING: skipping damaged checkpoint {tmp_path}/global_step4 (marked "
                         "in damaged.json)")
-    ckpt.prune(str(tmp_path), keep_last=1)  # a damaged tag newer than the kept one stays
+    # a damaged tag newer than the kept one stays
+    CheckpointDir(str(tmp_path)).prune(keep_last=1)
     assert (newest / "optim_states.pt").exists()
 
 
@@ -176,20 +185,20 @@ def test_each_rank_reads_its_share_of_the_files(tmp_path):
     assert sorted(sum(shares, [])) == names and all(shares)
     victim = shares[1][0]
     corrupt(tag_dir / victim, offset=0, data=b"\xfe")
-    assert ckpt.damage(str(tmp_path), "global_step4", share=(0, 3)) is None
-    assert ckpt.damage(str(tmp_path), "global_step4", share=None) is None  # sizes only
-    assert victim in ckpt.damage(str(tmp_path), "global_step4", share=(1, 3))
+    assert at(tmp_path, "global_step4").damage(share=(0, 3)) is None
+    assert at(tmp_path, "global_step4").damage(share=None) is None  # sizes only
+    assert victim in at(tmp_path, "global_step4").damage(share=(1, 3))
 
 
 def test_a_marker_of_node_local_disks_checks_the_files_this_node_has(tmp_path):
     tag_dir = save_tag(tmp_path, 4, {"rank0.pt": b"a" * 10, "rank1.pt": b"b" * 10})
     marker = json.loads((tag_dir / ckpt.COMPLETE).read_text())
     (tag_dir / "rank1.pt").unlink()  # on the other node
-    assert "rank1.pt is missing" in ckpt.damage(str(tmp_path), "global_step4")
+    assert "rank1.pt is missing" in at(tmp_path, "global_step4").damage()
     (tag_dir / ckpt.COMPLETE).write_text(json.dumps(dict(marker, shared=False)))
-    assert ckpt.damage(str(tmp_path), "global_step4") is None
+    assert at(tmp_path, "global_step4").damage() is None
     corrupt(tag_dir / "rank0.pt", offset=0, data=b"x")
-    assert "rank0.pt has other contents" in ckpt.damage(str(tmp_path), "global_step4")
+    assert "rank0.pt has other contents" in at(tmp_path, "global_step4").damage()
 
 
 Usage = namedtuple("Usage", "total used free")
@@ -198,15 +207,15 @@ Usage = namedtuple("Usage", "total used free")
 def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
     save_tag(tmp_path, 2, {"model.pt": b"x" * 5_000_000})
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 ** 9, 0, 4_000_000))
-    message = ckpt.space_shortfall(str(tmp_path), "global_step4")
+    message = space.space_shortfall(at(tmp_path, "global_step4"))
     assert message.startswith(f"no space left on {tmp_path} (needs about 5.0 MB for "
                               "global_step4, as global_step2 took; 4.0 MB free): nothing was "
                               "written."), message
     # rewriting a tag reuses its space; the first save has nothing to measure by
-    assert ckpt.space_shortfall(str(tmp_path), "global_step2") is None
-    assert ckpt.space_shortfall(str(tmp_path / "fresh"), "global_step2") is None
+    assert space.space_shortfall(at(tmp_path, "global_step2")) is None
+    assert space.space_shortfall(at(tmp_path / "fresh", "global_step2")) is None
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 ** 9, 0, 6_000_000))
-    assert ckpt.space_shortfall(str(tmp_path), "global_step4") is None
+    assert space.space_shortfall(at(tmp_path, "global_step4")) is None
 
 
 @pytest.mark.parametrize("error", [RuntimeError("basic_ios::clear: iostream error"),
@@ -220,7 +229,7 @@ def test_a_write_that_fills_the_disk_is_a_no_space_error(tmp_path, monkeypatch, 
     partial = tmp_path / "global_step4"
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 ** 9, 0, 12_000))
     with pytest.raises(errors.NoSpaceError) as caught:
-        with ckpt.full_disk_as_no_space(str(tmp_path), "global_step4"):
+        with space.full_disk_as_no_space(at(tmp_path, "global_step4")):
             partial.mkdir()
             (partial / "model.pt").write_bytes(b"x" * 1000)
             raise error
@@ -237,10 +246,10 @@ def test_a_write_that_fills_the_disk_is_a_no_space_error(tmp_path, monkeypatch, 
 def test_a_write_error_with_space_left_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 ** 12, 0, 10 ** 11))
     with pytest.raises(RuntimeError, match="a bug"):
-        with ckpt.full_disk_as_no_space(str(tmp_path), "global_step4"):
+        with space.full_disk_as_no_space(at(tmp_path, "global_step4")):
             raise RuntimeError("a bug")
     with pytest.raises(errors.NoSpaceError, match=r"needs more than the 0\.0 MB written"):
-        with ckpt.full_disk_as_no_space(str(tmp_path), "global_step4"):
+        with space.full_disk_as_no_space(at(tmp_path, "global_step4")):
             raise OSError(errno.EDQUOT, "Disk quota exceeded")
 
 
@@ -256,10 +265,10 @@ def test_the_training_split_is_sized_from_the_data_position():
 
 def test_a_resume_that_changes_the_data_order_is_named(tmp_path):
     save_tag(tmp_path, 4, {}, cfg=load_config(None, ["train.seed=1"]))
-    assert ckpt.data_order_changes(str(tmp_path), "global_step4",
-                                   load_config(None, ["train.seed=1"])) == []
-    assert ckpt.data_order_changes(
-        str(tmp_path), "global_step4",
+    assert resume.data_order_changes(at(tmp_path, "global_step4"),
+                                     load_config(None, ["train.seed=1"])) == []
+    assert resume.data_order_changes(
+        at(tmp_path, "global_step4"),
         load_config(None, ["train.seed=2", "data.split=98,1,1", "train.lr=1e-4"])) == [
         "train.seed: checkpoint 1, config 2", "data.split: checkpoint '969,30,1', config "
         "'98,1,1'"]

@@ -26,7 +26,8 @@ import torch._dynamo.utils
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel import layers as tp_layers
 
-from magneto_dist.compat import CompatError, ds_engine, ds_universal, dynamo, elastic, megatron
+from magneto_dist.compat import (CompatError, ds_engine, ds_universal, dynamo, elastic, megatron,
+                                 torch_modules)
 
 
 def _without_fragment(*args, **kwargs):
@@ -73,10 +74,13 @@ TOUCHES = [
     (elastic, timer.FileTimerServer, "_run_watchdog", _without_fragment),
     (elastic, launcher_api, "launch_agent", _without_fragment),
     (elastic, rdzv_utils, "_matches_machine_hostname", None),
+    (torch_modules, torch.nn.Module, "register_parameter", _without_fragment),
+    (torch_modules, torch.nn.Module, "named_parameters", _without_fragment),
 ]
 
 
-@pytest.mark.parametrize("module", [ds_universal, ds_engine, megatron, dynamo, elastic],
+@pytest.mark.parametrize("module", [ds_universal, ds_engine, megatron, dynamo, elastic,
+                                    torch_modules],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_the_pinned_versions_pass_every_check(module):
     module.check()

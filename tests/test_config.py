@@ -91,9 +91,9 @@ def test_config_errors_name_the_key(overrides, message):
     (["train.wsd_decay_iters=10"], 1, "train.wsd_decay_iters=10 is only used by "
                                       "train.lr_decay_style=wsd (it is 'cosine')"),
     (["train.lr_decay_style=wsd", "train.wsd_decay_iters=10", "train.wsd_decay_style=exp"], 1,
-     "train.wsd_decay_style='exp' must be one of linear, cosine, 1-sqrt"),
+     "train.wsd_decay_style='exp' must be linear, cosine or 1-sqrt"),
     (["train.lr_decay_style=step"], 1,
-     "train.lr_decay_style='step' must be one of cosine, linear, constant, wsd"),
+     "train.lr_decay_style='step' must be cosine, linear, constant or wsd"),
     (["train.z_loss=-1e-4"], 1, "train.z_loss=-0.0001 must be at least 0"),
     (["checkpoint.async_save=true", "deepspeed.checkpoint.writer.type=fast"], 1,
      "checkpoint.async_save=true writes the checkpoint files with the project's background "

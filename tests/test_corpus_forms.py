@@ -13,7 +13,8 @@ import pytest
 from magneto_dist.launch_env import ROOT
 from magneto_dist.data.jsonl import BadInputError
 from magneto_dist.data.preprocess import preprocess
-from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+from magneto_dist.data.tokenizer import TokenizerSpec
+from magneto_dist.data.tokenizer_types import build_tokenizer
 from magneto_dist.data.tokenizer_training import train_byte_level_bpe
 from magneto_dist.errors import ConfigError, ExitCode
 

@@ -20,7 +20,7 @@ from magneto_dist.data.corpus import stdlib_sources
 from magneto_dist.data.datasets import DatasetRequest, GlobalSampleBatches, build_datasets
 from magneto_dist.data.jsonl import BadInputError
 from magneto_dist.data.preprocess import WorkerDied, preprocess
-from magneto_dist.data.tokenizer import sentencepiece_tokenizer
+from magneto_dist.data.tokenizer_types import sentencepiece_tokenizer
 
 
 def write_jsonl(path, records):

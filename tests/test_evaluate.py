@@ -13,7 +13,7 @@ from lm_eval.api.instance import Instance
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from magneto_dist.checkpoint.hf_export import export_hf
-from magneto_dist.data.tokenizer import sentencepiece_tokenizer
+from magneto_dist.data.tokenizer_types import sentencepiece_tokenizer
 from magneto_dist.training.eval_harness import CausalLMAdapter
 
 from tests.hf_fixtures import VOCAB, project_tokenizer, safetensors_source

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from magneto_dist.checkpoint import export
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import tags as ckpt
 from magneto_dist.config import config_to_dict, dump_config, load_config
 from magneto_dist.model import build_model
 from magneto_dist.dims import ParallelDims

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from magneto_dist.checkpoint import export, hf_export, hf_format
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import tags as ckpt
 from magneto_dist.config import load_config
 from magneto_dist.training.generate import sample
 

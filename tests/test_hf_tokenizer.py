@@ -8,7 +8,8 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from magneto_dist.data import hf_tokenizer
-from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+from magneto_dist.data.tokenizer import TokenizerSpec
+from magneto_dist.data.tokenizer_types import build_tokenizer
 from magneto_dist.data.tokenizer_training import train_byte_level_bpe
 from magneto_dist.errors import CheckpointError
 

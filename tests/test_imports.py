@@ -116,3 +116,58 @@ def test_every_name_scripts_import_from_the_package_exists():
                             for a in node.names if not hasattr(module, a.name)
                             and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
     assert len(scripts) > 15 and not missing, missing
+
+
+def imported_modules(source: str, location: pathlib.PurePath) -> set:
+    """The package's modules a module imports ("data.tokenizer"; a package is its __init__),
+    at any depth of the code; `location` is its path relative to magneto_dist."""
+    here = list(location.with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:len(here) - (node.level - 1)] + (node.module.split(".")
+                                                             if node.module else [])
+            elif (node.module or "").startswith("magneto_dist."):
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:  # `from . import x` imports the module x
+                submodule = base + [alias.name]
+                found.add(".".join(submodule if module_path(submodule) else base))
+        elif isinstance(node, ast.Import):
+            found |= {".".join(a.name.split(".")[1:]) for a in node.names
+                      if a.name.startswith("magneto_dist.")}
+    return {name for name in found if name}
+
+
+def module_path(parts) -> pathlib.Path:
+    """The file of a module of the package, or None."""
+    for path in (PACKAGE.joinpath(*parts).with_suffix(".py"),
+                 PACKAGE.joinpath(*parts, "__init__.py")):
+        if parts and path.is_file():
+            return path
+    return None
+
+
+def test_no_two_modules_import_each_other():
+    """Within a layer, too, imports run one way: no module reaches itself through the modules
+    it imports (data/tokenizer.py and data/tokenizer_types.py once did, with a deferred
+    import inside build_tokenizer)."""
+    graph = {}
+    for path in MODULES:
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = imported_modules(path.read_text(), path.relative_to(PACKAGE)) - {name}
+    cycles = []
+    for start in graph:  # a depth-first walk from each module back to itself
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.append(" -> ".join(trail + [start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, trail + [nxt]))
+    assert not cycles, cycles

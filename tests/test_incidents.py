@@ -5,7 +5,7 @@ import re
 import time
 from types import SimpleNamespace
 
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import tags as ckpt
 from magneto_dist.launcher.agent import SupervisingAgent
 from magneto_dist.launcher.incidents import IncidentLog, cause_of, productive_seconds
 

@@ -13,7 +13,8 @@ from magneto_dist.config import TrainConfig, load_config
 from magneto_dist.data.corpus import stdlib_sources
 from magneto_dist.data.tokenizer_training import train_sentencepiece
 from magneto_dist.training.engine import build_optimizer
-from magneto_dist.training.preflight import PreflightError, RunLock, finished_message
+from magneto_dist.checkpoint.resume import finished_message
+from magneto_dist.training.preflight import PreflightError, RunLock
 from magneto_dist.training.run import main
 
 

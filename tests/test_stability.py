@@ -137,7 +137,7 @@ def test_todays_options_are_axes_recorded_per_cell_and_excluded_by_rule(tmp_path
         load_sweep(str(path), ["grid.exclude=[{depthh: 2}]"])
     with pytest.raises(ConfigError, match="grid.exclude leaves no cell to run"):
         load_sweep(str(path), ["grid.exclude=[{depth: 2}]"])
-    with pytest.raises(ConfigError, match="lr_decay_style='step' must be one of"):
+    with pytest.raises(ConfigError, match="lr_decay_style='step' must be cosine, linear, constant or wsd"):
         load_sweep(str(path), ["grid.schedules=[step]"])
 
 

@@ -13,7 +13,9 @@ from magneto_dist.data.datasets import DatasetRequest, build_datasets
 from magneto_dist.data.preprocess import preprocess
 from magneto_dist.data.run_tokenizer import (check_resume_tokenizer, copied_tokenizer,
                                              save_run_tokenizer)
-from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+from magneto_dist.config import TOKENIZER_TYPES
+from magneto_dist.data.tokenizer import TokenizerSpec
+from magneto_dist.data.tokenizer_types import TOKENIZER_CLASSES, build_tokenizer
 from magneto_dist.errors import CheckpointError, DataError
 
 from .tokenizer_files import (EDGE_DOCS, empty_documents, make_tokenizers, megatron_preprocess,
@@ -26,6 +28,10 @@ def toks(tmp_path_factory):
     docs = stdlib_docs(120) + EDGE_DOCS
     paths = make_tokenizers(d, stdlib_docs(60))
     return {**paths, "dir": d, "docs": docs, "jsonl": write_jsonl(d / "docs.jsonl", docs)}
+
+
+def test_every_tokenizer_type_the_config_accepts_has_a_class():
+    assert list(TOKENIZER_CLASSES) == list(TOKENIZER_TYPES)
 
 
 def spec_and_reference(toks, kind):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from magneto_dist import files
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import tags as ckpt
 from magneto_dist.checkpoint import reshard
 from magneto_dist.files import ProgressLock
 

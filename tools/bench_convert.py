@@ -28,6 +28,7 @@ import tempfile
 import time
 import zlib
 
+from magneto_dist.checkpoint.tags import CheckpointDir, Tag
 from magneto_dist.launch_env import ROOT
 
 
@@ -51,7 +52,7 @@ def make_checkpoint(work: str) -> tuple:
     proc = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     saved = [line for line in proc.stdout.splitlines() if "saved checkpoint" in line]
-    return os.path.join(run_dir, "checkpoints", "global_step1"), saved[-1]
+    return CheckpointDir.of_run(run_dir).at_step(1).path, saved[-1]
 
 
 def hash_files(paths, make_hash) -> float:
@@ -91,16 +92,14 @@ def measure_digests(tag: str, save_line: str, rounds: int) -> None:
     the save's time, and other hashes over the same files."""
     import xxhash
 
-    from magneto_dist.checkpoint import manager as ckpt
-
-    ckpt_dir, name = os.path.split(tag.rstrip("/"))
-    paths = [os.path.join(tag, n) for n in sorted(ckpt.read_marker(ckpt_dir, name)["files"])]
+    saved = Tag.at(tag)
+    paths = [os.path.join(tag, n) for n in sorted(saved.marker()["files"])]
     match = re.search(r" in ([0-9.]+) s \(.*durable and digested in ([0-9.]+) s\)", save_line)
     save, digest = (float(match.group(1)), float(match.group(2))) if match else (None, None)
     verify = []
     for _ in range(rounds):
         start = time.perf_counter()
-        assert ckpt.damage(ckpt_dir, name, share=(0, 1)) is None
+        assert saved.damage(share=(0, 1)) is None
         verify.append(time.perf_counter() - start)
     verify = statistics.median(verify)
     if save:

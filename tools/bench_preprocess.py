@@ -33,8 +33,9 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder 
 
 from magneto_dist.data.corpus import build_builtin_corpus  # noqa: E402
 from magneto_dist.data.preprocess import CHUNK_RECORDS, preprocess  # noqa: E402
-from magneto_dist.data.tokenizer import (TokenizerSpec, build_tokenizer,  # noqa: E402
-                                         sentencepiece_tokenizer)
+from magneto_dist.data.tokenizer import TokenizerSpec  # noqa: E402
+from magneto_dist.data.tokenizer_types import (build_tokenizer,  # noqa: E402
+                                               sentencepiece_tokenizer)
 from magneto_dist.data.tokenizer_training import (train_byte_level_bpe,  # noqa: E402
                                                   write_tiktoken_vocab)
 

@@ -31,6 +31,7 @@ from magneto_dist.training.loop import TrainState
 from magneto_dist.training.metrics import device_peak_tflops
 from magneto_dist.data.setup import load_tokenizer, prepare_data
 from magneto_dist.launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
+from magneto_dist.checkpoint.resume import FRESH
 from magneto_dist.training.run import TASKS, build_setup, make_trainer
 from magneto_dist.training.schedule import make_scheduler
 
@@ -61,6 +62,33 @@ def plain_loop(cfg, task, device, batches):
     return step
 
 
+def build_trainer(config: str, overrides, steps: int, run_dir: str):
+    """The trainer `launch/pretrain_gpt.py` runs (training/run.py's build_setup and
+    make_trainer) for `steps` optimizer steps with evaluation and saves off, in this process's
+    rank of the launcher's world (a world of one without a launcher). Returns the config, its
+    ParallelDims, the task, the trainer (started) and its data iterator."""
+    cfg = load_config(config, [*overrides, f"train.train_iters={steps + 1}",
+                               "train.eval_interval=0", "checkpoint.save_interval=0",
+                               f"logging.run_dir={run_dir}", "logging.tensorboard=true"])
+    single_process_env()
+    ranks = RankInfo()
+    dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
+    set_cpu_threads(ranks)  # as the run does
+    tokenizer, prefixes = load_tokenizer(cfg, ranks)
+    cfg = with_vocab_size(cfg, tokenizer.vocab_size)  # as the run does (training/run.py)
+    train_ds, _, _ = prepare_data(cfg, "gpt", tokenizer, prefixes, ranks)
+    task = TASKS["gpt"].for_run(cfg, dims, tokenizer.vocab_size, tokenizer.eod)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)
+    state.init_distributed()
+    setup = build_setup(cfg, dims, task, FRESH, ranks)
+    trainer = make_trainer(cfg, task, setup, train_ds, None, os.path.join(run_dir, "ckpt"),
+                           TrainState(), ranks)
+    data = trainer.loader(train_ds, (steps + 1) * cfg.train.global_batch_size, 0)
+    trainer.start()
+    return cfg, dims, task, trainer, data
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=default_config("gpt"))
@@ -71,27 +99,8 @@ def main():
     args = p.parse_args()
     steps = args.warmup + args.rounds * args.steps
     run_dir = tempfile.mkdtemp(prefix="bench_train-")
-    cfg = load_config(args.config, [*args.overrides, f"train.train_iters={steps + 1}",
-                                    "train.eval_interval=0", "checkpoint.save_interval=0",
-                                    f"logging.run_dir={run_dir}", "logging.tensorboard=true"])
-    single_process_env()
-    ranks = RankInfo()
-    dims = validate(cfg, ranks.world_size, torch.cuda.is_available())
-    set_cpu_threads(ranks)  # as the run does
-    tokenizer, prefixes = load_tokenizer(cfg, ranks)
-    cfg = with_vocab_size(cfg, tokenizer.vocab_size)  # as the run does (training/run.py)
-    train_ds, _, _ = prepare_data(cfg, "gpt", tokenizer, prefixes, ranks)
-    task = TASKS["gpt"].for_run(cfg, dims, tokenizer.vocab_size, tokenizer.eod)
-
+    cfg, dims, task, trainer, data = build_trainer(args.config, args.overrides, steps, run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(0)
-    state.init_distributed()
-    setup = build_setup(cfg, dims, task, None, ranks)
-    trainer = make_trainer(cfg, task, setup, train_ds, None, os.path.join(run_dir, "ckpt"),
-                           TrainState(), ranks)
-    data = trainer.loader(train_ds, (steps + 1) * cfg.train.global_batch_size, 0)
-    trainer.start()
     # the plain loop repeats the first global batch; the trainer goes on through the data
     fixed = [{k: v.to(device) for k, v in next(data).items()} for _ in range(dims.grad_accum)]
     loops = {"plain PyTorch": plain_loop(cfg, task, device, fixed),

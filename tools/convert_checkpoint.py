@@ -28,7 +28,7 @@ import time
 
 from tqdm import tqdm
 
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import tags as ckpt
 from magneto_dist.checkpoint.export import (DTYPES, check_input, export_safetensors,
                                             refuse_existing)
 from magneto_dist.checkpoint.hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf
@@ -38,8 +38,7 @@ from magneto_dist.errors import CheckpointError
 
 
 def to_universal(tag_dir: str, out_dir: str) -> None:
-    ckpt_dir, tag = os.path.split(tag_dir.rstrip("/"))
-    if ckpt.saved_layout(ckpt_dir, tag)["zero_stage"] == 0:
+    if ckpt.Tag.at(tag_dir).layout()["zero_stage"] == 0:
         raise ckpt.CheckpointError(
             f"--input {tag_dir} was written without ZeRO (train.zero_stage=0): DeepSpeed's "
             "universal form is made from ZeRO's partitioned optimizer state, which it lacks; "

@@ -31,9 +31,10 @@ import time
 
 import torch
 
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import tags as ckpt
 from magneto_dist.checkpoint.export import check_input, load_full_model
 from magneto_dist.checkpoint.hf_export import export_hf
+from magneto_dist.checkpoint.resume import resume_point
 from magneto_dist.config import ConfigError
 from magneto_dist.data.corpus import builtin_corpus_paths
 from magneto_dist.data.hf_tokenizer import tokenizer_of_tag
@@ -70,11 +71,11 @@ def checkpoint_of(args) -> str:
     if args.checkpoint:
         check_input(args.checkpoint)
         return args.checkpoint.rstrip("/")
-    ckpt_dir = os.path.join(args.run, "checkpoints")
-    tag = ckpt.find_resume_tag(ckpt_dir, "auto", log=lambda m: print(m, file=sys.stderr))
+    ckpts = ckpt.CheckpointDir.of_run(args.run)
+    tag = resume_point(ckpts, log=lambda m: print(m, file=sys.stderr))
     if tag is None:
-        raise ckpt.CheckpointError(f"--run {args.run}: no complete checkpoint in {ckpt_dir}")
-    return os.path.join(ckpt_dir, tag)
+        raise ckpt.CheckpointError(f"--run {args.run}: no complete checkpoint in {ckpts.path}")
+    return tag.path
 
 
 def task_metadata(tag_dir: str) -> dict:
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
         print(f"{err.label}: {err}", file=sys.stderr)
         return err.exit_code
     scores = summary(results)
-    step = ckpt.read_marker(*os.path.split(tag_dir))["step"] if tag_dir else None
+    step = ckpt.Tag.at(tag_dir).marker()["step"] if tag_dir else None
     output = args.output or (os.path.join(os.path.dirname(os.path.dirname(tag_dir)), "eval",
                                           f"{step}.json") if tag_dir else None)
     if output:

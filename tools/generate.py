@@ -6,11 +6,11 @@ Reads the run's newest complete checkpoint (or --tag) of any TP x PP x DP x ZeRO
 rebuilds the model from the config saved beside it, and loads its full fp32 weights.
 """
 import argparse
-import os
 import sys
 
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint import tags as ckpt
 from magneto_dist.checkpoint.export import load_full_model
+from magneto_dist.checkpoint.resume import resume_point
 from magneto_dist.data.run_tokenizer import run_tokenizer
 from magneto_dist.errors import ExitCode, MagnetoError
 from magneto_dist.training.generate import sample
@@ -44,23 +44,22 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return ExitCode.CONFIG
-    ckpt_dir = os.path.join(args.run, "checkpoints")
+    ckpts = ckpt.CheckpointDir.of_run(args.run)
     try:
-        tag = ckpt.find_resume_tag(ckpt_dir, args.tag, log=lambda m: print(m, file=sys.stderr))
+        tag = resume_point(ckpts, args.tag, log=lambda m: print(m, file=sys.stderr))
         if tag is None:
-            raise ckpt.CheckpointError(f"no complete checkpoint in {ckpt_dir}")
+            raise ckpt.CheckpointError(f"no complete checkpoint in {ckpts.path}")
     except ckpt.CheckpointError as err:
         print(f"{err.label}: {err}", file=sys.stderr)
         return err.exit_code
-    cfg = ckpt.saved_config(os.path.join(ckpt_dir, tag))
+    cfg = tag.config()
     try:
         tokenizer = run_tokenizer(args.run, cfg)  # the run's copy, else what its config names
     except MagnetoError as err:
         print(f"{err.label}: {err}", file=sys.stderr)
         return err.exit_code
     try:
-        model = load_full_model(os.path.join(ckpt_dir, tag),
-                                log=lambda m: print(m, file=sys.stderr))
+        model = load_full_model(tag.path, log=lambda m: print(m, file=sys.stderr))
     except ckpt.CheckpointError as err:
         print(f"{err.label}: {err}", file=sys.stderr)
         return err.exit_code

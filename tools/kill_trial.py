@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from magneto_dist.checkpoint.manager import complete_tags, damage
+from magneto_dist.checkpoint.tags import CheckpointDir
 from magneto_dist.launch_env import ROOT
 from magneto_dist.training.metrics_file import last_per_step, read_metrics
 
@@ -100,9 +100,9 @@ def kill_randomly(proc, run_dir, kills, rng, log):
     return sent
 
 
-def damaged_tags(ckpt_dir):
-    return {tag: problem for tag in complete_tags(ckpt_dir)
-            for problem in [damage(ckpt_dir, tag)] if problem}
+def damaged_tags(ckpts):
+    return {tag: problem for tag in ckpts.complete_tags()
+            for problem in [ckpts.tag(tag).damage()] if problem}
 
 
 def main():
@@ -136,9 +136,10 @@ def main():
     expected = {r["step"]: r["loss"] for r in last_per_step(read_metrics(reference), "train")}
     got = {r["step"]: r["loss"] for r in last_per_step(read_metrics(trial), "train")}
     differing = [step for step in expected if got.get(step) != expected[step]]
-    damaged = damaged_tags(os.path.join(trial, "checkpoints"))
+    ckpts = CheckpointDir.of_run(trial)
+    damaged = damaged_tags(ckpts)
     log(f"{len(expected)} steps compared, {len(differing)} differ; "
-        f"{len(complete_tags(os.path.join(trial, 'checkpoints')))} complete tags verified, "
+        f"{len(ckpts.complete_tags())} complete tags verified, "
         f"{len(damaged)} damaged")
     problems = ([f"exit {proc.returncode}"] if proc.returncode != 0 else []) \
         + ([f"only {sent} of {args.kills} kills landed"] if sent < args.kills else []) \

@@ -14,7 +14,7 @@ most parameters); see magneto_dist/training/memory_plan.py for what is and is no
 import argparse
 
 from magneto_dist.config import ConfigError, load_config, validate, with_vocab_size
-from magneto_dist.dims import LayoutError, ParallelDims
+from magneto_dist.dims import LayoutError, ParallelDims, model_parallel_size, model_parallel_sizes
 from magneto_dist.errors import ExitCode
 from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner, candidate_layouts,
                                                deepspeed_estimate)
@@ -26,7 +26,8 @@ def vocabulary(cfg, override):
     if override:
         return override, "--vocab-size"
     if cfg.data.prefixes:
-        from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+        from magneto_dist.data.tokenizer import TokenizerSpec
+        from magneto_dist.data.tokenizer_types import build_tokenizer
         tokenizer = build_tokenizer(TokenizerSpec.from_data_config(cfg.data))
         return tokenizer.vocab_size, tokenizer.setting
     return cfg.data.builtin_vocab_size, "the built-in corpus (pass --vocab-size for your data)"
@@ -93,8 +94,7 @@ def main(argv=None) -> int:
         cfg = with_vocab_size(cfg, vocab)
         # every check a run makes, on the fewest devices the configured TP x PP needs (the
         # devices asked about may not fit it; the alternatives are listed all the same)
-        p = cfg.parallel
-        validate(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        validate(cfg, model_parallel_size(model_parallel_sizes(cfg)))
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}")
         return 2
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
                                     t.global_batch_size, t.precision):
         total = planner.plan(layout)["total"]
         if total <= budget:
-            d = layout.dims
-            fits.append((layout.recompute, d.tp * d.cp * d.pp, d.zero_stage, total, layout))
+            fits.append((layout.recompute, layout.dims.model_parallel,
+                         layout.dims.zero_stage, total, layout))
     print(f"\nlayouts that fit {args.device_memory:g} GiB ({len(fits)}; no recompute, least "
           "model parallelism and lowest ZeRO stage first):")
     for *_, total, layout in sorted(fits, key=lambda f: f[:3])[:args.top]:

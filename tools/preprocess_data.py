@@ -22,7 +22,8 @@ import argparse
 import sys
 
 from magneto_dist.data.preprocess import WorkerDied, output_prefix_for, preprocess
-from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+from magneto_dist.data.tokenizer import TokenizerSpec
+from magneto_dist.data.tokenizer_types import build_tokenizer
 from magneto_dist.errors import ExitCode, MagnetoError
 
 

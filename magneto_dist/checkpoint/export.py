@@ -25,13 +25,13 @@ import torch
 
 from ..config import Config, config_to_dict
 from ..data.hf_tokenizer import tokenizer_of_tag, tokenizer_record
+from ..dims import model_parallel_size, model_parallel_sizes, model_parallel_text
 from ..files import atomic_write
 from ..model import ModelConfig, build_model, model_skeleton
 from . import integrity
 from .hf_format import HFDirectory, is_hf_directory
-from .manager import (COMPLETE, UNIVERSAL, CheckpointError, damage, is_complete,
-                      model_differences, saved_config)
 from .reshard import build_universal, source_identity, universal_problem
+from .tags import COMPLETE, UNIVERSAL, CheckpointError, Tag, model_differences, saved_config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -43,7 +43,6 @@ def check_input(tag_dir: str, exports_too: bool = False) -> None:
     """A complete, undamaged checkpoint tag (or, with exports_too, an export directory), or
     CheckpointError saying what it is instead."""
     tag_dir = tag_dir.rstrip("/")
-    ckpt_dir, tag = os.path.split(tag_dir)
     if not os.path.isdir(tag_dir):
         raise CheckpointError(f"--input {tag_dir} is not a directory; pass a checkpoint tag, "
                               "e.g. runs/gpt_tiny/checkpoints/global_step200")
@@ -53,10 +52,11 @@ def check_input(tag_dir: str, exports_too: bool = False) -> None:
         raise CheckpointError(f"--input {tag_dir} is not a checkpoint of this project (no "
                               "config.yaml); pass RUN/checkpoints/global_stepN"
                               + (" or an export" if exports_too else ""))
-    if not is_complete(ckpt_dir, tag):
+    tag = Tag.at(tag_dir)
+    if not tag.is_complete():
         raise CheckpointError(f"--input {tag_dir} is incomplete (no {COMPLETE}: its save was "
                               "interrupted); convert an older tag")
-    problem = damage(ckpt_dir, tag)
+    problem = tag.damage()
     if problem:
         raise CheckpointError(f"--input {tag_dir} is damaged: {problem}")
 
@@ -103,11 +103,11 @@ def load_full_model(tag_dir: str, log=print):
 
 
 def _zero0_parameters(tag_dir: str, cfg: Config, shapes) -> Iterator[Tuple[str, torch.Tensor]]:
-    par = cfg.parallel
-    if par.tensor_model_parallel_size > 1 or par.pipeline_model_parallel_size > 1:
+    sizes = model_parallel_sizes(cfg)
+    if model_parallel_size(sizes) > 1:
         raise CheckpointError(
-            f"{tag_dir} was written without ZeRO (train.zero_stage=0) by TP"
-            f"{par.tensor_model_parallel_size} x PP{par.pipeline_model_parallel_size}: it has no "
+            f"{tag_dir} was written without ZeRO (train.zero_stage=0) by "
+            f"{model_parallel_text(sizes)}: it has no "
             "universal form to consolidate from; resume it on its own layout with "
             "train.exit_at_step and train.zero_stage=1, save, and convert that checkpoint")
     module = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), mmap=True,

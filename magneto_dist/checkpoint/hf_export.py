@@ -32,7 +32,7 @@ from ..model import ModelConfig
 from .export import (DTYPES, check_shapes, full_parameters, model_shapes, open_consolidated,
                      refuse_existing, staged_output, write_safetensors_files)
 from .hf_format import CONFIG, INDEX, HFDirectory, hf_config, hf_name
-from .manager import CheckpointError, saved_config
+from .tags import CheckpointError, saved_config
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_model")
 TEMPLATE_FILES = ("configuration_magneto.py", "modeling_magneto.py")

@@ -119,6 +119,11 @@ def total_bytes(recorded: Dict[str, dict], names: Optional[Iterable[str]] = None
     return sum(e if isinstance(e, int) else e["size"] for e in entries)
 
 
+def size_text(n: float) -> str:
+    """A size for messages: 5.0 MB, 1.2 GB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def _assign(views: List[List[str]]) -> List[List[str]]:
     """Each file name to one of the ranks that listed it, in turn: on a shared filesystem
     every rank lists every file, on node-local disks each node its own ranks' files."""

@@ -23,14 +23,13 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from typing import Optional
 
-from ..dims import world_of
+from ..dims import layout_settings, world_of
 from ..files import ProgressLock, atomic_write, pid_alive
 from ..resilience.faults import NO_FAULTS, Faults
 from . import integrity
-from .manager import COMPLETE, TAG, UNIVERSAL, CheckpointError, damage, saved_config
+from .tags import COMPLETE, TAG, UNIVERSAL, CheckpointDir, CheckpointError, Tag, saved_config
 
 _PROCESS_START = time.time()  # a failure marker older than this is a previous attempt's
 BUILT = "built.json"  # written into the universal form's temp directory last, before the rename
@@ -41,14 +40,6 @@ class ReshardError(CheckpointError):
     pass
 
 
-@dataclass
-class ResumeSource:
-    tag: str                 # the checkpoint resumed (global_stepN)
-    load_dir: str            # engine.load_checkpoint reads (load_dir, load_tag)
-    load_tag: str
-    universal: bool = False  # the universal form: the engine needs load_universal
-
-
 def refusal(before: dict, now: dict) -> Optional[str]:
     """Why `before` cannot be resumed as `now` (or None). Measured with DeepSpeed 0.19.8:
     - ZeRO-0 keeps the optimizer state as one torch state dict per model-parallel rank, which
@@ -56,12 +47,7 @@ def refusal(before: dict, now: dict) -> Optional[str]:
       (AttributeError: 'NoneType' object has no attribute 'copy');
     - ZeRO-3's universal loader does not re-slice megatron TP shards: into TP2 it failed with
       "start (81920) + length (16384) exceeds dimension size"."""
-    cp = before.get("cp", 1)
-    context = f"parallel.context_parallel_size={cp} " if cp > 1 else ""
-    same_size = (f"resume on {world_of(before)} rank(s) with "
-                 f"parallel.tensor_model_parallel_size={before['tp']} "
-                 f"parallel.pipeline_model_parallel_size={before['pp']} {context}"
-                 f"train.zero_stage={before['zero_stage']}")
+    same_size = f"resume on {world_of(before)} rank(s) with {layout_settings(before)}"
     if before["zero_stage"] == 0 or now["zero_stage"] == 0:
         return (f"a layout change needs ZeRO's partitioned optimizer state on both sides "
                 f"(train.zero_stage 1, 2 or 3), not ZeRO-0; {same_size}, or export the weights "
@@ -188,8 +174,7 @@ def _convert(tag_dir: str, final: str, lock: ProgressLock, log, quiet: bool, fau
     """Holding the lock: verify the source, convert into a temp directory, record it, and put
     it in place of whatever `final` held."""
     from ..compat import ds_universal  # deferred: DeepSpeed's import costs seconds
-    ckpt_dir, tag = os.path.split(tag_dir.rstrip("/"))
-    problem = damage(ckpt_dir, tag, share=(0, 1), log=log)
+    problem = Tag.at(tag_dir).damage(share=(0, 1), log=log)
     if problem:
         raise ReshardError(f"cannot convert {tag_dir} to the universal form: {problem}")
     temp = _temp_of(final, socket.gethostname(), os.getpid())
@@ -267,12 +252,13 @@ def _wait_for_holder(final: str, source: dict, lock: ProgressLock, log) -> str:
             return universal_problem(final, source)
 
 
-def universal_source(ckpt_dir: str, tag: str, local_rank: int, log=print,
-                     faults: Faults = NO_FAULTS, rank: int = 0) -> ResumeSource:
-    """Every rank calls this before torch.distributed starts; local rank 0 builds (or verifies
-    and reuses), and if that fails it says so in TAG/universal.failed, which ends the other
-    ranks' wait (the builder's own error, a bug's traceback included, goes up unchanged)."""
-    tag_dir = os.path.join(ckpt_dir, tag)
+def universal_source(tag: Tag, local_rank: int, log=print, faults: Faults = NO_FAULTS,
+                     rank: int = 0) -> Tag:
+    """The universal form of `tag`, as the engine loads it (load_universal). Every rank calls
+    this before torch.distributed starts; local rank 0 builds (or verifies and reuses), and if
+    that fails it says so in TAG/universal.failed, which ends the other ranks' wait (the
+    builder's own error, a bug's traceback included, goes up unchanged)."""
+    tag_dir = tag.path
     failed = os.path.join(tag_dir, f"{UNIVERSAL}.failed")
     if local_rank == 0:
         try:
@@ -282,7 +268,7 @@ def universal_source(ckpt_dir: str, tag: str, local_rank: int, log=print,
             raise
     else:
         _wait_as_loader(os.path.join(tag_dir, UNIVERSAL), source_identity(tag_dir), failed)
-    return ResumeSource(tag=tag, load_dir=tag_dir, load_tag=UNIVERSAL, universal=True)
+    return CheckpointDir(tag_dir).tag(UNIVERSAL)
 
 
 def _built_from(final: str, source: dict) -> bool:

@@ -25,7 +25,6 @@ point while a newer one is written; a kill at any moment resumes from it.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -38,8 +37,11 @@ from ..config import Config
 from ..dims import ParallelDims
 from ..errors import NoSpaceError, RestartNeeded
 from ..resilience.faults import NO_FAULTS, Faults
-from . import integrity, manager
+from . import manager
 from .async_save import BackgroundWriter, SnapshotCheckpointEngine, WriteBatch
+from .integrity import size_text, total_bytes
+from .space import full_disk_as_no_space
+from .tags import CheckpointDir
 from .write_process import WriterProcess
 
 POLL_S = 0.25       # a waiting rank looks at its writer this often (and all ranks agree)
@@ -54,7 +56,8 @@ class Saver:
                  faults: Faults = NO_FAULTS, log=print,
                  report: Optional[Callable[[dict], None]] = None,
                  keepalive: Callable[[], None] = lambda: None):
-        self.engine, self.ckpt_dir, self.cfg, self.dims = engine, ckpt_dir, cfg, dims
+        self.engine, self.cfg, self.dims = engine, cfg, dims
+        self.ckpts = CheckpointDir(ckpt_dir)
         self.faults, self.log, self.keepalive = faults, log, keepalive
         self.report = report or (lambda row: None)
         self.rank = dist.get_rank()
@@ -62,7 +65,7 @@ class Saver:
     def save(self, step: int, client_state: dict, extra_rng: Optional[dict]) -> None:
         """Collective: the checkpoint of `step`."""
         start = time.monotonic()
-        tag = manager.save(self.engine, self.ckpt_dir, step, client_state, self.cfg, self.dims,
+        tag = manager.save(self.engine, self.ckpts, step, client_state, self.cfg, self.dims,
                            self.cfg.checkpoint.keep_last, extra_rng=extra_rng,
                            faults=self.faults, log=self.log)
         self.report({"step": step, "tag": tag, "async": False,
@@ -119,24 +122,23 @@ class AsyncSaver(Saver):
 
     def save(self, step: int, client_state: dict, extra_rng: Optional[dict]) -> None:
         self.flush(step, f"the save of step {step} is due")
-        tag, start = manager.tag_for(step), time.monotonic()
-        manager.prepare_save(self.ckpt_dir, tag)
-        batch = WriteBatch(tag, root=os.path.join(self.ckpt_dir, tag), step=step)
-        with manager.full_disk_as_no_space(self.ckpt_dir, tag), \
-                self.snapshots.collecting(batch):
-            manager.write_files(self.engine, self.ckpt_dir, tag, client_state, self.cfg,
-                                extra_rng, save_file=self.snapshots.save)
+        tag, start = self.ckpts.at_step(step), time.monotonic()
+        manager.prepare_save(tag)
+        batch = WriteBatch(tag.name, root=tag.path, step=step)
+        with full_disk_as_no_space(tag), self.snapshots.collecting(batch):
+            manager.write_files(self.engine, tag, client_state, self.cfg, extra_rng,
+                                save_file=self.snapshots.save)
         self.faults.inject("kill_after_snapshot", self.rank, step)
         self.writer.submit(batch)
         blocking = time.monotonic() - start
-        self.current = PendingSave(step, tag, client_state, batch, blocking)
+        self.current = PendingSave(step, tag.name, client_state, batch, blocking)
         if not self.told_size:
             self.told_size = True
             self.log(f"checkpoint.async_save: this rank's host copy of its checkpoint state is "
-                     f"{manager.size_text(batch.snapshot_bytes)} (shared memory, kept for the "
+                     f"{size_text(batch.snapshot_bytes)} (shared memory, kept for the "
                      "next saves)")
-        self.log(f"saving checkpoint {self.ckpt_dir}/{tag} in the background: the loop "
-                 f"stopped {blocking:.2f} s to copy {manager.size_text(batch.snapshot_bytes)}")
+        self.log(f"saving checkpoint {tag.label} in the background: the loop "
+                 f"stopped {blocking:.2f} s to copy {size_text(batch.snapshot_bytes)}")
 
     def _on_file(self, batch: WriteBatch, written: int) -> None:
         """In the writer thread, before the first file and after each durable one."""
@@ -183,12 +185,13 @@ class AsyncSaver(Saver):
         self.keepalive()
         batch = self._written(pending)
         self.faults.inject("kill_in_save", self.rank, pending.step)
+        tag = self.ckpts.tag(pending.tag)
         files, digest_seconds = manager.finish_save(
-            self.ckpt_dir, pending.tag, pending.step, pending.client_state, self.dims,
-            self.cfg.checkpoint.keep_last, known=batch.records)
+            tag, pending.client_state, self.dims, self.cfg.checkpoint.keep_last,
+            known=batch.records)
         waited = f", a wait of {pending.waited_s:.2f} s for it" if pending.waited_s else ""
-        self.log(f"saved checkpoint {self.ckpt_dir}/{pending.tag} in the background "
-                 f"({manager.size_text(integrity.total_bytes(files))}; the loop "
+        self.log(f"saved checkpoint {tag.label} in the background "
+                 f"({size_text(total_bytes(files))}; the loop "
                  f"stopped {pending.blocking_s:.2f} s{waited}; written in {batch.seconds:.2f} s, "
                  f"the other files durable and digested in {digest_seconds:.2f} s)")
         self.report({"step": pending.step, "tag": pending.tag, "async": True,
@@ -202,7 +205,7 @@ class AsyncSaver(Saver):
         failed rank its own error (a full disk as NoSpaceError), the others one that ends the
         run with the same exit code, so that no rank waits in a collective for a dead one."""
         try:
-            with manager.full_disk_as_no_space(self.ckpt_dir, pending.tag):
+            with full_disk_as_no_space(self.ckpts.tag(pending.tag)):
                 self.writer.wait()
             failure = None
         except BaseException as err:  # raised below, after every rank knows

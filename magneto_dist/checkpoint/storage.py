@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch.distributed as dist
 
 from ..errors import CheckpointError, MagnetoError, RestartNeeded
-from .manager import COMPLETE, DAMAGED, is_complete, read_marker
+from .tags import COMPLETE, DAMAGED, CheckpointDir
 
 
 def _ranks_text(ranks: List[int]) -> str:
@@ -65,13 +65,15 @@ def ranks_blind_to_rank0(ckpt_dir: str) -> Dict[str, List[int]]:
     return blind
 
 
-def _view(ckpt_dir: str, tag: Optional[str], chosen: Optional[str], files: List[str]) -> dict:
+def _view(ckpts: CheckpointDir, tag: Optional[str], chosen: Optional[str],
+          files: List[str]) -> dict:
     """What this rank sees of rank 0's choice `chosen`, beside its own choice `tag`."""
-    tag_dir = os.path.join(ckpt_dir, chosen or "")
+    seen = ckpts.tag(chosen) if chosen else None
     return {"host": socket.gethostname(), "tag": tag,
-            "complete": bool(chosen) and is_complete(ckpt_dir, chosen),
-            "damaged": bool(chosen) and os.path.isfile(os.path.join(tag_dir, DAMAGED)),
-            "missing": [n for n in files if not os.path.isfile(os.path.join(tag_dir, n))]}
+            "complete": seen is not None and seen.is_complete(),
+            "damaged": seen is not None and seen.is_damaged(),
+            "missing": [n for n in files if seen is None
+                        or not os.path.isfile(os.path.join(seen.path, n))]}
 
 
 def _disagreement(ckpt_dir: str, chosen: Optional[str], views: List[dict],
@@ -106,22 +108,23 @@ def _disagreement(ckpt_dir: str, chosen: Optional[str], views: List[dict],
         "checkpoints, and each node holds only its own ranks' files)")
 
 
-def agree_on_resume(ckpt_dir: str, tag: Optional[str], log=print) -> Optional[MagnetoError]:
+def agree_on_resume(ckpts: CheckpointDir, tag: Optional[str],
+                    log=print) -> Optional[MagnetoError]:
     """Collective, once the process group has formed: None when every rank chose rank 0's
     resume tag (`tag` is this rank's choice); else the error to stop with, the same on every
     rank: RestartNeeded when a restart resolves it, else CheckpointError naming each host that
     differs and what it lacks. Warns (rank 0) when the directory is not shared."""
     chosen = _broadcast(tag)
-    files = _broadcast(sorted(read_marker(ckpt_dir, chosen).get("files", {}))
+    files = _broadcast(sorted(ckpts.tag(chosen).marker().get("files", {}))
                        if dist.get_rank() == 0 and chosen else [])
-    views = _gather(_view(ckpt_dir, tag, chosen, files))
-    blind = ranks_blind_to_rank0(ckpt_dir)
+    views = _gather(_view(ckpts, tag, chosen, files))
+    blind = ranks_blind_to_rank0(ckpts.path)
     if all(v["tag"] == chosen for v in views):
         if blind:
-            log(f"WARNING: {ckpt_dir} is not shared by all nodes: "
+            log(f"WARNING: {ckpts.path} is not shared by all nodes: "
                 + "; ".join(f"{host} ({_ranks_text(r)})" for host, r in blind.items())
                 + " do not see rank 0's files. Training and saving work, but a restart cannot "
                 "resume: rank 0 alone marks and prunes checkpoints, and each node keeps only "
                 "its own ranks' files. Use a filesystem shared by all nodes")
         return None
-    return _disagreement(ckpt_dir, chosen, views, files)
+    return _disagreement(ckpts.path, chosen, views, files)

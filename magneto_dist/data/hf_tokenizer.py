@@ -33,7 +33,8 @@ from typing import Dict, List, Sequence, Tuple
 from ..errors import CheckpointError, DataError
 from .corpus import stdlib_sources
 from .run_tokenizer import run_tokenizer
-from .tokenizer import TokenizerSpec, build_tokenizer
+from .tokenizer import TokenizerSpec
+from .tokenizer_types import build_tokenizer
 
 # Strings where converted tokenizers usually go wrong: leading, repeated and mixed whitespace,
 # digits, bytes outside the vocabulary, the pieces' own spellings as text.

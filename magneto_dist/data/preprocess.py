@@ -33,8 +33,8 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from .jsonl import BadInputError
 from .sources import expand_inputs, read_records, record_texts, record_where
-from .tokenizer import Tokenizer, TokenizerSpec, build_tokenizer
-from .tokenizer_types import UnencodableText
+from .tokenizer import Tokenizer, TokenizerSpec
+from .tokenizer_types import UnencodableText, build_tokenizer
 
 CHUNK_RECORDS = 256
 

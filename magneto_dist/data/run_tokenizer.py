@@ -21,9 +21,10 @@ import shutil
 import warnings
 from typing import Optional
 
+from ..config import TOKENIZER_TYPES
 from ..errors import CheckpointError
-from .tokenizer import (TYPES, Tokenizer, TokenizerSpec, build_tokenizer, file_sha256,
-                        sentencepiece_tokenizer)
+from .tokenizer import Tokenizer, TokenizerSpec, file_sha256
+from .tokenizer_types import build_tokenizer, sentencepiece_tokenizer
 
 COPY_DIR = "tokenizer"
 IDENTITY_FILE = "identity.json"
@@ -88,7 +89,7 @@ def save_run_tokenizer(run_dir: str, tokenizer: Tokenizer) -> None:
 def _write_megatron_metadata(copy_dir: str, tokenizer: Tokenizer, copy: dict) -> None:
     """megatron-core's tokenizer_metadata.json beside the copied model file, for the libraries
     whose from_pretrained loads local files (not GPT-2 BPE, which it fetches from the Hub)."""
-    library = TYPES[tokenizer.spec.type]
+    library = TOKENIZER_TYPES[tokenizer.spec.type]
     if library not in ("sentencepiece", "huggingface", "tiktoken"):
         return
     from megatron.core.tokenizers import MegatronTokenizer

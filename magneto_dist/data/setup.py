@@ -12,7 +12,8 @@ from ..launch_env import RankInfo
 from .checks import check_token_ids
 from .corpus import build_builtin_corpus
 from .datasets import DatasetRequest, build_datasets, train_samples
-from .tokenizer import Tokenizer, TokenizerSpec, build_tokenizer, sentencepiece_tokenizer
+from .tokenizer import Tokenizer, TokenizerSpec
+from .tokenizer_types import build_tokenizer, sentencepiece_tokenizer
 
 
 def load_tokenizer(cfg: Config, ranks: RankInfo) -> Tuple[Tokenizer, List[str]]:

@@ -1,6 +1,7 @@
-"""The tokenizer layer: which tokenizer (a TokenizerSpec, in Megatron-LM's terms), its loading
-(tokenizer_types.py) and the one interface that preprocessing, datasets, training, sampling and
-export share.
+"""The tokenizer layer: which tokenizer (a TokenizerSpec, in Megatron-LM's terms) and the one
+interface that preprocessing, datasets, training, sampling and export share. Each type's
+loading, and `build_tokenizer`, are tokenizer_types.py's (which imports this module, never the
+other way round).
 
 megatron-core's datasets take any object with vocab_size, eod, pad (GPT) and cls, sep, mask,
 inv_vocab (masked LM), plus `unique_identifiers`, which they hash into the index-cache key. We
@@ -23,15 +24,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from ..config import TOKENIZER_TYPES
 from ..errors import DataError
 
-# The megatron-core library each tokenizer type (Megatron-LM's --tokenizer-type) loads through.
-TYPES = {
-    "SentencePieceTokenizer": "sentencepiece",
-    "HuggingFaceTokenizer": "huggingface",
-    "GPT2BPETokenizer": "megatron",
-    "TikTokenizer": "tiktoken",
-    "NullTokenizer": "null",
-}
-assert tuple(TYPES) == TOKENIZER_TYPES
 # megatron-core's convention: a tokenizer directory may say its library in this file.
 METADATA_FILE = "tokenizer_metadata.json"
 # The files of a Hugging Face tokenizer directory that decide its ids (a model directory may hold
@@ -59,7 +51,7 @@ def file_sha256(path: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class TokenizerSpec:
     """Which tokenizer: the same settings as Megatron-LM's tokenizer flags."""
-    type: Optional[str] = None          # a TYPES name; None: told by the files (see resolved)
+    type: Optional[str] = None          # a TOKENIZER_TYPES name; None: told by the files
     model: Optional[str] = None         # .model file, Hugging Face directory, tiktoken .json
     vocab_file: Optional[str] = None    # GPT2BPETokenizer: vocab.json
     merge_file: Optional[str] = None    # GPT2BPETokenizer: merges.txt
@@ -78,9 +70,9 @@ class TokenizerSpec:
         """The type named (told from the files when not given) and the paths made absolute;
         DataError naming the setting when something needed is missing."""
         kind = self.type or self._inferred_type()
-        if kind not in TYPES:
+        if kind not in TOKENIZER_TYPES:
             raise DataError(f"{flag('tokenizer_type')}={kind!r} is not a tokenizer type; use one "
-                            f"of {', '.join(TYPES)}")
+                            f"of {', '.join(TOKENIZER_TYPES)}")
         absolute = {key: os.path.abspath(getattr(self, key))
                     for key in ("model", "vocab_file", "merge_file") if getattr(self, key)}
         spec = dataclasses.replace(self, type=kind, **absolute)
@@ -126,7 +118,7 @@ class TokenizerSpec:
             except (ValueError, AttributeError) as err:  # not JSON, or not an object
                 raise DataError(f"{metadata} is not megatron-core tokenizer metadata ({err}); "
                                 f"fix it, or set {flag('tokenizer_type')}") from None
-            for kind, lib in TYPES.items():
+            for kind, lib in TOKENIZER_TYPES.items():
                 if lib == library and lib != "megatron":
                     return kind
         if os.path.isdir(path):
@@ -145,7 +137,7 @@ class TokenizerSpec:
             raise DataError(f"tokenizer model {path} does not exist; train one with `python "
                             "tools/train_tokenizer.py` or fix the path")
         raise DataError(f"cannot tell which tokenizer {path} is; set {flag('tokenizer_type')} "
-                        f"to one of {', '.join(TYPES)}")
+                        f"to one of {', '.join(TOKENIZER_TYPES)}")
 
     def options(self) -> Dict[str, object]:
         """The settings besides the files that change the ids (part of the identity)."""
@@ -281,14 +273,3 @@ class Tokenizer:
                                    " (= vocab_size - 1)")
         return f"tokenizer: {self.name} (vocabulary {self.vocab_size}, {eod})"
 
-
-def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
-    """Load any tokenizer type; DataError (one line, naming the file) when it cannot be."""
-    from .tokenizer_types import TOKENIZER_CLASSES  # megatron-core: seconds of imports
-    spec = spec.resolved()
-    return TOKENIZER_CLASSES[spec.type](spec)
-
-
-def sentencepiece_tokenizer(model_path: str) -> Tokenizer:
-    """The project's own kind: a sentencepiece .model (the built-in corpus's tokenizer)."""
-    return build_tokenizer(TokenizerSpec("SentencePieceTokenizer", model_path))

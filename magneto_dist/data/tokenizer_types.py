@@ -2,7 +2,8 @@
 (megatron.core.tokenizers, which goes through `MegatronTokenizer.from_pretrained`) with
 Megatron-LM's default flags, so that the ids are Megatron's own. Written here: the one type
 megatron-core cannot load from local files (GPT2BPETokenizer), batch encoding for Hugging Face
-tokenizers, the end-of-document rules and the masked-LM ids.
+tokenizers, the end-of-document rules and the masked-LM ids; and `build_tokenizer`, which loads
+any type.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from ..compat.megatron import library_tokenizer
 from ..errors import DataError
-from .tokenizer import TYPES, Tokenizer, TokenizerSpec, flag
+from .tokenizer import Tokenizer, TokenizerSpec, flag
 
 GPT2_EOD = "<|endoftext|>"
 # Megatron-LM's TikTokenizer default vocabulary size (megatron-core's DEFAULT_TIKTOKEN_MAX_VOCAB).
@@ -244,7 +245,18 @@ class Null(Tokenizer):
         return None
 
 
+# The class of each config.TOKENIZER_TYPES name (tests/test_tokenizers.py checks they match).
 TOKENIZER_CLASSES = {"SentencePieceTokenizer": SentencePiece, "HuggingFaceTokenizer": HuggingFace,
                      "GPT2BPETokenizer": HuggingFace, "TikTokenizer": TikToken,
                      "NullTokenizer": Null}
-assert set(TOKENIZER_CLASSES) == set(TYPES)
+
+
+def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    """Load any tokenizer type; DataError (one line, naming the file) when it cannot be."""
+    spec = spec.resolved()
+    return TOKENIZER_CLASSES[spec.type](spec)
+
+
+def sentencepiece_tokenizer(model_path: str) -> Tokenizer:
+    """The project's own kind: a sentencepiece .model (the built-in corpus's tokenizer)."""
+    return build_tokenizer(TokenizerSpec("SentencePieceTokenizer", model_path))

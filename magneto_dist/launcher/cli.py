@@ -32,7 +32,8 @@ from torch.distributed.launcher import api as launcher_api
 from ..checkpoint.reshard import refusal
 from ..compat.elastic import install_agent, rendezvous_hosted_here
 from ..config import Config, load_config
-from ..dims import LayoutError, ParallelDims
+from ..dims import (LayoutError, ParallelDims, data_parallel_size, model_parallel_size,
+                    model_parallel_sizes, model_parallel_text)
 from ..errors import NOT_RETRIED, ConfigError, ExitCode
 from ..launch_env import default_config, task_of_script
 from ..resilience.watchdog import AUTO_FACTOR, AUTO_MIN_S, LONG_FACTOR, STACKS_ENV, \
@@ -141,12 +142,12 @@ def node_count_problem(args, cfg: Config) -> Optional[str]:
     works = sorted(set(layouts) - set(fails))
     if not fails:
         return None
-    t, p = cfg.train, cfg.parallel
+    t = cfg.train
     first = min(fails)
     advice = (f"give --nnodes only working counts (e.g. {_widest_range(works)})" if works else
               "no count in the range works")
-    return (f"--nnodes {args.nnodes} with --nproc-per-node {per_node} (TP"
-            f"{p.tensor_model_parallel_size} x PP{p.pipeline_model_parallel_size}, "
+    return (f"--nnodes {args.nnodes} with --nproc-per-node {per_node} ("
+            f"{model_parallel_text(model_parallel_sizes(cfg))}, "
             f"train.micro_batch_size={t.micro_batch_size}, train.global_batch_size="
             f"{t.global_batch_size}, train.zero_stage={t.zero_stage}): the run cannot continue "
             f"on {_counts(sorted(fails))} node(s) (on {first}: {fails[first]}); node counts that "
@@ -157,12 +158,13 @@ def node_count_problem(args, cfg: Config) -> Optional[str]:
 
 def _batch_for_all(cfg: Config, per_node: int, min_nodes: int, max_nodes: int) -> str:
     """The smallest global batch from the configured one up that every count keeps."""
-    t, p = cfg.train, cfg.parallel
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    if any(nodes * per_node % model_parallel for nodes in range(min_nodes, max_nodes + 1)):
-        return f"a multiple of TP x PP = {model_parallel} ranks on every count"
-    step = math.lcm(*(t.micro_batch_size * nodes * per_node // model_parallel
-                      for nodes in range(min_nodes, max_nodes + 1)))
+    t, sizes = cfg.train, model_parallel_sizes(cfg)
+    replicas = [data_parallel_size(sizes, nodes * per_node)
+                for nodes in range(min_nodes, max_nodes + 1)]
+    if None in replicas:
+        return (f"a multiple of {model_parallel_text(sizes)} = {model_parallel_size(sizes)} "
+                "ranks on every count")
+    step = math.lcm(*(t.micro_batch_size * dp for dp in replicas))
     return (f"train.global_batch_size={-(-t.global_batch_size // step) * step} (a multiple of "
             f"{step}: micro-batch x data-parallel size on every count)")
 

@@ -27,7 +27,8 @@ import socket
 import time
 from typing import Iterable, List, Optional, Tuple
 
-from ..checkpoint import manager as ckpt
+from ..checkpoint.resume import resume_point
+from ..checkpoint.tags import CheckpointDir
 from ..files import read_jsonl
 from ..training.metrics_file import read_metrics
 
@@ -100,9 +101,8 @@ class IncidentLog:
         attempt_start = max(b for b in breaks if b <= now)
         steps = [r for r in rows if r.get("split") == "train"]
         reached = steps[-1]["step"] if steps else 0
-        tag = ckpt.find_resume_tag(os.path.join(self.run_dir, "checkpoints"), "auto",
-                                   log=lambda _: None, share=None)  # sizes: no reading
-        resumed = int(ckpt.TAG.match(tag).group(1)) if tag else 0
+        tag = resume_point(CheckpointDir.of_run(self.run_dir), contents=False)  # no reading
+        resumed = tag.step if tag else 0
         this_attempt = [(r, s) for r, s in timed_rows(rows, breaks) if r["time"] > attempt_start]
         progress = [r["time"] for r in rows if r.get("split") in ("train", "resume")
                     and r["time"] > attempt_start]

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from ..compat.torch_modules import own_parameters, replace_own_parameter
 from . import state
 from .tp_plan import SHARD_DIM, tp_kind
 
@@ -62,7 +63,7 @@ def materialize(module: nn.Module, prefix: str, weights: Optional[FullWeights],
     made: Dict[int, nn.Parameter] = {}
     with torch.no_grad():
         for module_name, sub in module.named_modules():
-            for local_name, param in list(sub._parameters.items()):
+            for local_name, param in own_parameters(sub):
                 if param is None or not param.is_meta:
                     continue
                 if id(param) not in made:
@@ -73,7 +74,7 @@ def materialize(module: nn.Module, prefix: str, weights: Optional[FullWeights],
                     new = nn.Parameter(shard, requires_grad=param.requires_grad)
                     new.__dict__.update(param.__dict__)  # tensor_model_parallel, partition_dim
                     made[id(param)] = new
-                sub._parameters[local_name] = made[id(param)]
+                replace_own_parameter(sub, local_name, made[id(param)])
     left = [n for n, b in module.named_buffers() if b.is_meta]
     if left:
         raise ValueError(f"buffers {left} are still on the meta device: a module built under "

@@ -14,7 +14,6 @@ sweep), puts its pid in SUPERVISOR_ENV of their environment. A rank started from
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from typing import Callable, Optional, Tuple
@@ -23,6 +22,7 @@ POLL_SECONDS = 1.0
 # Substrings of a launcher's command line: DeepSpeed's per-node launcher and torchrun's agent.
 LAUNCHER_MARKS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
 SUPERVISOR_ENV = "MAGNETO_DIST_SUPERVISOR_PID"  # a supervising program's pid, set by it
+Launchers = Tuple[Tuple[int, str], ...]  # (pid, command line) of each, nearest first
 
 
 def _cmdline(pid: int) -> str:
@@ -41,13 +41,12 @@ def parent_of(pid: int) -> Optional[int]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def launcher_chain() -> Tuple[Tuple[int, str], ...]:
+def launcher_chain() -> Launchers:
     """(pid, command line) of the launchers above this process, nearest first: the parent if it
     is a known launcher, and for DeepSpeed's launch.py also the `deepspeed` runner above it;
-    then the supervisor named in SUPERVISOR_ENV, if any. Cached: the entry point calls it first
-    thing, while they are all alive, so a launcher killed during start-up is still noticed once
-    training begins."""
+    then the supervisor named in SUPERVISOR_ENV, if any. The entry point asks first thing,
+    while they are all alive, and hands the answer to the training loop, so a launcher killed
+    during start-up is still noticed once training begins."""
     chain = []
     parent = os.getppid()
     cmd = _cmdline(parent)
@@ -68,10 +67,10 @@ def _gone(pid: int, cmd: str) -> bool:
     return _cmdline(pid) != cmd  # exited (or, after a pid reuse, became something else)
 
 
-def watch_launchers(on_gone: Callable[[str], None]) -> Optional[threading.Thread]:
-    """Start a daemon thread that calls on_gone(description) once, when a launcher above this
-    process exits. Returns the thread, or None when there is no launcher to watch."""
-    chain = launcher_chain()
+def watch_launchers(chain: Launchers,
+                    on_gone: Callable[[str], None]) -> Optional[threading.Thread]:
+    """Start a daemon thread that calls on_gone(description) once, when a launcher of `chain`
+    (launcher_chain) exits. Returns the thread, or None when there is no launcher to watch."""
     if not chain:
         return None
 

@@ -330,9 +330,9 @@ def prepare_run_dir(job: CellJob) -> None:
     code imported): keep a run dir that can be resumed, clear any other, so that a dead
     attempt's metrics never mix with a fresh start's; drop an earlier attempt's result. A path
     that is not a directory is left for the trainer to refuse by name."""
-    from ..checkpoint.manager import find_resume_tag
-    if os.path.isdir(job.run_dir) and not find_resume_tag(
-            os.path.join(job.run_dir, "checkpoints"), "auto", log=lambda *a: None):
+    from ..checkpoint.resume import resume_point
+    from ..checkpoint.tags import CheckpointDir
+    if os.path.isdir(job.run_dir) and not resume_point(CheckpointDir.of_run(job.run_dir)):
         shutil.rmtree(job.run_dir)
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         os.remove(job.result_path)

@@ -31,7 +31,8 @@ class Assumptions:
 def vocabulary(cfg: Config) -> int:
     """The vocabulary a cell's run would have: its tokenizer's, else the built-in corpus's."""
     if cfg.data.prefixes:
-        from ..data.tokenizer import TokenizerSpec, build_tokenizer
+        from ..data.tokenizer import TokenizerSpec
+        from ..data.tokenizer_types import build_tokenizer
         return build_tokenizer(TokenizerSpec.from_data_config(cfg.data)).vocab_size
     return cfg.data.builtin_vocab_size
 

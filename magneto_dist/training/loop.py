@@ -17,7 +17,7 @@ from ..config import Config
 from ..data.datasets import GlobalSampleBatches, train_samples
 from ..errors import ExitCode
 from ..resilience.faults import NO_FAULTS, Faults
-from ..resilience.parent_watch import watch_launchers
+from ..resilience.parent_watch import Launchers, watch_launchers
 from ..resilience.watchdog import StepWatchdog
 from .diagnostics import Diagnostics
 from .metrics import MetricsLogger
@@ -27,17 +27,18 @@ TP_RNG_KEY = "tensor_parallel"  # the TP dropout stream's entry in a rank's save
 
 
 class StopRequest:
-    """SIGTERM, the first Ctrl-C or the launcher's exit asks to stop after the current step; a
-    second Ctrl-C aborts."""
+    """SIGTERM, the first Ctrl-C or the exit of one of `launchers` asks to stop after the
+    current step; a second Ctrl-C aborts."""
 
-    def __init__(self):
+    def __init__(self, launchers: Launchers):
         self.requested = False
         self.signal_name = None
+        self.launchers = launchers
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
-        watch_launchers(self.request)
+        watch_launchers(self.launchers, self.request)
 
     def request(self, reason: str) -> None:
         self.requested = True
@@ -95,10 +96,11 @@ def dp_mean(value: torch.Tensor, group) -> float:
 class Trainer:
     def __init__(self, cfg: Config, task, setup, train_ds, valid_ds, metrics: MetricsLogger,
                  ckpt_dir: str, state: TrainState, client_state_fn: Callable[[TrainState], dict],
-                 log=print, faults: Faults = NO_FAULTS):
+                 log=print, faults: Faults = NO_FAULTS, launchers: Launchers = ()):
         """setup: a training/engine.py TrainingSetup (the engine, the parallelized model's DP
         rank/size/group, and the pipeline's own train/eval steps when there is one). faults:
-        the fault points' hook (tests; NO_FAULTS in production)."""
+        the fault points' hook (tests; NO_FAULTS in production). launchers: those above this
+        process (parent_watch.launcher_chain), watched while training; () watches none."""
         par = setup.par
         self.cfg, self.task, self.engine = cfg, task, setup.engine
         self.train_ds, self.valid_ds = train_ds, valid_ds
@@ -111,7 +113,7 @@ class Trainer:
         self.log, self.faults = log, faults
         self.device = self.engine.device
         self.rank = dist.get_rank()
-        self.stop = StopRequest()
+        self.stop = StopRequest(launchers)
         # the pipeline engine replaces the micro-batch loops with its own schedule
         self.train_step_fn = setup.train_step_fn or self._micro_batch_step
         self.eval_fn = setup.eval_fn or self._micro_batch_eval

@@ -1,5 +1,6 @@
 """Checks that must pass before a run touches its run directory: writable, not in use by another
-run, not already finished. Each failure is one line naming the path and what to do."""
+run (whether it is already finished is checkpoint/resume.py's). Each failure is one line naming
+the path and what to do."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,6 @@ import threading
 import time
 from typing import Optional, Tuple
 
-from ..config import TrainConfig
 from ..errors import ConfigError
 from ..files import pid_alive
 
@@ -172,12 +172,3 @@ class RunLock:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
 
-
-def finished_message(run_dir: str, tag: str, step: int, train: TrainConfig) -> Optional[str]:
-    """Why there is nothing to do (the resume tag already reached the end), or None."""
-    if step < train.last_step:
-        return None
-    reached = (f"train.exit_at_step={train.exit_at_step}" if train.exit_at_step
-               else f"train.train_iters={train.train_iters}")
-    return (f"run {run_dir} is finished: {tag} is at step {step}, {reached}; nothing to do. "
-            "Raise train.train_iters to train further, or use a new logging.run_dir")

@@ -18,25 +18,25 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
-from ..checkpoint import reshard
-from ..checkpoint.export import check_consolidated, consolidated_weights
+from ..checkpoint.export import consolidated_weights
+from ..checkpoint.resume import INIT_FROM, UNIVERSAL_FORM, ResumePlan, load_source, plan_resume
 from ..checkpoint.storage import agree_on_resume
+from ..checkpoint.tags import Tag
 from ..config import Config, dump_config, load_config, validate, with_vocab_size
-from ..data.datasets import train_samples
-from ..data.run_tokenizer import check_resume_tokenizer, save_run_tokenizer
+from ..data.run_tokenizer import save_run_tokenizer
 from ..data.setup import load_tokenizer, prepare_data
-from ..dims import ParallelDims, describe
+from ..dims import ParallelDims
 from ..errors import ConfigError, ExitCode, MagnetoError
 from ..files import atomic_write
 from ..launch_env import RankInfo, default_config, set_cpu_threads, single_process_env
 from ..model import InitWeights, flops_per_token, model_skeleton
 from ..resilience.faults import Faults, faults_from_env
-from ..resilience.parent_watch import launcher_chain
+from ..resilience.parent_watch import Launchers, launcher_chain
 from ..resilience.watchdog import die_with_parent
 from .generate import sample
 from .loop import Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops, process_start_time
-from .preflight import PreflightError, RunLock, check_run_dir_writable, finished_message
+from .preflight import PreflightError, RunLock, check_run_dir_writable
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
@@ -52,11 +52,11 @@ class RunPlan:
     tokenizer: object
     train_ds: object
     valid_ds: object
-    ckpt_dir: str
-    resume: Optional[reshard.ResumeSource]  # None: a fresh start
-    train_samples: int          # the training split's size (data.datasets.train_samples)
+    resume: ResumePlan          # where the run starts: a tag, init_from's weights, or fresh
+    load_from: Optional[Tag]    # what the engine loads: the tag or its universal form
     ranks: RankInfo
     faults: Faults              # fault injection (tests); NO_FAULTS otherwise
+    launchers: Launchers        # the launchers above this process, watched while training
 
 
 def parse_args(task: str, argv: Optional[List[str]]):
@@ -80,74 +80,16 @@ def resolve(task: str, argv) -> Config:
     return cfg
 
 
-def choose_resume_tag(cfg: Config, dims: ParallelDims, ckpt_dir: str,
-                      ranks: RankInfo) -> Tuple[Optional[str], Optional[Tuple[dict, dict]]]:
-    """The checkpoint to resume from, checked against this run's model and layout (this rank
-    verifies its share of the files' contents), and the (saved, current) layouts when they
-    differ."""
-    tag = ckpt.find_resume_tag(
-        ckpt_dir, cfg.checkpoint.resume, log=ranks.log, share=(ranks.rank, ranks.world_size),
-        warn=lambda message: print(f"rank {ranks.rank}: " * (ranks.world_size > 1) + message,
-                                   flush=True))
-    if not tag:
-        return None, None
-    ckpt.check_compatible(ckpt_dir, tag, cfg)
-    for change in ckpt.data_order_changes(ckpt_dir, tag, cfg):
-        ranks.log(f"WARNING: {change}: the samples come in another order than the checkpoint's "
-                  "run drew them, so resuming at its data position repeats some samples and "
-                  "skips others; set the checkpoint's value to continue exactly")
-    before, now = ckpt.saved_layout(ckpt_dir, tag), dims.layout
-    if before == now:
-        return tag, None
-    why_not = reshard.refusal(before, now)
-    if why_not:
-        raise ckpt.CheckpointError(
-            f"checkpoint {ckpt_dir}/{tag} was written by layout {describe(before)} "
-            f"and this run is {describe(now)}: {why_not}")
-    return tag, (before, now)
-
-
-def resume_source(ckpt_dir: str, tag: str, change: Optional[Tuple[dict, dict]],
-                  ranks: RankInfo, faults: Faults) -> reshard.ResumeSource:
-    """Where the engine loads `tag` from: the tag itself, or (another layout) its universal
-    form, built here before torch.distributed starts."""
-    if change is None:
-        return reshard.ResumeSource(tag=tag, load_dir=ckpt_dir, load_tag=tag)
-    before, now = change
-    ranks.log(f"changing layouts: {tag} was written by {describe(before)}, this run is "
-              f"{describe(now)}; resuming through the universal checkpoint")
-    return reshard.universal_source(ckpt_dir, tag, ranks.local_rank, log=ranks.log,
-                                    faults=faults, rank=ranks.rank)
-
-
-def train_split_size(cfg: Config, ckpt_dir: str, tag: Optional[str], ranks: RankInfo) -> int:
-    """The training split's size: a fresh start's, or from the resume tag's data position on
-    (with another global batch than the checkpoint's, its steps left take another number of
-    samples), never smaller than the size that tag's run used (which keeps the order)."""
-    t = cfg.train
-    if not tag:
-        return train_samples(t.train_iters, t.global_batch_size)
-    marker, saved = ckpt.read_marker(ckpt_dir, tag), ckpt.saved_config(os.path.join(ckpt_dir, tag))
-    consumed = marker.get("consumed_samples") or marker["step"] * saved.train.global_batch_size
-    if saved.train.global_batch_size != t.global_batch_size:
-        ranks.log(f"train.global_batch_size: checkpoint {saved.train.global_batch_size}, config "
-                  f"{t.global_batch_size}: continuing at sample {consumed}, "
-                  f"{t.global_batch_size} per step")
-    return train_samples(t.train_iters, t.global_batch_size, marker["step"], consumed,
-                         at_least=marker.get("train_samples") or
-                         saved.train.train_iters * saved.train.global_batch_size)
-
-
 def main(task: str, argv: Optional[List[str]] = None) -> int:
     """The process's exit code (errors.ExitCode). The project's own errors (config, data,
     checkpoint, no space) end it with one line and their code; anything else is unexpected and
     keeps its traceback (exit 1, which the fault-tolerant launcher retries)."""
     die_with_parent()  # under launch/ft_launch.py: no rank outlives its agent
     single_process_env()
-    launcher_chain()  # who launched us, noted while they are alive (see parent_watch)
+    launchers = launcher_chain()  # noted first thing, while they are all alive (parent_watch)
     ranks = RankInfo()
     try:
-        plan = plan_run(task, argv, ranks, faults_from_env())
+        plan = plan_run(task, argv, ranks, faults_from_env(), launchers)
         return int(ExitCode.OK if plan is None else train(plan))
     except MagnetoError as err:
         print(f"{err.label}: {err}", file=sys.stderr, flush=True)
@@ -169,7 +111,8 @@ def preflight(task: str, argv, ranks: RankInfo) -> Tuple[Config, ParallelDims]:
     return cfg, dims
 
 
-def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPlan]:
+def plan_run(task: str, argv, ranks: RankInfo, faults: Faults,
+             launchers: Launchers = ()) -> Optional[RunPlan]:
     """Every check that can fail, before torch.distributed starts: config, tokenizer, the
     resume point and its layout, data and index caches, a layout change's universal form.
     None: the run is already finished."""
@@ -180,26 +123,22 @@ def plan_run(task: str, argv, ranks: RankInfo, faults: Faults) -> Optional[RunPl
         ranks.log(f"model.vocab_size set from the tokenizer: {tokenizer.vocab_size}")
     # The model has exactly the tokenizer's vocabulary; tensor parallelism pads its own shards.
     cfg = with_vocab_size(cfg, tokenizer.vocab_size)
-    ckpt_dir = os.path.join(cfg.logging.run_dir, "checkpoints")
-    resume_tag, layout_change = choose_resume_tag(cfg, dims, ckpt_dir, ranks)
-    if resume_tag:
-        check_resume_tokenizer(cfg.logging.run_dir, tokenizer)
-    if not resume_tag and cfg.checkpoint.init_from:
-        check_consolidated(cfg.checkpoint.init_from, cfg)
-    if resume_tag:
-        done = finished_message(cfg.logging.run_dir, resume_tag,
-                                ckpt.read_marker(ckpt_dir, resume_tag)["step"], cfg.train)
-        if done:  # a rerun of a finished command rewrites nothing
-            ranks.log(done)
-            return None
-    num_train = train_split_size(cfg, ckpt_dir, resume_tag, ranks)
-    train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks, num_train)
-    resume = (resume_source(ckpt_dir, resume_tag, layout_change, ranks, faults) if resume_tag
-              else None)
+    resume = plan_resume(cfg, dims, tokenizer, share=(ranks.rank, ranks.world_size),
+                         warn=lambda line: print(f"rank {ranks.rank}: " * (ranks.world_size > 1)
+                                                 + line, flush=True), log=ranks.log)
+    for line in resume.warnings:
+        ranks.log(line)
+    if resume.finished:  # a rerun of a finished command rewrites nothing
+        ranks.log(resume.finished)
+        return None
+    train_ds, valid_ds, _ = prepare_data(cfg, task, tokenizer, prefixes, ranks,
+                                         resume.train_samples)
+    load_from = load_source(resume, ranks.local_rank, log=ranks.log, faults=faults,
+                            rank=ranks.rank)
     objective = TASKS[task].for_run(cfg, dims, tokenizer.vocab_size, tokenizer.eod)
     return RunPlan(cfg=cfg, dims=dims, task=objective, tokenizer=tokenizer, train_ds=train_ds,
-                   valid_ds=valid_ds, ckpt_dir=ckpt_dir, resume=resume,
-                   train_samples=num_train, ranks=ranks, faults=faults)
+                   valid_ds=valid_ds, resume=resume, load_from=load_from, ranks=ranks,
+                   faults=faults, launchers=launchers)
 
 
 def lock_run_dir(run_dir: str, ranks: RankInfo) -> Tuple[RunLock, Optional[str]]:
@@ -229,7 +168,8 @@ def train(plan: RunPlan) -> ExitCode:
             raise PreflightError(refusal)
         return ExitCode.CONFIG
     try:
-        disagreement = agree_on_resume(plan.ckpt_dir, plan.resume and plan.resume.tag,
+        resumed = plan.resume.tag
+        disagreement = agree_on_resume(plan.resume.ckpts, resumed and resumed.name,
                                        plan.ranks.log)
         if disagreement:  # the same on every rank; said once, by rank 0
             if plan.ranks.rank == 0:
@@ -247,28 +187,29 @@ def train(plan: RunPlan) -> ExitCode:
     return code
 
 
-def build_setup(cfg: Config, dims: ParallelDims, task, resume: Optional[reshard.ResumeSource],
-                ranks: RankInfo):
-    """This rank's shard inside the DeepSpeed engine (engine.TrainingSetup). Every rank
-    materializes only its shard of the meta-device skeleton, each parameter sliced from its
-    full tensor made one at a time: from (seed, name), or read from an export."""
+def build_setup(cfg: Config, dims: ParallelDims, task, source: str, ranks: RankInfo):
+    """This rank's shard inside the DeepSpeed engine (engine.TrainingSetup), for a run whose
+    state comes from `source` (a ResumePlan's). Every rank materializes only its shard of the
+    meta-device skeleton, each parameter sliced from its full tensor made one at a time: from
+    (seed, name), or read from an export."""
     from .engine import build_training
 
     torch.manual_seed(cfg.train.seed)  # the default stream: dropout, as in a single process
     model = model_skeleton(cfg.model)
-    if cfg.checkpoint.init_from and not resume:
+    if source == INIT_FROM:
         weights = consolidated_weights(cfg.checkpoint.init_from)
         ranks.log(f"weights from {cfg.checkpoint.init_from} (fresh optimizer, step 0)")
     else:
         weights = InitWeights(model, cfg.model, cfg.train.seed)
     return build_training(model, cfg, dims, task, weights,
-                          load_universal=bool(resume and resume.universal))
+                          load_universal=source == UNIVERSAL_FORM)
 
 
 def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, state: TrainState,
                  ranks: RankInfo, faults: Optional[Faults] = None,
-                 train_size: Optional[int] = None) -> Trainer:
-    """The training loop around a built setup, with its metrics logger."""
+                 train_size: Optional[int] = None, launchers: Launchers = ()) -> Trainer:
+    """The training loop around a built setup, with its metrics logger; it stops when one of
+    `launchers` exits."""
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
                             device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log))
@@ -276,7 +217,7 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
     return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
                    lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
                               "train_samples": train_size, **setup.checkpoint_info},
-                   log=ranks.log, **extra)
+                   log=ranks.log, launchers=launchers, **extra)
 
 
 def resume_state(plan: RunPlan, setup) -> Tuple[TrainState, dict]:
@@ -285,11 +226,11 @@ def resume_state(plan: RunPlan, setup) -> Tuple[TrainState, dict]:
     from .engine import describe_param_groups, group_settings
 
     resume, cfg = plan.resume, plan.cfg
-    client = ckpt.load(setup.engine, resume.load_dir, resume.load_tag)
-    if resume.universal and cfg.train.zero_stage == 3:
+    client = ckpt.load(setup.engine, plan.load_from)
+    if resume.source == UNIVERSAL_FORM and cfg.train.zero_stage == 3:
         repair_zero3_universal_load(setup.engine, group_settings(cfg))
     state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
-    plan.ranks.log(f"resumed from {plan.ckpt_dir}/{resume.tag}: step {state.step}, "
+    plan.ranks.log(f"resumed from {resume.tag.label}: step {state.step}, "
                    f"{state.consumed_samples} samples consumed; optimizer groups: "
                    f"{describe_param_groups(setup.engine.optimizer)}")
     return state, client
@@ -300,16 +241,18 @@ def train_locked(plan: RunPlan) -> ExitCode:
     if ranks.rank == 0:
         dump_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
         save_run_tokenizer(cfg.logging.run_dir, plan.tokenizer)
-    setup = build_setup(cfg, plan.dims, plan.task, plan.resume, ranks)
+    setup = build_setup(cfg, plan.dims, plan.task, plan.resume.source, ranks)
     if ranks.rank == 0:  # what DeepSpeed was really given: derived keys, defaults, deepspeed:
         atomic_write(os.path.join(cfg.logging.run_dir, DEEPSPEED_CONFIG),
                      json.dumps(setup.deepspeed_config, indent=2) + "\n")
     load_start = time.time()
-    state, client = resume_state(plan, setup) if plan.resume else (TrainState(), {})
-    trainer = make_trainer(cfg, plan.task, setup, plan.train_ds, plan.valid_ds, plan.ckpt_dir,
-                           state, ranks, plan.faults, plan.train_samples)
-    if plan.resume:  # the steps replayed since the checkpoint follow this row in metrics.jsonl
-        trainer.metrics.resumed(state.step, plan.resume.tag, process_start_time(), load_start)
+    state, client = resume_state(plan, setup) if plan.load_from else (TrainState(), {})
+    trainer = make_trainer(cfg, plan.task, setup, plan.train_ds, plan.valid_ds,
+                           plan.resume.ckpts.path, state, ranks, plan.faults,
+                           plan.resume.train_samples, plan.launchers)
+    if plan.load_from:  # the steps replayed since the checkpoint follow this row in metrics
+        trainer.metrics.resumed(state.step, plan.resume.tag.name, process_start_time(),
+                                load_start)
         trainer.restore_tp_rng(client.get("_rng"))
     code = trainer.train()
     trainer.metrics.close()

@@ -8,11 +8,12 @@ Several of these at once on one tag directory are several nodes on a shared file
 import sys
 
 from magneto_dist.checkpoint import reshard
+from magneto_dist.checkpoint.tags import CheckpointDir
 from magneto_dist.resilience.faults import faults_from_env
 
 if __name__ == "__main__":
     ckpt_dir, tag, local_rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    source = reshard.universal_source(ckpt_dir, tag, local_rank,
+    source = reshard.universal_source(CheckpointDir(ckpt_dir).tag(tag), local_rank,
                                       log=lambda line: print(line, flush=True),
                                       faults=faults_from_env())
-    print(f"ready to load {source.load_dir}/{source.load_tag}", flush=True)
+    print(f"ready to load {source.label}", flush=True)

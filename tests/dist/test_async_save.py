@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from magneto_dist.checkpoint import manager as ckpt
+from magneto_dist.checkpoint.tags import CheckpointDir
 from magneto_dist.config import load_config
 from magneto_dist.dims import ParallelDims
 from magneto_dist.training.memory_plan import Layout, MemoryPlanner
@@ -93,10 +93,11 @@ def test_kills_and_sigterm_during_background_writes_resume_exactly(tmp_path, cac
     losses = {r["step"]: r["loss"] for r in rows(run_dir, "train")}  # the last of each step
     assert losses == {r["step"]: r["loss"] for r in rows(reference, "train")}  # bit for bit
     ckpts, sync_ckpts = run_dir / "checkpoints", reference / "checkpoints"
-    assert ckpt.complete_tags(str(ckpts)) == ["global_step10"]  # keep_last=1
-    assert ckpt.damage(str(ckpts), "global_step10") is None  # sizes and digests as recorded
-    saved = sorted(ckpt.read_marker(str(ckpts), "global_step10")["files"])
-    assert saved == sorted(ckpt.read_marker(str(sync_ckpts), "global_step10")["files"])
+    assert CheckpointDir(str(ckpts)).complete_tags() == ["global_step10"]  # keep_last=1
+    tag = CheckpointDir(str(ckpts)).tag("global_step10")
+    assert tag.damage() is None  # sizes and digests as recorded
+    saved = sorted(tag.marker()["files"])
+    assert saved == sorted(CheckpointDir(str(sync_ckpts)).tag("global_step10").marker()["files"])
     for name in saved:
         if name.endswith(".pt"):
             tensors_equal(torch.load(ckpts / "global_step10" / name, weights_only=False),

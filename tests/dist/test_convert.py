@@ -130,7 +130,7 @@ def check_hf_logits(hf_dir, run_dir, weights):
     """from_pretrained(trust_remote_code=True) gives the native model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from magneto_dist.checkpoint.manager import saved_config
+    from magneto_dist.checkpoint.tags import saved_config
 
     model = build_model(saved_config(str(run_dir / "checkpoints" / "global_step2")).model)
     for name, param in model.named_parameters():  # the tied head is embed.word.weight

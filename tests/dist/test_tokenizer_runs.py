@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from magneto_dist.data.preprocess import preprocess
-from magneto_dist.data.tokenizer import TokenizerSpec, build_tokenizer
+from magneto_dist.data.tokenizer import TokenizerSpec
+from magneto_dist.data.tokenizer_types import build_tokenizer
 from magneto_dist.data.tokenizer_training import train_byte_level_bpe
 
 from ..tokenizer_files import stdlib_docs, write_jsonl
