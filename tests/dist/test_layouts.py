@@ -150,9 +150,11 @@ def group_results(tmp_path_factory):
             cases = GROUPS[world] + (CHECKS + COMPILED[2] if world == 2 else [])
             cases += [RING_CP4] if world == 4 else []
             compiling = 150 if world == 2 else 0  # a cold TP2 compile took 40-80 s here
+            # a hang guard: 10 s per case beyond the base (under a loaded 2-core machine the
+            # world-2 group of ~50 cases ran past 510 s)
             try:
                 cache[world] = run_group(tmp_path_factory.mktemp(f"w{world}"), world, cases,
-                                         timeout=240 + 60 * world + compiling)
+                                         timeout=240 + 60 * world + compiling + 10 * len(cases))
             except AssertionError as failed:  # every test of the group fails with it, once
                 cache[world] = failed
         if isinstance(cache[world], AssertionError):
