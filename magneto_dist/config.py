@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional, Tuple, get_type_hints
 
 import yaml
 
@@ -42,6 +42,7 @@ CHOICES = {
     ("train", "wsd_decay_style"): ("linear", "cosine", "1-sqrt"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "compile"): ("off", "blocks"),
+    ("train", "spike_policy"): ("off", "warn", "rollback"),
     ("parallel", "pipeline_partition"): ("parameters", "layers"),
 }
 
@@ -123,6 +124,32 @@ class TrainConfig:
     max_nonfinite_steps: int = 3           # consecutive steps with a non-finite loss or grad
                                            # norm (each skipped, not applied) before the run
                                            # stops with exit code 4
+    # Loss spikes and silent corruption (README "Self-healing"; training/spikes.py is the rule)
+    spike_policy: str = "warn"             # off | warn (a "spike" metrics row) | rollback (back
+                                           # to the last checkpoint, replay; a spike that
+                                           # recurs there skips a window of data)
+    spike_window: int = 10                 # a spike is judged against the previous this-many
+                                           # steps (after the LR warm-up)
+    spike_loss_rise: float = 1.0           # a spike: the loss this many nats above the window's
+                                           # median (this CPU's tiny runs: ~0.2 nats of noise)
+    spike_mad_factor: float = 4.0          # ... and this many robust standard deviations
+                                           # (1.4826 x MAD) above it
+    spike_grad_norm_factor: float = 10.0   # or the grad norm this many times its window's
+                                           # median (and as many deviations of its log); 0 off
+    spike_skip_steps: int = 20             # rollback: a spike that recurs on the replay skips
+                                           # this many global batches around it (PaLM skipped
+                                           # 200-500); a third spike within this many steps
+                                           # stops the run (exit code 5)
+    spike_max_skips: int = 4               # rollback: windows a run may skip; its training
+                                           # split is built longer by that many (no sample
+                                           # changes its index), one more stops the run
+    replay_tolerance: float = 0.0          # rollback: the first replayed step re-runs the
+                                           # same batch from the same state; a relative
+                                           # difference above this from its first loss is a
+                                           # hardware fault (exit code 6). 0: bit for bit
+    replica_check_interval: int = 0        # every N steps compare the digests of the data-
+                                           # parallel replicas' parameters (0: off); see README
+                                           # for the measured cost
 
     @property
     def last_step(self) -> int:
@@ -140,6 +167,10 @@ class ParallelConfig:
                                            # over the group (parallel/context_parallel.py)
     pipeline_partition: str = "parameters"  # balance stages by parameters | layers
     activation_checkpointing: bool = False  # recompute each layer in backward
+    sequence_parallel: bool = False        # with TP: the regions outside the TP GEMMs (outer
+                                           # norms, dropout, residual adds, the embeddings'
+                                           # output) hold 1/TP of the sequence per rank
+                                           # (Megatron's --sequence-parallel)
     vocab_padding_multiple: int = 128      # vocab padded to a multiple of this x TP
     timeout_minutes: int = 30              # how long a collective waits for the slowest rank
                                            # before the process group gives up (DeepSpeed's
@@ -158,6 +189,10 @@ class CheckpointConfig:
     async_save: bool = False               # copy the state to host memory and write it in the
                                            # background while training goes on (a host copy
                                            # of each rank's checkpoint; see README)
+    resume_skip_batches: int = 0           # resuming from the tag checkpoint.resume names,
+                                           # skip this many global batches of data first (a
+                                           # skip by hand past bad data, as the rollback
+                                           # policy's own skip does; recorded in the metrics)
 
 
 @dataclass
@@ -169,6 +204,21 @@ class LoggingConfig:
     sample_tokens: int = 48
     diagnostics_interval: int = 0          # every N steps (and at step 0): per-layer grad norms,
                                            # update ratios, residual RMS, model update (0: off)
+    straggler_interval: int = 50           # every N steps: name a rank that keeps its peers
+                                           # waiting (0: off; README "Seeing inside a run")
+    straggler_margin: float = 0.5          # named when its delay makes the step 1 + this times
+                                           # as long as without it (training/stragglers.py
+                                           # says why 0.5; lower it on dedicated GPUs)
+    profile_steps: str = ""                # torch.profiler over steps "A-B" (or "A") on every
+                                           # rank, a trace each in RUN_DIR/profile ("": off)
+    profile_stacks: bool = False           # the profile records Python stacks too (bigger)
+    memory_snapshot: bool = False          # CUDA: the allocator's history over the profile
+                                           # window, a snapshot at its end and on out-of-memory
+
+    @property
+    def profile_window(self) -> Optional[Tuple[int, int]]:
+        """(first, last) step of logging.profile_steps, None when off (validate() checked it)."""
+        return step_range(self.profile_steps)
 
 
 @dataclass
@@ -188,7 +238,20 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 FREE_FORM = "deepspeed"  # the section that is a mapping passed on, not typed keys
-ON_OFF_KEYS = ("train.compile",)  # string keys with an `off` choice, which YAML reads as False
+# string keys with an `off` choice, which YAML reads as False
+ON_OFF_KEYS = ("train.compile", "train.spike_policy")
+STEP_RANGE_KEYS = ("logging.profile_steps",)  # "A-B" string keys, where YAML reads "A" as an int
+
+
+def step_range(text: str) -> Optional[Tuple[int, int]]:
+    """"A-B" or "A" -> (A, B) (B = A); "" -> None; ValueError for anything else."""
+    if not text:
+        return None
+    first, dash, last = text.partition("-")
+    first, last = int(first), int(last) if dash else int(first)
+    if not 1 <= first <= last:
+        raise ValueError(text)
+    return first, last
 
 
 def _coerce(key: str, value: Any, hint) -> Any:
@@ -214,6 +277,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
             return float(value)
         except ValueError:
             pass
+    if key in STEP_RANGE_KEYS and type(value) is int:
+        return str(value)
     if key in ON_OFF_KEYS and isinstance(value, bool):
         return "on" if value else "off"  # YAML 1.1 reads off/on as booleans; validate() checks
     if hint in (int, float, str, bool) and not (type(value) is hint):
@@ -379,6 +444,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1 "
              "(or drop pipeline parallelism to use ZeRO-2/3)")
     _validate_context_parallel(cfg, dims)
+    _validate_sequence_parallel(cfg, dims)
     _require(p.vocab_padding_multiple >= 1, "parallel.vocab_padding_multiple must be at least 1")
     _require(t.train_iters >= 1, f"train.train_iters={t.train_iters} must be at least 1")
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
@@ -390,6 +456,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     _require(t.warmup_iters >= 0, f"train.warmup_iters={t.warmup_iters} must be at least 0")
     _require(t.max_nonfinite_steps >= 1,
              f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1")
+    _validate_healing(cfg)
     _require(t.precision != "fp16" or has_cuda, "train.precision='fp16' needs a GPU (fp16 has "
              "no fast CPU kernels); use fp32 on CPU, bf16 or fp16 on GPU")
     _require(t.zero_stage >= min_zero_stage(t.precision), "train.precision='bf16' with "
@@ -404,6 +471,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _require(t.log_interval >= 1, "train.log_interval must be at least 1")
     _validate_data_logging_checkpoint(cfg, dims)
+    _validate_observation(cfg.logging, t, has_cuda)
     return dims
 
 
@@ -419,6 +487,59 @@ def _validate_wsd(t: TrainConfig) -> None:
     _require(1 <= t.wsd_decay_iters <= span, f"train.wsd_decay_iters={t.wsd_decay_iters} must "
              f"be between 1 and the {span} steps between the warm-up and the decay's end "
              "(train.lr_decay_iters, else train.train_iters)")
+
+
+def _validate_observation(g: LoggingConfig, t: TrainConfig, has_cuda: bool) -> None:
+    """The straggler check, the profile window and the memory snapshot."""
+    _require(g.straggler_interval >= 0,
+             f"logging.straggler_interval={g.straggler_interval} must be >= 0 (0: off)")
+    _require(g.straggler_margin > 0,
+             f"logging.straggler_margin={g.straggler_margin} must be > 0 (0.5: a rank is named "
+             "when its delay makes every step half as long again)")
+    try:
+        window = g.profile_window
+    except ValueError:
+        raise ConfigError(f"logging.profile_steps={g.profile_steps!r} must be FIRST-LAST or one "
+                          "step, counted from 1 (e.g. 5-7), or empty (off)") from None
+    _require(window is None or window[1] <= t.train_iters,
+             f"logging.profile_steps={g.profile_steps!r} ends after train.train_iters="
+             f"{t.train_iters}; profile steps within the run")
+    _require(not g.memory_snapshot or window is not None, "logging.memory_snapshot=true records "
+             "over the profile window: set logging.profile_steps too (e.g. 1-2 to catch the "
+             "first steps' peak or an out-of-memory error in them)")
+    _require(not g.memory_snapshot or has_cuda, "logging.memory_snapshot=true records the CUDA "
+             "caching allocator, and this machine has no GPU; drop it (on CPU, the profile "
+             "window's trace shows each operator's time and shapes)")
+
+
+def _validate_healing(cfg: Config) -> None:
+    """The spike and replica-check keys (train.spike_*, replica_check_interval)."""
+    t, c = cfg.train, cfg.checkpoint
+    _require(t.spike_window >= 3, f"train.spike_window={t.spike_window} must be at least 3 (a "
+             "median and a deviation need a few steps)")
+    for name in ("spike_loss_rise", "spike_mad_factor", "spike_grad_norm_factor",
+                 "replay_tolerance"):
+        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
+    _require(t.spike_grad_norm_factor == 0 or t.spike_grad_norm_factor > 1,
+             f"train.spike_grad_norm_factor={t.spike_grad_norm_factor} must be above 1 (a "
+             "multiple of the median grad norm), or 0 to judge the loss only")
+    _require(t.spike_skip_steps >= 1 and t.spike_max_skips >= 0,
+             f"train.spike_skip_steps={t.spike_skip_steps} must be at least 1 and "
+             f"train.spike_max_skips={t.spike_max_skips} at least 0")
+    _require(t.replica_check_interval >= 0,
+             f"train.replica_check_interval={t.replica_check_interval} must be >= 0")
+    healing = [f"train.spike_policy=rollback"] * (t.spike_policy == "rollback") + \
+        [f"train.replica_check_interval={t.replica_check_interval}"] * bool(
+            t.replica_check_interval)
+    _require(not healing or c.save_interval > 0, f"{' and '.join(healing)} with "
+             "checkpoint.save_interval=0: there would be no checkpoint to roll back to; set "
+             "checkpoint.save_interval > 0")
+    _require(c.resume_skip_batches >= 0,
+             f"checkpoint.resume_skip_batches={c.resume_skip_batches} must be >= 0")
+    _require(not c.resume_skip_batches or c.resume not in ("auto", "none"),
+             f"checkpoint.resume_skip_batches={c.resume_skip_batches} needs checkpoint.resume "
+             "set to the tag to skip from (e.g. global_step400), not "
+             f"{c.resume!r}: a skip after whichever tag is newest would repeat at every restart")
 
 
 def _validate_context_parallel(cfg: Config, dims: ParallelDims) -> None:
@@ -447,6 +568,25 @@ def _validate_context_parallel(cfg: Config, dims: ParallelDims) -> None:
              "model.dropout=0 (or parallel.context_parallel_size=1)")
     _require(cfg.logging.diagnostics_interval == 0, f"{key}: logging.diagnostics_interval "
              "needs the whole sequence on one rank; set it to 0")
+
+
+def _validate_sequence_parallel(cfg: Config, dims: ParallelDims) -> None:
+    """Sequence parallelism splits what a rank of a TP group holds of each sequence (all of it,
+    or its CP chunks) into TP parts. Without TP it is an error, not Megatron's silent no-op:
+    a run asking for SP at TP1 would otherwise report a layout it does not have."""
+    p, m, tp, cp = cfg.parallel, cfg.model, dims.tp, dims.cp
+    if not p.sequence_parallel:
+        return
+    _require(tp > 1, "parallel.sequence_parallel=true needs tensor parallelism (it splits the "
+             "TP group's replicated regions along the sequence) but "
+             "parallel.tensor_model_parallel_size=1: set tensor_model_parallel_size to 2 or "
+             "more, or sequence_parallel=false")
+    local = f"model.max_seq_len={m.max_seq_len}" + (f" / parallel.context_parallel_size={cp}"
+                                                     if cp > 1 else "")
+    _require(m.max_seq_len % (cp * tp) == 0,
+             f"parallel.sequence_parallel=true splits each rank's sequence ({local}) across the "
+             f"parallel.tensor_model_parallel_size={tp} ranks, but it is not divisible by {tp}; "
+             f"use a model.max_seq_len that is a multiple of {cp * tp}")
 
 
 def _validate_data_logging_checkpoint(cfg: Config, dims: ParallelDims) -> None:

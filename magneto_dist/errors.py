@@ -18,13 +18,19 @@ class ExitCode(enum.IntEnum):
     CHECKPOINT = 3    # a checkpoint cannot be read, resumed or converted: not retried
     NONFINITE = 4     # stopped on train.max_nonfinite_steps non-finite steps in a row: a replay
                       # of the same data reproduces it, not retried
+    SPIKES = 5        # stopped on a third loss spike within train.spike_skip_steps steps (or no
+                      # room left to skip one): the data or the model keeps spiking, not retried
+    HARDWARE = 6      # a step replayed from a checkpoint gave another result than its first run,
+                      # or the data-parallel replicas' parameters disagree with no checkpoint to
+                      # go back to: a rank computed or held something wrong; retried (the restart
+                      # resumes from a good checkpoint, a scheduler may replace the node)
     NO_SPACE = 74     # EX_IOERR: no space left for a checkpoint; not retried until freed
     INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving; rerun (requeue) to resume
 
     @property
     def retried(self) -> bool:
         """Whether the fault-tolerant launcher restarts the group after a rank exits so."""
-        return self in (ExitCode.FAILED, ExitCode.INTERRUPTED)
+        return self in (ExitCode.FAILED, ExitCode.INTERRUPTED, ExitCode.HARDWARE)
 
 
 # Why a code is not retried, as the launcher says it.
@@ -32,6 +38,7 @@ NOT_RETRIED = {
     ExitCode.CONFIG: "config or data error",
     ExitCode.CHECKPOINT: "checkpoint error",
     ExitCode.NONFINITE: "non-finite loss",
+    ExitCode.SPIKES: "the loss kept spiking",
     ExitCode.NO_SPACE: "no space left on the checkpoint filesystem",
 }
 
@@ -73,3 +80,4 @@ class NoSpaceError(CheckpointError):
     """The checkpoint filesystem is full; the message names the directory and the size needed."""
     exit_code = ExitCode.NO_SPACE
     label = "no space"
+

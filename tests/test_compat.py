@@ -13,6 +13,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from megatron.core.datasets import gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
@@ -26,8 +27,8 @@ import torch._dynamo.utils
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel import layers as tp_layers
 
-from magneto_dist.compat import (CompatError, ds_engine, ds_universal, dynamo, elastic, megatron,
-                                 torch_modules)
+from magneto_dist.compat import (CompatError, cuda_memory, ds_engine, ds_universal, ds_zero,
+                                 dynamo, elastic, megatron, torch_modules)
 
 
 def _without_fragment(*args, **kwargs):
@@ -52,6 +53,11 @@ TOUCHES = [
     (ds_engine, DeepSpeedEngine, "_save_zero_checkpoint", _without_fragment),
     (ds_engine, PipelineEngine, "module_state_dict", _without_fragment),
     (ds_engine, PipelineModule, "save_state_dict", _without_fragment),
+    (ds_zero, DeepSpeedZeroOptimizer, "__init__", _without_fragment),
+    (ds_zero, DeepSpeedZeroOptimizer, "step", _without_fragment),
+    (ds_zero, DeepSpeedZeroOptimizer_Stage3, "_create_fp16_partitions_with_defragmentation",
+     _without_fragment),
+    (ds_zero, DeepSpeedZeroOptimizer_Stage3, "_create_fp32_partitions", _without_fragment),
     (megatron, MegatronTokenizerText, "__init__", _without_fragment),
     (megatron, BlendedMegatronDatasetBuilder, "__init__", lambda self, cls, sizes, config: None),
     (megatron, gpt_dataset.GPTDataset, "_build_document_sample_shuffle_indices",
@@ -61,6 +67,10 @@ TOUCHES = [
     (megatron, tp_layers, "linear_with_grad_accumulation_and_async_allreduce",
      _without_fragment),
     (dynamo, torch._dynamo.utils, "calculate_time_spent", _without_fragment),
+    (cuda_memory, torch.cuda.memory, "_record_memory_history", None),
+    (cuda_memory, torch.cuda.memory, "_record_memory_history", lambda enabled=None: None),
+    (cuda_memory, torch.cuda.memory, "_dump_snapshot", None),
+    (cuda_memory, torch.cuda.memory, "_dump_snapshot", lambda path: None),
     (dynamo, torch._dynamo.config, "ignore_logging_functions", None),
     (dynamo, torch._dynamo.config, "recompile_limit", None),
     (dynamo, torch._dynamo.config, "accumulated_recompile_limit", None),
@@ -79,8 +89,8 @@ TOUCHES = [
 ]
 
 
-@pytest.mark.parametrize("module", [ds_universal, ds_engine, megatron, dynamo, elastic,
-                                    torch_modules],
+@pytest.mark.parametrize("module", [ds_universal, ds_engine, ds_zero, megatron, dynamo, elastic,
+                                    cuda_memory, torch_modules],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_the_pinned_versions_pass_every_check(module):
     module.check()

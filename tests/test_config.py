@@ -20,6 +20,7 @@ def test_yaml_booleans_in_a_string_key_read_as_off_and_on():
     keys with an `off` choice read booleans so: a prompt of `yes` is still refused."""
     assert load_config(None, ["train.compile=off"]).train.compile == "off"
     assert load_config(None, ["train.compile=blocks"]).train.compile == "blocks"
+    assert load_config(None, ["train.spike_policy=off"]).train.spike_policy == "off"
     with pytest.raises(ConfigError, match="train.compile='on' must be off or blocks"):
         validate(load_config(None, ["train.compile=on"]), 1)
     with pytest.raises(ConfigError, match="logging.sample_prompt=True must be str"):
@@ -68,11 +69,32 @@ def test_config_errors_name_the_key(overrides, message):
      "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use train.zero_stage=1"),
     (["parallel.pipeline_model_parallel_size=4", "model.num_layers=2"], 4,
      "more stages than model.num_layers=2"),
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs tensor "
+     "parallelism (it splits the TP group's replicated regions along the sequence) but "
+     "parallel.tensor_model_parallel_size=1: set tensor_model_parallel_size to 2 or more"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2",
+      "model.max_seq_len=127"], 2, "parallel.sequence_parallel=true splits each rank's sequence "
+     "(model.max_seq_len=127) across the parallel.tensor_model_parallel_size=2 ranks, but it is "
+     "not divisible by 2; use a model.max_seq_len that is a multiple of 2"),
+    (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=4",
+      "parallel.context_parallel_size=2", "model.max_seq_len=20"], 8,
+     "(model.max_seq_len=20 / parallel.context_parallel_size=2) across the "
+     "parallel.tensor_model_parallel_size=4 ranks, but it is not divisible by 4; use a "
+     "model.max_seq_len that is a multiple of 8"),
     (["train.precision=fp16"], 1, "train.precision='fp16' needs a GPU"),
     (["train.precision=bf16", "train.zero_stage=0"], 1,
      "train.precision='bf16' with train.zero_stage=0"),
     (["train.compile=all"], 1, "train.compile='all' must be off or blocks"),
     (["parallel.timeout_minutes=0"], 1, "parallel.timeout_minutes=0 must be at least 1"),
+    (["train.spike_policy=undo"], 1, "train.spike_policy='undo' must be off, warn or rollback"),
+    (["train.spike_window=2"], 1, "train.spike_window=2 must be at least 3"),
+    (["train.spike_grad_norm_factor=0.5"], 1, "train.spike_grad_norm_factor=0.5 must be above 1"),
+    (["train.spike_policy=rollback", "train.replica_check_interval=5",
+      "checkpoint.save_interval=0"], 1, "train.spike_policy=rollback and "
+     "train.replica_check_interval=5 with checkpoint.save_interval=0: there would be no "
+     "checkpoint to roll back to"),
+    (["checkpoint.resume_skip_batches=4"], 1, "checkpoint.resume_skip_batches=4 needs "
+     "checkpoint.resume set to the tag to skip from (e.g. global_step400), not 'auto'"),
     (["train.exit_at_step=500", "train.train_iters=100"], 1, "train.exit_at_step=500"),
     (["data.prefixes=[x]"], 1, "data.prefixes needs data.tokenizer_model"),
     (["data.split=90,10"], 1, "data.split='90,10' must be three comma-separated numbers"),
@@ -98,10 +120,30 @@ def test_config_errors_name_the_key(overrides, message):
     (["checkpoint.async_save=true", "deepspeed.checkpoint.writer.type=fast"], 1,
      "checkpoint.async_save=true writes the checkpoint files with the project's background "
      "writer, which takes the place of DeepSpeed's deepspeed.checkpoint.writer"),
+    (["logging.straggler_interval=-1"], 1, "logging.straggler_interval=-1 must be >= 0"),
+    (["logging.straggler_margin=0"], 1, "logging.straggler_margin=0.0 must be > 0"),
+    (["logging.profile_steps=5-3"], 1, "logging.profile_steps='5-3' must be FIRST-LAST or one "
+     "step, counted from 1 (e.g. 5-7)"),
+    (["logging.profile_steps=0"], 1, "logging.profile_steps='0' must be FIRST-LAST"),
+    (["logging.profile_steps=x-y"], 1, "logging.profile_steps='x-y' must be FIRST-LAST"),
+    (["logging.profile_steps=150-250"], 1, "logging.profile_steps='150-250' ends after "
+     "train.train_iters=200"),
+    (["logging.memory_snapshot=true"], 1, "logging.memory_snapshot=true records over the "
+     "profile window: set logging.profile_steps too"),
+    (["logging.memory_snapshot=true", "logging.profile_steps=1-2"], 1,
+     "logging.memory_snapshot=true records the CUDA caching allocator, and this machine has no "
+     "GPU"),
 ])
 def test_cross_field_validation(overrides, world, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(load_config(None, overrides), world_size=world)
+
+
+def test_profile_steps_read_a_range_or_one_step():
+    for text, window in (("3-4", (3, 4)), ("7", (7, 7)), ("", None)):
+        cfg = load_config(None, [f"logging.profile_steps={text}"])
+        validate(cfg, world_size=1)
+        assert cfg.logging.profile_window == window
 
 
 def test_yaml_file_errors_name_the_file(tmp_path):
@@ -124,6 +166,8 @@ def test_main_refuses_bad_config_before_any_work(tmp_path, capsys, monkeypatch):
     assert "config error: train.global_batch_size=16 is not divisible" in err
     assert main("gpt", ["model.arch=encoder"]) == 2
     assert "use launch/pretrain_bert.py" in capsys.readouterr().err
+    assert main("gpt", ["parallel.sequence_parallel=true"]) == 2  # SP without TP
+    assert "parallel.sequence_parallel=true needs tensor parallelism" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 
@@ -257,3 +301,20 @@ def test_default_configs_write_each_value_once(task):
                 for key, value in (values or {}).items()
                 if section != "deepspeed" and defaults[section][key] == value]
     assert not restated, f"{default_config(task)} restates defaults: {restated}"
+
+
+def test_sequence_parallel_pipeline_sends_whole_activations():
+    """DeepSpeed's pipeline splits what a stage sends across the TP ranks, assuming they are
+    equal; under SP they are not (the tp2_sp_pp2 layout rows drifted by 0.02 with it on)."""
+    from magneto_dist.training.engine import deepspeed_config
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
+    sp = load_config(None, [*layout, "parallel.sequence_parallel=true"])
+    pipeline = deepspeed_config(sp, validate(sp, world_size=4))["pipeline"]
+    assert pipeline == {"pipe_partitioned": False, "grad_partitioned": False}
+    plain = load_config(None, layout)
+    assert "pipeline" not in deepspeed_config(plain, validate(plain, world_size=4))
+    refused = load_config(None, [*layout, "parallel.sequence_parallel=true",
+                                 "deepspeed.pipeline.pipe_partitioned=true"])
+    with pytest.raises(ConfigError, match=r"^deepspeed.pipeline.pipe_partitioned is set by the "
+                                          r"project from parallel.sequence_parallel"):
+        deepspeed_config(refused, validate(refused, world_size=4))

@@ -5,6 +5,7 @@ documents. tests/dist/test_convert.py runs tools/evaluate.py on real checkpoints
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -106,10 +107,6 @@ def test_local_tasks_run_offline_on_an_export(models, tmp_path, capsys, monkeypa
     assert result["n-samples"]["magneto_stdlib_ppl"]["effective"] == 3
 
 
-def test_unknown_task_is_a_one_line_config_error(models, capsys):
-    assert evaluate.main(["--hf", models[4], "--tasks", "no_such_task"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("config error: --tasks: lm-eval knows no task no_such_task")
 
 
 def test_held_out_documents_are_those_after_the_training_split(tmp_path):
@@ -123,3 +120,130 @@ def test_held_out_documents_are_those_after_the_training_split(tmp_path):
     items = stdlib_heldout.cloze_items(corpus_jsonl=str(corpus), split="8,1,1")["test"]
     for context, target in zip(items["context"], items["target"]):
         assert target.startswith(" ") and not context[-1].isspace()
+
+
+# A multiple-choice task of a user's own over a local jsonl, as lm-eval's docs write one.
+CHOICE_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+CHOICES = [("def add(a, b):\n    return a", ["+ b", "- b", "* b"], 0),
+           ("for i in range(10):\n    print(i", [")", "]", "}"], 0),
+           ("import os\npath = os.path", [".join(a, b)", "[0]", ".x"], 1),
+           ("class Point:\n    def __init__(self,", ["x, y):", "):", "lambda"], 2),
+           ("with open(name) as", ["f:", "g", "("], 0),
+           ("if x is", ["None:", "not None:", "True"], 1)]
+
+
+def choice_task(folder, name, items):
+    """A task folder with one multiple-choice YAML over a jsonl of `items`."""
+    folder.mkdir()
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                            for q, c, a in items))
+    (folder / f"{name}.yaml").write_text(CHOICE_TASK.format(name=name, data=data))
+    return folder
+
+
+def expected_choice_scores(lm, items):
+    """acc and acc_norm as lm-eval defines them: the choice of highest log-likelihood after the
+    question and a space (and per character of the choice), against the answer."""
+    requests_ = requests("loglikelihood", *[(q, " " + c) for q, choices, _ in items
+                                            for c in choices])
+    scores = iter(lm.loglikelihood(requests_))
+    acc = norm = 0
+    for _, choices, answer in items:
+        lls = [next(scores)[0] for _ in choices]
+        acc += max(range(len(lls)), key=lls.__getitem__) == answer
+        norm += max(range(len(lls)), key=lambda i: lls[i] / len(choices[i])) == answer
+    return {"acc": acc / len(items), "acc_norm": norm / len(items)}
+
+
+def test_include_path_runs_tasks_of_the_users_own(models, tmp_path, capsys):
+    """Refused before ("lm-eval knows no task"): two folders, a task in each, scored with the
+    model's own log-likelihoods."""
+    native_lm, hf_dir = models[0], models[4]
+    first = choice_task(tmp_path / "tasks_a", "my_choice", CHOICES[:3])
+    second = choice_task(tmp_path / "tasks_b", "my_other_choice", CHOICES[3:])
+    out = tmp_path / "eval.json"
+    code = evaluate.main(["--hf", hf_dir, "--include-path", str(first), "--include-path",
+                          str(second), "--tasks", "my_choice,my_other_choice",
+                          "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    scores = json.loads(out.read_text())["tasks"]
+    assert scores["my_choice"] == pytest.approx(expected_choice_scores(native_lm, CHOICES[:3]))
+    assert scores["my_other_choice"] == pytest.approx(
+        expected_choice_scores(native_lm, CHOICES[3:]))
+
+
+def test_a_missing_include_path_is_a_config_error(models, tmp_path, capsys):
+    assert evaluate.main(["--hf", models[4], "--include-path", str(tmp_path / "nowhere"),
+                          "--tasks", "my_choice"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: --include-path {tmp_path / 'nowhere'}: not a "
+                          "directory; pass a folder of lm-eval task YAML files")
+
+
+def test_unknown_task_is_a_one_line_config_error_naming_the_local_ones(models, tmp_path,
+                                                                      capsys):
+    """Looked up in lm-eval's own tasks too (an index of thousands of YAML files, built only
+    for a task that no local folder has)."""
+    folder = choice_task(tmp_path / "tasks", "my_choice", CHOICES)
+    assert evaluate.main(["--hf", models[4], "--include-path", str(folder),
+                          "--tasks", "my_choice,no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: --tasks: lm-eval knows no task no_such_task (local: "
+                          "magneto_stdlib_cloze, magneto_stdlib_ppl, my_choice; `lm_eval ls "
+                          "tasks` lists the others)"), err
+    assert err.count("\n") == 1
+
+
+def test_lm_evals_own_hf_model_scores_an_export_as_evaluate_does(models, tmp_path, capsys,
+                                                                 monkeypatch,
+                                                                 accelerate_process_group):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` (the command
+    lm-eval's users type first; it stopped on a missing accelerate), offline, on the local
+    tasks and a task of the user's own: the scores are tools/evaluate.py's."""
+    import shutil
+
+    from lm_eval.__main__ import cli_evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = choice_task(tmp_path / "tasks", "my_choice", CHOICES)
+    tasks = "magneto_stdlib_ppl,magneto_stdlib_cloze,my_choice"
+    ours = tmp_path / "evaluate.json"
+    assert evaluate.main(["--hf", models[4], "--include-path", str(folder), "--tasks", tasks,
+                          "--limit", "3", "--output", str(ours)]) == 0, capsys.readouterr().err
+    for name in ("magneto_stdlib_ppl.yaml", "magneto_stdlib_cloze.yaml", "stdlib_heldout.py"):
+        shutil.copy(os.path.join(evaluate.LOCAL_TASKS_DIR, name), folder)  # one --include_path
+    monkeypatch.setattr(sys, "argv", [
+        "lm_eval", "--model", "hf", "--model_args",
+        f"pretrained={models[4]},trust_remote_code=True,dtype=float32", "--tasks", tasks,
+        "--include_path", str(folder), "--limit", "3", "--batch_size", "4",
+        "--output_path", str(tmp_path / "lm_eval")])
+    cli_evaluate()
+    (written,) = (tmp_path / "lm_eval").rglob("results_*.json")
+    theirs = evaluate.summary(json.loads(written.read_text()))
+    expected = json.loads(ours.read_text())["tasks"]
+    assert sorted(theirs) == sorted(expected) == sorted(tasks.split(","))
+    for task, values in expected.items():
+        assert theirs[task].keys() == values.keys()
+        for metric, value in values.items():
+            assert theirs[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)

@@ -218,7 +218,7 @@ def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     text = open(script, encoding="utf-8").read()
     verdicts = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", text, re.S)
-    assert len(verdicts) == 6
+    assert len(verdicts) == 5  # four checks of their own, one shared by the layout checks
     for i, source in enumerate(verdicts):
         compile(source, f"gpu_check.sh verdict {i}", "exec")
     (flex,) = re.findall(r"run flex_documents 300 \"\$PYTHON\" -c '\n(.*?)\n'; then", text, re.S)
@@ -232,10 +232,19 @@ def test_gpu_check_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
 
 
 def _gpu_check_verdicts():
+    """Each verdict's name -> (its Python source, the arguments after OUT it is run with): the
+    heredocs of `verdict NAME`, and the shared one of every `tracks_one_gpu NAME REF RUN WHAT`."""
     import os
+    import shlex
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = open(os.path.join(root, "tools", "gpu_check.sh"), encoding="utf-8").read()
-    return dict(re.findall(r"verdict ([\w.]+) <<'EOF'\n(.*?)\nEOF\n", text, re.S))
+    verdicts = {name: (source, []) for name, source in
+                re.findall(r"verdict ([\w.]+) <<'EOF'\n(.*?)\nEOF\n", text, re.S)}
+    (shared,) = re.findall(r'verdict "\$1" "\$2" "\$3" "\$4" <<\'EOF\'\n(.*?)\nEOF\n', text, re.S)
+    for call in re.findall(r"^\s+tracks_one_gpu (.+)$", text, re.M):
+        name, *args = shlex.split(call)
+        verdicts[name] = (shared, args)
+    return verdicts
 
 
 def _fake_run(out, name, losses, **extra):
@@ -265,6 +274,7 @@ def test_gpu_check_verdicts_judge_the_files_a_gpu_run_writes(tmp_path, good):
     _fake_run(out, "track_fp32", [7.0, 6.0, 5.0])
     _fake_run(out, "track_bf16", [7.01, 6.02, 5.01 + drop])
     _fake_run(out, "tp2_bf16", [7.01, 6.03, 5.02 + 2 * drop])
+    _fake_run(out, "tp2_sp_bf16", [7.01, 6.03, 5.02 + 2 * drop])
     _fake_run(out, "documents_bf16", [7.0, 6.1, 5.2])
     _fake_run(out, "cp2_bf16", [7.01, 6.11, 5.21 + 2 * drop])
     _fake_run(out, "fp16", [7.0] + [6.5] * 3 + [6.0 + drop], skipped_steps=1)
@@ -273,9 +283,10 @@ def test_gpu_check_verdicts_judge_the_files_a_gpu_run_writes(tmp_path, good):
         if good else "RuntimeError: CUDA out of memory\n")
     verdicts = _gpu_check_verdicts()
     assert sorted(verdicts) == ["bench_1.3b", "bf16_tracks_fp32", "cp2_tracks_one_gpu",
-                                "default_bf16", "fp16_loss_scaling", "tp2_tracks_one_gpu"]
-    for name, source in verdicts.items():
-        proc = subprocess.run([sys.executable, "-", str(out)], input=source, text=True,
+                                "default_bf16", "fp16_loss_scaling", "tp2_sp_tracks_one_gpu",
+                                "tp2_tracks_one_gpu"]
+    for name, (source, args) in verdicts.items():
+        proc = subprocess.run([sys.executable, "-", str(out), *args], input=source, text=True,
                               capture_output=True, timeout=120)
         assert "Traceback" not in proc.stderr, (name, proc.stderr)
         assert (proc.returncode == 0) == good, (name, proc.stdout, proc.stderr)

@@ -1,7 +1,7 @@
 """Data flows one way. The layers, bottom first (a module may import only from lower layers, or
 from its own package):
 
-    errors, files, launch_env                 facts and helpers every layer reads
+    errors, files, launch_env, plotting       facts and helpers every layer reads
     dims, compat, model.config                the layout; the one door to library internals;
                                               the model's config (a leaf module)
     config, resilience                        the run config; fault points and rank watchdogs
@@ -10,6 +10,7 @@ from its own package):
     checkpoint                                save, resume, universal form, export
     training                                  engine, loop, metrics; run.py wires it all
     launcher, stability                       the fault-tolerant launcher; stability sweeps
+    report                                    a run's report page (reads what all the above wrote)
 
 This reads every module's imports (without running them) and checks each against that order."""
 import ast
@@ -21,7 +22,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "magneto_dist"
 LAYERS = [
-    ["errors", "files", "launch_env"],
+    ["errors", "files", "launch_env", "plotting"],
     ["dims", "compat", "model.config"],
     ["config", "resilience"],
     ["data", "model"],
@@ -29,6 +30,7 @@ LAYERS = [
     ["checkpoint"],
     ["training"],
     ["launcher", "stability"],
+    ["report"],
 ]
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

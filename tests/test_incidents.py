@@ -150,6 +150,37 @@ def test_a_hang_is_blamed_on_the_rank_that_was_not_waiting_for_its_peers(tmp_pat
     assert os.listdir(tmp_path / "stacks") == []  # the next attempt's ranks start afresh
 
 
+def straggler(step, rank, t, host="node-b", section="data"):
+    return {"split": "straggler", "step": step, "rank": rank, "host": host, "section": section,
+            "ratio": 40.0, "slowdown": 3.0, "late_s": 0.5, "step_s": 0.75, "first_step": step - 4,
+            "time": t}
+
+
+def test_an_incident_says_which_node_was_slow_before_it(tmp_path, caplog):
+    """The failed attempt's last straggler check, not an earlier attempt's, nor an earlier
+    check of the same attempt (whose straggler may have recovered since)."""
+    t0 = time.time() - 60
+    write_rows(tmp_path, [train(s, t0 + s) for s in range(1, 11)] + [
+        straggler(5, 3, t0 + 5.5, host="old-attempt")])
+    log = IncidentLog(str(tmp_path), node="n1")
+    log.started = t0 + 8  # this launch's attempt began after step 7
+    write_rows(tmp_path, [straggler(10, 1, t0 + 10.5, section="forward"),
+                          straggler(15, 2, t0 + 15.5), straggler(15, 1, t0 + 15.5)])
+    SupervisingAgent.incidents = log
+    SupervisingAgent.stacks_dir = str(tmp_path / "stacks")
+    os.mkdir(SupervisingAgent.stacks_dir)
+    agent = SupervisingAgent.__new__(SupervisingAgent)
+    agent._hung_pids, agent._attempt, agent._remaining_restarts = set(), 0, 5
+    with caplog.at_level("WARNING", logger="ft_launch"):
+        agent.on_failure(SimpleNamespace(failures={0: failure(10, 1), 1: failure(11, -9)}))
+    row = json.loads((tmp_path / "restarts.jsonl").read_text())
+    assert [(s["rank"], s["host"], s["section"], s["step"]) for s in row["slow"]] == [
+        (2, "node-b", "data", 15), (1, "node-b", "data", 15)], row["slow"]
+    assert "straggler check at step 15 named rank 2 on node-b: 3.00x the step time, behind " \
+           "in data" in caplog.text
+    assert log.record(attempt=1, cause="exit 1")["slow"] == []  # none since that incident
+
+
 def test_step_allowance_is_long_at_first_and_for_saves_and_follows_measured_steps():
     from magneto_dist.resilience.watchdog import AUTO_MIN_S, LONG_FACTOR, StepWatchdog
     fixed = StepWatchdog("30", timer_file=None)

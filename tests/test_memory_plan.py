@@ -7,7 +7,7 @@ from magneto_dist.config import load_config
 from magneto_dist.model import ModelConfig, build_model, model_skeleton
 from magneto_dist.dims import ParallelDims
 from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner,
-                                               activation_bytes_per_layer)
+                                               activation_bytes_per_layer, candidate_layouts)
 from tools import plan_memory
 
 SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4",
@@ -135,3 +135,21 @@ def test_activations_per_layer_are_what_autograd_saves(variant):
                       vocab_size=50, max_seq_len=16, **variant)
     planned = activation_bytes_per_layer(cfg, 2 * 16, 1, 4)
     assert abs(planned / saved_activation_bytes(cfg, 2, 16) - 1) < 0.03, planned
+
+
+def test_sequence_parallelism_splits_the_norm_and_layer_inputs_and_is_offered_with_tp_only():
+    """Per layer and token, SP keeps 1/TP of the two norm inputs (the gathered matmul inputs
+    stay whole), and each stage's input is split too: at TP2, h/2 x 2 per layer plus h/2 once."""
+    cfg = load_config(None, SMALL + ["parallel.tensor_model_parallel_size=2"])
+    planner = MemoryPlanner(cfg.model, "fp32", 32)
+    dims = ParallelDims.of(cfg, 2)
+    plain, split = (planner.plan(Layout(dims=dims, recompute=False, micro_batch=1,
+                                        sequence_parallel=sp)) for sp in (False, True))
+    tokens, h, layers = 32, 64, 4
+    saved = plain["activations_no_recompute"] - split["activations_no_recompute"]
+    assert saved == 4 * tokens * (h * layers + h // 2)
+    assert plain["parameters"] == split["parameters"]
+    layouts = list(candidate_layouts(cfg.model, 4, 4, 1, 8))
+    assert any(lay.sequence_parallel for lay in layouts)
+    assert all(lay.dims.tp > 1 for lay in layouts if lay.sequence_parallel)
+    assert "TP2 x PP1 x DP2 (ZeRO-1) +SP" in {lay.describe() for lay in layouts}

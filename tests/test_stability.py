@@ -18,10 +18,11 @@ from magneto_dist.stability.sweep import drop_partial_line, read_rows
 from magneto_dist.stability.verdicts import (VerdictConfig, count_spikes, early_divergence,
                                              judge, unigram_entropy)
 from magneto_dist.training.diagnostics import Diagnostics
+from magneto_dist.training.spikes import SpikeRule
 from magneto_dist.training.tasks import GPTTask
 
-RULES = VerdictConfig(above_start_steps=20, stuck_margin=0.1, spike_threshold=1.0,
-                      spike_window=10, spiky_count=3)
+RULES = VerdictConfig(above_start_steps=20, stuck_margin=0.1, spiky_count=3)
+SPIKE = SpikeRule(window=10, loss_rise=1.0)  # the trainer's defaults but no warm-up
 UNIGRAM = 5.7
 
 
@@ -32,7 +33,7 @@ def healthy(steps=300, seed=0):
 
 
 def test_a_healthy_noisy_curve_is_ok():
-    verdict = judge(healthy(), UNIGRAM, RULES)
+    verdict = judge(healthy(), UNIGRAM, RULES, SPIKE)
     assert verdict.verdict == "ok" and verdict.spikes == 0, verdict
     assert early_divergence(healthy(), RULES) is None
 
@@ -40,8 +41,8 @@ def test_a_healthy_noisy_curve_is_ok():
 def test_non_finite_loss_is_diverged():
     curve = healthy(50) + [float("nan")] * 3
     assert early_divergence(curve, RULES) == "3 non-finite losses in a row (to step 53)"
-    assert judge(curve, UNIGRAM, RULES).verdict == "diverged"
-    assert judge(healthy(50) + [float("inf")], UNIGRAM, RULES).verdict == "diverged"
+    assert judge(curve, UNIGRAM, RULES, SPIKE).verdict == "diverged"
+    assert judge(healthy(50) + [float("inf")], UNIGRAM, RULES, SPIKE).verdict == "diverged"
 
 
 def test_loss_above_its_start_for_k_steps_is_diverged():
@@ -49,25 +50,25 @@ def test_loss_above_its_start_for_k_steps_is_diverged():
     assert early_divergence(curve, RULES) is None
     curve.append(8.0)
     assert early_divergence(curve, RULES) == "loss above its start 6.900 for 20 steps (to step 23)"
-    assert judge(curve, UNIGRAM, RULES).verdict == "diverged"
+    assert judge(curve, UNIGRAM, RULES, SPIKE).verdict == "diverged"
 
 
 def test_plateau_at_the_unigram_entropy_is_stuck():
     rng = np.random.default_rng(1)
     curve = list(6.9 - 1.2 * (1 - np.exp(-np.arange(300) / 20)) + rng.normal(0, 0.1, 300))
-    verdict = judge(curve, UNIGRAM, RULES)
+    verdict = judge(curve, UNIGRAM, RULES, SPIKE)
     assert verdict.verdict == "stuck" and "unigram entropy 5.700" in verdict.reason
-    assert judge(curve, None, RULES).verdict == "ok"  # no entropy known: not judged stuck
+    assert judge(curve, None, RULES, SPIKE).verdict == "ok"  # no entropy known: not judged stuck
 
 
 def test_spikes_are_counted_once_each_and_make_a_curve_spiky():
     curve = healthy(300)
     for at in (100, 101, 150, 200):  # 100-101 is one spike of two steps
         curve[at] += 2.0
-    spikes, largest = count_spikes(curve, RULES)
+    spikes, largest = count_spikes(curve, SPIKE)
     assert spikes == 3 and 1.5 < largest < 3.0
-    assert judge(curve, UNIGRAM, RULES).verdict == "spiky"
-    assert judge([], UNIGRAM, RULES).verdict == "crashed"
+    assert judge(curve, UNIGRAM, RULES, SPIKE).verdict == "spiky"
+    assert judge([], UNIGRAM, RULES, SPIKE).verdict == "crashed"
 
 
 def test_unigram_entropy_in_nats():

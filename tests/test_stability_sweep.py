@@ -97,6 +97,21 @@ def test_rows_from_before_the_width_axis_are_kept_not_rerun(sweep_file, tmp_path
     assert "2 row(s) of" in said[0] and "given width 64" in said[0]
 
 
+def test_spike_keys_are_the_trainers_and_cells_do_not_roll_back(sweep_file, tmp_path):
+    """One spike rule: the verdict's old keys are refused naming the trainer key that replaced
+    them; a cell's verdict reads its run's train.spike_* keys; rollback would hide the spikes
+    the sweep measures."""
+    with pytest.raises(ConfigError, match=r"verdict.spike_threshold is the trainer's "
+                                          r"train.spike_loss_rise now"):
+        load_sweep(sweep_file, ["verdict.spike_threshold=2"], str(tmp_path))
+    with pytest.raises(ConfigError, match=r"run.train.spike_policy=rollback: a cell that rolls "
+                                          r"its spikes back hides the instability"):
+        load_sweep(sweep_file, ["train.spike_policy=rollback"], str(tmp_path))
+    sweep = load_sweep(sweep_file, ["train.spike_loss_rise=0.5"], str(tmp_path))
+    job = cell_job(sweep, sweep.cells()[0], None)
+    assert job.spike_rule.loss_rise == 0.5 and job.spike_rule.window == 10
+
+
 def test_a_second_sweep_on_the_same_output_is_refused(sweep_file, tmp_path):
     sweep = load_sweep(sweep_file, [], str(tmp_path))
     with pool.sweep_lock(str(tmp_path)):
@@ -197,7 +212,8 @@ def test_plots_keep_every_title_label_and_legend_inside_the_canvas(tmp_path, mon
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from magneto_dist.stability.plots import DPI, write_plots
+    from magneto_dist.plotting import DPI
+    from magneto_dist.stability.plots import write_plots
     figures = []  # each figure as write_plots would save it (not encoded: only its layout)
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     for rows, expected in ((_synthetic_sweep(tmp_path / "a"), 7),

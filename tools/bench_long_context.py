@@ -5,7 +5,7 @@ layout after another in one run, with ratios against one rank.
         [overrides]
 
 Each layout runs the real trainer (tools/bench_train.py's build_trainer: the one
-`launch/pretrain_gpt.py` runs) on a small decoder (by default d=256, 2 layers, the built-in
+`launch/pretrain_gpt.py` runs) on a small decoder (by default d=512, 8 layers, the built-in
 corpus), its ranks started by torch.distributed.run on this machine, for --warmup untimed steps
 and then --steps timed ones. Per rank it reports:
 - tokens/s: the global batch's tokens over the median step time (every layout trains the same
@@ -42,8 +42,10 @@ LAYOUTS = {  # name: (ranks, overrides)
 # degree; TP alone divides only those inside its GEMMs' regions (heads, FFN columns, logits), so
 # its share depends on the model and has no single figure.
 IDEAL = {"1rank": 1.0, "tp2": None, "tp2_sp": 0.5, "cp2": 0.5}
-MODEL = ["model.num_layers=2", "model.hidden_size=256", "model.num_heads=4",
-         "model.ffn_hidden_size=1024", "train.micro_batch_size=1", "train.global_batch_size=1"]
+# 8 layers of d=512: big enough that the layers' activations, not the logits over the 8,192
+# tokens of the built-in vocabulary, make most of the step's peak, small enough for a CPU
+MODEL = ["model.num_layers=8", "model.hidden_size=512", "model.num_heads=8",
+         "model.ffn_hidden_size=2048", "train.micro_batch_size=1", "train.global_batch_size=1"]
 
 
 def _resident_kib(field: str) -> int:
@@ -100,7 +102,11 @@ def run_layout(name: str, args) -> list:
         if done.returncode:
             sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         print(f"  {name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
-        return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(ranks)]
+        figures = []
+        for r in range(ranks):
+            with open(os.path.join(out, f"rank{r}.json")) as f:
+                figures.append(json.load(f))
+        return figures
 
 
 def report(results: dict, seq: int) -> None:

@@ -3,24 +3,26 @@
     python tools/evaluate.py --run RUN            [--tasks T1,T2] [--limit N] [--batch-size B]
     python tools/evaluate.py --checkpoint RUN/checkpoints/global_stepN [--through hf] ...
     python tools/evaluate.py --hf DIR             (an export of tools/convert_checkpoint.py --to hf)
+    python tools/evaluate.py ... --include-path MY_TASKS --tasks my_task  (task YAMLs of your own)
 
 --run takes the run's newest complete checkpoint. A checkpoint of any layout is scored by the
 native model, rebuilt whole on one process from its consolidated weights, with the run's own
 tokenizer (no export to write: the quickest path). --through hf exports it to a temporary Hugging
 Face directory first and scores what a user of the export loads (AutoModelForCausalLM with
 trust_remote_code, AutoTokenizer); the two agree (the export's logits equal the native ones).
-Both run through one lm-eval LM class (training/eval_harness.py): lm-eval's own `hf` model needs
-its [hf] extra (accelerate, peft), which is not pinned here.
+Both run through one lm-eval LM class (training/eval_harness.py); lm-eval's own `hf` model scores
+an export alike (`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`).
 
 The default tasks are local and offline (configs/eval/: held-out documents of the built-in
 corpus): magneto_stdlib_ppl (perplexity over rolling windows: word, byte, bits per byte) and
 magneto_stdlib_cloze (next-word accuracy, as lambada_openai scores it). With Hub access, lm-eval's
-standard tasks work too: --tasks lambada_openai,hellaswag,arc_easy,piqa.
+standard tasks work too: --tasks lambada_openai,hellaswag,arc_easy,piqa. --include-path DIR (as
+often as needed) adds a folder of task YAMLs of your own, as lm-eval's --include_path does.
 
 A run's results go to RUN/eval/STEP.json and one {"split": "eval", "task": ...} row per task in
 RUN/metrics.jsonl (and TensorBoard, eval/TASK/METRIC); --output FILE writes the JSON elsewhere
-(the only place for --hf). Exit codes: 0 done, 2 an unknown task, 3 a checkpoint that
-cannot be read or exported.
+(the only place for --hf). Exit codes: 0 done, 2 an unknown task or a missing --include-path
+folder, 3 a checkpoint that cannot be read or exported.
 """
 import argparse
 import json
@@ -60,6 +62,8 @@ def parse_args(argv):
                    help="--run/--checkpoint: score the native model or its HF export")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default "
                    f"{DEFAULT_TASKS}; local: {', '.join(LOCAL_TASKS)})")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (lm-eval's --include_path); repeatable")
     p.add_argument("--limit", type=int, help="documents per task (for a quick look)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", help="results JSON (default RUN/eval/STEP.json)")
@@ -118,17 +122,25 @@ def hf_model(hf_dir: str, batch_size: int, device: str):
                            batch_size, device)
 
 
-def task_manager(tasks, metadata: dict):
-    """lm-eval's task index with the local tasks; every task name checked before a model
-    loads. The built-in tasks (thousands of YAML files) are indexed only when asked for."""
+def task_manager(tasks, metadata: dict, include_paths=()):
+    """lm-eval's task index with the local tasks and the user's folders; every task name
+    checked before a model loads. lm-eval's own tasks (thousands of YAML files) are indexed
+    only when a task is in none of the local folders."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=LOCAL_TASKS_DIR, metadata=metadata,
-                          include_defaults=not set(tasks) <= set(LOCAL_TASKS))
+    for path in include_paths:
+        if not os.path.isdir(path):
+            raise ConfigError(f"--include-path {path}: not a directory; pass a folder of "
+                              "lm-eval task YAML files")
+    folders = [LOCAL_TASKS_DIR, *include_paths]
+    manager = TaskManager(include_path=folders, metadata=metadata, include_defaults=False)
+    local = manager.all_tasks
+    if not set(tasks) <= set(local):
+        manager = TaskManager(include_path=folders, metadata=metadata)
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:
         raise ConfigError(f"--tasks: lm-eval knows no task {', '.join(unknown)} (local: "
-                          f"{', '.join(LOCAL_TASKS)}; `lm_eval ls tasks` lists the others)")
+                          f"{', '.join(local)}; `lm_eval ls tasks` lists the others)")
     return manager
 
 
@@ -168,7 +180,8 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as work:
             tag_dir = None if args.hf else checkpoint_of(args)
-            manager = task_manager(tasks, task_metadata(tag_dir) if tag_dir else {})
+            manager = task_manager(tasks, task_metadata(tag_dir) if tag_dir else {},
+                                   args.include_path)
             if tag_dir and args.through == "native":
                 lm = native_model(tag_dir, args.batch_size, device)
             else:

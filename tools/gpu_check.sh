@@ -52,8 +52,24 @@ run() {  # run NAME SECONDS COMMAND...: a bounded step, its log in OUT/NAME.log
     fi
 }
 
-verdict() {  # verdict NAME: a Python check on stdin; it prints numbers, exits 0 for PASS
-    if "$PYTHON" - "$OUT"; then echo "   PASS $1"; else echo "   FAIL $1"; FAILED+=("$1"); fi
+verdict() {  # verdict NAME [ARGS...]: a Python check on stdin, given OUT and ARGS; it prints
+    # numbers, exits 0 for PASS
+    if "$PYTHON" - "$OUT" "${@:2}"; then echo "   PASS $1"; else echo "   FAIL $1"; FAILED+=("$1"); fi
+}
+
+tracks_one_gpu() {  # tracks_one_gpu NAME REFERENCE RUN WHAT: RUN's logged losses within 0.1 of
+    # REFERENCE's (a layout against its one-GPU run, both bf16), and RUN's tokens/s
+    verdict "$1" "$2" "$3" "$4" <<'EOF'
+import sys
+from magneto_dist.training.metrics_file import read_metrics
+out, reference, run, what = sys.argv[1:5]
+one = [r["loss"] for r in read_metrics(f"{out}/{reference}", "train")]
+got = [r["loss"] for r in read_metrics(f"{out}/{run}", "train")]
+diffs = [abs(a - b) for a, b in zip(one, got)]
+print(f"   |{what} - 1 GPU| max {max(diffs):.4f} over {len(diffs)} logged steps; "
+      f"{read_metrics(f'{out}/{run}', 'train')[-1]['tokens_per_s']:,.0f} tokens/s")
+sys.exit(0 if len(one) == len(got) and max(diffs) < 0.1 else 1)
+EOF
 }
 
 train() {  # train NAME GPUS SECONDS OVERRIDES...: launch/pretrain_gpt.py under deepspeed
@@ -132,17 +148,7 @@ fi
 if [[ "$GPUS" -ge 2 ]]; then
     if train tp2_bf16 2 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0 \
             parallel.tensor_model_parallel_size=2; then
-        verdict tp2_tracks_one_gpu <<'EOF'
-import sys
-from magneto_dist.training.metrics_file import read_metrics
-out = sys.argv[1]
-one = [r["loss"] for r in read_metrics(f"{out}/track_bf16", "train")]
-tp2 = [r["loss"] for r in read_metrics(f"{out}/tp2_bf16", "train")]
-diffs = [abs(a - b) for a, b in zip(one, tp2)]
-print(f"   |TP2 - 1 GPU| (bf16) max {max(diffs):.4f} over {len(diffs)} logged steps; "
-      f"{read_metrics(f'{out}/tp2_bf16', 'train')[-1]['tokens_per_s']:,.0f} tokens/s")
-sys.exit(0 if len(one) == len(tp2) and max(diffs) < 0.1 else 1)
-EOF
+        tracks_one_gpu tp2_tracks_one_gpu track_bf16 tp2_bf16 "TP2 (bf16)"
     fi
 else
     echo "== tp2_bf16: skipped (one CUDA device visible)"
@@ -180,20 +186,20 @@ if [[ "$GPUS" -ge 2 ]]; then
             train.eval_interval=0 "${DOCS[@]}" &&
        train cp2_bf16 2 240 train.precision=bf16 train.train_iters=100 train.eval_interval=0 \
             parallel.context_parallel_size=2 "${DOCS[@]}"; then
-        verdict cp2_tracks_one_gpu <<'EOF'
-import sys
-from magneto_dist.training.metrics_file import read_metrics
-out = sys.argv[1]
-one = [r["loss"] for r in read_metrics(f"{out}/documents_bf16", "train")]
-cp2 = [r["loss"] for r in read_metrics(f"{out}/cp2_bf16", "train")]
-diffs = [abs(a - b) for a, b in zip(one, cp2)]
-print(f"   |CP2 - 1 GPU| (bf16, packed documents) max {max(diffs):.4f} over {len(diffs)} logged "
-      f"steps; {read_metrics(f'{out}/cp2_bf16', 'train')[-1]['tokens_per_s']:,.0f} tokens/s")
-sys.exit(0 if len(one) == len(cp2) and max(diffs) < 0.1 else 1)
-EOF
+        tracks_one_gpu cp2_tracks_one_gpu documents_bf16 cp2_bf16 "CP2 (bf16, packed documents)"
     fi
 else
     echo "== cp2_bf16: skipped (one CUDA device visible)"
+fi
+
+# 8. TP2 with sequence parallelism against the single-GPU bf16 run
+if [[ "$GPUS" -ge 2 ]]; then
+    if train tp2_sp_bf16 2 180 train.precision=bf16 train.train_iters=100 train.eval_interval=0 \
+            parallel.tensor_model_parallel_size=2 parallel.sequence_parallel=true; then
+        tracks_one_gpu tp2_sp_tracks_one_gpu track_bf16 tp2_sp_bf16 "TP2+SP (bf16)"
+    fi
+else
+    echo "== tp2_sp_bf16: skipped (one CUDA device visible)"
 fi
 
 if [[ ${#FAILED[@]} -gt 0 ]]; then

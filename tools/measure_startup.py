@@ -59,10 +59,8 @@ def worker(args) -> None:
     peak = _status_kib("VmHWM") * 1024 - before
     shard = sum({p.data_ptr(): p.numel() * p.element_size()
                  for p in par.module.parameters()}.values())
-    p = cfg.parallel
     planned = MemoryPlanner(cfg.model, "fp32", cfg.model.max_seq_len).plan(
-        Layout(dims=dims, recompute=False, micro_batch=1, partition=p.pipeline_partition,
-               vocab_padding_multiple=p.vocab_padding_multiple))["startup_peak"]
+        Layout.of(cfg, dims))["startup_peak"]
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, {"rank": dist.get_rank(), "shard": shard, "peak": peak,
                                    "largest_param": largest, "planned": planned,

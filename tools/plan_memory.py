@@ -33,15 +33,11 @@ def vocabulary(cfg, override):
     return cfg.data.builtin_vocab_size, "the built-in corpus (pass --vocab-size for your data)"
 
 
-def describe(layout: Layout) -> str:
-    return f"{layout.dims.describe()}{' recompute' if layout.recompute else ''}"
-
-
 def print_plan(cfg, planner: MemoryPlanner, layout: Layout) -> None:
     t = cfg.train
     p = planner.plan(layout)
     ds = deepspeed_estimate(p["params_per_rank"], p["largest_param"], layout.dims)
-    print(f"{describe(layout)}: {p['params_per_rank'] / 1e6:,.1f}M parameters on the busiest "
+    print(f"{layout.describe()}: {p['params_per_rank'] / 1e6:,.1f}M parameters on the busiest "
           f"rank, {layout.dims.grad_accum} micro-batches of {layout.micro_batch} x "
           f"{cfg.model.max_seq_len} per step, {t.precision}")
     rows = [("parameters", p["parameters"]), ("gradients", p["gradients"]),
@@ -98,15 +94,12 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}")
         return 2
-    t, par = cfg.train, cfg.parallel
+    t = cfg.train
     print(f"{args.config}: {args.nodes} node(s) x {args.gpus_per_node} devices of "
           f"{args.device_memory:g} GiB; vocabulary {vocab} ({source})\n")
     planner = MemoryPlanner(cfg.model, t.precision, cfg.model.max_seq_len)
     try:
-        configured = Layout(dims=ParallelDims.of(cfg, world),
-                            recompute=par.activation_checkpointing,
-                            micro_batch=t.micro_batch_size, partition=par.pipeline_partition,
-                            vocab_padding_multiple=par.vocab_padding_multiple)
+        configured = Layout.of(cfg, ParallelDims.of(cfg, world))
         print_plan(cfg, planner, configured)
     except LayoutError as err:  # the alternatives below may still fit these devices
         print(f"the configured layout cannot run on {world} device(s): {err}")
@@ -121,7 +114,7 @@ def main(argv=None) -> int:
     print(f"\nlayouts that fit {args.device_memory:g} GiB ({len(fits)}; no recompute, least "
           "model parallelism and lowest ZeRO stage first):")
     for *_, total, layout in sorted(fits, key=lambda f: f[:3])[:args.top]:
-        print(f"  {describe(layout):<36}{total / GiB:>8.2f} GiB")
+        print(f"  {layout.describe():<40}{total / GiB:>8.2f} GiB")
     if not fits:
         print("  none: lower train.micro_batch_size, or use more devices")
     return 0

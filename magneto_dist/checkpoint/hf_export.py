@@ -94,7 +94,8 @@ def export_hf(input_dir: str, out_dir: str, dtype: str = "fp32",
     except ValueError as err:
         raise CheckpointError(f"--max-shard-size {max_shard_size}: {err}") from None
     with staged_output(out_dir) as temp:
-        special = write_hf_tokenizer(tokenizer, temp, source.model.max_seq_len)
+        special = write_hf_tokenizer(tokenizer, temp, source.model.max_seq_len,
+                                     masked_lm=source.model.arch == "encoder")
         config = hf_config(source.model, special, dtype)
         atomic_write(os.path.join(temp, CONFIG), json.dumps(config, indent=2) + "\n")
         if source.model.arch == "decoder":

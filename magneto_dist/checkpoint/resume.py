@@ -62,12 +62,14 @@ class ResumePlan:
 
 
 def find_resume_tag(ckpts: CheckpointDir, resume: str, log=print,
-                    share: Optional[Tuple[int, int]] = (0, 1), warn=None) -> Optional[str]:
+                    share: Optional[Tuple[int, int]] = (0, 1), warn=None,
+                    at_most: Optional[int] = None) -> Optional[str]:
     """The tag to resume from: None for a fresh start. Every tag's files are checked for size;
     the chosen one's contents too, this rank's `share` of them (Tag.damage; None: sizes
     only). A tag found damaged in content is marked damaged (Tag.mark_damaged): the other
     ranks, each checking another share, may have chosen it. `warn` says what this rank alone
-    found (default: log)."""
+    found (default: log). `at_most`: only tags of that step or earlier (a rollback's bound,
+    rollback_point)."""
     if resume == "none":
         return None
     if resume != "auto":
@@ -83,6 +85,8 @@ def find_resume_tag(ckpts: CheckpointDir, resume: str, log=print,
                                   "good one)")
         return resume
     for tag in map(ckpts.tag, ckpts.tag_names()):
+        if at_most is not None and tag.step > at_most:
+            continue
         if not tag.is_complete():
             damaged = tag.is_damaged()
             log(f"WARNING: skipping {'damaged' if damaged else 'incomplete'} checkpoint "
@@ -100,6 +104,32 @@ def find_resume_tag(ckpts: CheckpointDir, resume: str, log=print,
         (warn or log)(f"WARNING: skipping damaged checkpoint {tag.label}: {problem} (marked "
                       f"damaged: {DAMAGED})")
     return None
+
+
+def rollback_point(ckpts: CheckpointDir, at_most: int, share: Tuple[int, int],
+                   log=print) -> Optional[Tag]:
+    """The newest complete tag of step `at_most` or earlier, its contents checked as a resume
+    checks them (this rank's `share`): where a rollback in the running process goes back to
+    (training/rollback.py)."""
+    name = find_resume_tag(ckpts, "auto", log=log, share=share, at_most=at_most)
+    return ckpts.tag(name) if name else None
+
+
+def skip_room(cfg: Config) -> int:
+    """Samples a fresh run's training split holds beyond its steps' own: the data windows
+    train.spike_policy=rollback may skip (resumed runs keep their split's size, and so what
+    is left of the room)."""
+    t = cfg.train
+    if t.spike_policy != "rollback":
+        return 0
+    return t.spike_max_skips * t.spike_skip_steps * t.global_batch_size
+
+
+def manual_skip(cfg: Config, tag: Optional[str]) -> int:
+    """Global batches to skip on resuming `tag` (checkpoint.resume_skip_batches, which applies
+    to the tag checkpoint.resume names only)."""
+    c = cfg.checkpoint
+    return c.resume_skip_batches if tag and tag == c.resume else 0
 
 
 def resume_point(ckpts: CheckpointDir, resume: str = "auto", log=None,
@@ -169,12 +199,13 @@ def data_position(cfg: Config, tag: Tag) -> Tuple[int, int, Optional[str]]:
     used (which keeps the order)."""
     t, marker, saved = cfg.train, tag.marker(), tag.config()
     consumed = marker.get("consumed_samples") or marker["step"] * saved.train.global_batch_size
+    skipped = manual_skip(cfg, tag.name) * t.global_batch_size  # the split holds them too
     note = None
     if saved.train.global_batch_size != t.global_batch_size:
         note = (f"train.global_batch_size: checkpoint {saved.train.global_batch_size}, config "
                 f"{t.global_batch_size}: continuing at sample {consumed}, "
                 f"{t.global_batch_size} per step")
-    size = train_samples(t.train_iters, t.global_batch_size, marker["step"], consumed,
+    size = train_samples(t.train_iters, t.global_batch_size, marker["step"], consumed + skipped,
                          at_least=marker.get("train_samples") or
                          saved.train.train_iters * saved.train.global_batch_size)
     return consumed, size, note
@@ -189,7 +220,7 @@ def _decide(cfg: Config, dims: ParallelDims, tokenizer, share, warn, found: List
         if cfg.checkpoint.init_from:
             check_consolidated(cfg.checkpoint.init_from, cfg)
         return ResumePlan(ckpts, INIT_FROM if cfg.checkpoint.init_from else FRESH,
-                          train_samples(t.train_iters, t.global_batch_size),
+                          train_samples(t.train_iters, t.global_batch_size) + skip_room(cfg),
                           warnings=tuple(found))
     tag = ckpts.tag(name)
     layouts = layout_change(tag, cfg, dims, found.append)

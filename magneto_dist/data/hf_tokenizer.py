@@ -126,18 +126,21 @@ class HFDirectoryTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def write_hf_tokenizer(tokenizer, out_dir: str, model_max_length: int) -> Dict[str, int]:
+def write_hf_tokenizer(tokenizer, out_dir: str, model_max_length: int,
+                       masked_lm: bool = False) -> Dict[str, int]:
     """Write the Hugging Face files of the run's `tokenizer` (tokenizer.Tokenizer, or an
     HFDirectoryTokenizer) into out_dir (an existing, new directory) and check them against it
-    on default_samples(). Returns the special ids {bos, eos, pad, unk} (None where it has
-    none)."""
+    on default_samples(). masked_lm: for an encoder, whose training samples are <cls> text
+    <sep> (megatron-core's BERT dataset): the tokenizer names its cls, sep and mask tokens
+    (pipeline("fill-mask") needs the mask) and adds <cls> and <sep> around a text as BERT's
+    does. Returns the special ids {bos, eos, pad, unk} (None where it has none)."""
     kind = tokenizer.spec.type
     if kind not in WRITERS:
         raise CheckpointError(f"tokenizer {tokenizer.name}: a {kind} has no Hugging Face form "
                               f"here (exported: {', '.join(WRITERS)}); pass --tokenizer with "
                               "one of those that gives the same ids")
     write, skip_special = WRITERS[kind]
-    write(tokenizer, out_dir, model_max_length)
+    write(tokenizer, out_dir, model_max_length, masked_lm)
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(out_dir)
@@ -161,20 +164,22 @@ def write_hf_tokenizer(tokenizer, out_dir: str, model_max_length: int) -> Dict[s
     return {name: getattr(loaded, f"{name}_token_id") for name in ("bos", "eos", "pad", "unk")}
 
 
-def _copy_hf_directory(tokenizer, out_dir: str, model_max_length: int) -> None:
-    """A Hugging Face tokenizer directory: its files are already the format."""
+def _copy_hf_directory(tokenizer, out_dir: str, model_max_length: int, masked_lm: bool) -> None:
+    """A Hugging Face tokenizer directory: its files are already the format (and its own
+    special tokens)."""
     source = tokenizer.spec.model
     for name in HF_FILES + HF_OPTIONAL_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
 
 
-def _gpt2_bpe_files(tokenizer, out_dir: str, model_max_length: int) -> None:
+def _gpt2_bpe_files(tokenizer, out_dir: str, model_max_length: int, masked_lm: bool) -> None:
     """vocab.json + merges.txt: transformers' GPT-2 tokenizer over them saves its own files."""
     tokenizer.save_pretrained(out_dir)
 
 
-def _sentencepiece_files(tokenizer, out_dir: str, model_max_length: int) -> None:
+def _sentencepiece_files(tokenizer, out_dir: str, model_max_length: int,
+                        masked_lm: bool) -> None:
     from sentencepiece import sentencepiece_model_pb2
     from transformers import PreTrainedTokenizerFast
 
@@ -189,7 +194,7 @@ def _sentencepiece_files(tokenizer, out_dir: str, model_max_length: int) -> None
     if trainer.treat_whitespace_as_suffix:
         raise CheckpointError(f"tokenizer {paths[0]}: treat_whitespace_as_suffix has no Hugging "
                               "Face equivalent; cannot export it exactly")
-    tokenizer = _sentencepiece_pipeline(proto, paths[0])
+    pipeline = _sentencepiece_pipeline(proto, paths[0])
     special = {name: pieces[i].piece for name, i in (("unk", trainer.unk_id),
                                                       ("eos", trainer.eos_id),
                                                       ("pad", trainer.pad_id)) if i >= 0}
@@ -198,10 +203,27 @@ def _sentencepiece_files(tokenizer, out_dir: str, model_max_length: int) -> None
     # Training separates documents with eod (</s>), never <s>: eod is also what precedes a
     # document, so it is the beginning-of-text token (lm-eval's rolling windows start with it).
     special["bos"] = special["eos"]
+    if masked_lm:
+        special.update(_masked_lm_template(tokenizer, pipeline, pieces))
     wrapper = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, split_special_tokens=True, model_max_length=model_max_length,
+        tokenizer_object=pipeline, split_special_tokens=True, model_max_length=model_max_length,
         **{f"{name}_token": piece for name, piece in special.items()})
     wrapper.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json
+
+
+def _masked_lm_template(tokenizer, pipeline, pieces) -> Dict[str, str]:
+    """{cls, sep, mask: piece} of a masked-LM tokenizer, with the post-processor that puts a
+    text between <cls> and <sep> (a pair: <cls> A <sep> B <sep>) as the training data does."""
+    from tokenizers.processors import TemplateProcessing
+
+    ids = {"cls": tokenizer.cls, "sep": tokenizer.sep, "mask": tokenizer.mask}
+    found = {name: pieces[i].piece for name, i in ids.items() if i is not None}
+    if len(found) == 3:
+        cls, sep = found["cls"], found["sep"]
+        pipeline.post_processor = TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
+            special_tokens=[(cls, ids["cls"]), (sep, ids["sep"])])
+    return found
 
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece

@@ -9,7 +9,8 @@ killing the agent itself):
   that failed, not its peers; for a hang, every rank's stacks are taken before the kill (its
   peers' timers expire too, waiting for it in a collective);
 - exit codes that a restart cannot fix (errors.NOT_RETRIED: config or data, checkpoint,
-  non-finite loss, which a replay of the same data reproduces, no space) are not retried.
+  non-finite loss and the loss kept spiking, which a replay of the same data reproduces, no
+  space) are not retried; a hardware fault (a replayed step that differs) is.
 """
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ class SupervisingAgent(HookedElasticAgent):
         row = self.incidents.record(self._attempt, cause_of(first.exitcode, hung), rank, where)
         if where:
             log.warning("rank %s hung at %s", rank, where)
+        for slow in row["slow"]:
+            log.warning("before it, the straggler check at step %s named rank %s on %s: %.2fx "
+                        "the step time, behind in %s", slow["step"], slow["rank"], slow["host"],
+                        slow["slowdown"], slow["section"])
         log.warning("attempt %d failed: rank %s %s at step %s (%.0f s after its last progress);"
                     " resuming from step %s (%.0f s of training to redo)", self._attempt, rank,
                     row["cause"], row["step_reached"], row["seconds_stalled"],

@@ -1,8 +1,8 @@
 """RUN_DIR/restarts.jsonl, one row per incident, and the summary printed when the launcher exits.
 
 A row: {"time", "attempt", "node", "rank", "cause", "step_reached", "resumed_from",
-"seconds_lost", "seconds_stalled", "where"}. cause is "exit N", "signal NAME", "hang" (killed
-by the step watchdog), "node lost" (the group re-formed with fewer nodes) or "preempted"
+"seconds_lost", "seconds_stalled", "where", "slow"}. cause is "exit N", "signal NAME", "hang"
+(killed by the step watchdog), "node lost" (the group re-formed with fewer nodes) or "preempted"
 (SIGTERM to the launcher: a planned stop, no restart). step_reached is the last step logged to
 metrics.jsonl, resumed_from the step of the newest complete checkpoint (where the next attempt
 starts).
@@ -10,7 +10,10 @@ seconds_lost is the time the failed attempt spent on the steps after that checkp
 next attempt does again; seconds_stalled the time from the attempt's last logged progress to the
 failure's detection (a hang until the watchdog killed it, or the part of a step that a crash cut
 short; 0 when the attempt had made no progress: a crash in start-up, or a re-rendezvous);
-where, for a hang, the hung rank's innermost frame ("path:line in function"), else null.
+where, for a hang, the hung rank's innermost frame ("path:line in function"), else null;
+slow, the stragglers the failed attempt's last straggler check named (each {"rank", "host",
+"section", "ratio", "slowdown", "step"}; [] when none was named), which says which node was slow
+before a hang or a restart.
 
 How time is counted: metrics.jsonl's train rows are grouped into attempts, each ending at an
 incident (and each launch starts one). A row's steps took the time since the previous train or
@@ -75,6 +78,17 @@ def productive_seconds(rows: List[dict], since: float, breaks: Iterable[float] =
                if seconds is not None and last_of.get(row["step"]) == index)
 
 
+def slow_before(rows: List[dict], since: float) -> List[dict]:
+    """The stragglers that the last straggler check since `since` named (training/metrics.py's
+    straggler rows, written at the step of the check)."""
+    named = [r for r in rows if r.get("split") == "straggler" and r.get("time", 0) > since]
+    if not named:
+        return []
+    last = max(r["step"] for r in named)
+    return [{k: r.get(k) for k in ("rank", "host", "section", "ratio", "slowdown", "step")}
+            for r in named if r["step"] == last]
+
+
 class IncidentLog:
     """Appends incidents to RUN_DIR/restarts.jsonl (every node's launcher to the same file on a
     shared filesystem: one short append per row)."""
@@ -111,7 +125,7 @@ class IncidentLog:
                "seconds_lost": round(sum(s for r, s in this_attempt
                                          if s is not None and r["step"] > resumed), 2),
                "seconds_stalled": round(now - max(progress), 2) if progress else 0.0,
-               "where": where}
+               "where": where, "slow": slow_before(rows, attempt_start)}
         os.makedirs(self.run_dir, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

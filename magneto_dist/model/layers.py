@@ -28,6 +28,9 @@ class Embeddings(nn.Module):
         self.position = (nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
                          if cfg.position == "learned" else None)
         self.dropout = nn.Dropout(cfg.dropout)
+        # The output as the layers hold it: whole here; sequence parallelism swaps in a split
+        # along the sequence (magneto_dist/parallel/sequence_parallel.py).
+        self.to_layers = nn.Identity()
 
     def forward(self, tokens: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -36,7 +39,7 @@ class Embeddings(nn.Module):
         x = self.word(tokens)  # [b, s, d]
         if self.position is not None:
             x = x + self.position(positions_of(tokens, position_ids))
-        return self.dropout(x)
+        return self.dropout(self.to_layers(x))
 
 
 def positions_of(tokens: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:

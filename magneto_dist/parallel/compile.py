@@ -21,6 +21,10 @@ silently cut into slow pieces. What each layout needed, found by compiling it:
   graph and the other ranks waited for it forever. Its once-per-process TP warning flag is set
   before compiling (compat.megatron.mark_tp_linear_warning_given), or the LM head's first call
   flipped it and every block compiled twice.
+- Sequence parallelism: its all-gather, reduce-scatter and gradient all-reduce
+  (sequence_parallel.py) are plain dist.* calls inside autograd functions, which dynamo
+  remaps to functional collectives, so SP blocks compile whole (the TP stream's dropout
+  aside, as below).
 - Activation recompute traces as torch.utils.checkpoint without a custom context
   (parallel/random.py checkpointed).
 - Dropout: compiled code draws from torch's generator as eager does (compat.dynamo

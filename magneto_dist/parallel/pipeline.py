@@ -9,7 +9,8 @@ every LayerSpec, arguments included, for the whole run, so the specs name module
 that is emptied after the build: the other stages' layers are then freed. With tied
 embeddings the word embedding is a TiedLayerSpec shared by the first and last stage (DeepSpeed
 all-reduces its gradient between them). The topology (pipe, data, model) must match
-megatron-core's rank order, which it does.
+megatron-core's rank order, which it does. Under sequence parallelism the hidden activations
+passed between stages are [b, s/tp, d]; position_ids and document_ids stay whole [b, s].
 
 Positions and documents: when a batch carries position_ids (context parallelism's chunk
 offsets, positions restarting per packed document) and document_ids (document masking), they
@@ -35,16 +36,21 @@ from ..compat.ds_engine import CountingHookPipelineModule
 from ..model.attention import Documents
 from ..model.layers import Rotary, positions_of
 from ..model.models import MagnetoGPT
+from . import state
 from .materialize import FullWeights, materialize
 from .pipe_names import TIED_KEY, pipe_plan
+from .sequence_parallel import gather_sequence
 
 
 class ModuleSource:
     """The model's modules by dotted name, materialized on the way out (except while the
-    pipeline only counts parameters), until release()."""
+    pipeline only counts parameters), until release(); and whether the model is sequence-
+    parallel, which the pipe layers that see the sequence length or feed the head need."""
 
-    def __init__(self, model: nn.Module, weights: Optional[FullWeights], device: torch.device):
+    def __init__(self, model: nn.Module, weights: Optional[FullWeights], device: torch.device,
+                 sequence_parallel: bool = False):
         self.model, self.weights, self.device = model, weights, device
+        self.sequence_parallel = sequence_parallel
         self.counting = False
 
     def get(self, name):
@@ -78,16 +84,21 @@ class WordEmbeddingPipe(nn.Module):
         super().__init__()
         self.word = source.get("embed.word")
         self.readout_multiplier = readout_multiplier  # LanguageModel.readout's (muP: 1/m)
+        self.sequence_parallel = source.sequence_parallel
 
     def forward(self, inputs):
         tokens, extras = _split(inputs)
         return _join(self.word(tokens), extras)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T over this rank's vocab slice (the column-parallel LM head, weight tied)."""
+        """x @ W^T over this rank's vocab slice (the column-parallel LM head, weight tied);
+        under SP x [b, s/tp, d] is gathered first, as SequenceParallelVocabHead does."""
         if self.readout_multiplier != 1.0:
             x = x * self.readout_multiplier
-        x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+        if self.sequence_parallel:
+            x = gather_sequence(x)
+        else:
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
         return F.linear(x, self.word.weight)
 
 
@@ -96,33 +107,38 @@ def tied_head(module: WordEmbeddingPipe, inputs) -> torch.Tensor:
 
 
 class EmbeddingTailPipe(nn.Module):
-    """Learned positions (if any) and embedding dropout: the rest of Embeddings.forward."""
+    """Learned positions (if any), the split into the layers' layout (sequence parallelism)
+    and embedding dropout: the rest of Embeddings.forward."""
 
     def __init__(self, source: ModuleSource, learned_positions: bool):
         super().__init__()
         self.position = source.get("embed.position" if learned_positions else None)
+        self.to_layers = source.get("embed.to_layers")
         self.dropout = source.get("embed.dropout")
 
     def forward(self, inputs):
         x, extras = _split(inputs)
         if self.position is not None:
             x = x + self.position(positions_of(x, extras[0] if extras else None))
-        return _join(self.dropout(x), extras)
+        return _join(self.dropout(self.to_layers(x)), extras)
 
 
 class TransformerLayerPipe(nn.Module):
     """One decoder layer; RoPE tables are rebuilt per layer (non-persistent, cheap), and the
-    document mask per stage (Documents.shared: the layers of a stage see the same ids)."""
+    document mask per stage (Documents.shared: the layers of a stage see the same ids); both for
+    the whole sequence (under SP x holds 1/TP of it, attention sees it gathered)."""
 
     def __init__(self, source: ModuleSource, name: str, cfg):
         super().__init__()
         self.layer = source.get(name)
         self.rotary = Rotary(cfg) if cfg.position == "rope" else None
+        self.sequence_parts = state.tp_size() if source.sequence_parallel else 1
 
     def forward(self, inputs):
         x, extras = _split(inputs)
         positions = extras[0] if extras else None
-        rope = self.rotary(x.shape[1], positions) if self.rotary is not None else None
+        rope = (self.rotary(x.shape[1] * self.sequence_parts, positions)
+                if self.rotary is not None else None)
         documents = Documents.shared(extras[1]) if len(extras) > 1 else None
         return _join(self.layer(x, rope=rope, documents=documents), extras)
 
@@ -188,12 +204,14 @@ def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
 
 
 def build_pipeline(model: MagnetoGPT, tp: int, pp: int, dp: int, loss_fn, partition: str,
-                   weights: Optional[FullWeights], device: torch.device) -> PipelineModule:
+                   weights: Optional[FullWeights], device: torch.device,
+                   sequence_parallel: bool = False) -> PipelineModule:
     """partition: "parameters" balances parameter counts (read from the shapes, so a meta
-    model partitions as a full one), "layers" transformer layers."""
+    model partitions as a full one), "layers" transformer layers. sequence_parallel: the model
+    was made sequence-parallel (apply_tensor_parallel)."""
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     method = "parameters" if partition == "parameters" else "type:TransformerLayerPipe"
-    source = ModuleSource(model, weights, device)
+    source = ModuleSource(model, weights, device, sequence_parallel)
     pipe = ShardOnlyPipelineModule(layers=pipeline_layers(model, source), topology=topology,
                                    loss_fn=loss_fn, partition_method=method,
                                    activation_checkpoint_interval=0)

@@ -4,8 +4,10 @@ Dropout in the replicated region (embeddings, residual branches after the row-pa
 all-reduce) must draw the same mask on every TP rank, or the replicated stream diverges; dropout
 inside the TP region (attention probabilities of the local heads) must draw different masks per
 TP rank. So the default generator is seeded alike on all TP ranks and a second stream, seeded
-seed + 2718 + tp_rank as in Megatron, is swapped in around attention. megatron-core's tracker
-(get_cuda_rng_tracker) only works on CUDA, hence this one, which uses the CPU generator on CPU
+seed + 2718 + tp_rank as in Megatron, is swapped in around attention. Under sequence
+parallelism the embeddings' and residual dropouts act on each rank's own part of the sequence,
+so they draw from that per-rank stream too (Megatron forks its tracker there as well).
+megatron-core's tracker (get_cuda_rng_tracker) only works on CUDA, hence this one, which uses the CPU generator on CPU
 and the current CUDA device's generator on GPU.
 """
 from __future__ import annotations
@@ -109,9 +111,29 @@ def apply_activation_checkpointing(layers, rng: TensorParallelRNG = None) -> Non
         layer.forward = checkpointed(types.MethodType(type(layer).forward, layer), rng)
 
 
-def use_tensor_parallel_rng(model: nn.Module, rng: TensorParallelRNG) -> None:
-    """Attention dropout (on the local heads) draws from the TP stream."""
+class StreamDropout(nn.Dropout):
+    """nn.Dropout drawing its mask from `rng` (a TensorParallelRNG)."""
+
+    def __init__(self, p: float, rng: TensorParallelRNG):
+        super().__init__(p)
+        self.rng = rng
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.rng.fork():
+            return super().forward(x)
+
+
+def use_tensor_parallel_rng(model: nn.Module, rng: TensorParallelRNG,
+                            sequence_parallel: bool = False) -> None:
+    """Attention dropout (on the local heads) draws from the TP stream; under sequence
+    parallelism every dropout module (embeddings, residual branches: all in the SP region) does
+    too."""
     from ..model.layers import Attention
-    for module in model.modules():
+    for module in list(model.modules()):  # a list: children change on the way
         if isinstance(module, Attention):
             module.dropout_rng = rng.fork
+        if not sequence_parallel:
+            continue
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, name, StreamDropout(child.p, rng))

@@ -1,6 +1,6 @@
 """From a model to this rank's shard, in small explicit steps (torchtitan's order): process
-groups -> tensor parallelism -> context parallelism -> activation recompute -> compiled blocks
--> pipeline stages -> memory for the shard.
+groups -> tensor parallelism (and sequence parallelism) -> context parallelism ->
+activation recompute -> compiled blocks -> pipeline stages -> memory for the shard.
 The model is normally a meta-device skeleton (model_skeleton) and only this rank's shard is ever
 materialized (materialize.py). The model itself holds no parallelism, and nothing here knows
 about training: the DeepSpeed engine around the result is built in training/engine.py."""
@@ -67,11 +67,12 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims,
         raise ValueError(f"parallelize: the process groups have DP"
                          f"{ps.get_data_parallel_world_size()}, the layout {dims.describe()}")
     rng = seed_streams(cfg.train.seed, state.tp_rank(), ps.get_pipeline_model_parallel_rank())
-    tp_stream = tp > 1 and cfg.model.dropout > 0  # attention dropout draws from the TP stream
+    # attention dropout (and under SP every dropout) draws from the TP stream
+    tp_stream = tp > 1 and cfg.model.dropout > 0
     if tp > 1:
-        apply_tensor_parallel(model, p.vocab_padding_multiple)
+        apply_tensor_parallel(model, p.vocab_padding_multiple, p.sequence_parallel)
         if tp_stream:
-            use_tensor_parallel_rng(model, rng)
+            use_tensor_parallel_rng(model, rng, p.sequence_parallel)
     if dims.cp > 1:
         apply_context_parallel(model, state.cp_group())
     if p.activation_checkpointing:
@@ -85,7 +86,8 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims,
             raise ValueError("parallelize: PP > 1 needs pipeline_loss")
         return Parallelized(module=build_pipeline(model, tp, pp, dims.grad_replicas,
                                                   pipeline_loss,
-                                                  p.pipeline_partition, weights, local_device()),
+                                                  p.pipeline_partition, weights, local_device(),
+                                                  p.sequence_parallel),
                             **common)
     materialize(model, "", weights, local_device())
     return Parallelized(module=model, mpu=state.DeepSpeedMPU(), **common)

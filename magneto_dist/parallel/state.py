@@ -81,9 +81,24 @@ def initialize_groups(tp: int, pp: int,
     """(Re)create the TP/CP/PP/DP groups; collective over the whole world."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+        destroy_subgroups()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  context_parallel_size=cp,
                                  distributed_timeout_minutes=timeout_minutes)
+
+
+def destroy_subgroups() -> None:
+    """Destroy every process group but the world: megatron's (destroy_model_parallel only
+    forgets them) and those an earlier engine made (ZeRO's, the pipeline grid's). A gloo group
+    keeps three threads alive until destroyed (17 groups a megatron layout on 2 ranks), so a
+    process that builds layout after layout, as the layout tests' workers do, otherwise gathers
+    thousands of threads and slows to a crawl. Collective over the whole world, like creating
+    them. torch keeps no public list of the live groups; `_world.pg_map` is the one it reads
+    in destroy_process_group itself."""
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)
 
 
 def tp_group():
@@ -96,6 +111,11 @@ def tp_rank() -> int:
 
 def tp_size() -> int:
     return ps.get_tensor_model_parallel_world_size()
+
+
+def pp_rank() -> int:
+    """This rank's pipeline stage (0 without pipeline parallelism)."""
+    return ps.get_pipeline_model_parallel_rank()
 
 
 def cp_group():

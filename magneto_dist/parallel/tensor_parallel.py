@@ -16,10 +16,17 @@ backward.
 Also here: the QK-norm gains (one per head dimension, shared by the heads that ranks hold in
 parts), whose gradient is summed over TP, and the logsumexp over the whole vocabulary from each
 rank's slice of the logits (train.z_loss).
+
+Sequence parallelism (sequence_parallel=True, sequence_parallel.py) changes the borders of the TP
+region: a column-parallel layer takes an input already gathered along the sequence and does not
+all-reduce its input gradient (the gather's backward reduce-scatters it), a row-parallel layer
+reduce-scatters its output along the sequence instead of all-reducing it, and the LM head
+gathers its input.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
@@ -28,11 +35,17 @@ from ..model.layers import Attention
 from ..model.norms import LayerNorm, RMSNorm
 from . import state
 from .materialize import is_meta, materialize, own_weights
-from .tp_plan import COLUMN, ROW, SHARD_DIM, SLICED, VOCAB, padded_vocab_size, tp_kind
+from .sequence_parallel import (apply_sequence_parallel_regions, gather_sequence,
+                                mark_sequence_parallel, reduce_grads_over_tp,
+                                reduce_scatter_sequence, sequence_parallel_form)
+from .tp_plan import (COLUMN, REPLICATED, ROW, SHARD_DIM, SLICED, VOCAB, padded_vocab_size,
+                      tp_kind)
 
 
 def _megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
-    # Weights are filled by materialize.py, so megatron-core's own init is skipped.
+    # Weights are filled by materialize.py, so megatron-core's own init is skipped. Its
+    # sequence_parallel stays off even under SP: its SP collectives split dim 0 of [s, b, h]
+    # and allocate on CUDA (sequence_parallel.py has this model's).
     return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                perform_initialization=False, params_dtype=dtype,
                                sequence_parallel=False, gradient_accumulation_fusion=False)
@@ -54,6 +67,20 @@ class RowLinear(NoExtraState, tensor_parallel.RowParallelLinear):
         return super().forward(x)[0]
 
 
+class SequenceParallelRowLinear(RowLinear):
+    """Row-parallel under SP: the partial sums are reduce-scattered along the sequence instead
+    of all-reduced, and the replicated bias is added to this rank's part of it. The add is
+    written in fp32 (a bf16 add rounds the same fp32 sum) so that the bias gradient is summed
+    over TP in fp32 and rounded once, as a single rank's is."""
+
+    def forward(self, x):                                   # [b, s, in/tp] -> [b, s/tp, out]
+        y = reduce_scatter_sequence(F.linear(x, self.weight))
+        if self.bias is None:
+            return y
+        (bias,) = reduce_grads_over_tp(self.bias.float())
+        return (y.float() + bias).type_as(y)
+
+
 class VocabEmbedding(NoExtraState, tensor_parallel.VocabParallelEmbedding):
     pass
 
@@ -67,22 +94,26 @@ def _mark(param: nn.Parameter, kind: str) -> None:
         True, SHARD_DIM[kind], 1)
 
 
-def column_from(linear: nn.Linear, config) -> ColumnLinear:
+def column_from(linear: nn.Linear, config, sequence_parallel: bool = False) -> ColumnLinear:
+    # under SP the input arrives gathered, and the gather's backward sums the input gradient
     tp_linear = ColumnLinear(linear.in_features, linear.out_features, config=config,
                              init_method=_noop_init, bias=linear.bias is not None,
-                             gather_output=False)
+                             gather_output=False, disable_grad_reduce=sequence_parallel)
     for param in (tp_linear.weight, tp_linear.bias):
         if param is not None:
             _mark(param, COLUMN)
     return tp_linear
 
 
-def row_from(linear: nn.Linear, config) -> RowLinear:
-    # the bias is added after the all-reduce: replicated, unmarked
-    tp_linear = RowLinear(linear.in_features, linear.out_features, config=config,
-                          init_method=_noop_init, bias=linear.bias is not None,
-                          input_is_parallel=True, skip_bias_add=False)
+def row_from(linear: nn.Linear, config, sequence_parallel: bool = False) -> RowLinear:
+    # the bias is added after the all-reduce (or reduce-scatter): replicated, unmarked
+    cls = SequenceParallelRowLinear if sequence_parallel else RowLinear
+    tp_linear = cls(linear.in_features, linear.out_features, config=config,
+                    init_method=_noop_init, bias=linear.bias is not None,
+                    input_is_parallel=True, skip_bias_add=False)
     _mark(tp_linear.weight, ROW)
+    if sequence_parallel:
+        mark_sequence_parallel(tp_linear)
     return tp_linear
 
 
@@ -199,9 +230,18 @@ class VocabHead(ColumnLinear):
     """The LM head over this rank's vocabulary slice: [b, s, d] -> [b, s, V_padded / tp]."""
 
 
-def vocab_head_from(head: nn.Linear, padded: int, config, tied_to=None) -> VocabHead:
-    tp_head = VocabHead(head.in_features, padded, config=config, init_method=_noop_init,
-                        bias=False, gather_output=False)
+class SequenceParallelVocabHead(VocabHead):
+    """The LM head under SP: gathers its input [b, s/tp, d] along the sequence first."""
+
+    def forward(self, x):
+        return super().forward(gather_sequence(x))
+
+
+def vocab_head_from(head: nn.Linear, padded: int, config, tied_to=None,
+                    sequence_parallel: bool = False) -> VocabHead:
+    cls = SequenceParallelVocabHead if sequence_parallel else VocabHead
+    tp_head = cls(head.in_features, padded, config=config, init_method=_noop_init, bias=False,
+                  gather_output=False, disable_grad_reduce=sequence_parallel)
     if tied_to is not None:
         tp_head.weight = tied_to.weight  # same [V_padded/tp, d] slice as the embedding
     else:
@@ -242,31 +282,42 @@ def vocab_parallel_logsumexp(logits: torch.Tensor, vocab_size: int) -> torch.Ten
 
 
 class FullLogits(nn.Module):
-    """Gathers the vocab-parallel logits, for sampling from a TP model (no gradient; megatron's
-    gather_from_tensor_model_parallel_region allocates on CUDA)."""
+    """Gathers the vocab-parallel logits, for sampling from a causal TP model (no gradient;
+    megatron's gather_from_tensor_model_parallel_region allocates on CUDA). Under SP a window
+    that TP does not divide is padded at its end and its logits cut back: a causal model's
+    positions never see the ones after them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, sequence_parallel: bool = False):
         super().__init__()
         self.model = model
+        self.sequence_parallel = sequence_parallel
 
     @torch.no_grad()
     def forward(self, tokens):
-        local = self.model(tokens).contiguous()                    # [b, s, V_padded/tp]
+        length = tokens.shape[1]
+        if self.sequence_parallel:
+            tokens = F.pad(tokens, (0, -length % state.tp_size()))
+        local = self.model(tokens)[:, :length].contiguous()        # [b, s, V_padded/tp]
         parts = [torch.empty_like(local) for _ in range(state.tp_size())]
         torch.distributed.all_gather(parts, local, group=state.tp_group())
         return torch.cat(parts, dim=-1)                            # [b, s, V_padded]
 
 
-def _shard_children(module: nn.Module, prefix: str, config) -> None:
+def _shard_children(module: nn.Module, prefix: str, config, sequence_parallel: bool) -> None:
     """Swap this module's Linear and norm children, and slice its own 1-D parameters (head
-    scales), each as the TP plan says."""
+    scales), each as the TP plan says; under SP the replicated ones (outer norms, BERT's MLM
+    dense) become their SP-region forms."""
     swaps = {COLUMN: column_from, ROW: row_from}
     for name, child in list(module.named_children()):
-        full = f"{prefix}{name}"
-        if isinstance(child, nn.Linear) and tp_kind(f"{full}.weight") in swaps:
-            setattr(module, name, swaps[tp_kind(f"{full}.weight")](child, config))
-        elif isinstance(child, (LayerNorm, RMSNorm)) and tp_kind(f"{full}.weight") == SLICED:
+        if not isinstance(child, (nn.Linear, LayerNorm, RMSNorm)):
+            continue
+        kind = tp_kind(f"{prefix}{name}.weight")
+        if isinstance(child, nn.Linear) and kind in swaps:
+            setattr(module, name, swaps[kind](child, config, sequence_parallel))
+        elif isinstance(child, (LayerNorm, RMSNorm)) and kind == SLICED:
             setattr(module, name, sharded_norm(child))
+        elif sequence_parallel and kind == REPLICATED:
+            setattr(module, name, sequence_parallel_form(child))
     if isinstance(module, (nn.Linear, nn.Embedding, LayerNorm, RMSNorm)):
         return  # their parameters were handled with the module itself
     for name, param in list(module.named_parameters(recurse=False)):
@@ -276,11 +327,14 @@ def _shard_children(module: nn.Module, prefix: str, config) -> None:
             setattr(module, name, sliced)
 
 
-def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None:
+def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int,
+                          sequence_parallel: bool = False) -> None:
     """Swap a model's modules in place for TP modules of the current TP group, every parameter
     as the TP plan (tp_plan.py) says; a parameter it does not cover is an error before anything
     changes. The TP modules are shard-shaped meta-device modules: materialize.py fills them, here
-    at once from a full model's own weights, later (parallelize) for a meta-device skeleton."""
+    at once from a full model's own weights, later (parallelize) for a meta-device skeleton.
+    sequence_parallel: also split the regions outside the TP GEMMs along the sequence
+    (sequence_parallel.py)."""
     for name, _ in model.named_parameters():
         tp_kind(name)
     param = next(model.parameters())
@@ -288,7 +342,7 @@ def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None
     config = _megatron_config(state.tp_size(), param.dtype)
     with torch.device("meta"):
         for name, module in list(model.named_modules()):  # a list: children change on the way
-            _shard_children(module, f"{name}." if name else "", config)
+            _shard_children(module, f"{name}." if name else "", config, sequence_parallel)
         _replicate_head_norms(model)
         assert tp_kind("embed.word.weight") == tp_kind("lm_head.weight") == VOCAB
         padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple,
@@ -296,6 +350,8 @@ def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int) -> None
         model.embed.word = vocab_embedding_from(model.embed.word, padded, config)
         model.lm_head = vocab_head_from(model.lm_head, padded, config,
                                         tied_to=model.embed.word if model.config.tie_embeddings
-                                        else None)
+                                        else None, sequence_parallel=sequence_parallel)
+        if sequence_parallel:
+            apply_sequence_parallel_regions(model)
     if full is not None:
         materialize(model, "", full, param.device)

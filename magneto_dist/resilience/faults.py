@@ -27,6 +27,18 @@ so a restarted group replaying that step goes on. Points:
   universal form (resuming in another layout), after the conversion, before the rename.
 - nonfinite_loss: that rank's loss is NaN in those steps (so are its gradients); runs without
   a pipeline.
+- slow_step: that rank sleeps SLOW_STEP_S at the start of each of those steps, before it
+  fetches its batch (a straggler: a slow host or input pipeline; the straggler check names it,
+  section data, while its peers wait for it in the step's first collective).
+- loss_spike: that rank's loss (and so its gradients) is scaled by LOSS_SPIKE_SCALE in the steps
+  that train on those global batches: a bad batch. STEPS count global batches of the data, not
+  optimizer steps: batch k is the one step k trains on in a run that skipped no data, so a
+  replay of the step meets it again and a run that skipped past it (train.spike_skip_steps)
+  does not. Runs without a pipeline.
+- bitflip: at the start of that step, before anything reads the weights, one bit (the highest
+  mantissa bit: a silent change of up to half the value, no inf or NaN) of one element of one
+  parameter this rank holds is flipped, as a memory fault would (training/replica_check.py
+  flip_bit says which element).
 """
 from __future__ import annotations
 
@@ -39,8 +51,11 @@ from typing import List, Optional, Tuple
 FAULT_ENV = "MAGNETO_DIST_FAULT"
 ONCE_ENV = "MAGNETO_DIST_FAULT_ONCE_DIR"
 POINTS = ("kill_at_step", "hang", "kill_in_save", "kill_in_convert", "nonfinite_loss",
-          "kill_after_snapshot", "kill_mid_write", "sigterm_mid_write", "slow_write")
+          "kill_after_snapshot", "kill_mid_write", "sigterm_mid_write", "slow_write", "slow_step",
+          "loss_spike", "bitflip")
 SLOW_WRITE_S = 2.0
+SLOW_STEP_S = 0.5  # many times a test step (~30 ms), far under the hang watchdog (>= 60 s)
+LOSS_SPIKE_SCALE = 4.0  # a bad batch's loss: 4x, a rise of several nats at any loss above ~1
 
 
 class Faults:
@@ -121,6 +136,9 @@ class InjectedFaults(Faults):
             return
         if point == "slow_write":
             time.sleep(SLOW_WRITE_S)
+            return
+        if point == "slow_step":
+            time.sleep(SLOW_STEP_S)
             return
         os._exit(137)
 

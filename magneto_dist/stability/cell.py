@@ -35,7 +35,8 @@ from ..launch_env import ROOT
 from ..resilience.parent_watch import SUPERVISOR_ENV
 from ..resilience.watchdog import PR_SET_PDEATHSIG
 from ..training.metrics_file import current_rows, last_per_step
-from .sweep import losses_of, median_step_seconds
+from ..training.spikes import SpikeRule
+from .sweep import grad_norms_of, losses_of, median_step_seconds
 from .verdicts import VerdictConfig, early_divergence, judge
 
 if TYPE_CHECKING:  # a job unpickles this module alone: no torch or megatron to import there
@@ -109,6 +110,8 @@ class CellJob:
     step_timeout: str = "auto"     # ft_launch's hang watchdog, multi-GPU cells only
     submission: Optional[str] = None  # the sweep's id of this submission (jobs.jsonl): job ids
                                       # alone are not unique (a local job's is a pid)
+    spike_rule: SpikeRule = SpikeRule()  # what a spike is: the cell's train.spike_* keys, which
+                                         # its run's own detector judges its steps by too
     _running: Optional["CellRun"] = field(default=None, repr=False, compare=False)
 
     def __getstate__(self):  # the running process stays in the process that started it
@@ -262,7 +265,7 @@ def result_row(job: CellJob, code: Optional[int], stopped_early: Optional[str],
     rows = current_rows(job.run_dir)
     losses = losses_of(rows)
     valid = [r["loss"] for r in last_per_step(rows, "valid")]
-    verdict = judge(losses, job.entropy, job.verdict)
+    verdict = judge(losses, job.entropy, job.verdict, job.spike_rule, grad_norms_of(rows))
     if lost:
         verdict.verdict, verdict.reason = "crashed", lost
     elif stopped_early is None and code not in (ExitCode.OK, ExitCode.NONFINITE):
@@ -346,7 +349,8 @@ def cell_job(sweep: Sweep, cell: Cell, entropy: Optional[float], nodes: int = 1,
                                            "ffn_hidden_size": width.ffn_hidden_size},
                    sweep.cell_overrides(cell), sweep.cell_dir(cell),
                    os.path.join(sweep.out_dir, "logs", f"{cell.name}.log"), sweep.verdict,
-                   entropy, nodes, gpus_per_node, devices, submission=submission)
+                   entropy, nodes, gpus_per_node, devices, submission=submission,
+                   spike_rule=SpikeRule.of(sweep.cell_config(cell).train))
 
 
 def summarize(diagnostics: List[dict]) -> dict:

@@ -55,8 +55,7 @@ def cell_cost(cfg: Config, world: int, planner: MemoryPlanner, assume: Assumptio
               measured: Optional[float]) -> dict:
     t, p, m = cfg.train, cfg.parallel, cfg.model
     dims = ParallelDims.of(cfg, world)
-    memory = planner.plan(Layout(dims, p.activation_checkpointing, t.micro_batch_size,
-                                 p.pipeline_partition, p.vocab_padding_multiple))["total"]
+    memory = planner.plan(Layout.of(cfg, dims))["total"]
     tokens = t.global_batch_size * m.max_seq_len
     train_flops = flops_per_token(m, m.max_seq_len) * tokens
     train_flops *= 4 / 3 if p.activation_checkpointing else 1  # recompute: one more forward

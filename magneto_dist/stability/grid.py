@@ -29,6 +29,10 @@ from ..launch_env import default_config
 from ..model.config import NORM_SCHEMES, NORM_TYPES
 from .verdicts import VerdictConfig
 
+# Verdict keys that became trainer keys, which a cell's run and its verdict both read.
+MOVED_TO_TRAINER = {"spike_threshold": "train.spike_loss_rise",
+                    "spike_window": "train.spike_window"}
+
 TRAINER_DEFAULTS = default_config("gpt")  # under every cell's keys
 
 
@@ -286,6 +290,11 @@ def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
             run_overrides.append(override)
     grid = section_from_dict("grid", sections["grid"], GridConfig())
     _check_grid(grid)
+    for key, trainer_key in MOVED_TO_TRAINER.items():
+        if key in sections["verdict"]:
+            raise ConfigError(f"{path}: verdict.{key} is the trainer's {trainer_key} now (one "
+                              "spike rule for the sweep's verdict and the runs' own detector): "
+                              f"set it under run: {{train: {{{trainer_key.split('.')[1]}: ...}}}}")
     verdict = section_from_dict("verdict", sections["verdict"], VerdictConfig())
     name = raw.get("name") or os.path.splitext(os.path.basename(path))[0]
     out_dir = os.path.abspath(out_dir or os.path.join("runs", "sweeps", name))  # cells run in ROOT
@@ -295,8 +304,13 @@ def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
     if not sweep.cells():
         raise ConfigError("grid.exclude leaves no cell to run; narrow its mappings")
     for cell in sweep.cells():
+        cfg = sweep.cell_config(cell)
+        if cfg.train.spike_policy == "rollback":
+            raise ConfigError(f"{path}: run.train.spike_policy=rollback: a cell that rolls its "
+                              "spikes back hides the instability the sweep measures; use warn "
+                              "(a row per spike, the default) or off")
         try:
-            validate(sweep.cell_config(cell), world_size=world_size, has_cuda=has_cuda)
+            validate(cfg, world_size=world_size, has_cuda=has_cuda)
         except ConfigError as err:
             raise ConfigError(f"cell {cell.name}: {err}") from None
     return sweep

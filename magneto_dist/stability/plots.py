@@ -9,72 +9,27 @@ from __future__ import annotations
 
 import math
 import os
-import textwrap
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 from matplotlib.colors import ListedColormap
 
+from ..plotting import figure, finish, pyplot, smooth, wrap
 from .report import Grid
 from .sweep import train_losses
 from .verdicts import VERDICTS
 
-PANEL_W, PANEL_H = 4.4, 3.3   # inches per panel; at DPI a panel is ~530 x 400 px
-DPI = 120
 PLOTS = ("loss_curves.png", "lr_sensitivity.png", "divergence_map.png", "grad_norm_init.png",
          "residual_rms.png")
 SCALING_PLOTS = ("scaling_depth.png", "scaling_width.png")  # with two depths / widths or more
-CHARS_PER_INCH = 9            # of the 13 pt figure title: it is wrapped to stay on the canvas
-MAX_COLS = 4                  # panels per row where the panels are not a table
 # light colours, one per verdict in VERDICTS' order, so the black text on them stays readable
 VERDICT_COLORS = ["#b8e0a8", "#fff0a0", "#fdd09a", "#f4a08a", "#c8c8c8"]
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9,
-                         "figure.titlesize": 13})
-    return plt
-
-
-def _figure(plt, rows: int, cols: int, title: str, sharey: bool = False):
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_W * cols, PANEL_H * rows + 0.9),
-                             squeeze=False, layout="constrained", sharey=sharey)
-    fig.suptitle(textwrap.fill(title, int(PANEL_W * cols * CHARS_PER_INCH)))
-    return fig, axes
-
-
-def _wrap(n: int):
-    cols = min(MAX_COLS, n)
-    return -(-n // cols), cols
-
-
-def _finish(fig, axes, handles: Dict[str, object], path: str) -> None:
-    for ax in axes.flat:  # the spare panels of the last row
-        if not ax.has_data() and not ax.get_title():
-            ax.set_visible(False)
-    if handles:
-        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
-                   ncol=min(len(handles), 6), frameon=False)
-    fig.savefig(path, dpi=DPI)
-
-
-def _smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average over finite values (batch noise is ~0.2 nats a step)."""
-    out = np.full(len(values), np.nan)
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1):i + 1]
-        chunk = chunk[np.isfinite(chunk)]
-        out[i] = chunk.mean() if len(chunk) else np.nan
-    return out
-
-
 def _plot_curves(plt, grid: Grid, colors, path: str) -> None:
     shapes = grid.shapes()
-    fig, axes = _figure(plt, len(shapes), len(grid.lrs), "training loss, moving average "
-                        "(line: mean over seeds, band: their range)")
+    fig, axes = figure(plt, len(shapes), len(grid.lrs), "training loss, moving average "
+                       "(line: mean over seeds, band: their range)")
     handles, top, bottom = {}, -np.inf, np.inf
     for (i, (depth, width)), (j, lr) in ((a, b) for a in enumerate(shapes)
                                          for b in enumerate(grid.lrs)):
@@ -89,7 +44,7 @@ def _plot_curves(plt, grid: Grid, colors, path: str) -> None:
             window = max(10, length // 100)
             stack = np.full((len(curves), length), np.nan)
             for k, c in enumerate(curves):
-                stack[k, :len(c)] = _smooth(c, window)
+                stack[k, :len(c)] = smooth(c, window)
             steps = np.arange(1, length + 1)
             with np.errstate(all="ignore"):
                 mean = np.nanmean(np.where(np.isfinite(stack), stack, np.nan), axis=0)
@@ -106,7 +61,7 @@ def _plot_curves(plt, grid: Grid, colors, path: str) -> None:
     if np.isfinite(top) and np.isfinite(bottom):  # diverged curves run off the top
         for ax in axes.flat:
             ax.set_ylim(bottom - 0.2, top + 0.5)
-    _finish(fig, axes, handles, path)
+    finish(fig, axes, handles, path)
 
 
 def _lr_axis(ax, lrs: List[float]) -> None:
@@ -117,9 +72,9 @@ def _lr_axis(ax, lrs: List[float]) -> None:
 
 def _plot_lr_sensitivity(plt, grid: Grid, colors, path: str) -> None:
     shapes = grid.shapes()
-    fig, axes = _figure(plt, *_wrap(len(shapes)), "final validation loss against LR, cells ok "
-                        "on every seed (mean over seeds, bars: sd); x at the top: a seed not ok "
-                        "(see divergence_map.png)")
+    fig, axes = figure(plt, *wrap(len(shapes)), "final validation loss against LR, cells ok "
+                       "on every seed (mean over seeds, bars: sd); x at the top: a seed not ok "
+                       "(see divergence_map.png)")
     handles = {}
     for ax, (depth, width) in zip(axes.flat, shapes):
         for var in grid.variants:
@@ -143,14 +98,14 @@ def _plot_lr_sensitivity(plt, grid: Grid, colors, path: str) -> None:
         _lr_axis(ax, grid.lrs)
         ax.set(title=f"depth {depth}, width {width}", xlabel="learning rate",
                ylabel="validation loss")
-    _finish(fig, axes, handles, path)
+    finish(fig, axes, handles, path)
 
 
 def _plot_divergence_map(plt, grid: Grid, path: str) -> None:
     shapes = grid.shapes()
-    rows, cols = _wrap(len(shapes))
-    fig, axes = _figure(plt, rows, cols, "worst verdict over seeds (k/n: seeds ok): green ok, "
-                        "yellow spiky, orange stuck, red diverged, grey crashed")
+    rows, cols = wrap(len(shapes))
+    fig, axes = figure(plt, rows, cols, "worst verdict over seeds (k/n: seeds ok): green ok, "
+                       "yellow spiky, orange stuck, red diverged, grey crashed")
     cmap = ListedColormap(VERDICT_COLORS)
     for ax, (depth, width) in zip(axes.flat, shapes):
         table = np.full((len(grid.variants), len(grid.lrs)), np.nan)
@@ -168,14 +123,14 @@ def _plot_divergence_map(plt, grid: Grid, path: str) -> None:
         ax.set(title=f"depth {depth}, width {width}", xticks=range(len(grid.lrs)),
                yticks=range(len(grid.variants)), xticklabels=[f"{lr:g}" for lr in grid.lrs],
                yticklabels=grid.variants, xlabel="learning rate")
-    _finish(fig, axes, {}, path)
+    finish(fig, axes, {}, path)
 
 
 def _plot_layer_profile(plt, grid: Grid, colors, path: str, key: str, label: str) -> None:
     shapes = grid.shapes()
     lr = grid.lrs[0]
-    fig, axes = _figure(plt, *_wrap(len(shapes)), f"{label} by layer, lowest LR {lr:g} (mean "
-                        "over seeds, band: their range)")
+    fig, axes = figure(plt, *wrap(len(shapes)), f"{label} by layer, lowest LR {lr:g} (mean "
+                       "over seeds, band: their range)")
     handles = {}
     for ax, (depth, width) in zip(axes.flat, shapes):
         for var in grid.variants:
@@ -190,7 +145,7 @@ def _plot_layer_profile(plt, grid: Grid, colors, path: str, key: str, label: str
                                 alpha=0.2, lw=0)
         ax.set(title=f"depth {depth}, width {width}", xlabel="layer", ylabel=label,
                yscale="log")
-    _finish(fig, axes, handles, path)
+    finish(fig, axes, handles, path)
 
 
 def _plot_scaling(plt, grid: Grid, colors, path: str, axis: str) -> None:
@@ -198,9 +153,9 @@ def _plot_scaling(plt, grid: Grid, colors, path: str, axis: str) -> None:
     (a panel per depth): the papers' scaling view. The x axis is categorical and each scheme
     is shifted a little, so schemes with equal values stay visible side by side."""
     xs, panels = (grid.depths, grid.widths) if axis == "depth" else (grid.widths, grid.depths)
-    fig, axes = _figure(plt, 2, len(panels), f"against {axis}: largest stable LR (geometric "
-                        "mean, bars: range over seeds) and best stable validation loss (mean, "
-                        "bars: sd)")
+    fig, axes = figure(plt, 2, len(panels), f"against {axis}: largest stable LR (geometric "
+                       "mean, bars: range over seeds) and best stable validation loss (mean, "
+                       "bars: sd)")
     handles, n = {}, len(grid.variants)
     for j, fixed in enumerate(panels):
         for k, var in enumerate(grid.variants):
@@ -232,12 +187,12 @@ def _plot_scaling(plt, grid: Grid, colors, path: str, axis: str) -> None:
         axes[0, j].set_yticks(grid.lrs, [f"{lr:g}" for lr in grid.lrs])
         axes[0, j].minorticks_off()
         axes[1, j].set(title=f"{name} {fixed}", ylabel="best validation loss", **ticks)
-    _finish(fig, axes, handles, path)
+    finish(fig, axes, handles, path)
 
 
 def write_plots(rows: List[dict], out_dir: str) -> List[str]:
     """Every plot the rows allow; -> their paths (the scaling views need two depths or widths)."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = Grid(rows)
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(grid.variants)}
     paths = {name: os.path.join(out_dir, name) for name in PLOTS + SCALING_PLOTS}

@@ -103,6 +103,11 @@ def losses_of(rows: List[dict]) -> List[float]:
     return [r["loss"] for r in last_per_step(rows, "train")]
 
 
+def grad_norms_of(rows: List[dict]) -> List[Optional[float]]:
+    """Per-step grad norms, aligned with losses_of (None where a row has none)."""
+    return [r.get("grad_norm") for r in last_per_step(rows, "train")]
+
+
 def train_losses(run_dir: str) -> List[float]:
     """Per-step training losses of a run directory, the last occurrence of each step."""
     return losses_of(current_rows(run_dir))

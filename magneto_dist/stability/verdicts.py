@@ -1,7 +1,9 @@
 """Verdicts on a training-loss curve: ok, diverged, stuck, spiky (or crashed, from the sweep).
 
 Pure functions of the per-step losses, so they are tested on synthetic curves and applied the
-same way while a cell runs (early stop) and after it ends (the recorded verdict).
+same way while a cell runs (early stop) and after it ends (the recorded verdict). A spike is
+what training/spikes.py says it is, with the cell's own trainer keys (train.spike_*): the rule
+its run judged its steps by while it trained, so the two never disagree.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from ..training.spikes import SpikeRule, judge_curve
 
 VERDICTS = ("ok", "spiky", "stuck", "diverged", "crashed")  # from best to worst
 
@@ -21,10 +25,8 @@ class VerdictConfig:
     stuck_margin: float = 0.1       # stuck: final loss within this many nats of the corpus's
                                     # unigram entropy (or above it): nothing beyond unigrams learned
     final_fraction: float = 0.05    # "final loss": the mean over this last fraction of the steps
-    spike_threshold: float = 1.0    # a spike: loss this many nats above the median loss of the
-    spike_window: int = 10          # previous spike_window steps (the batch-to-batch noise of
-                                    # the CPU miniature's 512-token batches is ~0.2 nats)
-    spiky_count: int = 3            # spiky: at least this many spikes
+    spiky_count: int = 3            # spiky: at least this many spikes (what a spike is: the
+                                    # cells' train.spike_* keys, training/spikes.py)
 
 
 @dataclass
@@ -59,27 +61,28 @@ def early_divergence(losses: Sequence[float], cfg: VerdictConfig) -> Optional[st
     return None
 
 
-def count_spikes(losses: Sequence[float], cfg: VerdictConfig) -> tuple:
-    """(number of spikes, largest rise in nats) over the finite part of the curve."""
+def count_spikes(losses: Sequence[float], rule: SpikeRule,
+                 grad_norms: Optional[Sequence[Optional[float]]] = None) -> tuple:
+    """(number of spikes, largest rise in nats over a window's median) of the curve, judged
+    step by step as the run's detector judged it (a run of spiking steps counts once)."""
     spikes, largest, inside = 0, 0.0, False
-    for t in range(1, len(losses)):
-        window = [x for x in losses[max(0, t - cfg.spike_window):t] if math.isfinite(x)]
-        if not window or not math.isfinite(losses[t]):
+    for judged in judge_curve(losses, grad_norms or [None] * len(losses), rule):
+        if judged is None:
             continue
-        rise = losses[t] - float(np.median(window))
-        largest = max(largest, rise)
-        spiking = rise > cfg.spike_threshold
-        spikes += int(spiking and not inside)
-        inside = spiking
+        largest = max(largest, judged.rise)
+        spikes += int(judged.spike and not inside)
+        inside = judged.spike
     return spikes, float(largest)
 
 
-def judge(losses: List[float], unigram_entropy: Optional[float], cfg: VerdictConfig) -> Verdict:
-    """The verdict of a whole curve (per-step training losses, step 1 first)."""
+def judge(losses: List[float], unigram_entropy: Optional[float], cfg: VerdictConfig,
+          rule: SpikeRule, grad_norms: Optional[Sequence[Optional[float]]] = None) -> Verdict:
+    """The verdict of a whole curve (per-step training losses and grad norms, step 1 first);
+    `rule`: what a spike is (the cell's trainer keys)."""
     if not losses:
         return Verdict("crashed", "no training step was logged", None, 0, 0.0)
     final = final_loss(losses, cfg)
-    spikes, largest = count_spikes(losses, cfg)
+    spikes, largest = count_spikes(losses, rule, grad_norms)
     diverged = early_divergence(losses, cfg)
     if diverged or final is None or not math.isfinite(losses[-1]):
         return Verdict("diverged", diverged or "the last loss is not finite", final, spikes,
@@ -89,8 +92,8 @@ def judge(losses: List[float], unigram_entropy: Optional[float], cfg: VerdictCon
                        f"{unigram_entropy:.3f} (margin {cfg.stuck_margin})", final, spikes,
                        largest)
     if spikes >= cfg.spiky_count:
-        return Verdict("spiky", f"{spikes} loss spikes of more than {cfg.spike_threshold} nats "
-                       f"(largest {largest:.2f})", final, spikes, largest)
+        return Verdict("spiky", f"{spikes} spikes of the loss or grad norm (largest rise "
+                       f"{largest:.2f} nats)", final, spikes, largest)
     return Verdict("ok", f"final loss {final:.3f}", final, spikes, largest)
 
 

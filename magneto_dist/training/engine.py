@@ -146,6 +146,7 @@ def derived_keys(cfg: Config, dims: ParallelDims, load_universal: bool = False) 
     disagree with what the trainer does); the refusal says where each comes from."""
     t = cfg.train
     return {
+        **_sequence_parallel_pipe_keys(cfg, dims),
         # DeepSpeed counts a micro-batch per rank of its data-parallel group, which is DP x CP
         # (state.py): the CP ranks of a group compute parts of the same samples, so its batch
         # is the global batch x CP (it uses the number only to check the batch arithmetic)
@@ -167,6 +168,19 @@ def derived_keys(cfg: Config, dims: ParallelDims, load_universal: bool = False) 
         "checkpoint.load_universal": (load_universal, "the resume logic (set when resuming "
                                                       "another layout)"),
     }
+
+
+def _sequence_parallel_pipe_keys(cfg: Config, dims: ParallelDims) -> dict:
+    """DeepSpeed's pipeline sends 1/TP of each stage's output (and of each input gradient) per
+    TP rank and all-gathers the rest on the receiving side, since under TP they are equal on
+    every TP rank. Under sequence parallelism each TP rank holds its own part of the sequence,
+    so that rebuilt every tensor from the halves of different ones (TP2+SP x PP2's losses left
+    the single-process run's by 0.02 at step 2): each rank sends its whole tensor instead."""
+    if not (dims.pipelined and cfg.parallel.sequence_parallel):
+        return {}
+    source = "parallel.sequence_parallel (the TP ranks' activations differ)"
+    return {"pipeline.pipe_partitioned": (False, source),
+            "pipeline.grad_partitioned": (False, source)}
 
 
 def _defaults(cfg: Config, dims: ParallelDims) -> dict:
@@ -359,5 +373,6 @@ def build_training(model: nn.Module, cfg: Config, dims: ParallelDims, task,
     if dims.pipelined:
         train_step, evaluate = _pipeline_steps(engine, task, par)
         return TrainingSetup(train_step_fn=train_step, eval_fn=evaluate, **common)
-    sample_model = FullLogits(engine.module) if tp > 1 else engine.module
+    sample_model = (FullLogits(engine.module, cfg.parallel.sequence_parallel) if tp > 1
+                    else engine.module)
     return TrainingSetup(sample_model=sample_model, **common)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -14,14 +13,19 @@ import torch.distributed as dist
 
 from ..checkpoint.savers import make_saver
 from ..config import Config
-from ..data.datasets import GlobalSampleBatches, train_samples
+from ..data.datasets import GlobalSampleBatches
 from ..errors import ExitCode
-from ..resilience.faults import NO_FAULTS, Faults
+from ..resilience.faults import LOSS_SPIKE_SCALE, NO_FAULTS, Faults
 from ..resilience.parent_watch import Launchers, watch_launchers
 from ..resilience.watchdog import StepWatchdog
 from .diagnostics import Diagnostics
+from .healing import ROLLED_BACK, make_healer
 from .metrics import MetricsLogger
+from .profiling import profile_window
+from .stragglers import straggler_check
+from .rollback import Batches
 from .tasks import move_batch
+from .train_state import TrainState
 
 TP_RNG_KEY = "tensor_parallel"  # the TP dropout stream's entry in a rank's saved RNG state
 
@@ -50,18 +54,11 @@ class StopRequest:
         self.request(signal.Signals(signum).name)
 
 
-def any_rank(device: torch.device, *flags: bool) -> List[bool]:
-    """Collective: for each flag, whether it is set on any rank (one all-reduce for all)."""
-    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
-
-
-@dataclass
-class TrainState:
-    step: int = 0                 # optimizer steps done
-    consumed_samples: int = 0     # global sample index of the next sample
-    nonfinite_streak: int = 0     # consecutive steps skipped for a non-finite loss / grad norm
+def rank_max(device: torch.device, *values: float) -> List[float]:
+    """Collective: each value's maximum over the ranks (one all-reduce for all)."""
+    gathered = torch.tensor([float(v) for v in values], device=device)
+    dist.all_reduce(gathered, op=dist.ReduceOp.MAX)
+    return gathered.tolist()
 
 
 # What became of an optimizer step (step_outcome).
@@ -126,6 +123,13 @@ class Trainer:
         self.interval_start = time.perf_counter()  # this metrics interval: its start, its steps
         self.interval_steps = 0                    # and its skipped steps (not applied)
         self.interval_skipped = 0
+        g = cfg.logging  # the straggler check times each step's sections; the profile window
+        self.stragglers = straggler_check(g.straggler_interval, g.straggler_margin, self.device,
+                                          metrics, self.dims.pp)
+        self.profile = profile_window(g, g.run_dir, self.rank, log)
+        self.batches: Optional[Batches] = None     # the training data, while train() runs
+        self.local_loss: Optional[torch.Tensor] = None  # this rank's loss of the last step
+        self.healer = make_healer(self)  # train.spike_policy, replica_check_interval
 
     def _make_diagnostics(self) -> Optional[Diagnostics]:
         if not self.cfg.logging.diagnostics_interval or self.rank != 0:
@@ -157,12 +161,22 @@ class Trainer:
         # next forward: keeping them in a list (with the last one still bound) measured ~3%
         # slower per step on the default run (tools/bench_train.py, CPU).
         total = torch.zeros((), device=self.device)
+        # loss_spike: a bad batch, the one of this data position (the fault point's steps)
+        batch_index = self.state.consumed_samples // self.cfg.train.global_batch_size + 1
+        spike = self.faults.active("loss_spike", self.rank, batch_index)
         for _ in range(self.dims.grad_accum):
-            loss = self._loss(next(batches))
+            batch = next(batches)
+            self.stragglers.lap("data")
+            loss = self._loss(batch)
             if self.faults.active("nonfinite_loss", self.rank, self.state.step + 1):
                 loss = loss * float("nan")
+            if spike:
+                loss = loss * LOSS_SPIKE_SCALE
+            self.stragglers.lap("forward")
             self.engine.backward(loss)
+            self.stragglers.lap("backward")
             self.engine.step()
+            self.stragglers.lap("optimizer")
             total += loss.detach()
             del loss
         return total / self.dims.grad_accum
@@ -173,7 +187,11 @@ class Trainer:
 
     def train_step(self, batches) -> float:
         """One optimizer step over a global batch; the loss averaged over it (all DP ranks)."""
-        return dp_mean(self.train_step_fn(batches), self.dp_group)
+        self.local_loss = self.train_step_fn(batches)
+        self.stragglers.lap("pipeline")  # the pipeline's schedule (the micro-batch loop lapped)
+        mean = dp_mean(self.local_loss, self.dp_group)
+        self.stragglers.lap("wait")
+        return mean
 
     def evaluate(self) -> Optional[float]:
         """Validation loss over the first eval_iters global batches of the validation split."""
@@ -241,18 +259,19 @@ class Trainer:
     def train(self) -> ExitCode:
         """Run to train.last_step; returns the process exit code."""
         t = self.cfg.train
-        batches = self.loader(self.train_ds, train_samples(t.train_iters, t.global_batch_size,
-                                                           self.state.step,
-                                                           self.state.consumed_samples),
-                              self.state.consumed_samples)
+        batches = self.batches = Batches(lambda total, start: self.loader(self.train_ds, total,
+                                                                          start),
+                                         t.train_iters, t.global_batch_size, self.state)
         self.stop.install()
         # a no-op unless launch/ft_launch.py enabled it
         watchdog = self.watchdog = StepWatchdog.from_env()
         self.start()
         while self.state.step < t.last_step:
-            with watchdog.expires(long=self._long_step(self.state.step + 1)):
+            # the profile window outside the watchdog: writing a trace is not a hung step
+            with self.profile.step(self.state.step + 1), \
+                    watchdog.expires(long=self._long_step(self.state.step + 1)):
                 stop = self.step(batches)
-            if stop == ExitCode.NONFINITE:
+            if stop in (ExitCode.NONFINITE, ExitCode.SPIKES, ExitCode.HARDWARE):
                 with watchdog.expires(long=True):
                     self.saver.flush(self.state.step)  # an earlier save still writing
                 return stop
@@ -278,36 +297,57 @@ class Trainer:
         if self.compile_note:
             self.log(self.compile_note)
         self.untimed(self.diagnose)  # at step 0: the gradients at init and F(x, theta_0)
+        if self.healer:
+            self.healer.start()
+        self.restart_interval()
+
+    def restart_interval(self) -> None:
+        """A new metrics interval from now (at the start, and after a rollback)."""
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_skipped = 0
 
     def step(self, batches) -> Optional[ExitCode]:
-        """One optimizer step as the run takes it, in this order: the fault points, the step,
-        the non-finite check, metrics, diagnostics, evaluation, the periodic save, the agreed
-        stop (and the completion of a background save). Returns NONFINITE or INTERRUPTED (not
-        yet saved) to stop with, else None."""
-        for point in ("kill_at_step", "hang"):
+        """One optimizer step as the run takes it, in this order: the fault points (and the
+        healer's: a due data skip, a replica check), the step, the non-finite check, the spike
+        verdict, metrics, diagnostics, evaluation, the periodic save, the agreed stop (and the
+        completion of a background save, and the spike policy's action). Returns NONFINITE,
+        SPIKES, HARDWARE or INTERRUPTED (not yet saved) to stop with, else None."""
+        self.stragglers.begin_step()
+        for point in ("kill_at_step", "hang", "slow_step"):
             self.faults.inject(point, self.rank, self.state.step + 1)
+        early = self.healer.before_step() if self.healer else None
+        if early is not None:  # rolled back before the step, or stopped
+            return None if early == ROLLED_BACK else early
         loss, grad_norm = self.optimizer_step(batches)
         if not self.check_finite(loss, grad_norm):
             return self.stop_nonfinite()
+        # a spike to roll back: this step's state is not saved
+        discard = self.healer.after_step(loss, grad_norm) if self.healer else False
         self.log_train(loss, grad_norm)
         self.untimed(self.diagnose)
         if self._evaluates(self.state.step):
             self.untimed(self.validate)
         # no periodic save inside a run of skipped steps: keep_last must not prune good ones
-        if self._saves(self.state.step) and not self.state.nonfinite_streak:
+        if self._saves(self.state.step) and not self.state.nonfinite_streak and not discard:
             self.untimed(self.save)
         return self.agree()
 
     def agree(self) -> Optional[ExitCode]:
         """Collective, one all-reduce at the end of every step: whether any rank was asked to
-        stop (all stop at the same step), and whether any is still writing a background
-        checkpoint; once none is, every rank finalizes it here, at the same step."""
-        stop, writing = any_rank(self.device, self.stop.requested, self.saver.busy())
+        stop (all stop at the same step), whether any is still writing a background
+        checkpoint (once none is, every rank finalizes it here, at the same step), and under
+        train.spike_policy=rollback what the step's spike verdict asks for (done here, after
+        the step's timings end). Every logging.straggler_interval steps the straggler check
+        gathers the steps' timings too."""
+        self.stragglers.lap("logging")
+        stop, writing, *healing = rank_max(self.device, self.stop.requested, self.saver.busy(),
+                                           *(self.healer.flags() if self.healer else ()))
+        self.stragglers.lap("wait")
         if self.saver.pending() and not writing:
             self.untimed(lambda: self.saver.finalize(self.state.step))
-        return ExitCode.INTERRUPTED if stop else None
+        self.stragglers.end_step(self.state.step)  # collective every straggler_interval steps
+        code = self.healer.act(healing) if self.healer else None
+        return code or (ExitCode.INTERRUPTED if stop else None)
 
     def optimizer_step(self, batches) -> Tuple[float, Optional[float]]:
         """The step itself; -> (loss, grad norm), both global."""
@@ -353,7 +393,9 @@ class Trainer:
         """Run work that is not training (diagnostics, evaluation, saves) outside the metrics
         interval's time, so tokens/s measures the steps."""
         start = time.perf_counter()
+        self.stragglers.pause()
         work()
+        self.stragglers.resume()
         self.interval_start += time.perf_counter() - start
 
     def diagnose(self) -> None:

@@ -10,7 +10,8 @@ states per parameter follow DeepSpeed's ZeRO (its estimators' multipliers for mi
 moments); activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation"),
 counted tensor by tensor for these blocks (Sub-LN's inner norms save the merged heads and the
 FFN hidden a second time) with memory-efficient attention (no s x s scores saved, as SDPA's
-flash and efficient kernels on GPU). Context parallelism divides every activation by CP (a
+flash and efficient kernels on GPU). Sequence parallelism splits the norms' inputs, the
+dropout masks and the layer inputs over TP. Context parallelism divides every activation by CP (a
 rank holds 1/CP of each sequence) and adds the ring attention's transient buffers (context_
 parallel.py: the arriving keys and values, fp32 accumulators, a tile of fp32 scores), counted
 once (one layer at a time computes them). ZeRO partitions over DP x CP. Not counted:
@@ -42,6 +43,21 @@ class Layout:
     micro_batch: int         # train.micro_batch_size
     partition: str = "parameters"  # parallel.pipeline_partition
     vocab_padding_multiple: int = 128
+    sequence_parallel: bool = False  # parallel.sequence_parallel (with TP > 1)
+
+    @classmethod
+    def of(cls, cfg, dims: ParallelDims) -> "Layout":
+        """The layout a run config (config.Config) runs on `dims`."""
+        p = cfg.parallel
+        return cls(dims=dims, recompute=p.activation_checkpointing,
+                   micro_batch=cfg.train.micro_batch_size, partition=p.pipeline_partition,
+                   vocab_padding_multiple=p.vocab_padding_multiple,
+                   sequence_parallel=p.sequence_parallel)
+
+    def describe(self) -> str:
+        """For listings: TP2 x PP1 x DP4 (ZeRO-1) +SP recompute."""
+        return (f"{self.dims.describe()}{' +SP' if self.sequence_parallel else ''}"
+                f"{' recompute' if self.recompute else ''}")
 
 
 def _local_numel(name: str, shape, tp: int, vocab_multiple: int) -> int:
@@ -58,14 +74,20 @@ def _local_numel(name: str, shape, tp: int, vocab_multiple: int) -> int:
     return numel // tp
 
 
-def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int) -> int:
+def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int,
+                               sequence_parallel: bool = False) -> int:
     """Saved-for-backward bytes of one transformer layer for `tokens` = micro-batch x seq."""
     h, f, heads = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads
     slots = SCHEMES[cfg.norm]
     # the norm inside a sublayer saves its output once more: Sub-LN on the merged heads or the
     # FFN hidden, NormFormer's on the attention output
     attention_norm = slots.attention.inner_norm or slots.attention.output_norm
-    replicated = 4 * h  # each sublayer's norm input and the normalized input to its matmuls
+    # each sublayer's norm input and the normalized input to its matmuls; sequence parallelism
+    # splits the norm inputs (and the dropout masks) over TP, while the matmuls' input is saved
+    # as gathered, once per sublayer (parallel/sequence_parallel.py keeps it for the weight
+    # gradients rather than gathering again in backward, as Megatron does)
+    sp = tp if sequence_parallel else 1
+    replicated = 2 * h // sp + 2 * h
     # q, k, v as attention saves them (under GQA the core repeats k and v to every query head
     # before SDPA, so they are h wide all the same); the attention output; the inner norm;
     # QK-norm saves its inputs, the projections' outputs (q: h wide, k: kv_size)
@@ -74,7 +96,7 @@ def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int
     ffn_tensors = (5 if cfg.activation == "swiglu" else 2) + (1 if slots.ffn.inner_norm else 0)
     per_token = elem * (replicated + (attention + ffn_tensors * f) // tp) + 4 * heads // tp
     if cfg.dropout > 0:
-        per_token += 2 * h  # the two residual dropout masks (bool)
+        per_token += 2 * h // sp  # the two residual dropout masks (bool)
     return tokens * per_token
 
 
@@ -145,13 +167,15 @@ class MemoryPlanner:
         tokens = layout.micro_batch * self.seq_len // d.cp  # this rank's part of each sequence
         layers = -(-cfg.num_layers // d.pp)
         in_flight = min(d.pp, d.grad_accum) if d.pp > 1 else 1  # 1F1B: stage 0 holds pp
-        per_layer = activation_bytes_per_layer(cfg, tokens, d.tp, elem)
+        sp = layout.sequence_parallel
+        per_layer = activation_bytes_per_layer(cfg, tokens, d.tp, elem, sp)
+        # a stage's input and each recomputed layer's saved input: split over TP under SP
+        hidden = tokens * cfg.hidden_size * elem // (d.tp if sp else 1)
         logits = tokens * -(-cfg.vocab_size // d.tp) * (elem + 8)  # + fp32 copy and its grad
         # one layer's ring at a time: beside what is saved, not per layer
         ring = ring_buffer_bytes(cfg, layout.micro_batch, tokens, d.tp, elem) if d.cp > 1 else 0
-        full = in_flight * (layers * per_layer + tokens * cfg.hidden_size * elem) + logits + ring
-        recomputed = (in_flight * (layers + 1) * tokens * cfg.hidden_size * elem + per_layer
-                      + logits + ring)
+        full = in_flight * (layers * per_layer + hidden) + logits + ring
+        recomputed = in_flight * (layers + 1) * hidden + per_layer + logits + ring
         out = {"parameters": params * elem / (shards if zero >= 3 else 1), "gradients": grads,
                "optimizer": params * _optimizer_bytes(zero, self.precision, shards),
                "activations": recomputed if layout.recompute else full,
@@ -200,8 +224,9 @@ def candidate_layouts(model_cfg: ModelConfig, world: int, gpus_per_node: int,
                       micro_batch: int, global_batch: int,
                       precision: str = "fp32") -> Iterator[Layout]:
     """Every layout the config validation would accept: TP within a node dividing the heads
-    and the FFN, CP splitting the sequence into 2 x CP chunks (decoder only), PP up to the
-    depth (decoder only, ZeRO 0-1), each ZeRO stage, recompute on and off."""
+    and the FFN (with and without sequence parallelism), CP splitting the sequence into 2 x CP
+    chunks (decoder only), PP up to the depth (decoder only, ZeRO 0-1), each ZeRO stage,
+    recompute on and off."""
     for tp in _divisors(gpus_per_node):
         if model_cfg.num_heads % tp or model_cfg.ffn_hidden_size % tp:
             continue
@@ -218,4 +243,6 @@ def candidate_layouts(model_cfg: ModelConfig, world: int, gpus_per_node: int,
                     except LayoutError:
                         continue
                     for recompute in (False, True):
-                        yield Layout(dims=dims, recompute=recompute, micro_batch=micro_batch)
+                        for sp in ((False, True) if tp > 1 else (False,)):
+                            yield Layout(dims=dims, recompute=recompute, micro_batch=micro_batch,
+                                         sequence_parallel=sp)

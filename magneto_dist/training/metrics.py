@@ -7,13 +7,24 @@ metrics.jsonl rows:
 - {"split": "valid", "step", "loss", "ppl", "time"} every eval interval;
 - {"split": "diagnostics", "step", "grad_norm_per_layer", ...} every
   logging.diagnostics_interval steps (see training/diagnostics.py);
-- {"split": "startup", "step", "startup_seconds", "compile_seconds", "time"} once, after this
-  process's first step (compile_seconds: null unless train.compile=blocks);
+- {"split": "startup", "step", "startup_seconds", "compile_seconds", "layout", "time"} once,
+  after this process's first step (compile_seconds: null unless train.compile=blocks; layout:
+  {"tp", "pp", "dp", "zero_stage"});
+- {"split": "straggler", "step", "rank", "host", "section", "ratio", "slowdown", "late_s",
+  "step_s", "first_step", "time"} per rank that kept its peers waiting over steps
+  first_step..step (training/stragglers.py says how it is judged); TensorBoard has every rank's
+  slowdown at each check (straggler/slowdown/rank_R);
 - {"split": "eval", "step", "task", METRIC: value, ..., "time"} per lm-evaluation-harness task
   of tools/evaluate.py (TensorBoard: eval/TASK/METRIC);
 - {"split": "resume", "step", "tag", "time", "process_start", "load_start"} where a resumed
-  run starts: the rows after it
-  replay the steps after `step` (take the last occurrence of a step);
+  run starts, and with "reason" where a rollback went back in the running process: the rows
+  after it replay the steps after `step` (take the last occurrence of a step);
+- {"split": "spike", "step", "loss", "grad_norm", "median", "rise", "action", ...} per loss
+  spike (action: warn, rollback, transient, skip, stop, none: no checkpoint to go back to),
+  {"split": "spike", "action": "skip_data", "skipped_samples": [first, end), "before_step"}
+  per skipped data window, {"split": "spike", "action": "hardware_fault", "ranks", "hosts",
+  "why"}, and {"split": "replica_mismatch", "step", "rank", "host", "last_agreed", "what"} per
+  rank a replica check names (training/healing.py);
 - {"split": "checkpoint", "step", "tag", "async", "blocking_s", "time", ...} per save, once it
   is complete: the seconds the loop stopped for it; a background save adds "write_s" (its
   write), "bytes" (rank 0's files), "snapshot_bytes" (rank 0's host copy), "done_step" (the
@@ -97,8 +108,10 @@ def process_start_time() -> float:
 
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, flops_per_token: float,
-                 world_size: int, peak_tflops: Optional[float]):
+                 world_size: int, peak_tflops: Optional[float], layout: Optional[dict] = None):
+        """layout: the run's ParallelDims.layout, recorded in the startup row."""
         self.enabled = enabled
+        self.layout = layout
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak = peak_tflops
@@ -156,7 +169,8 @@ class MetricsLogger:
         print(f"start-up: {seconds:.1f} s from the command to the end of step {step}{compiling}",
               flush=True)
         self._emit({"split": "startup", "step": step, "startup_seconds": seconds,
-                    "compile_seconds": compile_seconds, "time": time.time()})
+                    "compile_seconds": compile_seconds, "layout": self.layout,
+                    "time": time.time()})
 
     def valid(self, step: int, loss: float) -> None:
         if not self.enabled:
@@ -182,13 +196,48 @@ class MetricsLogger:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"eval/{task}/{key}", value, step)
 
-    def resumed(self, step: int, tag: str, process_start: float, load_start: float) -> None:
+    def straggler(self, row: dict) -> None:
+        """A rank that kept its peers waiting (training/stragglers.py): the console line and its
+        row. Its fields are not TensorBoard scalars (they would mix ranks in one tag): the
+        per-rank slowdowns are (slowdowns())."""
+        if not self.enabled:
+            return
+        there = (f", {row['ratio']:.1f}x its peers' time there" if row["ratio"] is not None
+                 else " (its peers spent no time there)")
+        print(f"step {row['step']:>6} | straggler: rank {row['rank']} on {row['host']} made "
+              f"steps {row['first_step']}-{row['step']} {row['slowdown']:.2f}x as long (its "
+              f"peers waited {row['late_s']:.3f} s of {row['step_s']:.3f} s a step, median); "
+              f"it fell behind in {row['section']}{there}", flush=True)
+        self.jsonl.write(json.dumps({"split": "straggler", **row, "time": time.time()}) + "\n")
+        self.jsonl.flush()
+
+    def slowdowns(self, step: int, values: List[float]) -> None:
+        """Every rank's slowdown at a straggler check (1.0: not behind its peers)."""
+        if self.writer is not None:
+            for rank, value in enumerate(values):
+                self.writer.add_scalar(f"straggler/slowdown/rank_{rank:05d}", value, step)
+
+    def resumed(self, step: int, tag: str, process_start: float, load_start: float,
+                reason: Optional[str] = None) -> None:
         """A restart: rows after this one replay steps from `step` on; readers keep the last
         occurrence of each step. The times of the process start and of the checkpoint load's
-        start (time.time()) say where a restart's seconds went (tools/bench_recovery.py)."""
+        start (time.time()) say where a restart's seconds went (tools/bench_recovery.py).
+        `reason`: a rollback inside the running process (training/healing.py), whose
+        "process start" is when it began."""
         if self.enabled:
             self._emit({"split": "resume", "step": step, "tag": tag, "time": time.time(),
-                        "process_start": process_start, "load_start": load_start})
+                        "process_start": process_start, "load_start": load_start,
+                        **({"reason": reason} if reason else {})})
+
+    def event(self, row: dict, text: str) -> None:
+        """A healing event (training/healing.py: a spike, a skipped window, a replica
+        mismatch, a hardware fault): its row, and a marker in TensorBoard's text tab at its
+        step (its numbers are scalars there too)."""
+        if not self.enabled:
+            return
+        self._emit({**row, "time": time.time()})
+        if self.writer is not None:
+            self.writer.add_text(f"events/{row['split']}", text, row["step"])
 
     def checkpoint(self, row: dict) -> None:
         """A save, once complete (checkpoint/savers.py says what the row holds)."""

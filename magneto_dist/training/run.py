@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from ..checkpoint import manager as ckpt
 from ..checkpoint.export import consolidated_weights
-from ..checkpoint.resume import INIT_FROM, UNIVERSAL_FORM, ResumePlan, load_source, plan_resume
+from ..checkpoint.resume import (INIT_FROM, UNIVERSAL_FORM, ResumePlan, load_source, manual_skip,
+                                 plan_resume)
 from ..checkpoint.storage import agree_on_resume
 from ..checkpoint.tags import Tag
 from ..config import Config, dump_config, load_config, validate, with_vocab_size
@@ -34,9 +35,11 @@ from ..resilience.faults import Faults, faults_from_env
 from ..resilience.parent_watch import Launchers, launcher_chain
 from ..resilience.watchdog import die_with_parent
 from .generate import sample
+from .healing import skip_data
 from .loop import Trainer, TrainState
 from .metrics import MetricsLogger, device_peak_tflops, process_start_time
 from .preflight import PreflightError, RunLock, check_run_dir_writable
+from .rollback import load_train_state
 from .tasks import GPTTask, MaskedLMTask
 
 TASKS = {"gpt": GPTTask, "bert": MaskedLMTask}
@@ -178,7 +181,8 @@ def train(plan: RunPlan) -> ExitCode:
         code = train_locked(plan)
     finally:
         lock.release()
-    if code in (ExitCode.OK, ExitCode.INTERRUPTED, ExitCode.NONFINITE):  # every rank together
+    if code in (ExitCode.OK, ExitCode.INTERRUPTED, ExitCode.NONFINITE, ExitCode.SPIKES,
+                ExitCode.HARDWARE):  # every rank together
         # Shut the process group down before the interpreter does: a rank that exited with
         # gloo's threads still running once died with "terminate called without an active
         # exception" (SIGABRT) after a complete run.
@@ -212,11 +216,12 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
     `launchers` exits."""
     metrics = MetricsLogger(cfg.logging.run_dir, ranks.rank == 0, cfg.logging.tensorboard,
                             flops_per_token(cfg.model, cfg.model.max_seq_len), ranks.world_size,
-                            device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log))
+                            device_peak_tflops(cfg.logging.peak_tflops, log=ranks.log),
+                            layout=setup.par.dims.layout)
     extra = {"faults": faults} if faults is not None else {}
     return Trainer(cfg, task, setup, train_ds, valid_ds, metrics, ckpt_dir, state,
-                   lambda s: {"step": s.step, "consumed_samples": s.consumed_samples,
-                              "train_samples": train_size, **setup.checkpoint_info},
+                   lambda s: {**s.client_state(), "train_samples": train_size,
+                              **setup.checkpoint_info},
                    log=ranks.log, launchers=launchers, **extra)
 
 
@@ -226,10 +231,9 @@ def resume_state(plan: RunPlan, setup) -> Tuple[TrainState, dict]:
     from .engine import describe_param_groups, group_settings
 
     resume, cfg = plan.resume, plan.cfg
-    client = ckpt.load(setup.engine, plan.load_from)
+    state, client = load_train_state(setup.engine, plan.load_from)
     if resume.source == UNIVERSAL_FORM and cfg.train.zero_stage == 3:
         repair_zero3_universal_load(setup.engine, group_settings(cfg))
-    state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
     plan.ranks.log(f"resumed from {resume.tag.label}: step {state.step}, "
                    f"{state.consumed_samples} samples consumed; optimizer groups: "
                    f"{describe_param_groups(setup.engine.optimizer)}")
@@ -254,7 +258,11 @@ def train_locked(plan: RunPlan) -> ExitCode:
         trainer.metrics.resumed(state.step, plan.resume.tag.name, process_start_time(),
                                 load_start)
         trainer.restore_tp_rng(client.get("_rng"))
+        if manual_skip(cfg, plan.resume.tag.name):
+            skip_data(trainer, manual_skip(cfg, plan.resume.tag.name),
+                      f"checkpoint.resume_skip_batches={cfg.checkpoint.resume_skip_batches}")
     code = trainer.train()
+    trainer.profile.close()  # a profile window the run ended inside of
     trainer.metrics.close()
     if code == ExitCode.OK and cfg.logging.sample_prompt and plan.task.name == "gpt":
         print_sample(cfg, setup, plan.tokenizer, ranks)

@@ -13,8 +13,8 @@ from magneto_dist.parallel import state
 from magneto_dist.dims import ParallelDims
 from magneto_dist.parallel.pipe_names import pipe_prefixes
 from magneto_dist.parallel.pipeline import TransformerLayerPipe
-from magneto_dist.parallel.random import (TensorParallelRNG, apply_activation_checkpointing,
-                                          use_tensor_parallel_rng)
+from magneto_dist.parallel.random import (StreamDropout, TensorParallelRNG,
+                                          apply_activation_checkpointing, use_tensor_parallel_rng)
 from magneto_dist.parallel.setup import parallelize
 from magneto_dist.parallel.tensor_parallel import (ShardedLayerNorm, ShardedRMSNorm,
                                                    apply_tensor_parallel)
@@ -76,7 +76,7 @@ def dropout_streams() -> dict:
     tp_masks, default_masks = _gather(tp_mask), _gather(default_mask)
     return {"tp_masks_differ": not torch.equal(tp_masks[0], tp_masks[1]),
             "default_masks_equal": torch.equal(default_masks[0], default_masks[1]),
-            **_recompute(rng)}
+            **_recompute(rng), **_sequence_parallel_masks()}
 
 
 def _loss_and_grads(model, rng_state, default_seed):
@@ -90,17 +90,50 @@ def _loss_and_grads(model, rng_state, default_seed):
     return loss.item(), [p.grad.clone() for p in model.parameters()]
 
 
-def _recompute(rng) -> dict:
-    """Recompute replays both dropout streams: same loss and grads with and without it."""
+def _dropout_models(sequence_parallel: bool) -> list:
+    """The same TP model with dropout, without and with recompute."""
     models = []
     for recompute in (False, True):
         model = _tiny(norm="magneto", dropout=0.3)
-        apply_tensor_parallel(model, vocab_padding_multiple=8)
+        apply_tensor_parallel(model, vocab_padding_multiple=8,
+                              sequence_parallel=sequence_parallel)
         model.tp_rng = TensorParallelRNG(seed=7, tp_rank=state.tp_rank())
-        use_tensor_parallel_rng(model, model.tp_rng)
+        use_tensor_parallel_rng(model, model.tp_rng, sequence_parallel)
         if recompute:
             apply_activation_checkpointing(model.decoder.layers, model.tp_rng)
         models.append(model)
+    return models
+
+
+def _sequence_parallel_masks() -> dict:
+    """Under SP every dropout (embeddings, residual branches) acts on this rank's part of the
+    sequence and draws from the TP stream: its masks differ across TP ranks, and recompute
+    draws each layer's masks again, equal to the forward pass's."""
+    calls = []  # per model: (dropout module name, its drop mask) per call, in call order
+    for model in _dropout_models(sequence_parallel=True):
+        seen = []
+        for name, module in model.named_modules():
+            if isinstance(module, StreamDropout):
+                module.register_forward_hook(lambda m, args, out, name=name: seen.append(
+                    (name, (out == 0) & (args[0] != 0))))
+        _loss_and_grads(model, model.tp_rng.state, 3)
+        calls.append(seen)
+    plain, recomputed = calls
+    forward = dict(plain)
+    replayed = recomputed[len(plain):]  # the layers' dropouts again, in backward's order
+    first = _gather(plain[1][1].contiguous())  # the first residual dropout, on each TP rank
+    return {"sp_dropouts": len(plain),
+            "sp_masks_differ": not torch.equal(first[0], first[1]),
+            "sp_recompute_forward_equal": [n for n, _ in plain] == [n for n, _ in
+                                                                   recomputed[:len(plain)]]
+            and all(torch.equal(m, forward[n]) for n, m in recomputed[:len(plain)]),
+            "sp_replayed": sorted(n for n, _ in replayed),
+            "sp_replays_equal": all(torch.equal(m, forward[n]) for n, m in replayed)}
+
+
+def _recompute(rng) -> dict:
+    """Recompute replays both dropout streams: same loss and grads with and without it."""
+    models = _dropout_models(sequence_parallel=False)
     start = models[0].tp_rng.state
     plain_loss, plain_grads = _loss_and_grads(models[0], start, 3)
     re_loss, re_grads = _loss_and_grads(models[1], start, 3)

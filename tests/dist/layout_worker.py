@@ -5,9 +5,10 @@ global batch sequence, and have rank 0 write {case name: result} to the output f
     python tests/dist/layout_worker.py CASES.json OUT.json
 
 A training case: {"name", "tp", "pp", "cp", "zero", "model": {ModelConfig overrides}, "steps",
-"recompute", "partition", "precision", "compile", "deepspeed": [key=value of the deepspeed:
-section], "train": [key=value of the train: section], "documents": packed documents (eod tokens in the data, document masking, positions
-restarting, no loss on eod inputs)} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
+"recompute", "sp" (parallel.sequence_parallel), "partition", "precision", "compile",
+"deepspeed": [key=value of the deepspeed: section], "train": [key=value of the train: section],
+"documents": packed documents (eod tokens in the data, document masking, positions restarting,
+no loss on eod inputs)} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
 "compile_seconds": spent compiling this case}. A case with "check" runs one of
 block_checks.py instead.
 Starting ranks costs seconds, so one group of ranks goes through many cases.
@@ -84,6 +85,7 @@ def case_config(case):
                   f"parallel.context_parallel_size={case.get('cp', 1)}",
                   f"parallel.pipeline_model_parallel_size={case['pp']}",
                   f"parallel.activation_checkpointing={case.get('recompute', False)}",
+                  f"parallel.sequence_parallel={case.get('sp', False)}",
                   f"parallel.pipeline_partition={case.get('partition', 'parameters')}",
                   f"train.zero_stage={case['zero']}", f"train.micro_batch_size={MICRO_BATCH}",
                   f"train.precision={case.get('precision', 'fp32')}",

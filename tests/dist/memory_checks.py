@@ -46,10 +46,7 @@ def memory_versus_plan(case: dict, case_config, synthetic_dataset) -> dict:
     trainer.train_step(trainer.loader(data, len(data), 0))  # Adam's moments exist from here
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, measured(setup.engine))
-    p = cfg.parallel
-    layout = Layout(dims=dims, recompute=p.activation_checkpointing,
-                    micro_batch=cfg.train.micro_batch_size, partition=p.pipeline_partition,
-                    vocab_padding_multiple=p.vocab_padding_multiple)
+    layout = Layout.of(cfg, dims)
     planned = MemoryPlanner(cfg.model, cfg.train.precision, cfg.model.max_seq_len).plan(layout)
     return {key: {"measured": max(r[key] for r in ranks), "planned": planned[key]}
             for key in ("parameters", "optimizer")}

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 from magneto_dist.launch_env import ROOT
 
@@ -77,3 +77,16 @@ def wait_ranks(procs: List[subprocess.Popen], timeout: float) -> List[RankResult
 def run_ranks(args: List[str], world: int, timeout: float = 240,
               extra_env: Optional[dict] = None) -> List[RankResult]:
     return wait_ranks(start_ranks(args, world, extra_env), timeout)
+
+
+def once(cache: Dict, key, make: Callable):
+    """cache[key] = make(), made once for every test that shares it; an AssertionError (ranks
+    that failed) is kept and raised again to each of them, never retried."""
+    if key not in cache:
+        try:
+            cache[key] = make()
+        except AssertionError as failed:
+            cache[key] = failed
+    if isinstance(cache[key], AssertionError):
+        raise cache[key]
+    return cache[key]

@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
-from .gpt_runs import TINY, check_ok, read_metrics, wait_for_steps
-from .ranks import ROOT, free_port, kill_group, run_ranks
+import pytest
+
+from .gpt_runs import TINY, read_metrics, wait_for_steps
+from .ranks import ROOT, free_port, kill_group
+from .test_reshard import DOCUMENTS
 
 COMMON = ["train.train_iters=24", "checkpoint.save_interval=2", "checkpoint.keep_last=3",
           "train.micro_batch_size=2", "train.global_batch_size=8"]
@@ -46,13 +49,12 @@ def incidents(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def reference(tmp_path, cache_dir, ranks=2, *overrides):
-    run_dir = tmp_path / f"reference{ranks}"
-    check_ok(run_ranks(script(run_dir, cache_dir, *overrides), ranks, timeout=300))
-    return final_losses(run_dir)
+def reference(shared_run, cache_dir, ranks=2, *overrides):
+    """The uninterrupted run's losses (once per session for each set of arguments)."""
+    return final_losses(shared_run(lambda run_dir: script(run_dir, cache_dir, *overrides), ranks))
 
 
-def test_ten_random_kills_finish_with_the_uninterrupted_losses(tmp_path, cache_dir):
+def test_ten_random_kills_finish_with_the_uninterrupted_losses(tmp_path, cache_dir, shared_run):
     rng = random.Random(2026)
     steps = sorted(rng.sample(range(2, 24), 8))
     faults = [f"kill_at_step:{rng.randrange(2)}:{s}" for s in steps]
@@ -67,10 +69,10 @@ def test_ten_random_kills_finish_with_the_uninterrupted_losses(tmp_path, cache_d
     blamed += [(1, "exit 137"), (0, "exit 137")]  # a kill in a save: os._exit(137)
     assert sorted((r["rank"], r["cause"]) for r in rows) == sorted(blamed), rows
     assert "10 incident(s)" in out and "goodput" in out
-    assert final_losses(run_dir) == reference(tmp_path, cache_dir)  # bit for bit, all 24 steps
+    assert final_losses(run_dir) == reference(shared_run, cache_dir)  # bit for bit, all 24 steps
 
 
-def test_a_hung_rank_is_killed_within_two_timeouts(tmp_path, cache_dir):
+def test_a_hung_rank_is_killed_within_two_timeouts(tmp_path, cache_dir, shared_run):
     timeout_s = 6
     run_dir = tmp_path / "run"
     code, out = finish(ft_launch(script(run_dir, cache_dir),
@@ -87,7 +89,7 @@ def test_a_hung_rank_is_killed_within_two_timeouts(tmp_path, cache_dir):
     # the hang is time stalled, not training to redo (the checkpoint of step 6 holds it all)
     assert row["resumed_from"] == 6 and row["seconds_lost"] == 0, row
     assert timeout_s <= row["seconds_stalled"] == round(row["time"] - hung_since, 2), row
-    assert final_losses(run_dir) == reference(tmp_path, cache_dir)
+    assert final_losses(run_dir) == reference(shared_run, cache_dir)
 
 
 def test_config_errors_are_not_retried(tmp_path, cache_dir):
@@ -109,7 +111,7 @@ def test_config_errors_are_not_retried(tmp_path, cache_dir):
     assert code == 2 and "--nnodes 2 needs --rdzv-endpoint HOST:PORT" in out, out[-3000:]
 
 
-def test_sigterm_saves_exits_for_requeue_and_resumes_exactly(tmp_path, cache_dir):
+def test_sigterm_saves_exits_for_requeue_and_resumes_exactly(tmp_path, cache_dir, shared_run):
     run_dir = tmp_path / "run"
     args = script(run_dir, cache_dir, "checkpoint.save_interval=0")
     proc = ft_launch(args)
@@ -124,7 +126,8 @@ def test_sigterm_saves_exits_for_requeue_and_resumes_exactly(tmp_path, cache_dir
     assert [r["cause"] for r in incidents(run_dir)] == ["preempted"]
     code, out = finish(ft_launch(args))  # the requeued job
     assert code == 0, out[-5000:]
-    assert final_losses(run_dir) == reference(tmp_path, cache_dir, 2, "checkpoint.save_interval=0")
+    assert final_losses(run_dir) == reference(shared_run, cache_dir, 2,
+                                              "checkpoint.save_interval=0")
 
 
 def fake_hosts_available() -> bool:
@@ -143,7 +146,8 @@ def on_host(name):
 
 
 def test_losing_rank_0s_node_continues_on_the_other_with_the_same_global_batch(tmp_path,
-                                                                               cache_dir):
+                                                                               cache_dir,
+                                                                               shared_run):
     """Two launchers of 2 ranks ("node-a" and "node-b": host names of their own where the
     machine allows it), a rendezvous store of its own; the launcher of global rank 0 and its
     ranks are killed: the other re-forms alone (DP 4 -> 2, accumulation doubles), its new rank
@@ -182,7 +186,7 @@ def test_losing_rank_0s_node_continues_on_the_other_with_the_same_global_batch(t
     assert f"removing stale lock {run_dir}/run.lock" in out, out[-3000:]
     if hosts:
         assert f"names pid {holder['pid']} on {holder['host']}" in out, out[-3000:]
-    expected, got = reference(tmp_path, cache_dir, 4), final_losses(run_dir)
+    expected, got = reference(shared_run, cache_dir, 4), final_losses(run_dir)
     assert sorted(got) == list(range(1, 25))
     assert max(abs(got[s] - expected[s]) for s in got) < 1e-5, (got, expected)
 
@@ -256,23 +260,27 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, cache_dir):
                 pass
 
 
-CP2_DOCUMENTS = ["parallel.context_parallel_size=2", "data.reset_attention_mask=true",
-                 "data.reset_position_ids=true", "data.eod_mask_loss=true"]
+# the long-sequence layouts: CP2 with packed documents (the ring's blocks, the chunks'
+# positions and the documents' masks are all rebuilt from the checkpoint's data position) and
+# TP2+SP with dropout (the SP region's masks draw from the per-TP-rank stream, restored too)
+LONG_SEQUENCE = {
+    "cp2_documents": ["parallel.context_parallel_size=2", *DOCUMENTS],
+    "tp2_sp_dropout": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                       "model.dropout=0.1"]}
 
 
-def test_kills_under_context_parallelism_resume_exactly(tmp_path, cache_dir):
-    """CP2 with packed documents: a rank killed mid-run and another killed inside a save;
-    every step's loss equals the uninterrupted CP2 run's bit for bit (the ring attention's
-    blocks, the chunks' positions and the documents' masks are all rebuilt from the
-    checkpoint's data position)."""
+@pytest.mark.parametrize("layout", LONG_SEQUENCE)
+def test_kills_under_long_sequence_layouts_resume_exactly(tmp_path, cache_dir, shared_run,
+                                                          layout):
+    """A rank killed mid-run and another killed inside a save: every step's loss equals the
+    uninterrupted run's of the same layout bit for bit."""
     faults = "kill_at_step:1:5,kill_in_save:0:10"
-    run_dir = tmp_path / "run"
-    code, out = finish(ft_launch(script(run_dir, cache_dir, "train.train_iters=12",
-                                        *CP2_DOCUMENTS),
+    run_dir, args = tmp_path / "run", LONG_SEQUENCE[layout]
+    code, out = finish(ft_launch(script(run_dir, cache_dir, "train.train_iters=12", *args),
                                  extra_env={"MAGNETO_DIST_FAULT": faults,
                                             "MAGNETO_DIST_FAULT_ONCE_DIR": str(tmp_path / "once")}))
     assert code == 0, out[-5000:]
     assert sorted((r["rank"], r["cause"]) for r in incidents(run_dir)) == \
         [(0, "exit 137"), (1, "signal SIGKILL")]
-    assert final_losses(run_dir) == reference(tmp_path, cache_dir, 2, "train.train_iters=12",
-                                              *CP2_DOCUMENTS)
+    assert final_losses(run_dir) == reference(shared_run, cache_dir, 2, "train.train_iters=12",
+                                              *args)

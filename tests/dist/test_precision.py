@@ -14,7 +14,7 @@ import torch
 
 from .gpt_runs import check_ok, gpt, read_metrics
 from .ranks import run_ranks
-from .test_convert import FROZEN, PP2, TP2, convert, weights
+from .test_convert import FROZEN, PP2, TP2, convert_here, frozen_run, weights
 from .test_reshard import COMMON, DP2_ZERO1, DP2_ZERO3, TP1
 from .test_reshard import TP2 as TP2_LAYOUT
 
@@ -69,20 +69,20 @@ def test_bf16_resume_in_another_layout_continues(tmp_path, cache_dir, a, b):
     assert max(diffs.values()) < RESHARD_TOLERANCE, (diffs, got, expected)
 
 
-def test_bf16_exports_of_tp1_and_tp2_pp2_are_equal(tmp_path, cache_dir):
+def test_bf16_exports_of_tp1_and_tp2_pp2_are_equal(tmp_path, cache_dir, shared_run):
     """With train.lr=0 the fp32 master weights stay what DeepSpeed made them from, the bf16
     weights (the initialization rounded to bf16: DeepSpeed's bf16 optimizers copy their fp32
     masters from the bf16 model), in every layout: the exports of a BF16_Optimizer run (TP1)
     and a bf16 pipeline run (TP2 x PP2) equal an fp32 run's export rounded to bf16, bit for
-    bit."""
-    runs = {"tp1": ([], 1), "tp2_pp2": ([TP2, PP2], 4), "fp32": (["train.precision=fp32"], 1)}
+    bit. The fp32 run is the session's frozen TP1 run (tests/dist/test_convert.py's)."""
+    sources = {"fp32": frozen_run(shared_run, cache_dir, "tp1")}
+    for name, (layout, ranks) in {"tp1": ([], 1), "tp2_pp2": ([TP2, PP2], 4)}.items():
+        sources[name] = tmp_path / name
+        check_ok(run_ranks(gpt(sources[name], cache_dir, *FROZEN, BF16, *layout), ranks))
     exports = {}
-    for name, (layout, ranks) in runs.items():
-        run_dir = tmp_path / name
-        precision = [] if name == "fp32" else [BF16]
-        check_ok(run_ranks(gpt(run_dir, cache_dir, *FROZEN, *precision, *layout), ranks))
-        convert("--input", run_dir / "checkpoints" / "global_step2", "--to", "safetensors",
-                "--output", tmp_path / f"export_{name}")
+    for name, run_dir in sources.items():
+        convert_here("--input", run_dir / "checkpoints" / "global_step2", "--to", "safetensors",
+                     "--output", tmp_path / f"export_{name}")
         exports[name] = weights(tmp_path / f"export_{name}")
     reference = exports["fp32"]
     assert "embed.word.weight" in reference

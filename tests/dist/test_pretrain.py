@@ -9,6 +9,8 @@ import pytest
 
 from .gpt_runs import TINY, check_ok, gpt, read_metrics, wait_for_steps
 from .ranks import ROOT, free_port, kill_group, run_ranks, start_ranks
+from .test_reshard import (COMMON, CP2, DP2_ZERO1, DP2_ZERO3, TP1, TP1_ZERO3, TP2_PP2,
+                           TP2_ZERO3, layout)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -39,28 +41,29 @@ def test_default_run_through_deepspeed_cli(tmp_path, cache_dir, ranks):
 
 
 TP2 = "parallel.tensor_model_parallel_size=2"
-PP2 = "parallel.pipeline_model_parallel_size=2"
-CP2 = "parallel.context_parallel_size=2"
-# packed documents masked from each other, positions restarting, no loss on eod inputs
-DOCUMENTS = ["data.reset_attention_mask=true", "data.reset_position_ids=true",
-             "data.eod_mask_loss=true"]
 
 
-@pytest.mark.parametrize("ranks,zero,layout", [
-    (1, 1, []), (1, 3, []), (2, 1, []), (2, 3, []), (2, 3, [TP2]), (4, 1, [TP2, PP2]),
-    (2, 1, [TP2, "model.dropout=0.1"]), (1, 1, ["model.dropout=0.1"]),
-    (2, 1, [CP2, *DOCUMENTS])],
-    ids=["1rank-zero1", "1rank-zero3", "dp2-zero1", "dp2-zero3", "tp2-zero3", "tp2-pp2-zero1",
-         "tp2-dropout", "1rank-dropout", "cp2-documents"])
-def test_resume_is_exact(tmp_path, cache_dir, ranks, zero, layout):
-    """10 steps straight == 5 steps, stop, resume, 5 more (per-step losses)."""
-    common = [f"train.zero_stage={zero}", "train.train_iters=10", "checkpoint.save_interval=0",
-              *layout]
-    straight, staged = tmp_path / "straight", tmp_path / "staged"
-    check_ok(run_ranks(gpt(straight, cache_dir, *common), ranks))
-    check_ok(run_ranks(gpt(staged, cache_dir, *common, "train.exit_at_step=5"), ranks))
+DROPOUT = "model.dropout=0.1"
+SAME_LAYOUT = [TP1, TP1_ZERO3, DP2_ZERO1, DP2_ZERO3, TP2_ZERO3, TP2_PP2,
+               layout("tp2_dropout", 2, 2, 1, 1, DROPOUT),
+               layout("tp1_dropout", 1, 1, 1, 1, DROPOUT), CP2,
+               layout("tp2_sp_dropout", 2, 2, 1, 1, "parallel.sequence_parallel=true", DROPOUT)]
+
+
+@pytest.mark.parametrize("a", SAME_LAYOUT, ids=[a["name"] for a in SAME_LAYOUT])
+def test_resume_is_exact(tmp_path, cache_dir, shared_run, a):
+    """10 steps straight == 5 steps, stop (train.exit_at_step), resume in the same directory,
+    5 more: every loss bit for bit. The straight runs are the session's (test_reshard.py
+    resumes them in other layouts); TP2 x PP2's saves in the background, its staged twin
+    synchronously (the same bits either way)."""
+    straight = shared_run(lambda run_dir: gpt(run_dir, cache_dir, *COMMON, *a["args"]),
+                          a["ranks"])
+    args = [arg for arg in a["args"] if arg != "checkpoint.async_save=true"]
+    staged = tmp_path / "staged"
+    check_ok(run_ranks(gpt(staged, cache_dir, *COMMON, *args, "train.exit_at_step=5"),
+                       a["ranks"]))
     assert [r["step"] for r in read_metrics(staged)] == [1, 2, 3, 4, 5]
-    out = check_ok(run_ranks(gpt(staged, cache_dir, *common), ranks))
+    out = check_ok(run_ranks(gpt(staged, cache_dir, *COMMON, *args), a["ranks"]))
     assert "resumed from" in out and "step 5, 40 samples consumed" in out
     expected = [r["loss"] for r in read_metrics(straight)]
     resumed = [r["loss"] for r in read_metrics(staged)]

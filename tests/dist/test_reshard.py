@@ -33,8 +33,10 @@ def layout(name, ranks, tp=1, pp=1, zero=1, *extra):
 
 
 TP1, TP2, PP2 = layout("tp1", 1), layout("tp2", 2, tp=2), layout("pp2", 2, pp=2)
-# saved in the background (step 5's files written while step 6 runs), pipeline layer files too
-TP2_PP2 = layout("tp2_pp2", 4, 2, 2, 1, "checkpoint.async_save=true")
+# saved in the background (step 5's files written while step 6 runs), pipeline layer files too;
+# the straggler check gathers every 2 steps, under the pipeline too (it must not change a loss)
+TP2_PP2 = layout("tp2_pp2", 4, 2, 2, 1, "checkpoint.async_save=true",
+                 "logging.straggler_interval=2")
 DP4, DP2 = layout("dp4", 4), layout("dp2", 2)
 DP2_ZERO1, DP2_ZERO3 = layout("dp2_zero1", 2, zero=1), layout("dp2_zero3", 2, zero=3)
 TP2_ZERO3, TP1_ZERO3 = layout("tp2_zero3", 2, tp=2, zero=3), layout("tp1_zero3", 1, zero=3)
@@ -56,24 +58,22 @@ MODERN = ("model.parametrization=mup", "model.mup_base_hidden_size=32", "model.q
 MODERN_TP2 = layout("modern_tp2", 2, 2, 1, 1, *MODERN)
 MODERN_PP2 = layout("modern_pp2", 2, 1, 2, 1, *MODERN)
 
+# sequence parallelism changes no weight's shape or name: its checkpoint is TP2's, loaded as is
+# at TP2 without SP (and TP2's with SP), converted like TP2's for TP1
+TP2_SP = layout("tp2_sp", 2, 2, 1, 1, "parallel.sequence_parallel=true")
+
 PAIRS = [(TP2, TP1), (TP1, TP2), (PP2, TP1), (TP1, PP2), (TP2_PP2, DP4), (DP4, DP2),
          (DP2_ZERO1, DP2_ZERO3), (DP2_ZERO3, DP2_ZERO1), (TP2_ZERO3, TP1_ZERO3),
-         (CP2, CP1), (CP2, CP4), (MODERN_TP2, MODERN_PP2)]
+         (CP2, CP1), (CP2, CP4), (TP2_SP, TP2), (TP2, TP2_SP), (TP2_SP, TP1),
+         (MODERN_TP2, MODERN_PP2)]
 
 
-@pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory, cache_dir):
-    """Layout A's name -> its 10-step run directory (checkpoints at steps 5 and 10)."""
-    runs = {}
-
-    def get(a):
-        if a["name"] not in runs:
-            run_dir = tmp_path_factory.mktemp(f"straight_{a['name']}")
-            check_ok(run_ranks(gpt(run_dir, cache_dir, *COMMON, *a["args"]), a["ranks"],
-                               timeout=300))
-            runs[a["name"]] = run_dir
-        return runs[a["name"]]
-    return get
+@pytest.fixture
+def straight_runs(shared_run, cache_dir):
+    """Layout A -> its 10-step run directory (checkpoints at steps 5 and 10), made once per
+    session: tests/dist/test_pretrain.py's same-layout resumes compare with the same runs."""
+    return lambda a: shared_run(lambda run_dir: gpt(run_dir, cache_dir, *COMMON, *a["args"]),
+                                a["ranks"])
 
 
 @pytest.mark.parametrize("a,b", PAIRS, ids=[f"{a['name']}-to-{b['name']}" for a, b in PAIRS])
@@ -84,7 +84,8 @@ def test_resume_in_another_layout_continues_exactly(tmp_path, cache_dir, straigh
                     resumed / "checkpoints" / "global_step5")
     out = check_ok(run_ranks(gpt(resumed, cache_dir, *COMMON, *b["args"]), b["ranks"],
                              timeout=300))
-    assert "changing layouts: global_step5 was written by" in out, out[-3000:]
+    same_shards = (a["ranks"], a["args"][:3]) == (b["ranks"], b["args"][:3])  # SP on or off
+    assert ("changing layouts: global_step5 was written by" in out) != same_shards, out[-3000:]
     assert "resumed from" in out and "step 5, 40 samples consumed" in out
     expected = {r["step"]: r["loss"] for r in read_metrics(straight)}
     got = {r["step"]: r["loss"] for r in read_metrics(resumed)}

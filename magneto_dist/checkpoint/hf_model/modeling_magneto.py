@@ -4,9 +4,12 @@ MagnetoForCausalLM (decoder, KV cache, generate()) and MagnetoForMaskedLM (encod
 Written by magneto_dist's exporter into every export; needs torch and transformers only. The
 module tree and parameter names mirror magneto_dist's own model under `model.` (heads at the top),
 and every operation is the same one in the same order, so the logits equal the trainer's.
-Attention runs through torch's scaled_dot_product_attention. Norms compute in fp32 whatever the
+Attention runs through torch's scaled_dot_product_attention, or written out (softmax(q k^T) v)
+under attn_implementation="eager", the one way to get the attention probabilities back
+(output_attentions), as in transformers' own models. Norms compute in fp32 whatever the
 activation dtype (bf16 statistics lose too many bits), as in training.
 """
+import functools
 import math
 
 import torch
@@ -16,8 +19,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast,
                                            MaskedLMOutput)
+from transformers.utils import logging
 
 from .configuration_magneto import MagnetoConfig
+
+logger = logging.get_logger(__name__)
 
 
 class MagnetoLayerNorm(nn.LayerNorm):
@@ -134,9 +140,11 @@ class MagnetoAttention(MagnetoSublayer):
         self.softmax_scale = config.attention_scale  # None: 1/sqrt(head_dim)
         self.layer_index = layer_number - 1  # its slot in the KV cache
         self.attn_dropout = config.dropout
+        self.config = config  # its _attn_implementation is set when the model loads
 
-    def transform(self, h, mask=None, is_causal=False, rope=None, cache=None):
-        """h: [b, s, d]; mask: bool [b, 1, s, t] (True = may attend) or None."""
+    def transform(self, h, mask=None, is_causal=False, rope=None, cache=None, attentions=None):
+        """h: [b, s, d]; mask: bool [b, 1, s, t] (True = may attend) or None; attentions: a
+        list that gets this layer's probabilities [b, heads, s, t] (eager attention only)."""
         b, s, _ = h.shape
         q = self.q_proj(h).view(b, s, -1, self.head_dim)                   # [b, s, heads, hd]
         k = self.k_proj(h).view(b, s, -1, self.head_dim)                   # [b, s, groups, hd]
@@ -152,15 +160,38 @@ class MagnetoAttention(MagnetoSublayer):
         if k.shape[1] != heads:
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale,
-            dropout_p=self.attn_dropout if self.training else 0.0)         # [b, heads, s, hd]
+        dropout = self.attn_dropout if self.training else 0.0
+        if self.config._attn_implementation == "eager":
+            y, probs = eager_attention(q, k, v, mask, is_causal, dropout,
+                                       self.softmax_scale)                 # [b, heads, s, hd]
+            if attentions is not None:
+                attentions.append(probs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               scale=self.softmax_scale,
+                                               dropout_p=dropout)          # [b, heads, s, hd]
         if self.head_scale is not None:
             y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(b, s, -1)                            # [b, s, d]
         if self.inner_norm is not None:
             y = self.inner_norm(y)
         return self.out_proj(y)
+
+
+def eager_attention(q, k, v, mask, is_causal, dropout, scale=None):
+    """What scaled_dot_product_attention computes, written out so that the probabilities can be
+    returned: (output [b, heads, s, hd], probabilities [b, heads, s, t]). scale: the one on the
+    scores (muP's 1/head_dim), None for 1/sqrt(head_dim) as in sdpa. The softmax is in fp32; a
+    causal mask puts the s queries at the last s of the t key positions."""
+    s, t = q.shape[-2], k.shape[-2]
+    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)).float() * scale                     # [b, heads, s, t]
+    if is_causal:
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).type_as(q)
+    return F.dropout(probs, p=dropout, training=dropout > 0) @ v, probs
 
 
 class MagnetoFeedForward(MagnetoSublayer):
@@ -197,6 +228,8 @@ class MagnetoLayer(nn.Module):
 
 
 class MagnetoStack(nn.Module):
+    gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+
     def __init__(self, config):
         super().__init__()
         self.layers = nn.ModuleList(MagnetoLayer(config, i + 1)
@@ -204,10 +237,23 @@ class MagnetoStack(nn.Module):
         self.final_norm = (make_norm(config, config.hidden_size)
                            if config.slots["final_norm"] else None)
 
-    def forward(self, x, **attention):
+    def forward(self, x, hidden_states=None, **attention):
+        """x: [b, s, d] -> [b, s, d]; hidden_states: a list that gets the input of every layer
+        and the stack's output, transformers' num_layers + 1 (the last one after the final
+        norm, where the scheme has one, as in its models)."""
         for layer in self.layers:
-            x = layer(x, **attention)
-        return self.final_norm(x) if self.final_norm is not None else x
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if self.gradient_checkpointing and self.training:
+                # partial, not a closure: the recompute in backward must call this layer
+                x = self._gradient_checkpointing_func(functools.partial(layer.__call__,
+                                                                        **attention), x)
+            else:
+                x = layer(x, **attention)
+        x = self.final_norm(x) if self.final_norm is not None else x
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
 
 
 def attention_mask_4d(attention_mask, s, t, causal, device):
@@ -237,11 +283,29 @@ def readout_input(config, hidden):
     return hidden * config.logit_multiplier if config.logit_multiplier != 1.0 else hidden
 
 
+def token_loss(logits, labels, num_items_in_batch=None):
+    """Cross entropy over the labelled tokens (-100: none): their mean, or their sum over
+    num_items_in_batch when transformers' Trainer passes it (the labelled tokens of the whole
+    accumulated batch; it then leaves the loss undivided by the accumulation steps)."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device),
+                           ignore_index=-100,
+                           reduction="mean" if num_items_in_batch is None else "sum")
+    if num_items_in_batch is not None:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
+
+
+def wanted(flag, config, name):
+    """A per-call output flag, else the config's (transformers' precedence)."""
+    return bool(flag if flag is not None else getattr(config, name, False))
+
+
 class MagnetoPreTrainedModel(PreTrainedModel):
     config_class = MagnetoConfig
     base_model_prefix = "model"
     _no_split_modules = ["MagnetoLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
 
     @torch.no_grad()
@@ -290,10 +354,16 @@ class MagnetoModel(MagnetoPreTrainedModel):
         self.embed.word = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=None, return_dict=None, **kwargs):
+                past_key_values=None, use_cache=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, **kwargs):
         b, s = input_ids.shape
         use_cache = self.causal and (use_cache if use_cache is not None
                                      else self.config.use_cache)
+        if use_cache and self.stack.gradient_checkpointing and self.training:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing "
+                                "(the recompute would append to the cache again); setting "
+                                "use_cache=False")
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         cache = past_key_values if use_cache else None
@@ -304,9 +374,29 @@ class MagnetoModel(MagnetoPreTrainedModel):
                                             input_ids.device)
         rope = (rotary_tables(self.config, position_ids)
                 if self.config.position_embedding_type == "rope" else None)
-        x = self.stack(self.embed(input_ids, position_ids), mask=mask, is_causal=is_causal,
-                       rope=rope, cache=cache)                               # [b, s, d]
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+        hidden_states = [] if wanted(output_hidden_states, self.config,
+                                     "output_hidden_states") else None
+        attentions = self._attentions_list(output_attentions)
+        x = self.stack(self.embed(input_ids, position_ids), hidden_states, mask=mask,
+                       is_causal=is_causal, rope=rope, cache=cache,
+                       attentions=attentions)                                # [b, s, d]
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x, past_key_values=cache,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None)
+        return out if wanted(return_dict, self.config, "return_dict") else out.to_tuple()
+
+    def _attentions_list(self, output_attentions):
+        """[] to collect the layers' attention probabilities, or None. Scaled-dot-product
+        attention never forms them: as transformers' models do, a warning and an empty tuple
+        (load with attn_implementation="eager" to get them)."""
+        if not wanted(output_attentions, self.config, "output_attentions"):
+            return None
+        if self.config._attn_implementation != "eager":
+            logger.warning_once(f"{self.config._attn_implementation} attention does not "
+                                "support output_attentions=True; load the model with "
+                                "attn_implementation=\"eager\" to get the attention weights")
+        return []
 
 
 class MagnetoForCausalLM(MagnetoPreTrainedModel, GenerationMixin):
@@ -326,19 +416,24 @@ class MagnetoForCausalLM(MagnetoPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, labels=None, use_cache=None, logits_to_keep=0,
-                return_dict=None, **kwargs):
+                output_hidden_states=None, output_attentions=None, return_dict=None,
+                num_items_in_batch=None, **kwargs):
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache)
+                         past_key_values=past_key_values, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, return_dict=True)
         hidden = out.last_hidden_state
         if logits_to_keep:  # generate() needs only the last position's logits
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(readout_input(self.config, hidden))            # [b, s, vocab]
         loss = None
         if labels is not None:  # labels are the inputs; position i predicts token i + 1
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=out.past_key_values)
+            loss = token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                        past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
+        return result if wanted(return_dict, self.config, "return_dict") else result.to_tuple()
 
 
 class MagnetoForMaskedLM(MagnetoPreTrainedModel):
@@ -360,13 +455,16 @@ class MagnetoForMaskedLM(MagnetoPreTrainedModel):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                return_dict=None, **kwargs):
-        hidden = self.model(input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids).last_hidden_state
-        transformed = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
+                output_hidden_states=None, output_attentions=None, return_dict=None,
+                num_items_in_batch=None, **kwargs):
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, return_dict=True)
+        transformed = self.mlm_norm(F.gelu(self.mlm_dense(out.last_hidden_state)))
         logits = self.lm_head(readout_input(self.config, transformed))        # [b, s, vocab]
         loss = None
         if labels is not None:  # -100 marks the positions that were not masked
-            loss = F.cross_entropy(logits.flatten(0, 1).float(),
-                                   labels.flatten().to(logits.device), ignore_index=-100)
-        return MaskedLMOutput(loss=loss, logits=logits)
+            loss = token_loss(logits, labels, num_items_in_batch)
+        result = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                attentions=out.attentions)
+        return result if wanted(return_dict, self.config, "return_dict") else result.to_tuple()
