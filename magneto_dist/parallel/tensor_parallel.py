@@ -191,6 +191,10 @@ class _HeadNorm:
 
     def __init__(self, full: nn.Module):
         super().__init__(full.normalized_shape[0], eps=full.eps)
+        # marked as the SP region's parameters are (megatron-core's TE norms mark their q/k
+        # layernorms alike): the gradient is summed over TP where the norm uses it, so SP's
+        # check of the parameters past its split passes them (summing again would double it)
+        mark_sequence_parallel(self)
 
     def affine(self):
         weight, bias = super().affine()

@@ -64,7 +64,9 @@ GROUPS = {
        case("tp2_pre_ln_qk_norm_zloss", tp=2, model=PRE_LN_QK_Z, train=["z_loss=0.01"]),
        case("pp2_mup_gqa_qk_norm_zloss_wsd", pp=2, model=MODERN, train=MODERN_TRAIN),
        case("cp2_gqa_qk_norm", cp=2, model=GQA),
-       case("dp2_zero3_mup_gqa_zloss_wsd", zero=3, model=MODERN, train=MODERN_TRAIN)]
+       case("dp2_zero3_mup_gqa_zloss_wsd", zero=3, model=MODERN, train=MODERN_TRAIN),
+       # the QK-norm gains sit in the TP region under SP, their gradient summed over TP once
+       case("tp2_sp_mup_gqa_qk_norm_zloss_wsd", model=MODERN, train=MODERN_TRAIN, **SP)]
     # ZeRO-Offload: DeepSpeed's CPU Adam steps the offloaded optimizer (torch's AdamW was
     # refused with ZeRORuntimeException); its updates match AdamW's to ~1e-9 here
     + [case(f"{name}_offload", **layout, deepspeed=[f"{OFFLOAD}_optimizer.device=cpu", *extra])
@@ -76,6 +78,9 @@ GROUPS = {
         case("tp2_sp_dp2_zero2", zero=2, **SP), case("tp2_sp_dp2_zero3", zero=3, **SP),
         case("tp2_sp_pp2", pp=2, **SP),  # tied head on the last stage, learned positions
         case("tp2_sp_pp2_untied_rope", pp=2, model=VARIANT, **SP),
+        # the tied head on the last stage: muP's readout multiplier, then SP's gather
+        case("tp2_sp_pp2_mup_gqa_qk_norm_zloss_wsd", pp=2, model=MODERN, train=MODERN_TRAIN,
+             **SP),
         case("cp4", cp=4), case("cp4_documents", cp=4, model=ROPE, documents=True),
         case("cp2_tp2", cp=2, tp=2), case("cp2_dp2_zero1", cp=2),
         case("cp2_pp2", cp=2, pp=2), case("cp2_tp2_gqa_mup", cp=2, tp=2, model=MODERN),
