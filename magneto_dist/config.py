@@ -38,7 +38,8 @@ TOKENIZER_KEYS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file
 CHOICES = {
     ("data", "tokenizer_type"): tuple(TOKENIZER_TYPES),
     ("data", "tiktoken_pattern"): ("v1", "v2"),
-    ("train", "lr_decay_style"): ("cosine", "linear", "constant"),
+    ("train", "lr_decay_style"): ("cosine", "linear", "constant", "wsd"),
+    ("train", "wsd_decay_style"): ("linear", "cosine", "1-sqrt"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "compile"): ("off", "blocks"),
     ("train", "spike_policy"): ("off", "warn", "rollback"),
@@ -91,13 +92,23 @@ class TrainConfig:
     min_lr: float = 3e-4                   # floor of the decay
     warmup_iters: int = 20                 # linear warm-up from 0 to lr (a run shorter than
                                            # this warms up over all its steps)
-    lr_decay_style: str = "cosine"         # cosine | linear | constant (after warm-up)
-    lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters)
+    lr_decay_style: str = "cosine"         # cosine | linear | constant | wsd (after warm-up;
+                                           # wsd: warm-up, stable at lr, then decay to min_lr
+                                           # over the last wsd_decay_iters steps)
+    lr_decay_iters: Optional[int] = None   # steps over which lr decays (None: train_iters);
+                                           # wsd: the step its decay ends at
+    wsd_decay_iters: Optional[int] = None  # wsd: length of the final decay (the cooldown)
+    wsd_decay_style: str = "1-sqrt"        # wsd: the cooldown's shape: linear | cosine | 1-sqrt
+                                           # (1 - sqrt(progress); Hagele et al. 2024 found it
+                                           # the best of these)
     weight_decay: float = 0.1              # AdamW decay on matrices (not norms, biases)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0                 # global grad-norm clip (0 disables)
+    z_loss: float = 0.0                    # coefficient of log(Z)^2 per token on the output
+                                           # logits (PaLM: 1e-4); in the gradient, not in the
+                                           # reported loss (training/tasks.py)
     precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16: GPU only, loss scaling)
     zero_stage: int = 1                    # DeepSpeed ZeRO stage 0-3
     compile: str = "off"                   # off | blocks: torch.compile each transformer
@@ -414,8 +425,17 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
              f"model.num_heads={m.num_heads}; use a TP size that divides it")
     _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
              f"divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _require(m.query_groups % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
+             f"divide model.num_query_groups={m.num_query_groups}: tensor parallelism gives "
+             "each rank whole key/value groups (with the query heads they serve); use a TP size "
+             "that divides it, or more groups")
     _require(pp <= m.num_layers, f"parallel.pipeline_model_parallel_size={pp} is more stages "
              f"than model.num_layers={m.num_layers}; use at most {m.num_layers} stages")
+    _require(pp <= 2 or m.parametrization != "mup", f"parallel.pipeline_model_parallel_size={pp}"
+             " with model.parametrization='mup': a middle stage holds no embedding or head, so "
+             "its optimizer would lack muP's group for them, and DeepSpeed pairs a checkpoint's "
+             "parameter groups with a run's by position; use at most 2 pipeline stages (or more "
+             "TP or DP) with muP")
     _require(pp == 1 or m.arch == "decoder", f"parallel.pipeline_model_parallel_size={pp}: "
              f"pipeline parallelism supports model.arch='decoder' only (got {m.arch!r})")
     _require(0 <= t.zero_stage <= 3, f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
@@ -430,6 +450,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     _require(t.exit_at_step is None or 1 <= t.exit_at_step <= t.train_iters,
              f"train.exit_at_step={t.exit_at_step} must be between 1 and "
              f"train.train_iters={t.train_iters}")
+    _validate_wsd(t)
+    _require(t.z_loss >= 0, f"train.z_loss={t.z_loss} must be at least 0")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr")
     _require(t.warmup_iters >= 0, f"train.warmup_iters={t.warmup_iters} must be at least 0")
     _require(t.max_nonfinite_steps >= 1,
@@ -451,6 +473,20 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> ParallelDi
     _validate_data_logging_checkpoint(cfg, dims)
     _validate_observation(cfg.logging, t, has_cuda)
     return dims
+
+
+def _validate_wsd(t: TrainConfig) -> None:
+    if t.lr_decay_style != "wsd":
+        _require(t.wsd_decay_iters is None, f"train.wsd_decay_iters={t.wsd_decay_iters} is only "
+                 f"used by train.lr_decay_style=wsd (it is {t.lr_decay_style!r})")
+        return
+    span = (t.lr_decay_iters or t.train_iters) - min(t.warmup_iters, t.train_iters)
+    _require(t.wsd_decay_iters is not None, "train.lr_decay_style=wsd needs "
+             "train.wsd_decay_iters: the length of the final decay (e.g. a fifth of "
+             "train.train_iters)")
+    _require(1 <= t.wsd_decay_iters <= span, f"train.wsd_decay_iters={t.wsd_decay_iters} must "
+             f"be between 1 and the {span} steps between the warm-up and the decay's end "
+             "(train.lr_decay_iters, else train.train_iters)")
 
 
 def _validate_observation(g: LoggingConfig, t: TrainConfig, has_cuda: bool) -> None:

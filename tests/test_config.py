@@ -100,6 +100,23 @@ def test_config_errors_name_the_key(overrides, message):
     (["data.split=90,10"], 1, "data.split='90,10' must be three comma-separated numbers"),
     (["logging.diagnostics_interval=5", "parallel.tensor_model_parallel_size=2"], 2,
      "logging.diagnostics_interval=5 needs the whole model on one rank (TP1 x PP1, ZeRO 0-2)"),
+    (["parallel.tensor_model_parallel_size=2", "model.num_query_groups=1"], 2,
+     "parallel.tensor_model_parallel_size=2 does not divide model.num_query_groups=1: tensor "
+     "parallelism gives each rank whole key/value groups"),
+    (["parallel.pipeline_model_parallel_size=4", "model.parametrization=mup",
+      "model.mup_base_hidden_size=64"], 4,
+     "parallel.pipeline_model_parallel_size=4 with model.parametrization='mup': a middle stage "
+     "holds no embedding or head"),
+    (["train.lr_decay_style=wsd"], 1, "train.lr_decay_style=wsd needs train.wsd_decay_iters"),
+    (["train.lr_decay_style=wsd", "train.wsd_decay_iters=500", "train.train_iters=100"], 1,
+     "train.wsd_decay_iters=500 must be between 1 and the 80 steps between the warm-up and"),
+    (["train.wsd_decay_iters=10"], 1, "train.wsd_decay_iters=10 is only used by "
+                                      "train.lr_decay_style=wsd (it is 'cosine')"),
+    (["train.lr_decay_style=wsd", "train.wsd_decay_iters=10", "train.wsd_decay_style=exp"], 1,
+     "train.wsd_decay_style='exp' must be linear, cosine or 1-sqrt"),
+    (["train.lr_decay_style=step"], 1,
+     "train.lr_decay_style='step' must be cosine, linear, constant or wsd"),
+    (["train.z_loss=-1e-4"], 1, "train.z_loss=-0.0001 must be at least 0"),
     (["checkpoint.async_save=true", "deepspeed.checkpoint.writer.type=fast"], 1,
      "checkpoint.async_save=true writes the checkpoint files with the project's background "
      "writer, which takes the place of DeepSpeed's deepspeed.checkpoint.writer"),
@@ -175,6 +192,21 @@ def test_lr_schedule_shapes():
     assert lr_at(35, cfg) == pytest.approx(1.0 - 0.9 * 0.25)
     cfg.lr_decay_style = "constant"
     assert lr_at(100, cfg) == 1.0
+
+
+@pytest.mark.parametrize("shape,midpoint", [("linear", 0.5), ("cosine", 0.5),
+                                            ("1-sqrt", 1 - 0.5 ** 0.5)])
+def test_wsd_schedule_warms_up_stays_then_cools_down(shape, midpoint):
+    """WSD: warm-up, the peak until the last wsd_decay_iters steps, then the cooldown's shape
+    down to min_lr at the decay's end (Megatron's lr_wsd_decay_style)."""
+    t = load_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_iters=10",
+                           "train.train_iters=110", "train.lr_decay_style=wsd",
+                           "train.wsd_decay_iters=20", f"train.wsd_decay_style={shape}"]).train
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert [lr_at(s, t) for s in (10, 50, 90)] == [1.0, 1.0, 1.0]  # stable
+    assert lr_at(100, t) == pytest.approx(0.1 + 0.9 * midpoint)
+    assert lr_at(110, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+    assert all(lr_at(s + 1, t) <= lr_at(s, t) for s in range(90, 110))
 
 
 def test_zero_lr_holds_the_weights_instead_of_dividing_by_zero():

@@ -27,12 +27,24 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4",
 AXES = {"norm": NORM_SCHEMES, "norm_type": NORM_TYPES, "position": POSITIONS,
         "activation": ACTIVATIONS, "tie_embeddings": (True, False)}
 EVERY = [dict(zip(AXES, values)) for values in itertools.product(*AXES.values())]
+# Today's options over two schemes and both norm types: QK-norm, grouped-query attention (2 and
+# 1 key/value heads), muP (base width 16 with a base head dim of 4: every muP factor differs
+# from 1 at width 32), and all of them at once with RoPE, SwiGLU and an untied head.
+MUP = {"parametrization": "mup", "mup_base_hidden_size": 16, "mup_base_head_dim": 4}
+MODERN_OPTIONS = [{"qk_norm": True}, {"num_query_groups": 2}, {"num_query_groups": 1}, MUP,
+                  {"qk_norm": True, "num_query_groups": 2, **MUP, "position": "rope",
+                   "activation": "swiglu", "tie_embeddings": False}]
+MODERN = [{"norm": norm, "norm_type": norm_type, **options}
+          for norm in ("magneto", "pre_ln") for norm_type in NORM_TYPES
+          for options in MODERN_OPTIONS]
 SPECIAL = {"bos": 3, "eos": 3, "pad": 0}
 
 
 def variant_id(variant):
-    return "-".join(str(v) if not isinstance(v, bool) else ("tied" if v else "untied")
-                    for v in variant.values())
+    named = {"tie_embeddings": ("tied", "untied"), "qk_norm": ("qk_norm", "no_qk_norm")}
+    return "-".join(named[k][0 if v else 1] if isinstance(v, bool) else
+                    f"groups{v}" if k == "num_query_groups" else str(v)
+                    for k, v in variant.items() if not k.startswith("mup_base"))
 
 
 def native_model(arch, variant, seed=0):
@@ -83,8 +95,14 @@ def test_shipped_model_gives_the_native_logits(arch, variant):
     assert max_logit_difference(arch, variant) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", MODERN, ids=variant_id)
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_shipped_model_gives_the_native_logits_with_qk_norm_gqa_and_mup(arch, variant):
+    assert max_logit_difference(arch, variant) <= 1e-5
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("variant", [EVERY[0], EVERY[-1]], ids=variant_id)
+@pytest.mark.parametrize("variant", [EVERY[0], EVERY[-1], MODERN[-1]], ids=variant_id)
 def test_kv_cache_continues_exactly_where_a_full_forward_is(variant):
     cfg, native = native_model("decoder", variant)
     model = shipped_model(cfg, native)

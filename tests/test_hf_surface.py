@@ -14,9 +14,11 @@ from magneto_dist.checkpoint.hf_export import export_hf
 from magneto_dist.checkpoint.hf_model import modeling_magneto
 
 from tests.hf_fixtures import VOCAB, project_tokenizer, safetensors_source
-from tests.test_hf_model import EVERY, native_model, shipped_model, tokens
+from tests.test_hf_model import EVERY, MUP, native_model, shipped_model, tokens
 
 MAGNETO = dict(EVERY[0], norm="magneto", position="rope")  # has a final norm
+# eager attention repeats the key/value groups and takes muP's scale, as sdpa is given them
+MODERN = dict(MAGNETO, qk_norm=True, num_query_groups=2, **MUP)
 POST_LN = dict(EVERY[0], norm="post_ln")                   # has none
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4",
         "model.ffn_hidden_size=48", "model.max_seq_len=32"]
@@ -93,8 +95,9 @@ def eager(model):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["decoder", "encoder"])
-def test_eager_attention_returns_the_probabilities_and_the_same_logits(arch):
-    cfg, native = native_model(arch, MAGNETO)
+@pytest.mark.parametrize("variant", [MAGNETO, MODERN], ids=["magneto", "gqa_qk_norm_mup"])
+def test_eager_attention_returns_the_probabilities_and_the_same_logits(arch, variant):
+    cfg, native = native_model(arch, variant)
     sdpa = shipped_model(cfg, native)
     model = eager(shipped_model(cfg, native))
     ids = tokens(cfg.vocab_size, length=10)
@@ -115,8 +118,9 @@ def test_eager_attention_returns_the_probabilities_and_the_same_logits(arch):
 
 
 @torch.no_grad()
-def test_eager_attention_with_a_kv_cache_gives_each_new_tokens_row():
-    cfg, native = native_model("decoder", MAGNETO)
+@pytest.mark.parametrize("variant", [MAGNETO, MODERN], ids=["magneto", "gqa_qk_norm_mup"])
+def test_eager_attention_with_a_kv_cache_gives_each_new_tokens_row(variant):
+    cfg, native = native_model("decoder", variant)
     model = eager(shipped_model(cfg, native))
     ids = tokens(cfg.vocab_size, length=9)
     full = model(ids, output_attentions=True)

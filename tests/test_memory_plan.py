@@ -1,11 +1,13 @@
 """The memory planner's own arithmetic and its CLI (its figures against measured ones are in
 tests/dist/test_layouts.py)."""
 import pytest
+import torch
 
 from magneto_dist.config import load_config
-from magneto_dist.model import model_skeleton
+from magneto_dist.model import ModelConfig, build_model, model_skeleton
 from magneto_dist.dims import ParallelDims
-from magneto_dist.training.memory_plan import GiB, Layout, MemoryPlanner, candidate_layouts
+from magneto_dist.training.memory_plan import (GiB, Layout, MemoryPlanner,
+                                               activation_bytes_per_layer, candidate_layouts)
 from tools import plan_memory
 
 SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4",
@@ -95,6 +97,44 @@ def test_bf16_zero1_counts_the_bf16_optimizers_whole_fp32_gradient_buffer():
     params = plans[1]["params_per_rank"]
     assert plans[1]["gradients"] == params * (2 + 4)
     assert plans[2]["gradients"] == params * (2 + 4) / 4
+
+
+def saved_activation_bytes(cfg, batch: int, seq: int) -> int:
+    """What one transformer layer's forward saves for its backward, parameters excluded,
+    measured with autograd's saved-tensor hooks (each storage once, at its largest)."""
+    model = build_model(cfg, seed=0)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = max(storages.get(ptr, 0), tensor.numel() * tensor.element_size())
+        return tensor
+
+    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
+    rope = model.rope(seq)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.decoder.layers[0](x, rope=rope)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("variant", [
+    {"norm": "pre_ln"}, {"norm": "magneto"}, {"norm": "pre_ln", "qk_norm": True},
+    {"norm": "pre_ln", "num_query_groups": 1},
+    {"norm": "magneto", "qk_norm": True, "num_query_groups": 2, "position": "rope"}],
+    ids=lambda v: "-".join(map(str, v.values())))
+def test_activations_per_layer_are_what_autograd_saves(variant):
+    """The planner's per-layer count against the tensors a layer really saves (this CPU's SDPA
+    kernel, like the GPU's flash and efficient ones, keeps no s x s scores): QK-norm adds its
+    inputs; grouped-query attention saves as much as multi-head (k and v are repeated before
+    the attention call), only its parameters are fewer. (RMSNorm and SwiGLU are left out: on
+    this CPU torch's rms_norm saves its intermediates, ~1.3x the planner's count, and SwiGLU
+    saves less than it counts.)"""
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_heads=4, ffn_hidden_size=256,
+                      vocab_size=50, max_seq_len=16, **variant)
+    planned = activation_bytes_per_layer(cfg, 2 * 16, 1, 4)
+    assert abs(planned / saved_activation_bytes(cfg, 2, 16) - 1) < 0.03, planned
 
 
 def test_sequence_parallelism_splits_the_norm_and_layer_inputs_and_is_offered_with_tp_only():

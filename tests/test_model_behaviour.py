@@ -70,17 +70,25 @@ def test_encoder_decoder_cross_attention_wiring():
 
 
 def _explicit_attention(attn, h, causal):
-    """The textbook computation, one head at a time, for comparison with the SDPA path."""
+    """The textbook computation, one head at a time, for comparison with the SDPA path: head i
+    reads key/value group i // (heads / groups), QK-norm normalizes each head's slice, and the
+    scale is the layer's (muP) or 1/sqrt(head_dim)."""
     b, s, d = h.shape
     hd = attn.head_dim
     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    per_group = (d // hd) // (k.shape[-1] // hd)
+    scale = attn.softmax_scale or 1 / math.sqrt(hd)
     heads = []
     for i in range(d // hd):
         sl = slice(i * hd, (i + 1) * hd)
-        scores = q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hd)
+        group = slice(i // per_group * hd, (i // per_group + 1) * hd)
+        qi, ki = q[..., sl], k[..., group]
+        if attn.q_norm is not None:
+            qi, ki = attn.q_norm(qi), attn.k_norm(ki)
+        scores = qi @ ki.transpose(1, 2) * scale
         if causal:
             scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
-        y = torch.softmax(scores, dim=-1) @ v[..., sl]
+        y = torch.softmax(scores, dim=-1) @ v[..., group]
         if attn.head_scale is not None:
             y = y * attn.head_scale[i]
         heads.append(y)
@@ -90,12 +98,21 @@ def _explicit_attention(attn, h, causal):
     return attn.out_proj(y)
 
 
-@pytest.mark.parametrize("norm", ["magneto", "normformer", "pre_ln"])
-def test_sdpa_matches_explicit_softmax(norm):
+@pytest.mark.parametrize("norm,options", [
+    ("magneto", {}), ("normformer", {}), ("pre_ln", {}),
+    ("pre_ln", {"qk_norm": True}), ("pre_ln", {"qk_norm": True, "norm_type": "rmsnorm"}),
+    ("magneto", {"num_query_groups": 2}), ("pre_ln", {"num_query_groups": 1}),
+    ("magneto", {"parametrization": "mup", "mup_base_hidden_size": 16, "mup_base_head_dim": 4}),
+    ("normformer", {"qk_norm": True, "num_query_groups": 2})],
+    ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_sdpa_matches_explicit_softmax(norm, options):
     torch.manual_seed(0)
-    attn = build_model(_cfg(norm=norm)).decoder.layers[0].self_attn
+    attn = build_model(_cfg(norm=norm, **options)).decoder.layers[0].self_attn
     if attn.head_scale is not None:
         torch.nn.init.uniform_(attn.head_scale, 0.5, 1.5)
+    for qk in (attn.q_norm, attn.k_norm):  # gains away from 1, so a misplaced one shows
+        if qk is not None:
+            torch.nn.init.uniform_(qk.weight, 0.5, 1.5)
     h = torch.randn(3, 11, 32)
     torch.testing.assert_close(attn.transform(h), _explicit_attention(attn, h, causal=True),
                                rtol=1e-5, atol=1e-5)

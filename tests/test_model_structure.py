@@ -97,6 +97,14 @@ def test_tied_and_untied_embeddings():
     (dict(num_decoder_layers=4), "num_decoder_layers is only used by arch='encoder_decoder'"),
     (dict(dropout=1.5), "model.dropout=1.5"),
     (dict(position="rope", hidden_size=12, num_heads=4), "even head dim"),
+    (dict(num_query_groups=3), "model.num_query_groups=3 does not divide model.num_heads=4"),
+    (dict(num_query_groups=0), "model.num_query_groups=0 must be a positive integer"),
+    (dict(parametrization="ntk"), "model.parametrization='ntk' is not one of standard, mup"),
+    (dict(parametrization="mup"), "model.parametrization='mup' needs model.mup_base_hidden_size"),
+    (dict(mup_base_hidden_size=64), "model.mup_base_hidden_size is only used by "
+                                    "model.parametrization='mup'"),
+    (dict(parametrization="mup", mup_base_hidden_size=16, mup_base_head_dim=0),
+     "model.mup_base_head_dim=0 must be a positive integer"),
 ])
 def test_config_errors_name_the_field(kw, message):
     cfg = dict(hidden_size=32, num_heads=4)
@@ -120,3 +128,15 @@ def test_flops_formula():
     swiglu = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=100,
                          max_seq_len=32, activation="swiglu")
     assert flops_per_token(swiglu, 32) - flops_per_token(cfg, 32) == 6 * 2 * 64 * 256
+
+
+def test_flops_count_grouped_query_attention():
+    """GQA's W_k and W_v are num_query_groups heads wide; the attention term is unchanged
+    (every query head still attends); the formula's N stays the model's matmul weights."""
+    common = dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=100, max_seq_len=32)
+    mha, gqa = ModelConfig(**common), ModelConfig(**common, num_query_groups=1)
+    assert flops_per_token(mha, 32) - flops_per_token(gqa, 32) == 6 * 2 * 2 * 64 * (64 - 16)
+    matmul_weights = sum(m.weight.numel() for m in build_model(gqa).modules()
+                         if isinstance(m, torch.nn.Linear))
+    attention = 3 * 4 * 32 * 64 * 2
+    assert flops_per_token(gqa, 32) == 6 * matmul_weights + attention

@@ -13,6 +13,7 @@ from magneto_dist.config import ConfigError
 from magneto_dist.launch_env import ROOT
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.stability.grid import load_sweep
+from magneto_dist.stability.report import variant
 from magneto_dist.stability.sweep import drop_partial_line, read_rows
 from magneto_dist.stability.verdicts import (VerdictConfig, count_spikes, early_divergence,
                                              judge, unigram_entropy)
@@ -99,6 +100,46 @@ def test_sweep_file_overrides_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="cell post_ln-layernorm-L2-d64-lr0.001-s1-w0: world "
                                           "size 1 is not divisible"):
         load_sweep(str(path), ["parallel.tensor_model_parallel_size=2"])
+
+
+def test_todays_options_are_axes_recorded_per_cell_and_excluded_by_rule(tmp_path):
+    """grid.qk_norm, z_loss, parametrization, num_query_groups and schedules cross the other
+    axes (empty: the run's value), reach each cell's trainer config, are named where set, and
+    grid.exclude drops the cells a rule matches."""
+    path = tmp_path / "s.yaml"
+    path.write_text("grid: {schemes: [magneto, pre_ln], depths: [2], lrs: [0.001], steps: 10,"
+                    " qk_norm: [false, true], z_loss: [0.0, 1.0e-4], num_query_groups: [2],"
+                    " schedules: [wsd], parametrization: [mup],"
+                    " exclude: [{scheme: magneto, qk_norm: true}, {qk_norm: false, z_loss: 1.0e-4}]}\n"
+                    "run: {model: {hidden_size: 32, num_heads: 4, mup_base_hidden_size: 16}}\n")
+    cells = load_sweep(str(path), [], str(tmp_path)).cells()
+    assert [c.name for c in cells] == [
+        "magneto-layernorm-L2-d32-lr0.001-s1-w0-mup-g2-wsd",
+        "pre_ln-layernorm-L2-d32-lr0.001-s1-w0-mup-g2-wsd",
+        "pre_ln-layernorm-L2-d32-lr0.001-s1-w0-qk-mup-g2-wsd",
+        "pre_ln-layernorm-L2-d32-lr0.001-s1-w0-qk-z0.0001-mup-g2-wsd"]
+    sweep = load_sweep(str(path), [], str(tmp_path))
+    cfg = sweep.cell_config(cells[-1])
+    assert (cfg.model.qk_norm, cfg.train.z_loss, cfg.model.num_query_groups,
+            cfg.model.parametrization, cfg.train.lr_decay_style, cfg.train.wsd_decay_iters) == (
+        True, 1e-4, 2, "mup", "wsd", 2)  # the cooldown: grid.wsd_decay_fraction of 10 steps
+    assert {k: cells[-1].key()[k] for k in ("qk_norm", "z_loss", "schedule")} == {
+        "qk_norm": True, "z_loss": 1e-4, "schedule": "wsd"}
+    assert variant({**cells[-1].key(), "hidden_size": 32}) == "pre_ln+qk_norm+z0.0001+mup+gqa2+wsd"
+    # an empty axis is the run's own value, and cells named before the axes keep their names
+    plain = load_sweep(str(path), ["grid.qk_norm=[]", "grid.z_loss=[]", "grid.num_query_groups=[]",
+                                   "grid.schedules=[]", "grid.parametrization=[]",
+                                   "grid.exclude=[]", "model.qk_norm=true",
+                                   "model.mup_base_hidden_size=null"], str(tmp_path))
+    assert [c.name for c in plain.cells()] == ["magneto-layernorm-L2-d32-lr0.001-s1-w0-qk",
+                                               "pre_ln-layernorm-L2-d32-lr0.001-s1-w0-qk"]
+    with pytest.raises(ConfigError, match=r"grid.exclude: \{'depthh': 2\} must be a mapping of "
+                                          "cell keys"):
+        load_sweep(str(path), ["grid.exclude=[{depthh: 2}]"])
+    with pytest.raises(ConfigError, match="grid.exclude leaves no cell to run"):
+        load_sweep(str(path), ["grid.exclude=[{depth: 2}]"])
+    with pytest.raises(ConfigError, match="lr_decay_style='step' must be cosine, linear, constant or wsd"):
+        load_sweep(str(path), ["grid.schedules=[step]"])
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ from magneto_dist.checkpoint.universal_info import universal_checkpoint_info
 from magneto_dist.parallel.tp_plan import (COLUMN, REPLICATED, ROW, SLICED, VOCAB, NotInPlan,
                                            tp_kind)
 
-VARIANTS = [dict(norm=norm, arch=arch, activation=act, norm_type=norm_type, tie_embeddings=tie)
+# QK-norm and GQA on everywhere: their parameters are a superset of the plain model's
+VARIANTS = [dict(norm=norm, arch=arch, activation=act, norm_type=norm_type, tie_embeddings=tie,
+                 qk_norm=True, num_query_groups=2)
             for norm, (arch, act, norm_type, tie) in itertools.product(
                 NORM_SCHEMES, [("decoder", "gelu", "layernorm", True),
                                ("encoder", "swiglu", "rmsnorm", False),
@@ -31,6 +33,8 @@ def test_every_parameter_of_every_variant_is_in_the_plan(variant):
             assert kind == ROW, name
         if "inner_norm" in name or name.endswith("head_scale"):
             assert kind == SLICED, name
+        if "q_norm" in name or "k_norm" in name:  # one gain per head dim, shared by all heads
+            assert kind == REPLICATED, name
     # the universal patterns ds_to_universal receives agree with the plan, name by name
     info = universal_checkpoint_info([n for n, _ in model.named_parameters()], 64,
                                      pipelined=False, tied=True)[ds_ckpt.UNIVERSAL_CHECKPOINT_INFO]

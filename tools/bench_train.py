@@ -60,7 +60,7 @@ def plain_loop(cfg, task, device, batches):
     PyTorch's own mixed precision: fp32 weights, the forward under bf16 autocast."""
     model = build_model(cfg.model, seed=cfg.train.seed).to(device)
     t = cfg.train
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=t.lr,
                                   betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, cfg.train)

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..errors import CheckpointError
+from ..model import mup
 from ..model.config import ModelConfig
 from ..model.init import stack_gains
 
@@ -32,7 +33,13 @@ CONFIG_KEYS = {
     "position": "position_embedding_type", "rope_base": "rope_theta",
     "activation": "hidden_act", "tie_embeddings": "tie_word_embeddings", "dropout": "dropout",
     "bias": "use_bias", "norm_eps": "norm_eps", "embedding_init_std": "embedding_init_std",
+    "qk_norm": "qk_norm", "num_query_groups": "num_key_value_heads",
+    "parametrization": "parametrization", "mup_base_hidden_size": "mup_base_hidden_size",
+    "mup_base_head_dim": "mup_base_head_dim",
 }
+# Keys an export made before the field existed lacks: read back as the field's default.
+LATER_KEYS = ("qk_norm", "num_key_value_heads", "parametrization", "mup_base_hidden_size",
+              "mup_base_head_dim")
 # arch -> (transformers class in modeling_magneto.py, the Auto class that loads it)
 HEAD_CLASSES = {"decoder": ("MagnetoForCausalLM", "AutoModelForCausalLM"),
                 "encoder": ("MagnetoForMaskedLM", "AutoModelForMaskedLM")}
@@ -61,6 +68,8 @@ def hf_config(cfg: ModelConfig, special_ids: Dict[str, Optional[int]], dtype: st
                      auto: f"modeling_magneto.{head}"},
         **{key: getattr(cfg, field) for field, key in CONFIG_KEYS.items()},
         "residual_alpha": gains["residual_alpha"], "init_gain": gains["init_gain"],
+        # muP's factors as numbers (the shipped code computes nothing from the base width)
+        "attention_scale": mup.attention_scale(cfg), "logit_multiplier": mup.output_multiplier(cfg),
         **{f"{name}_token_id": token for name, token in special_ids.items() if name != "unk"},
         "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype], "use_cache": True,
     }
@@ -83,11 +92,12 @@ class HFDirectory:
         self.directory = self.where = directory
         with open(os.path.join(directory, CONFIG), encoding="utf-8") as f:
             config = json.load(f)
-        missing = [key for key in CONFIG_KEYS.values() if key not in config]
+        missing = [key for key in CONFIG_KEYS.values()
+                   if key not in config and key not in LATER_KEYS]
         if missing:
             raise CheckpointError(f"{directory}/{CONFIG}: no {', '.join(missing)}; not a "
                                   "Magneto export of tools/convert_checkpoint.py --to hf")
-        self.model = {field: config[key] for field, key in CONFIG_KEYS.items()}
+        self.model = {field: config[key] for field, key in CONFIG_KEYS.items() if key in config}
         self.model["num_decoder_layers"] = None
         self.files = self._weight_files()
 

@@ -149,21 +149,23 @@ def bridge_optimizer_state(universal_dir: str) -> None:
     torch.save(state, path)
 
 
-def repair_zero3_universal_load(engine, group_weight_decays: Sequence[float]) -> None:
+def repair_zero3_universal_load(engine, groups: Sequence[dict]) -> None:
     """Undo two slips of DeepSpeed's ZeRO-3 universal loader (stage3.py,
     load_hp_checkpoint_state_from_checkpoint_dir_stage3), measured as a resumed run drifting
     from its second step on (4e-3 in loss by step 10):
     - it copies the first parameter group's hyperparameters into every group, giving biases
-      and norm gains weight decay: each group's own (`group_weight_decays`, in group order)
-      is put back;
+      and norm gains weight decay and every group the first one's LR (muP's hidden matrices
+      too): each group's own name and weight decay (`groups`, in group order) are put back,
+      and its LR from the schedule, whose state (per group) was loaded beside it;
     - it gives every group the same `step` tensor, which Adam increments in place once per
       group per step, so the second group's bias correction ran ahead: one tensor each."""
     inner = engine.optimizer.optimizer
-    if len(inner.param_groups) != len(group_weight_decays):
+    if len(inner.param_groups) != len(groups):
         raise RuntimeError(f"ZeRO-3 universal load: {len(inner.param_groups)} optimizer groups, "
-                           f"expected {len(group_weight_decays)}")
-    for group, wd in zip(inner.param_groups, group_weight_decays):
-        group["weight_decay"] = wd
+                           f"expected {len(groups)}")
+    lrs = engine.lr_scheduler.get_last_lr()
+    for group, own, lr in zip(inner.param_groups, groups, lrs):
+        group.update(name=own["name"], weight_decay=own["weight_decay"], lr=lr)
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()

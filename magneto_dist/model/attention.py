@@ -87,8 +87,24 @@ def _flex_attention():
     return torch.compile(flex_attention)
 
 
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: [b, groups, t, hd] -> [b, heads, t, hd], group g serving query heads g * r .. g * r +
+    r - 1 (r = heads / groups); the local counts under TP, which splits groups as it splits
+    heads."""
+    groups = x.shape[1]
+    return x if groups == heads else x.repeat_interleave(heads // groups, dim=1)
+
+
+def sum_kv_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The adjoint of repeat_kv: [b, heads, t, hd] -> [b, groups, t, hd], each group the sum
+    over the query heads it serves (the gradient of its repeated copies)."""
+    b, heads, t, hd = x.shape
+    return x if groups == heads else x.view(b, groups, heads // groups, t, hd).sum(2)
+
+
 class DotProductAttention(nn.Module):
-    """q [b, h, s, hd], k and v [b, h, t, hd] -> [b, h, s, hd].
+    """q [b, h, s, hd], k and v [b, g, t, hd] -> [b, h, s, hd]; g = h, or g key/value groups
+    (GQA), repeated here, after any communication of k and v.
 
     key_mask: bool, True = may attend, broadcastable to [b, h, s, t] (padding); documents:
     block-causal document masking of a causal self-attention. `flex` chooses FlexAttention
@@ -101,6 +117,7 @@ class DotProductAttention(nn.Module):
     def forward(self, q, k, v, causal: bool, key_mask: Optional[torch.Tensor] = None,
                 documents: Optional[Documents] = None, dropout_p: float = 0.0,
                 scale: Optional[float] = None) -> torch.Tensor:
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])           # [b, h, t, hd]
         if documents is not None:
             if key_mask is not None or not causal:
                 raise ValueError("document masking is for causal self-attention without a "

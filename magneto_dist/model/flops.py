@@ -4,7 +4,9 @@ The "6N + attention" formula (Kaplan et al.; PaLM appendix B): a forward pass co
 weight per token for every matmul, plus 4 * s * d per layer for the attention scores and the
 weighted sum (counted over the full s x s square, as Megatron and PaLM do, even when causal);
 backward costs twice the forward. N counts the matmul weights: projections, FFN and the output
-projection (d * V), but not the embedding lookup or norms, which do no matmul.
+projection (d * V), but not the embedding lookup or norms, which do no matmul. Grouped-query
+attention narrows W_k and W_v to num_query_groups heads; the scores and the weighted sum still
+run over every query head (the key/value heads are repeated, not fewer).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from .config import ModelConfig
 
 def _layer_matmul_weights(cfg: ModelConfig, cross: bool) -> int:
     d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    attention = 4 * d * d
+    attention = 2 * d * d + 2 * d * cfg.kv_size  # W_q, W_o; W_k, W_v (GQA: narrower)
     ffn = (3 if cfg.activation == "swiglu" else 2) * d * f
     return attention * (2 if cross else 1) + ffn
 

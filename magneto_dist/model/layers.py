@@ -113,23 +113,34 @@ class ResidualSublayer(nn.Module):
 
 
 class Attention(ResidualSublayer):
-    """Multi-head (self or cross) attention through scaled_dot_product_attention."""
+    """Multi-head or grouped-query (self or cross) attention through its core."""
 
     def __init__(self, cfg: ModelConfig, slots: SublayerSlots, spec: LayerSpec, init_gain: float,
                  causal: bool):
         super().__init__(cfg, slots, spec, init_gain)
-        d = cfg.hidden_size
+        d, hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        # GQA: num_query_groups key/value heads (kv_size wide), each serving num_heads /
+        # num_query_groups consecutive query heads (Megatron's and Llama's order)
+        self.k_proj = nn.Linear(d, cfg.kv_size, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, cfg.kv_size, bias=cfg.bias)
         self.out_proj = nn.Linear(d, d, bias=cfg.bias)
+        # QK-norm per head (width head_dim, one gain shared by every head, as Qwen3, Gemma 3 and
+        # megatron-core's qk_layernorm; OLMo 2 normalizes the whole projection instead). A
+        # head's logit q_h.k_h is what blows up; per head it is bounded by the gains, where a
+        # norm over the whole projection bounds only the sum over heads. It is also local under
+        # TP (every rank holds whole heads): no all-reduce in forward (parallel/tensor_parallel
+        # sums the gain's gradient).
+        self.q_norm = make_norm(cfg.norm_type, hd, cfg.norm_eps) if slots.qk_norm else None
+        self.k_norm = make_norm(cfg.norm_type, hd, cfg.norm_eps) if slots.qk_norm else None
         # Sub-LN: normalizes the merged heads (width d) before W_o.
         self.inner_norm = make_norm(cfg.norm_type, d, cfg.norm_eps) if slots.inner_norm else None
         self.head_scale = nn.Parameter(torch.ones(cfg.num_heads)) if slots.head_scale else None
-        self.head_dim = cfg.head_dim
+        self.head_dim = hd
+        self.softmax_scale = spec.attention_scale  # None: SDPA's 1/sqrt(head_dim)
         self.causal = causal
         self.attn_dropout = cfg.dropout
-        # softmax(q k^T / sqrt(hd)) v; context parallelism swaps in its ring attention
+        # softmax(q k^T * scale) v; context parallelism swaps in its ring attention
         self.core = DotProductAttention()
         # Where attention dropout draws its mask; tensor parallelism points this at a per-rank
         # stream (its heads differ by rank), see magneto_dist/parallel/random.py.
@@ -143,15 +154,18 @@ class Attention(ResidualSublayer):
         b, s, _ = h.shape
         kv = h if memory is None else memory
         t = kv.shape[1]
-        q = self.q_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)   # [b, heads, s, hd]
-        k = self.k_proj(kv).view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, heads, t, hd]
-        v = self.v_proj(kv).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(h).view(b, s, -1, self.head_dim)                   # [b, s, heads, hd]
+        k = self.k_proj(kv).view(b, t, -1, self.head_dim)                  # [b, t, groups, hd]
+        v = self.v_proj(kv).view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, groups, t, hd]
+        if self.q_norm is not None:  # before RoPE, which rotates but keeps each head's norm
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        with self.dropout_rng():
+        with self.dropout_rng():  # k, v keep their groups: a ring carries only those
             y = self.core(q, k, v, causal=self.causal, key_mask=mask, documents=documents,
-                          dropout_p=self.attn_dropout if self.training else 0.0)
-                                                                           # [b, heads, s, hd]
+                          dropout_p=self.attn_dropout if self.training else 0.0,
+                          scale=self.softmax_scale)                        # [b, heads, s, hd]
         if self.head_scale is not None:
             y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(b, s, -1)                            # [b, s, d]

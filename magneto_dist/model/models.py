@@ -11,6 +11,7 @@ from .config import ModelConfig
 from .init import init_weights, stack_gains
 from .attention import Documents
 from .layers import Embeddings, Rotary, TransformerLayer
+from .mup import attention_scale, output_multiplier
 from .norms import make_norm
 from .spec import SCHEMES, layer_spec
 
@@ -20,9 +21,10 @@ class TransformerStack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, side: str, num_layers: int, causal: bool, cross: bool):
         super().__init__()
-        gains = stack_gains(cfg, side)
+        gains, scale = stack_gains(cfg, side), attention_scale(cfg)
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg, layer_spec(cfg.norm, i + 1, gains, causal=causal, cross=cross))
+            TransformerLayer(cfg, layer_spec(cfg.norm, i + 1, gains, causal=causal, cross=cross,
+                                             qk_norm=cfg.qk_norm, attention_scale=scale))
             for i in range(num_layers))
         self.final_norm = (make_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
                            if SCHEMES[cfg.norm].final_norm else None)
@@ -44,6 +46,14 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.word.weight
+        self.readout_multiplier = output_multiplier(cfg)  # muP's 1/m on the logits (else 1)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the final hidden states [b, s, d] -> [b, s, vocab]; the multiplier is
+        applied to the head's input, as muP's MuReadout does (the same product, d not V wide)."""
+        if self.readout_multiplier != 1.0:
+            x = x * self.readout_multiplier
+        return self.lm_head(x)
 
     def rope(self, seq_len: int, position_ids: Optional[torch.Tensor] = None):
         return self.rotary(seq_len, position_ids) if self.rotary is not None else None
@@ -73,7 +83,7 @@ class MagnetoGPT(LanguageModel):
         x = self.decoder(self.embed(tokens, position_ids),
                          rope=self.rope(tokens.shape[1], position_ids),
                          documents=documents)                                # [b, s, d]
-        return self.lm_head(x)
+        return self.readout(x)
 
 
 class MagnetoBert(LanguageModel):
@@ -91,7 +101,7 @@ class MagnetoBert(LanguageModel):
         self._check_length(tokens, "tokens")
         mask = padding_mask[:, None, None, :].bool() if padding_mask is not None else None
         x = self.encoder(self.embed(tokens), mask=mask, rope=self.rope(tokens.shape[1]))
-        return self.lm_head(self.mlm_norm(F.gelu(self.mlm_dense(x))))
+        return self.readout(self.mlm_norm(F.gelu(self.mlm_dense(x))))
 
 
 class MagnetoEncoderDecoder(LanguageModel):
@@ -111,7 +121,7 @@ class MagnetoEncoderDecoder(LanguageModel):
         memory = self.encoder(self.embed(src), mask=mask, rope=self.rope(src.shape[1]))
         x = self.decoder(self.embed(tgt), rope=self.rope(tgt.shape[1]), memory=memory,
                          memory_mask=mask)
-        return self.lm_head(x)
+        return self.readout(x)
 
 
 MODEL_CLASSES = {"decoder": MagnetoGPT, "encoder": MagnetoBert,

@@ -13,15 +13,23 @@ from torch import nn
 
 class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                         self.eps)
+        weight, bias = self.affine()
+        y = F.layer_norm(x.float(), self.normalized_shape, weight.float(), bias.float(), self.eps)
         return y.type_as(x)
+
+    def affine(self):
+        """(gain, bias) as the forward uses them; a TP variant routes their gradient."""
+        return self.weight, self.bias
 
 
 class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps)
+        weight, _ = self.affine()
+        y = F.rms_norm(x.float(), self.normalized_shape, weight.float(), self.eps)
         return y.type_as(x)
+
+    def affine(self):
+        return self.weight, None
 
 
 NORM_CLASSES = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}

@@ -6,7 +6,8 @@ row of this table saying which slots are filled. Every sublayer (attention or FF
     x <- post_norm(alpha * x + output_norm(f(pre_norm(x) * input_scale)))
 
 with f containing the optional inner norm (Sub-LN: on the merged heads before W_o, on the FFN
-hidden before W_2) and head scale (NormFormer).
+hidden before W_2) and head scale (NormFormer). The QK-norm slot is the model's choice rather than
+the scheme's (model.qk_norm): layer_spec fills it in every scheme's attention.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class SublayerSlots:
     output_norm: bool = False  # NormFormer: on the attention output, before the residual add
     post_norm: bool = False    # Post-LN family: after the residual add
     head_scale: bool = False   # NormFormer: a learned scale per attention head
+    qk_norm: bool = False      # QK-norm: on each head's queries and keys, before RoPE
 
 
 @dataclass(frozen=True)
@@ -70,22 +72,26 @@ class LayerSpec:
     init_gain: float           # xavier gain of W_v, W_o, W_1, W_2 (W_q, W_k always get 1)
     cross_init_gain: float     # the same for the cross-attention's W_v, W_o
     causal: bool               # causal self-attention (decoders)
+    attention_scale: Optional[float] = None  # softmax scale of q.k (None: 1/sqrt(head_dim));
+                                             # muP's is mup.attention_scale
 
 
 def layer_spec(scheme_name: str, layer_number: int, gains: dict, causal: bool,
-               cross: bool) -> LayerSpec:
+               cross: bool, qk_norm: bool = False,
+               attention_scale: Optional[float] = None) -> LayerSpec:
     """The spec of layer `layer_number` (1-based) of a stack.
 
     gains: {"init_gain", "cross_init_gain", "residual_alpha"} for this stack (see init.py).
     """
     scheme = SCHEMES[scheme_name]
     return LayerSpec(
-        attention=scheme.attention,
-        cross_attention=cross_attention_slots(scheme) if cross else None,
+        attention=replace(scheme.attention, qk_norm=qk_norm),
+        cross_attention=replace(cross_attention_slots(scheme), qk_norm=qk_norm) if cross else None,
         ffn=scheme.ffn,
         residual_alpha=gains["residual_alpha"] if scheme.scaled_residual else 1.0,
         input_scale=1.0 / math.sqrt(layer_number) if scheme.depth_scaled_input else 1.0,
         init_gain=gains["init_gain"],
         cross_init_gain=gains["cross_init_gain"],
         causal=causal,
+        attention_scale=attention_scale,
     )

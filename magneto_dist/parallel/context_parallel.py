@@ -13,7 +13,9 @@ values of each rank travel round the ring, CP-1 hops, each block of queries x ke
 it arrives (the exchange of the next block overlaps the current one's arithmetic) and merged
 by its log-sum-exp (the online softmax). Backward sends the keys and values round again with
 their gradients accumulating beside them, back to their owners. No rank ever holds more than
-two ranks' keys and values, so activation memory per rank falls as 1/CP.
+two ranks' keys and values, so activation memory per rank falls as 1/CP. Under grouped-query
+attention the ring carries the key/value groups only (heads / groups times fewer bytes than
+the heads), repeated to the query heads tile by tile, and their gradients summed back per group.
 
 Why written here: torch's context_parallel (torch.distributed.tensor.experimental) fails on a
 CPU ("aten._scaled_dot_product_flash_attention_for_cpu has no sharding strategy", torch
@@ -38,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.attention import repeat_kv, sum_kv_groups
 from ..model.layers import Attention
 from . import state
 
@@ -199,12 +202,14 @@ def _tiles(ring: "Ring", hop: int, q: torch.Tensor, causal: bool) -> Iterator[Ti
 # --- the ring ----------------------------------------------------------------------------
 
 class _RingAttention(torch.autograd.Function):
-    """q, k, v [b, h, 2c, hd] (this rank's head and tail chunks) -> [b, h, 2c, hd];
-    docs [b, 2c] (document ids, or None)."""
+    """q [b, h, 2c, hd], k, v [b, g, 2c, hd] (this rank's head and tail chunks; g = h, or
+    GQA's g key/value groups, which is all the ring carries) -> [b, h, 2c, hd]; docs [b, 2c]
+    (document ids, or None)."""
 
     @staticmethod
     def forward(ctx, q, k, v, docs, ring: Ring, causal: bool, scale: float):
         out = torch.zeros(q.shape, dtype=ACC, device=q.device)
+        heads = q.shape[1]
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)        # [b, h, 2c]
         held = (k, v, docs)  # the keys, values and their document ids this rank holds now
         for hop in range(ring.size):
@@ -212,12 +217,11 @@ class _RingAttention(torch.autograd.Function):
                 arriving, handle = ring.start([t for t in held if t is not None])
             for tile in _tiles(ring, hop, q, causal):
                 rows, cols = tile.rows, tile.cols
-                scores = block_scores(q[:, :, rows], held[0][:, :, cols], scale,
-                                      tile.causal_offset, _chunk(docs, rows),
-                                      _chunk(held[2], cols))
+                kb, vb = (repeat_kv(t[:, :, cols], heads) for t in held[:2])  # [b, h, nk, hd]
+                scores = block_scores(q[:, :, rows], kb, scale, tile.causal_offset,
+                                      _chunk(docs, rows), _chunk(held[2], cols))
                 block_lse = torch.logsumexp(scores, dim=-1)
-                block_out = torch.matmul(_exp_minus(scores, block_lse),
-                                         held[1][:, :, cols].to(ACC))
+                block_out = torch.matmul(_exp_minus(scores, block_lse), vb.to(ACC))
                 out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows],
                                                          block_out, block_lse)
             if hop < ring.size - 1:
@@ -233,6 +237,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse, docs = ctx.saved_tensors
         ring, causal, scale = ctx.ring, ctx.causal, ctx.scale
         grad_out = grad_out.to(ACC)
+        heads, groups = q.shape[1], k.shape[1]
         delta = (grad_out * out.to(ACC)).sum(-1, keepdim=True)              # [b, h, 2c, 1]
         dq = torch.zeros(q.shape, dtype=ACC, device=q.device)
         held = (k, v, docs)
@@ -244,16 +249,16 @@ class _RingAttention(torch.autograd.Function):
             dv = torch.zeros_like(dk)
             for tile in _tiles(ring, hop, q, causal):
                 rows, cols = tile.rows, tile.cols
-                kb, vb = held[0][:, :, cols].to(ACC), held[1][:, :, cols].to(ACC)
+                kb, vb = (repeat_kv(t[:, :, cols], heads).to(ACC) for t in held[:2])
                 scores = block_scores(q[:, :, rows], kb, scale, tile.causal_offset,
                                       _chunk(docs, rows), _chunk(held[2], cols))
                 p = _exp_minus(scores, lse[:, :, rows])                       # [b, h, c, c]
                 g = grad_out[:, :, rows]
-                dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), g)
+                dv[:, :, cols] += sum_kv_groups(torch.matmul(p.transpose(-1, -2), g), groups)
                 ds = p * (torch.matmul(g, vb.transpose(-1, -2)) - delta[:, :, rows])
                 dq[:, :, rows] += torch.matmul(ds, kb) * scale
-                dk[:, :, cols] += torch.matmul(ds.transpose(-1, -2), q[:, :, rows].to(ACC)
-                                               ) * scale
+                dk[:, :, cols] += sum_kv_groups(torch.matmul(
+                    ds.transpose(-1, -2), q[:, :, rows].to(ACC)), groups) * scale
             if dkv_handle is not None:  # these keys' gradients from the ranks before this one
                 ring.wait(dkv_handle)
                 dk, dv = dk + dkv[0], dv + dkv[1]

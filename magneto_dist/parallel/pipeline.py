@@ -80,9 +80,10 @@ class WordEmbeddingPipe(nn.Module):
     """tokens [b, s] -> [b, s, d] (position and document ids passed on); on the last stage
     (tied) also the LM head."""
 
-    def __init__(self, source: ModuleSource):
+    def __init__(self, source: ModuleSource, readout_multiplier: float):
         super().__init__()
         self.word = source.get("embed.word")
+        self.readout_multiplier = readout_multiplier  # LanguageModel.readout's (muP: 1/m)
         self.sequence_parallel = source.sequence_parallel
 
     def forward(self, inputs):
@@ -92,6 +93,8 @@ class WordEmbeddingPipe(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T over this rank's vocab slice (the column-parallel LM head, weight tied);
         under SP x [b, s/tp, d] is gathered first, as SequenceParallelVocabHead does."""
+        if self.readout_multiplier != 1.0:
+            x = x * self.readout_multiplier
         if self.sequence_parallel:
             x = gather_sequence(x)
         else:
@@ -154,6 +157,18 @@ class SubmodulePipe(nn.Module):
         return getattr(self, self.attribute)(_split(inputs)[0])
 
 
+class HeadPipe(SubmodulePipe):
+    """The untied head, its input times LanguageModel.readout's multiplier (muP: 1/m)."""
+
+    def __init__(self, source: ModuleSource, name: str, readout_multiplier: float):
+        super().__init__(source, name)
+        self.readout_multiplier = readout_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.readout_multiplier if self.readout_multiplier != 1.0
+                               else x)
+
+
 class ShardOnlyPipelineModule(CountingHookPipelineModule):
     """DeepSpeed's PipelineModule, except that balancing stages by parameter count, which
     builds every layer spec on every rank, sees the skeleton's meta modules: only the layers of
@@ -171,15 +186,18 @@ class ShardOnlyPipelineModule(CountingHookPipelineModule):
 
 
 def pipeline_layers(model: MagnetoGPT, source: ModuleSource) -> list:
-    cfg = model.config
-    word = (TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source, tied_weight_attr="word.weight")
-            if cfg.tie_embeddings else LayerSpec(WordEmbeddingPipe, source))
+    cfg, multiplier = model.config, model.readout_multiplier
+    word = (TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source, multiplier,
+                          tied_weight_attr="word.weight")
+            if cfg.tie_embeddings else LayerSpec(WordEmbeddingPipe, source, multiplier))
     specs = {
         "word": lambda _: word,
         "tail": lambda _: LayerSpec(EmbeddingTailPipe, source, cfg.position == "learned"),
         "layer": lambda name: LayerSpec(TransformerLayerPipe, source, name, cfg),
-        "submodule": lambda name: LayerSpec(SubmodulePipe, source, name),
-        "tied_head": lambda _: TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source,
+        "submodule": lambda name: (LayerSpec(HeadPipe, source, name, multiplier)
+                                   if name == "lm_head" else LayerSpec(SubmodulePipe, source,
+                                                                        name)),
+        "tied_head": lambda _: TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, source, multiplier,
                                              forward_fn=tied_head, tied_weight_attr="word.weight"),
     }
     return [specs[kind](name) for kind, name in pipe_plan(model)]

@@ -162,8 +162,9 @@ def reduce_grads_over_tp(*params: torch.Tensor) -> tuple:
 
 
 def mark_sequence_parallel(module: nn.Module) -> None:
-    """Mark a module's own parameters as used in the SP region (Megatron's mark): their
-    gradients are summed over TP where the module uses them."""
+    """Mark a module's own parameters as used in the SP region (Megatron's mark), or, for the
+    QK-norms inside the TP region, as shared by heads that ranks hold in parts: either way
+    their gradients are summed over TP where the module uses them."""
     for param in module.parameters(recurse=False):
         param.sequence_parallel = True
 

@@ -13,6 +13,10 @@ has split along the normalized dimension. ShardedLayerNorm / ShardedRMSNorm all-
 gain and bias; the all-reduce's backward all-reduces the gradient, which is the matching
 backward.
 
+Also here: the QK-norm gains (one per head dimension, shared by the heads that ranks hold in
+parts), whose gradient is summed over TP, and the logsumexp over the whole vocabulary from each
+rank's slice of the logits (train.z_loss).
+
 Sequence parallelism (sequence_parallel=True, sequence_parallel.py) changes the borders of the TP
 region: a column-parallel layer takes an input already gathered along the sequence and does not
 all-reduce its input gradient (the gather's backward reduce-scatters it), a row-parallel layer
@@ -27,6 +31,7 @@ from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
 from ..compat.megatron import NoExtraState
+from ..model.layers import Attention
 from ..model.norms import LayerNorm, RMSNorm
 from . import state
 from .materialize import is_meta, materialize, own_weights
@@ -175,6 +180,48 @@ def sharded_norm(norm: nn.Module) -> nn.Module:
     return ShardedRMSNorm(norm) if isinstance(norm, RMSNorm) else ShardedLayerNorm(norm)
 
 
+class _HeadNorm:
+    """Mixin: a QK-norm under TP. It normalizes each head over head_dim, so its forward is
+    local, but its one gain (and bias) serves every head and a rank sees only its own heads:
+    the parameters pass through copy_to_tensor_model_parallel_region (identity forward,
+    all-reduce of the gradient), so every rank steps on the gradient over all heads, as
+    megatron-core sums its q_layernorm / k_layernorm gradients over TP (finalize_model_grads).
+    Left alone, each rank's gain would drift apart from the others' with its own heads'
+    gradient."""
+
+    def __init__(self, full: nn.Module):
+        super().__init__(full.normalized_shape[0], eps=full.eps)
+        # marked as the SP region's parameters are (megatron-core's TE norms mark their q/k
+        # layernorms alike): the gradient is summed over TP where the norm uses it, so SP's
+        # check of the parameters past its split passes them (summing again would double it)
+        mark_sequence_parallel(self)
+
+    def affine(self):
+        weight, bias = super().affine()
+        tp_sum_grad = tensor_parallel.copy_to_tensor_model_parallel_region
+        return tp_sum_grad(weight), (tp_sum_grad(bias) if bias is not None else None)
+
+
+class HeadLayerNorm(_HeadNorm, LayerNorm):
+    pass
+
+
+class HeadRMSNorm(_HeadNorm, RMSNorm):
+    pass
+
+
+def head_norm_from(norm: nn.Module) -> nn.Module:
+    return HeadRMSNorm(norm) if isinstance(norm, RMSNorm) else HeadLayerNorm(norm)
+
+
+def _replicate_head_norms(model: nn.Module) -> None:
+    """Swap every attention's QK-norms for their TP form (on the meta device, like the rest)."""
+    for module in model.modules():
+        if isinstance(module, Attention) and module.q_norm is not None:
+            module.q_norm = head_norm_from(module.q_norm)
+            module.k_norm = head_norm_from(module.k_norm)
+
+
 def vocab_embedding_from(embedding: nn.Embedding, padded: int, config) -> VocabEmbedding:
     """Padded rows are zero (materialize.py) and never looked up (no token has their id)."""
     tp_embedding = VocabEmbedding(padded, embedding.weight.shape[1], init_method=_noop_init,
@@ -206,15 +253,36 @@ def vocab_head_from(head: nn.Linear, padded: int, config, tied_to=None,
     return tp_head
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
-    """Per-token CE from this rank's logit slice [b, s, V_padded/tp]; padded entries excluded."""
+def _unpadded_slice(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """This rank's logit slice [b, s, V_padded/tp] in fp32, its padded entries -inf (no
+    probability mass there)."""
     local = logits.shape[-1]
     first = state.tp_rank() * local
     logits = logits.float()
-    if first + local > vocab_size:  # this slice holds padding: no probability mass there
+    if first + local > vocab_size:
         ids = torch.arange(first, first + local, device=logits.device)
         logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    return logits
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Per-token CE from this rank's logit slice [b, s, V_padded/tp]; padded entries excluded.
+    megatron-core overwrites an fp32 slice in place (its exp): read the logits before this."""
+    return tensor_parallel.vocab_parallel_cross_entropy(_unpadded_slice(logits, vocab_size),
+                                                        labels)
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log Z = logsumexp over the whole vocabulary, per token [b, s], from this rank's slice
+    [b, s, V_padded/tp]: the global max (a constant: log Z does not depend on it), then the sum
+    of exp(logit - max) over ranks. That sum's all-reduce has an identity backward
+    (reduce_from_tensor_model_parallel_region): every rank computes the same loss from it, so
+    the gradient of a rank's partial sum is the loss's gradient, once."""
+    logits = _unpadded_slice(logits, vocab_size)
+    top = logits.detach().amax(dim=-1)                                      # [b, s]
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=state.tp_group())
+    partial = (logits - top.unsqueeze(-1)).exp().sum(dim=-1)                # [b, s]
+    return top + tensor_parallel.reduce_from_tensor_model_parallel_region(partial).log()
 
 
 class FullLogits(nn.Module):
@@ -279,6 +347,7 @@ def apply_tensor_parallel(model: nn.Module, vocab_padding_multiple: int,
     with torch.device("meta"):
         for name, module in list(model.named_modules()):  # a list: children change on the way
             _shard_children(module, f"{name}." if name else "", config, sequence_parallel)
+        _replicate_head_norms(model)
         assert tp_kind("embed.word.weight") == tp_kind("lm_head.weight") == VOCAB
         padded = padded_vocab_size(model.config.vocab_size, vocab_padding_multiple,
                                    state.tp_size())

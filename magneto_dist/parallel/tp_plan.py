@@ -11,7 +11,8 @@ Kinds, and how ds_to_universal merges them:
 - vocab: vocabulary rows split (dim 0), padded to a multiple  -> declared vocabulary
 - sliced: a 1-D gain, bias or scale over a dimension TP splits (the Sub-LN inner norms, which
   normalize merged heads or the FFN hidden; NormFormer's head scales)  -> dim 0, like column
-- replicated: whole and identical on every TP rank            -> declared TP-replicated
+- replicated: whole and identical on every TP rank (the QK-norm gains too: their gradient is
+  summed over TP, since each rank normalizes only its own heads)  -> declared TP-replicated
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ TP_PLAN = (
     (_PREFIX + r"head_scale$", SLICED),
     (_PREFIX + r"(word|lm_head)\.weight$", VOCAB),
     (_PREFIX + r"(pre_norm|post_norm|output_norm|final_norm)\.(weight|bias)$", REPLICATED),
+    # QK-norm: one gain of width head_dim shared by every head; each rank's gradient covers its
+    # own heads and is summed over TP (tensor_parallel.head_norm_from)
+    (_PREFIX + r"(q_norm|k_norm)\.(weight|bias)$", REPLICATED),
     (_PREFIX + r"(mlm_dense|mlm_norm)\.(weight|bias)$", REPLICATED),
     (_PREFIX + r"position\.weight$", REPLICATED),
 )

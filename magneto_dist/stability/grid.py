@@ -16,6 +16,7 @@ head dimension 64, ratio 4), so widths scale the model the way the papers' model
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -52,6 +53,16 @@ class GridConfig:
     diagnostics_interval: int = 10     # per-layer diagnostics every N steps (and at step 0)
     save_interval: int = 0             # checkpoint every N steps (0: at the end only); a cell
                                        # whose job died resumes from its newest checkpoint
+    # Today's options as axes (empty: the run's own value, one per cell)
+    qk_norm: List[bool] = field(default_factory=list)          # model.qk_norm
+    z_loss: List[float] = field(default_factory=list)          # train.z_loss
+    parametrization: List[str] = field(default_factory=list)   # model.parametrization
+    num_query_groups: List[Optional[int]] = field(default_factory=list)  # GQA (null: MHA)
+    schedules: List[str] = field(default_factory=list)         # train.lr_decay_style
+    wsd_decay_fraction: float = 0.2    # wsd cells: the cooldown's share of grid.steps
+    # cells left out: a cell matching every key of one mapping, e.g. {scheme: magneto,
+    # qk_norm: true}, is not run (to compare recipes without their whole product)
+    exclude: List[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -64,11 +75,21 @@ class Cell:
     seed: int
     warmup: int
     steps: int
+    qk_norm: bool = False
+    z_loss: float = 0.0
+    parametrization: str = "standard"
+    num_query_groups: Optional[int] = None
+    schedule: str = ""                 # train.lr_decay_style ("": the run's, recorded before)
 
     @property
     def name(self) -> str:
+        """Today's options appear only where set, so cells named before them keep their name."""
+        options = ("-qk" * self.qk_norm + (f"-z{self.z_loss:g}" if self.z_loss else "")
+                   + ("-mup" if self.parametrization == "mup" else "")
+                   + (f"-g{self.num_query_groups}" if self.num_query_groups else "")
+                   + (f"-{self.schedule}" if self.schedule == "wsd" else ""))
         return (f"{self.scheme}-{self.norm_type}-L{self.depth}-d{self.hidden_size}-lr{self.lr:g}"
-                f"-s{self.seed}-w{self.warmup}")
+                f"-s{self.seed}-w{self.warmup}{options}")
 
     def key(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,12 +111,17 @@ class Sweep:
     out_dir: str
     name: str = "sweep"                # the sweep file's name: (cluster) job names start with it
     widths: Dict[int, Width] = field(default_factory=dict)  # hidden_size -> its heads and FFN
+    options: Dict[str, list] = field(default_factory=dict)  # Cell option field -> its values
 
     def cells(self) -> List[Cell]:
         g = self.grid
-        return [Cell(scheme, norm_type, depth, width, lr, seed, g.warmup, g.steps)
-                for width in self.widths for depth in g.depths for scheme in g.schemes
-                for norm_type in g.norm_types for lr in g.lrs for seed in g.seeds]
+        names = list(self.options)
+        cells = [Cell(scheme, norm_type, depth, width, lr, seed, g.warmup, g.steps,
+                      **dict(zip(names, values)))
+                 for width in self.widths for depth in g.depths for scheme in g.schemes
+                 for values in itertools.product(*self.options.values())
+                 for norm_type in g.norm_types for lr in g.lrs for seed in g.seeds]
+        return [c for c in cells if not any(_matches(c, rule) for rule in g.exclude)]
 
     def cell_dir(self, cell: Cell) -> str:
         return os.path.join(self.out_dir, "cells", cell.name)
@@ -108,12 +134,24 @@ class Sweep:
                 f"model.ffn_hidden_size={w.ffn_hidden_size}",
                 f"train.lr={cell.lr!r}", f"train.min_lr={cell.lr * g.min_lr_ratio!r}",
                 f"train.seed={cell.seed}", f"train.warmup_iters={cell.warmup}",
+                *self._option_overrides(cell),
                 f"train.train_iters={cell.steps}", "train.exit_at_step=null",
                 "train.log_interval=1",  # the verdicts read every step's loss
                 f"logging.diagnostics_interval={g.diagnostics_interval}",
                 f"logging.run_dir={self.cell_dir(cell)}", "logging.sample_prompt=",
                 f"checkpoint.save_interval={g.save_interval}", "checkpoint.keep_last=1",
                 "checkpoint.resume=auto"]
+
+    def _option_overrides(self, cell: Cell) -> List[str]:
+        out = [f"model.qk_norm={json.dumps(cell.qk_norm)}", f"train.z_loss={cell.z_loss!r}",
+               f"model.parametrization={cell.parametrization}",
+               f"model.num_query_groups={json.dumps(cell.num_query_groups)}"]
+        if cell.schedule:
+            wsd = cell.schedule == "wsd"
+            decay = max(1, round(cell.steps * self.grid.wsd_decay_fraction)) if wsd else None
+            out += [f"train.lr_decay_style={cell.schedule}",
+                    f"train.wsd_decay_iters={json.dumps(decay)}"]
+        return out
 
     def cell_config(self, cell: Cell) -> Config:
         return load_config(TRAINER_DEFAULTS, self.cell_overrides(cell))
@@ -132,7 +170,46 @@ def _flatten_run(run: dict) -> List[str]:
     return out
 
 
-AXES = ("schemes", "norm_types", "depths", "hidden_sizes", "lrs", "seeds")
+AXES = ("schemes", "norm_types", "depths", "hidden_sizes", "lrs", "seeds", "qk_norm", "z_loss",
+        "parametrization", "num_query_groups", "schedules")
+# grid option axis -> (the Cell field, the run's key it sets when the axis is empty)
+OPTION_AXES = {"qk_norm": ("qk_norm", "model"), "z_loss": ("z_loss", "train"),
+               "parametrization": ("parametrization", "model"),
+               "num_query_groups": ("num_query_groups", "model"),
+               "schedules": ("schedule", None)}
+
+
+def _matches(cell: Cell, rule: dict) -> bool:
+    return all(getattr(cell, key) == value for key, value in rule.items())
+
+
+def _base_config(g: GridConfig, run_overrides: List[str]) -> Config:
+    """The run's config with each option axis at its first value (the run may rely on one: a
+    muP base width in run: for grid.parametrization=[mup])."""
+    firsts = [f"{section}.{field_name}={json.dumps(getattr(g, axis)[0])}"
+              for axis, (field_name, section) in OPTION_AXES.items()
+              if section and getattr(g, axis)]
+    return load_config(TRAINER_DEFAULTS, run_overrides + firsts)
+
+
+def _options(g: GridConfig, run_overrides: List[str]) -> Dict[str, list]:
+    """Each option field of a cell with its values: the grid's, else the run's own one."""
+    base = _base_config(g, run_overrides)
+    options = {}
+    for axis, (field_name, section) in OPTION_AXES.items():
+        values = getattr(g, axis)
+        if not values:
+            values = [getattr(getattr(base, section), field_name)] if section else [""]
+        options[field_name] = list(values)
+    return options
+
+
+def _check_exclude(g: GridConfig) -> None:
+    fields = set(Cell.__dataclass_fields__)
+    for rule in g.exclude:
+        if not isinstance(rule, dict) or not rule or set(rule) - fields:
+            raise ConfigError(f"grid.exclude: {rule!r} must be a mapping of cell keys "
+                              f"({', '.join(sorted(fields))}) to values")
 
 
 def _check_grid(g: GridConfig) -> None:
@@ -166,7 +243,7 @@ def _check_grid(g: GridConfig) -> None:
 
 def _widths(g: GridConfig, run_overrides: List[str]) -> Dict[int, Width]:
     """Each width of the grid with its heads and FFN (the width rule in the module docstring)."""
-    base = load_config(TRAINER_DEFAULTS, run_overrides).model
+    base = _base_config(g, run_overrides).model
     if not g.hidden_sizes:
         return {base.hidden_size: Width(base.hidden_size, base.num_heads, base.ffn_hidden_size)}
     head_dim = g.head_dim or base.hidden_size // base.num_heads
@@ -221,7 +298,11 @@ def load_sweep(path: str, overrides: List[str], out_dir: Optional[str] = None,
     verdict = section_from_dict("verdict", sections["verdict"], VerdictConfig())
     name = raw.get("name") or os.path.splitext(os.path.basename(path))[0]
     out_dir = os.path.abspath(out_dir or os.path.join("runs", "sweeps", name))  # cells run in ROOT
-    sweep = Sweep(grid, verdict, run_overrides, out_dir, name, _widths(grid, run_overrides))
+    _check_exclude(grid)
+    sweep = Sweep(grid, verdict, run_overrides, out_dir, name, _widths(grid, run_overrides),
+                  _options(grid, run_overrides))
+    if not sweep.cells():
+        raise ConfigError("grid.exclude leaves no cell to run; narrow its mappings")
     for cell in sweep.cells():
         cfg = sweep.cell_config(cell)
         if cfg.train.spike_policy == "rollback":

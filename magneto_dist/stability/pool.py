@@ -96,7 +96,7 @@ def with_widths(sweep: Sweep, rows: List[dict]) -> Tuple[List[dict], int]:
     for row in legacy:
         row.update(hidden_size=width.hidden_size, num_heads=width.num_heads,
                    ffn_hidden_size=width.ffn_hidden_size)
-        row["cell"] = Cell(**{k: row[k] for k in Cell.__dataclass_fields__}).name
+        row["cell"] = Cell(**{k: row[k] for k in Cell.__dataclass_fields__ if k in row}).name
     return rows, len(legacy)
 
 

@@ -29,7 +29,24 @@ PAIRS = (("magneto", "pre_ln"), ("deepnorm", "post_ln"))  # the papers' claims
 
 
 def variant(row: dict) -> str:
-    return row["scheme"] if row["norm_type"] == "layernorm" else f"{row['scheme']}+rms"
+    """The scheme with what a cell adds to it: RMSNorm, QK-norm, the z-loss, muP, GQA, WSD
+    (rows from before an option lack its key and read as without it)."""
+    parts = [row["scheme"]] + ["rms"] * (row["norm_type"] != "layernorm")
+    parts += ["qk_norm"] * bool(row.get("qk_norm"))
+    parts += [f"z{row['z_loss']:g}"] if row.get("z_loss") else []
+    parts += ["mup"] * (row.get("parametrization") == "mup")
+    parts += [f"gqa{row['num_query_groups']}"] if row.get("num_query_groups") else []
+    parts += ["wsd"] * (row.get("schedule") == "wsd")
+    return "+".join(parts)
+
+
+def pairs(variants: List[str]) -> List[tuple]:
+    """The comparisons a report reads: the papers' (Magneto against Pre-LN, DeepNorm against
+    Post-LN) and, with today's options in the grid, each Magneto variant against each Pre-LN
+    variant that carries options (Pre-LN + QK-norm, + z-loss: what a modern recipe uses)."""
+    modern = [(a, b) for a in variants if a.split("+")[0] == "magneto"
+              for b in variants if b.split("+")[0] == "pre_ln" and "+" in b]
+    return list(dict.fromkeys([*PAIRS, *modern]))
 
 
 class Grid:
@@ -171,7 +188,7 @@ def _reading(grid: Grid, depth, width) -> str:
                                   else "was ok on every seed at no LR of the grid")
                      + (f", failed at {', '.join(failed)}" if failed else ""))
     return (f"At depth {depth}, width {width}: " + "; ".join(parts) + "."
-            + "".join(_versus(grid, depth, width, a, b) for a, b in PAIRS))
+            + "".join(_versus(grid, depth, width, a, b) for a, b in pairs(grid.variants)))
 
 
 def _cell_text(rows: List[dict]) -> str:

@@ -15,6 +15,7 @@ from ..checkpoint.universal_info import universal_checkpoint_info
 from ..compat.ds_engine import OVERFLOW
 from ..config import Config, ConfigError
 from ..dims import ParallelDims
+from ..model import mup
 from ..parallel.materialize import FullWeights
 from ..parallel.setup import Parallelized, parallelize
 from ..parallel.tensor_parallel import FullLogits, vocab_parallel_cross_entropy
@@ -22,19 +23,33 @@ from .schedule import make_scheduler
 from .tasks import move_batch
 
 
-def group_weight_decays(weight_decay: float) -> list:
-    """The optimizer's parameter groups in order: matrices (projections, embeddings) decay;
-    biases, norm gains and head scales do not."""
-    return [weight_decay, 0.0]
+def group_settings(cfg: Config) -> list:
+    """The optimizer's parameter groups in order, without their parameters: {name, lr,
+    weight_decay}. Matrices (projections, embeddings) decay; vectors (biases, norm gains, head
+    scales) do not; under muP the hidden matrices are a group of their own with their LR
+    scaled by base width / width (model/mup.py). The same list on every rank and in every
+    layout, empty groups included: DeepSpeed's universal loader pairs saved and current
+    groups by position."""
+    t = cfg.train
+    return [{"name": name, "lr": t.lr * multiplier,
+             "weight_decay": 0.0 if name == mup.VECTORS else t.weight_decay}
+            for name, multiplier in mup.group_lr_multipliers(cfg.model).items()]
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list:
-    decay, no_decay = [], []
-    for param in model.parameters():
+def optimizer_param_groups(model: nn.Module, cfg: Config) -> list:
+    groups = [{**settings, "params": []} for settings in group_settings(cfg)]
+    index = {g["name"]: i for i, g in enumerate(groups)}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": params, "weight_decay": wd}
-            for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay))]
+            groups[index[mup.param_group(name, param.dim(), cfg.model)]]["params"].append(param)
+    return groups
+
+
+def describe_param_groups(optimizer) -> str:
+    """'name lr=X' of each group DeepSpeed's optimizer steps (its param_groups, which ZeRO
+    shares with the optimizer it wraps), for the start-up log."""
+    return ", ".join(f"{g.get('name', i)} lr={g['lr']:.6g}"
+                     for i, g in enumerate(optimizer.param_groups))
 
 
 class SkipNonFiniteSteps:
@@ -84,7 +99,7 @@ def build_optimizer(model: nn.Module, cfg: Config, offload: Optional[str] = None
     vectorized CPU Adam (ZeRORuntimeException otherwise): DeepSpeedCPUAdam in AdamW mode,
     a C++ op DeepSpeed JIT-builds on first use (minutes, once per machine)."""
     t = cfg.train
-    groups = optimizer_param_groups(model, t.weight_decay)
+    groups = optimizer_param_groups(model, cfg)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
@@ -290,7 +305,23 @@ def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims, mpu=None,
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, cfg.train),
         config=copy.deepcopy(ds_config), mpu=mpu)  # the record stays as it was handed over
+    check_group_list(engine.optimizer, cfg)
     return engine, ds_config
+
+
+def check_group_list(optimizer, cfg: Config) -> None:
+    """Every group of group_settings is there, in order. DeepSpeed drops a group without
+    parameters (runtime/engine.py, 'Removing param_group that has no params'), after the LR
+    schedule took its per-group LRs by position, and its universal loader pairs saved groups
+    with these by position: a missing group would give the next one another group's LR and
+    weight decay, silently."""
+    expected = [g["name"] for g in group_settings(cfg)]
+    got = [g.get("name") for g in optimizer.param_groups]
+    if got != expected:
+        raise ValueError(f"this rank's optimizer has parameter groups {got}, not {expected}: "
+                         "its shard holds no parameter of the missing group (a pipeline stage "
+                         "with no transformer layer?); use parallel.pipeline_partition=layers "
+                         "or fewer pipeline stages")
 
 
 @dataclass

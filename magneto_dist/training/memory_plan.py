@@ -88,7 +88,11 @@ def activation_bytes_per_layer(cfg: ModelConfig, tokens: int, tp: int, elem: int
     # gradients rather than gathering again in backward, as Megatron does)
     sp = tp if sequence_parallel else 1
     replicated = 2 * h // sp + 2 * h
-    attention = 3 * h + h + (h if attention_norm else 0)  # q, k, v; attention output; norm
+    # q, k, v as attention saves them (under GQA the core repeats k and v to every query head
+    # before SDPA, so they are h wide all the same); the attention output; the inner norm;
+    # QK-norm saves its inputs, the projections' outputs (q: h wide, k: kv_size)
+    qk_norm = h + cfg.kv_size if cfg.qk_norm else 0
+    attention = 3 * h + h + (h if attention_norm else 0) + qk_norm
     ffn_tensors = (5 if cfg.activation == "swiglu" else 2) + (1 if slots.ffn.inner_norm else 0)
     per_token = elem * (replicated + (attention + ffn_tensors * f) // tp) + 4 * heads // tp
     if cfg.dropout > 0:
@@ -101,9 +105,10 @@ def ring_buffer_bytes(cfg: ModelConfig, micro_batch: int, local_tokens: int, tp:
     """The ring attention's transient bytes on one rank while one layer's attention runs
     (backward, its peak): the arriving keys and values, fp32 gradient accumulators of the held
     keys and values and the pair travelling beside them, the fp32 query gradient, and three
-    fp32 tiles of scores (scores, probabilities, their gradient)."""
-    width = cfg.hidden_size // tp                      # this TP rank's heads x head dim
-    per_token = width * (2 * elem + 4 * 4 + 4)         # k, v arriving; dk, dv x 2; dq
+    fp32 tiles of scores (scores, probabilities, their gradient). Under GQA the ring carries
+    the key/value groups (kv_size wide), repeated to the heads one key chunk at a time."""
+    width, kv_width = cfg.hidden_size // tp, cfg.kv_size // tp  # this TP rank's heads, groups
+    per_token = kv_width * (2 * elem + 4 * 4) + width * 4  # k, v arriving; dk, dv x 2; dq
     chunk = local_tokens // micro_batch // 2
     tile = min(TILE_BYTES, 4 * micro_batch * (cfg.num_heads // tp) * chunk * chunk)
     return local_tokens * per_token + 3 * tile

@@ -228,14 +228,15 @@ def make_trainer(cfg: Config, task, setup, train_ds, valid_ds, ckpt_dir: str, st
 def resume_state(plan: RunPlan, setup) -> Tuple[TrainState, dict]:
     """Load the resume checkpoint into the engine; -> the loop's state and the client state."""
     from ..compat.ds_universal import repair_zero3_universal_load
-    from .engine import group_weight_decays
+    from .engine import describe_param_groups, group_settings
 
     resume, cfg = plan.resume, plan.cfg
     state, client = load_train_state(setup.engine, plan.load_from)
     if resume.source == UNIVERSAL_FORM and cfg.train.zero_stage == 3:
-        repair_zero3_universal_load(setup.engine, group_weight_decays(cfg.train.weight_decay))
+        repair_zero3_universal_load(setup.engine, group_settings(cfg))
     plan.ranks.log(f"resumed from {resume.tag.label}: step {state.step}, "
-                   f"{state.consumed_samples} samples consumed")
+                   f"{state.consumed_samples} samples consumed; optimizer groups: "
+                   f"{describe_param_groups(setup.engine.optimizer)}")
     return state, client
 
 

@@ -5,6 +5,11 @@ may be padded (for tensor parallelism, to multiples of 128 x TP); padded entries
 before the softmax, so padding never changes the loss. Under context parallelism a rank holds
 some of each sequence's tokens, and its loss is scaled so that the CP group's average is the
 mean over all of them (parallel/context_parallel.py context_parallel_mean).
+
+train.z_loss (PaLM's auxiliary loss, OLMo's too) adds z_loss * log(Z)^2 per token, Z the
+softmax's normalizer over the whole vocabulary: it keeps the logits from drifting as a whole,
+which the cross-entropy cannot see. It enters the gradient only: the loss's value stays the
+cross-entropy, so training and validation losses compare across z_loss settings.
 """
 from __future__ import annotations
 
@@ -29,6 +34,11 @@ def cross_entropy_unpadded(logits: torch.Tensor, labels: torch.Tensor, vocab_siz
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
+def logsumexp_unpadded(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log Z per token [b, s] over the first vocab_size logits."""
+    return logits[..., :vocab_size].float().logsumexp(dim=-1)
+
+
 class GPTTask:
     """Next-token prediction; megatron-core GPTDataset samples (tokens, labels, loss_mask,
     position_ids). Packed documents (data.reset_attention_mask): each batch gets document ids
@@ -38,17 +48,21 @@ class GPTTask:
 
     def __init__(self, vocab_size: int, tensor_parallel: bool = False,
                  context_parallel: bool = False, document_eod: Optional[int] = None,
-                 reset_positions: bool = False):
+                 reset_positions: bool = False, z_loss: float = 0.0):
         self.vocab_size = vocab_size       # the tokenizer's, before padding
         self.document_eod = document_eod   # the eod id when documents are masked, else None
         # the dataset's position ids go to the model when they restart per document, or
         # beside document ids (which the pipeline's tuples carry after them)
         self.positions = reset_positions or document_eod is not None
-        # per-token CE over the logits; under TP each rank holds a vocabulary slice of them
+        self.z_loss = z_loss               # train.z_loss: coefficient of log(Z)^2
+        # per-token CE and log Z over the logits; under TP each rank holds a vocabulary slice
         self.cross_entropy: Callable = cross_entropy_unpadded
+        self.logsumexp: Callable = logsumexp_unpadded
         if tensor_parallel:  # imported here: megatron's import costs seconds a config error skips
-            from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
+            from ..parallel.tensor_parallel import (vocab_parallel_cross_entropy,
+                                                    vocab_parallel_logsumexp)
             self.cross_entropy = vocab_parallel_cross_entropy
+            self.logsumexp = vocab_parallel_logsumexp
         self.mean: Callable = masked_mean
         if context_parallel:
             from ..parallel.context_parallel import context_parallel_mean
@@ -56,11 +70,11 @@ class GPTTask:
 
     @classmethod
     def for_run(cls, cfg, dims, vocab_size: int, eod: Optional[int]) -> "GPTTask":
-        """The objective of a run: its config's document masking and its layout."""
+        """The objective of a run: its config's document masking, z-loss and its layout."""
         d = cfg.data
         return cls(vocab_size, tensor_parallel=dims.tp > 1, context_parallel=dims.cp > 1,
                    document_eod=eod if d.reset_attention_mask else None,
-                   reset_positions=d.reset_position_ids)
+                   reset_positions=d.reset_position_ids, z_loss=cfg.train.z_loss)
 
     def prepare(self, batch: Batch) -> Batch:
         """The batch as the model takes it, before context parallelism cuts it: document ids
@@ -77,13 +91,24 @@ class GPTTask:
             batch["document_ids"] = documents_from_tokens(batch["tokens"], self.document_eod)
         return batch
 
+    def per_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy per token [b, s], carrying the z-loss's gradient when it is on.
+        log Z comes first: megatron-core's vocab_parallel_cross_entropy overwrites fp32 logits
+        in place with exp(logits - max) (torch.exp(..., out=)), so under TP a log Z read after
+        it was of those (the TP z-loss rows of tests/dist/test_layouts.py caught it)."""
+        z = (self.z_loss * self.logsumexp(logits, self.vocab_size).square() if self.z_loss
+             else None)
+        per_token = self.cross_entropy(logits, labels, self.vocab_size)
+        if z is None:
+            return per_token
+        return per_token + (z - z.detach())  # exactly 0 in value (x - x), z's gradient in backward
+
     def forward(self, model, batch: Batch) -> torch.Tensor:
         extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
         return model(batch["tokens"], **extra)
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        per_token = self.cross_entropy(logits, batch["labels"], self.vocab_size)
-        return self.mean(per_token, batch["loss_mask"])
+        return self.mean(self.per_token_loss(logits, batch["labels"]), batch["loss_mask"])
 
     def pipeline_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
         """The loss as DeepSpeed's pipeline calls it on the last stage: labels is the
@@ -101,8 +126,7 @@ class MaskedLMTask(GPTTask):
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         labels = batch["labels"].clamp(min=0)  # -1 marks unmasked positions (loss_mask is 0)
-        per_token = self.cross_entropy(logits, labels, self.vocab_size)
-        return self.mean(per_token, batch["loss_mask"])
+        return self.mean(self.per_token_loss(logits, labels), batch["loss_mask"])
 
 
 def move_batch(batch: Batch, device: torch.device) -> Batch:

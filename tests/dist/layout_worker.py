@@ -6,9 +6,9 @@ global batch sequence, and have rank 0 write {case name: result} to the output f
 
 A training case: {"name", "tp", "pp", "cp", "zero", "model": {ModelConfig overrides}, "steps",
 "recompute", "sp" (parallel.sequence_parallel), "partition", "precision", "compile",
-"deepspeed": [key=value of the deepspeed: section], "documents": packed documents (eod tokens
-in the data, document masking, positions restarting, no loss on eod inputs)} -> [loss per
-step]; with "compile": {"losses", "note": the start-up note,
+"deepspeed": [key=value of the deepspeed: section], "train": [key=value of the train: section],
+"documents": packed documents (eod tokens in the data, document masking, positions restarting,
+no loss on eod inputs)} -> [loss per step]; with "compile": {"losses", "note": the start-up note,
 "compile_seconds": spent compiling this case}. A case with "check" runs one of
 block_checks.py instead.
 Starting ranks costs seconds, so one group of ranks goes through many cases.
@@ -93,6 +93,7 @@ def case_config(case):
                   f"train.global_batch_size={GLOBAL_BATCH}", "train.lr=3e-3",
                   "train.warmup_iters=1", f"train.train_iters={case['steps']}",
                   "train.grad_clip=0.5", "train.seed=7"]  # clipping active: tests the TP norm
+    overrides += [f"train.{setting}" for setting in case.get("train", [])]
     overrides += [f"deepspeed.{setting}" for setting in case.get("deepspeed", [])]
     return load_config(None, overrides)
 

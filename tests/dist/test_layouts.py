@@ -21,6 +21,16 @@ VARIANT = {"norm": "magneto", "norm_type": "rmsnorm", "activation": "swiglu",
 NORMS = ("magneto", "post_ln", "pre_ln", "deepnorm", "normformer", "lns")
 SP = {"tp": 2, "sp": True}  # TP2 with parallel.sequence_parallel
 ROPE = {"norm": "magneto", "position": "rope"}
+# Today's options (issue 32): grouped-query attention (TP2 splits its 2 key/value groups, one
+# per rank; CP's ring carries the groups only), QK-norm, muP (base width 16 at width 32, base
+# head dim 4: every factor differs from 1), the z-loss (its gradient, through the
+# vocab-parallel log Z under TP) and WSD's cooldown inside the 5 steps.
+GQA = {"norm": "magneto", "qk_norm": True, "num_query_groups": 2, "position": "rope"}
+MUP = {"parametrization": "mup", "mup_base_hidden_size": 16, "mup_base_head_dim": 4}
+MODERN = {**GQA, **MUP}
+MODERN_TRAIN = ["z_loss=0.01", "lr_decay_style=wsd", "wsd_decay_iters=2",
+                "wsd_decay_style=1-sqrt", "min_lr=0"]
+PRE_LN_QK_Z = {"norm": "pre_ln", "qk_norm": True}
 
 
 def case(name, tp=1, pp=1, zero=1, model=None, **extra):
@@ -49,6 +59,14 @@ GROUPS = {
        case("cp2_documents", cp=2, model=ROPE, documents=True),
        case("pp2_documents", pp=2, model=ROPE, documents=True),
        case("dp2_documents", documents=True)]
+    + [case("tp2_gqa_qk_norm", tp=2, model=GQA),
+       case("tp2_mup_gqa_qk_norm_zloss_wsd", tp=2, model=MODERN, train=MODERN_TRAIN),
+       case("tp2_pre_ln_qk_norm_zloss", tp=2, model=PRE_LN_QK_Z, train=["z_loss=0.01"]),
+       case("pp2_mup_gqa_qk_norm_zloss_wsd", pp=2, model=MODERN, train=MODERN_TRAIN),
+       case("cp2_gqa_qk_norm", cp=2, model=GQA),
+       case("dp2_zero3_mup_gqa_zloss_wsd", zero=3, model=MODERN, train=MODERN_TRAIN),
+       # the QK-norm gains sit in the TP region under SP, their gradient summed over TP once
+       case("tp2_sp_mup_gqa_qk_norm_zloss_wsd", model=MODERN, train=MODERN_TRAIN, **SP)]
     # ZeRO-Offload: DeepSpeed's CPU Adam steps the offloaded optimizer (torch's AdamW was
     # refused with ZeRORuntimeException); its updates match AdamW's to ~1e-9 here
     + [case(f"{name}_offload", **layout, deepspeed=[f"{OFFLOAD}_optimizer.device=cpu", *extra])
@@ -60,10 +78,13 @@ GROUPS = {
         case("tp2_sp_dp2_zero2", zero=2, **SP), case("tp2_sp_dp2_zero3", zero=3, **SP),
         case("tp2_sp_pp2", pp=2, **SP),  # tied head on the last stage, learned positions
         case("tp2_sp_pp2_untied_rope", pp=2, model=VARIANT, **SP),
+        # the tied head on the last stage: muP's readout multiplier, then SP's gather
+        case("tp2_sp_pp2_mup_gqa_qk_norm_zloss_wsd", pp=2, model=MODERN, train=MODERN_TRAIN,
+             **SP),
         case("cp4", cp=4), case("cp4_documents", cp=4, model=ROPE, documents=True),
         case("cp2_tp2", cp=2, tp=2), case("cp2_dp2_zero1", cp=2),
-        case("cp2_pp2", cp=2, pp=2), case("cp2_pp2_documents", cp=2, pp=2, model=ROPE,
-                                            documents=True),
+        case("cp2_pp2", cp=2, pp=2), case("cp2_tp2_gqa_mup", cp=2, tp=2, model=MODERN),
+        case("cp2_pp2_documents", cp=2, pp=2, model=ROPE, documents=True),
         case("cp2_tp2_sp", cp=2, model=ROPE, **SP),
         case("cp2_tp2_sp_documents", cp=2, model=ROPE, documents=True, **SP)],
     8: [case("tp2_pp2_dp2", tp=2, pp=2)],
@@ -127,10 +148,11 @@ COMPILED = {
 
 
 def reference_name(c):
-    """The single-process run a case is compared with: its model, steps, data and precision."""
+    """The single-process run a case is compared with: its model, steps, data, train keys
+    and precision."""
     precision = {"precision": c["precision"]} if c.get("precision", "fp32") != "fp32" else {}
-    return json.dumps({**c["model"], "steps": c["steps"], "documents": c.get("documents", False),
-                       **precision}, sort_keys=True)
+    return json.dumps({**c["model"], "steps": c["steps"], "train": c.get("train", []),
+                       "documents": c.get("documents", False), **precision}, sort_keys=True)
 
 
 def run_group(tmp_path, world, cases, timeout):
@@ -150,7 +172,8 @@ def references(tmp_path_factory):
     compared = [c for cs in (*GROUPS.values(), *COMPILED.values(), BF16) for c in cs]
     models = {reference_name(c): c for c in compared}
     cases = [case(name, model=c["model"], steps=c["steps"], documents=c.get("documents", False),
-                  precision=c.get("precision", "fp32")) for name, c in models.items()]
+                  train=c.get("train", []), precision=c.get("precision", "fp32"))
+             for name, c in models.items()]
     return run_group(tmp_path_factory.mktemp("ref"), 1, cases + COMPILED[1], timeout=600)
 
 

@@ -7,6 +7,7 @@ both Adam moments, the LR schedule position, the step and the data position all 
 for steps 6-10 to match.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,13 +49,23 @@ CP2 = layout("cp2", 2, 1, 1, 1, "parallel.context_parallel_size=2", *DOCUMENTS)
 CP1 = layout("cp1", 1, 1, 1, 1, *DOCUMENTS)
 CP4 = layout("cp4", 4, 1, 1, 1, "parallel.context_parallel_size=4", *DOCUMENTS)
 
+# today's options together (issue 32): muP's three optimizer groups (width 64 over a base of
+# 32: the hidden matrices at half the LR), GQA's groups split over TP2, QK-norm, the z-loss and
+# a WSD cooldown (steps 7-10) across the resume
+MODERN = ("model.parametrization=mup", "model.mup_base_hidden_size=32", "model.qk_norm=true",
+          "model.num_query_groups=2", "train.z_loss=1e-4", "train.lr_decay_style=wsd",
+          "train.wsd_decay_iters=4")
+MODERN_TP2 = layout("modern_tp2", 2, 2, 1, 1, *MODERN)
+MODERN_PP2 = layout("modern_pp2", 2, 1, 2, 1, *MODERN)
+
 # sequence parallelism changes no weight's shape or name: its checkpoint is TP2's, loaded as is
 # at TP2 without SP (and TP2's with SP), converted like TP2's for TP1
 TP2_SP = layout("tp2_sp", 2, 2, 1, 1, "parallel.sequence_parallel=true")
 
 PAIRS = [(TP2, TP1), (TP1, TP2), (PP2, TP1), (TP1, PP2), (TP2_PP2, DP4), (DP4, DP2),
          (DP2_ZERO1, DP2_ZERO3), (DP2_ZERO3, DP2_ZERO1), (TP2_ZERO3, TP1_ZERO3),
-         (CP2, CP1), (CP2, CP4), (TP2_SP, TP2), (TP2, TP2_SP), (TP2_SP, TP1)]
+         (CP2, CP1), (CP2, CP4), (TP2_SP, TP2), (TP2, TP2_SP), (TP2_SP, TP1),
+         (MODERN_TP2, MODERN_PP2)]
 
 
 @pytest.fixture
@@ -81,6 +92,12 @@ def test_resume_in_another_layout_continues_exactly(tmp_path, cache_dir, straigh
     assert sorted(got) == [6, 7, 8, 9, 10]
     diffs = {step: abs(got[step] - expected[step]) for step in got}
     assert max(diffs.values()) < TOLERANCE, (diffs, got, expected)
+    if a is MODERN_TP2:  # muP's groups by name, in order, at their LRs after the resume
+        groups = re.search(r"optimizer groups: (.*)", out).group(1)
+        lrs = dict(re.findall(r"(\w+) lr=([0-9.e+-]+)", groups))
+        assert list(lrs) == ["matrices", "vectors", "hidden_matrices"], groups
+        assert float(lrs["hidden_matrices"]) == pytest.approx(float(lrs["matrices"]) / 2,
+                                                              rel=1e-5), groups
 
 
 def test_kill_during_conversion_then_rerun(tmp_path, cache_dir, straight_runs):

@@ -12,12 +12,13 @@ and FFN sublayer computes
     x <- post_norm(alpha * x + output_norm(f(pre_norm(x) * input_scale)))
 
 with the inner norm (Sub-LN: merged heads before W_o, FFN hidden before W_2) and NormFormer's
-per-head scale inside f; a slot that is off is the identity.
+per-head scale inside f; a slot that is off is the identity. QK-norm (a norm on each head's
+queries and keys, before RoPE) is the config's qk_norm in every scheme.
 """
 from transformers import PretrainedConfig
 
 _PRE = {"pre_norm": True, "inner_norm": False, "output_norm": False, "post_norm": False,
-        "head_scale": False}
+        "head_scale": False, "qk_norm": False}
 _POST = {**_PRE, "pre_norm": False, "post_norm": True}
 _SUB_LN = {**_PRE, "inner_norm": True}
 _NORMFORMER_ATTENTION = {**_PRE, "output_norm": True, "head_scale": True}
@@ -44,6 +45,7 @@ CHOICES = {
     "position_embedding_type": ("learned", "rope"),
     "hidden_act": ("gelu", "swiglu"),
     "init_style": ("paper", "torchscale"),
+    "parametrization": ("standard", "mup"),
 }
 
 
@@ -76,6 +78,14 @@ class MagnetoConfig(PretrainedConfig):
         embedding_init_std=0.02,         # token/position embedding (and untied head) init std
         tie_word_embeddings=True,
         use_cache=True,
+        qk_norm=False,                   # a norm (norm_type) on each head's queries and keys
+        num_key_value_heads=None,        # grouped-query attention: key/value heads (None: all)
+        parametrization="standard",      # standard | mup (recorded; its factors are below)
+        mup_base_hidden_size=None,       # mup: the base width (recorded)
+        mup_base_head_dim=None,          # mup: the base head dim (recorded)
+        attention_scale=None,            # softmax scale of q.k (None: 1/sqrt(head_dim); muP's
+                                         # sqrt(base head dim) / head_dim)
+        logit_multiplier=1.0,            # factor on the head's input (muP: base width / width)
         **kwargs,
     ):
         self.magneto_arch = magneto_arch
@@ -98,11 +108,21 @@ class MagnetoConfig(PretrainedConfig):
         self.init_style = init_style
         self.embedding_init_std = embedding_init_std
         self.use_cache = use_cache
+        self.qk_norm = qk_norm
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.parametrization = parametrization
+        self.mup_base_hidden_size = mup_base_hidden_size
+        self.mup_base_head_dim = mup_base_head_dim
+        self.attention_scale = attention_scale
+        self.logit_multiplier = logit_multiplier
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by "
+                             f"num_attention_heads={num_attention_heads}")
+        if num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
                              f"num_attention_heads={num_attention_heads}")
         kwargs.setdefault("is_decoder", magneto_arch == "decoder")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

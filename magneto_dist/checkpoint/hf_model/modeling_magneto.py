@@ -123,16 +123,21 @@ class MagnetoAttention(MagnetoSublayer):
     def __init__(self, config, layer_number):
         slots = config.slots["attention"]
         super().__init__(config, slots, layer_number)
-        d, gain = config.hidden_size, config.init_gain
+        d, gain, hd = config.hidden_size, config.init_gain, config.head_dim
+        kv = config.num_key_value_heads * hd  # grouped-query attention: narrower k and v
         self.q_proj = linear(config, d, d, 1.0)
-        self.k_proj = linear(config, d, d, 1.0)
-        self.v_proj = linear(config, d, d, gain)
+        self.k_proj = linear(config, d, kv, 1.0)
+        self.v_proj = linear(config, d, kv, gain)
         self.out_proj = linear(config, d, d, gain)
+        # QK-norm per head: one gain of width head_dim shared by every head
+        self.q_norm = make_norm(config, hd) if config.qk_norm else None
+        self.k_norm = make_norm(config, hd) if config.qk_norm else None
         # Sub-LN: normalizes the merged heads (width d) before W_o.
         self.inner_norm = make_norm(config, d) if slots["inner_norm"] else None
         self.head_scale = (nn.Parameter(torch.ones(config.num_attention_heads))
                            if slots["head_scale"] else None)
-        self.head_dim = config.head_dim
+        self.head_dim = hd
+        self.softmax_scale = config.attention_scale  # None: 1/sqrt(head_dim)
         self.layer_index = layer_number - 1  # its slot in the KV cache
         self.attn_dropout = config.dropout
         self.config = config  # its _attn_implementation is set when the model loads
@@ -141,20 +146,29 @@ class MagnetoAttention(MagnetoSublayer):
         """h: [b, s, d]; mask: bool [b, 1, s, t] (True = may attend) or None; attentions: a
         list that gets this layer's probabilities [b, heads, s, t] (eager attention only)."""
         b, s, _ = h.shape
-        q = self.q_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)   # [b, heads, s, hd]
-        k = self.k_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(h).view(b, s, -1, self.head_dim)                   # [b, s, heads, hd]
+        k = self.k_proj(h).view(b, s, -1, self.head_dim)                   # [b, s, groups, hd]
         v = self.v_proj(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if cache is not None:  # k, v of every position so far: [b, heads, t, hd]
+        if cache is not None:  # k, v of every position so far: [b, groups, t, hd]
             k, v = cache.update(k, v, self.layer_index)
+        heads = q.shape[1]  # each group serves heads / groups consecutive query heads
+        if k.shape[1] != heads:
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
         dropout = self.attn_dropout if self.training else 0.0
         if self.config._attn_implementation == "eager":
-            y, probs = eager_attention(q, k, v, mask, is_causal, dropout)  # [b, heads, s, hd]
+            y, probs = eager_attention(q, k, v, mask, is_causal, dropout,
+                                       self.softmax_scale)                 # [b, heads, s, hd]
             if attentions is not None:
                 attentions.append(probs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               scale=self.softmax_scale,
                                                dropout_p=dropout)          # [b, heads, s, hd]
         if self.head_scale is not None:
             y = y * self.head_scale.view(1, -1, 1, 1).to(y.dtype)
@@ -164,12 +178,14 @@ class MagnetoAttention(MagnetoSublayer):
         return self.out_proj(y)
 
 
-def eager_attention(q, k, v, mask, is_causal, dropout):
+def eager_attention(q, k, v, mask, is_causal, dropout, scale=None):
     """What scaled_dot_product_attention computes, written out so that the probabilities can be
-    returned: (output [b, heads, s, hd], probabilities [b, heads, s, t]). The softmax is in
-    fp32; a causal mask puts the s queries at the last s of the t key positions."""
+    returned: (output [b, heads, s, hd], probabilities [b, heads, s, t]). scale: the one on the
+    scores (muP's 1/head_dim), None for 1/sqrt(head_dim) as in sdpa. The softmax is in fp32; a
+    causal mask puts the s queries at the last s of the t key positions."""
     s, t = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])    # [b, heads, s, t]
+    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)).float() * scale                     # [b, heads, s, t]
     if is_causal:
         mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
     if mask is not None:
@@ -260,6 +276,11 @@ def attention_mask_4d(attention_mask, s, t, causal, device):
         mask = mask & attention_mask[:, None, None, :t].bool()              # [b, 1, s, t]
         mask = mask | (keys[None, :] == queries[:, None])[None, None]
     return mask, False
+
+
+def readout_input(config, hidden):
+    """The head's input: muP multiplies it (so the logits) by base width / width."""
+    return hidden * config.logit_multiplier if config.logit_multiplier != 1.0 else hidden
 
 
 def token_loss(logits, labels, num_items_in_batch=None):
@@ -404,7 +425,7 @@ class MagnetoForCausalLM(MagnetoPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         if logits_to_keep:  # generate() needs only the last position's logits
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)                                        # [b, s, vocab]
+        logits = self.lm_head(readout_input(self.config, hidden))            # [b, s, vocab]
         loss = None
         if labels is not None:  # labels are the inputs; position i predicts token i + 1
             loss = token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
@@ -439,8 +460,8 @@ class MagnetoForMaskedLM(MagnetoPreTrainedModel):
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          output_hidden_states=output_hidden_states,
                          output_attentions=output_attentions, return_dict=True)
-        hidden = out.last_hidden_state
-        logits = self.lm_head(self.mlm_norm(F.gelu(self.mlm_dense(hidden))))  # [b, s, vocab]
+        transformed = self.mlm_norm(F.gelu(self.mlm_dense(out.last_hidden_state)))
+        logits = self.lm_head(readout_input(self.config, transformed))        # [b, s, vocab]
         loss = None
         if labels is not None:  # -100 marks the positions that were not masked
             loss = token_loss(logits, labels, num_items_in_batch)
