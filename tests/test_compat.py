@@ -24,11 +24,12 @@ from torch.distributed.elastic.rendezvous import utils as rdzv_utils
 from torch.distributed.launcher import api as launcher_api
 
 import torch._dynamo.utils
+from torch.distributed import distributed_c10d
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel import layers as tp_layers
 
 from magneto_dist.compat import (CompatError, cuda_memory, ds_engine, ds_universal, ds_zero,
-                                 dynamo, elastic, megatron, torch_modules)
+                                 dynamo, elastic, megatron, torch_groups, torch_modules)
 
 
 def _without_fragment(*args, **kwargs):
@@ -86,11 +87,13 @@ TOUCHES = [
     (elastic, rdzv_utils, "_matches_machine_hostname", None),
     (torch_modules, torch.nn.Module, "register_parameter", _without_fragment),
     (torch_modules, torch.nn.Module, "named_parameters", _without_fragment),
+    (torch_groups, type(distributed_c10d._world), "pg_map", None),
+    (torch_groups, torch.distributed, "destroy_process_group", _without_fragment),
 ]
 
 
 @pytest.mark.parametrize("module", [ds_universal, ds_engine, ds_zero, megatron, dynamo, elastic,
-                                    cuda_memory, torch_modules],
+                                    cuda_memory, torch_groups, torch_modules],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_the_pinned_versions_pass_every_check(module):
     module.check()

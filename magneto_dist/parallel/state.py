@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..compat.torch_groups import live_process_groups
 from ..config import ConfigError, ParallelConfig
 
 
@@ -93,10 +94,9 @@ def destroy_subgroups() -> None:
     keeps three threads alive until destroyed (17 groups a megatron layout on 2 ranks), so a
     process that builds layout after layout, as the layout tests' workers do, otherwise gathers
     thousands of threads and slows to a crawl. Collective over the whole world, like creating
-    them. torch keeps no public list of the live groups; `_world.pg_map` is the one it reads
-    in destroy_process_group itself."""
+    them."""
     world = dist.group.WORLD
-    for group in list(dist.distributed_c10d._world.pg_map):
+    for group in live_process_groups():
         if group is not world:
             dist.destroy_process_group(group)
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from magneto_dist.compat.torch_groups import live_process_groups
 from magneto_dist.config import load_config
 from magneto_dist.model import ModelConfig, build_model
 from magneto_dist.parallel import state
@@ -207,7 +208,7 @@ def groups_released() -> list:
     counts = []
     for tp in (dist.get_world_size(), 1, dist.get_world_size()):
         state.initialize_groups(tp, 1)
-        counts.append({"groups": len(dist.distributed_c10d._world.pg_map),
+        counts.append({"groups": len(live_process_groups()),
                        "threads": len(os.listdir("/proc/self/task"))})
     return counts
 
