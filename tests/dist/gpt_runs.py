@@ -1,6 +1,8 @@
 """launch/pretrain_gpt.py as the tests run it: a tiny model, its arguments, its metrics."""
 import json
 import os
+import pathlib
+import shutil
 import time
 
 # A model small enough that a 10-step run costs ~1 s after start-up.
@@ -20,6 +22,14 @@ def read_metrics(run_dir, split="train"):
 def gpt(run_dir, cache_dir, *overrides):
     return ["launch/pretrain_gpt.py", *TINY, f"data.cache_dir={cache_dir}",
             f"logging.run_dir={run_dir}", *overrides]
+
+
+def copy_tag(run_dir, to_run_dir, tag="global_step5"):
+    """A copy of `run_dir`'s checkpoint `tag` as the only one of `to_run_dir` (a run there
+    resumes it); -> the copied tag's directory."""
+    tag_dir = pathlib.Path(to_run_dir) / "checkpoints" / tag
+    shutil.copytree(pathlib.Path(run_dir) / "checkpoints" / tag, tag_dir)
+    return tag_dir
 
 
 def check_ok(results):

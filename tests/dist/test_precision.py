@@ -7,12 +7,11 @@ the converter are run again in bf16 here.
 bf16 matmul is very slow on this CPU for large matrices; the tiny test model's are fast.
 """
 import json
-import shutil
 
 import pytest
 import torch
 
-from .gpt_runs import check_ok, gpt, read_metrics
+from .gpt_runs import check_ok, copy_tag, gpt, read_metrics
 from .ranks import run_ranks
 from .test_convert import FROZEN, PP2, TP2, convert_here, frozen_run, weights
 from .test_reshard import COMMON, DP2_ZERO1, DP2_ZERO3, TP1
@@ -37,8 +36,7 @@ def test_bf16_resume_is_exact(tmp_path, cache_dir, ranks, layout):
     common = [*COMMON, BF16, *layout]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     check_ok(run_ranks(gpt(straight, cache_dir, *common), ranks))
-    shutil.copytree(straight / "checkpoints" / "global_step5",
-                    resumed / "checkpoints" / "global_step5")
+    copy_tag(straight, resumed)
     out = check_ok(run_ranks(gpt(resumed, cache_dir, *common), ranks))
     assert "resumed from" in out and "step 5, 40 samples consumed" in out
     expected = [r["loss"] for r in read_metrics(straight)]
@@ -58,8 +56,7 @@ def test_bf16_resume_in_another_layout_continues(tmp_path, cache_dir, a, b):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     check_ok(run_ranks(gpt(straight, cache_dir, *COMMON, BF16, *a["args"]), a["ranks"],
                        timeout=300))
-    shutil.copytree(straight / "checkpoints" / "global_step5",
-                    resumed / "checkpoints" / "global_step5")
+    copy_tag(straight, resumed)
     out = check_ok(run_ranks(gpt(resumed, cache_dir, *COMMON, BF16, *b["args"]), b["ranks"],
                              timeout=300))
     assert "changing layouts: global_step5 was written by" in out, out[-3000:]

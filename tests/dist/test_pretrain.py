@@ -1,14 +1,13 @@
 """launch/pretrain_gpt.py end to end: the default run, exact resume, incomplete checkpoints,
 SIGTERM, metrics.jsonl, incompatible checkpoints. Ranks are real processes on gloo."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from .gpt_runs import TINY, check_ok, gpt, read_metrics, wait_for_steps
+from .gpt_runs import TINY, check_ok, copy_tag, gpt, read_metrics, wait_for_steps
 from .ranks import ROOT, free_port, kill_group, run_ranks, start_ranks
 from .test_reshard import (COMMON, CP2, DP2_ZERO1, DP2_ZERO3, TP1, TP1_ZERO3, TP2_PP2,
                            TP2_ZERO3, layout)
@@ -59,8 +58,7 @@ def test_resume_is_exact(tmp_path, cache_dir, shared_run, a):
     straight = shared_run(lambda run_dir: gpt(run_dir, cache_dir, *COMMON, *a["args"]),
                           a["ranks"])
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight / "checkpoints" / "global_step5",
-                    resumed / "checkpoints" / "global_step5")
+    copy_tag(straight, resumed)
     out = check_ok(run_ranks(gpt(resumed, cache_dir, *COMMON, *a["args"]), a["ranks"]))
     assert "resumed from" in out and "step 5, 40 samples consumed" in out
     assert "changing layouts" not in out

@@ -8,7 +8,6 @@ for steps 6-10 to match.
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from magneto_dist.checkpoint import reshard
 
-from .gpt_runs import check_ok, gpt, read_metrics
+from .gpt_runs import check_ok, copy_tag, gpt, read_metrics
 from .ranks import ROOT, kill_group, run_ranks, wait_ranks
 
 TOLERANCE = 1e-5
@@ -80,8 +79,7 @@ def straight_runs(shared_run, cache_dir):
 def test_resume_in_another_layout_continues_exactly(tmp_path, cache_dir, straight_runs, a, b):
     straight = straight_runs(a)
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight / "checkpoints" / "global_step5",
-                    resumed / "checkpoints" / "global_step5")
+    copy_tag(straight, resumed)
     out = check_ok(run_ranks(gpt(resumed, cache_dir, *COMMON, *b["args"]), b["ranks"],
                              timeout=300))
     same_shards = (a["ranks"], a["args"][:3]) == (b["ranks"], b["args"][:3])  # SP on or off
@@ -105,8 +103,7 @@ def test_kill_during_conversion_then_rerun(tmp_path, cache_dir, straight_runs):
     removes the dead conversion's temp directory, converts again and continues exactly."""
     straight = straight_runs(TP2)
     resumed = tmp_path / "resumed"
-    tag_dir = resumed / "checkpoints" / "global_step5"
-    shutil.copytree(straight / "checkpoints" / "global_step5", tag_dir)
+    tag_dir = copy_tag(straight, resumed)
     args = gpt(resumed, cache_dir, *COMMON, *TP1["args"])
     (killed,) = run_ranks(args, 1, extra_env={"MAGNETO_DIST_FAULT": "kill_in_convert:0:5"})
     assert killed.returncode == 137, killed.output[-3000:]
@@ -127,8 +124,7 @@ def test_a_damaged_universal_form_is_rebuilt(tmp_path, cache_dir, straight_runs)
     exactly."""
     straight = straight_runs(TP2)
     resumed = tmp_path / "resumed"
-    tag_dir = resumed / "checkpoints" / "global_step5"
-    shutil.copytree(straight / "checkpoints" / "global_step5", tag_dir)
+    tag_dir = copy_tag(straight, resumed)
     args = gpt(resumed, cache_dir, *COMMON, *TP1["args"], "checkpoint.resume=global_step5")
     check_ok(run_ranks(args, 1))
     victim = tag_dir / "universal" / "zero" / "decoder.layers.0.ffn.fc1.weight" / "fp32.pt"
@@ -168,9 +164,8 @@ def test_one_converter_per_filesystem_and_a_dead_one_is_taken_over(tmp_path, str
     node), and their other ranks gave up after a fixed 1,800 s. Now one converts (it holds
     TAG/universal.lock) while the other node waits and reuses its result, or takes over when
     the converter was killed mid-way; a node's other rank waits for the result."""
-    ckpt_dir = tmp_path / "checkpoints"
-    shutil.copytree(straight_runs(TP2) / "checkpoints" / "global_step5", ckpt_dir / "global_step5")
-    tag_dir = ckpt_dir / "global_step5"
+    tag_dir = copy_tag(straight_runs(TP2), tmp_path)
+    ckpt_dir = tag_dir.parent
     procs = [node(ckpt_dir, 0, fault="kill_in_convert:0:5" if first_dies else None)]
     try:
         if first_dies:  # the other node comes while the first holds the lock (or has died)
