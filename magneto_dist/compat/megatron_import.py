@@ -3,9 +3,9 @@
 megatron-core decorates its fused kernels (bias-GeLU, SwiGLU, bias-dropout-add, the MoE
 router's, ...) with `jit_fuser`, which megatron/core/jit.py binds to `torch.compile` when its
 package is first imported. Each decoration calls `torch.compile(fn)` there and then, which
-imports torch's dynamo and inductor and builds 27 wrappers: about 4 s of every process's 7 s
-import on this project's CPUs (measured with `python -X importtime`), for kernels this project
-never calls (its layers are its own; from megatron it takes the tensor-parallel linears, the
+imports torch's dynamo and inductor and builds 27 wrappers: 1.5 s of CPU of every process's
+6.6 s import on this project's CPUs (`/usr/bin/time python -c "import
+magneto_dist.training.run"` with and without it), for kernels this project never calls (its layers are its own; from megatron it takes the tensor-parallel linears, the
 vocab-parallel cross entropy, the process groups and the datasets). megatron offers no switch
 that acts before its own import (`disable_jit_fuser` lives in the package it would have to
 import first), so `import_megatron_core` binds `jit_fuser`, for the length of the import, to a
