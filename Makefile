@@ -13,8 +13,14 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 train: $(BIN)/.installed  ## the default pretraining run (ARGS="train.train_iters=50 ..." to override)
 	$(BIN)/deepspeed launch/pretrain_gpt.py $(ARGS)
 
-test: $(BIN)/.installed   ## the whole test suite (ARGS="-k resume" to select)
-	$(BIN)/python -m pytest -q $(ARGS)
+# Test modules run on JOBS pytest-xdist workers, a module's tests on one worker (loadscope: a
+# module's fixtures, such as the layout table's batched ranks, are built once); runs shared
+# across modules are built once between the workers (tests/dist/conftest.py).
+JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope
+
+test: $(BIN)/.installed   ## the whole test suite (ARGS="-k resume" to select, JOBS=4 on more cores)
+	$(PYTEST) $(ARGS)
 
 test-fast: $(BIN)/.installed  ## the quick loop: the single-process tests (tests/dist's ranks left out)
-	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/dist $(ARGS)
+	$(PYTEST) -m "not slow" --ignore=tests/dist $(ARGS)
