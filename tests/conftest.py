@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 
 # One thread per process: several test processes and ranks share the machine's cores, and
@@ -17,10 +18,16 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def accelerate_process_group():
+def accelerate_process_group(monkeypatch):
     """For a test that runs transformers' Trainer or lm-eval's hf model in this process: their
     accelerate state starts a default process group here (harmless in the user's own process),
-    which would make every later test's own init_process_group fail; it is ended afterwards."""
+    which would make every later test's own init_process_group fail; it is ended afterwards.
+    Its store listens on a port free now: MASTER_PORT may still name the one an earlier test's
+    world of one used in this process, which another worker's rank may hold by now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     yield
     import torch.distributed as dist
 
