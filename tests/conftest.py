@@ -1,5 +1,4 @@
 import os
-import socket
 import sys
 
 # One thread per process: several test processes and ranks share the machine's cores, and
@@ -17,17 +16,21 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def fresh_launch_env(monkeypatch):
+    """Each test starts without the world-of-one variables an earlier in-process run left in
+    this process (launch_env.single_process_env sets RANK and a MASTER_PORT free at the time and
+    keeps them while RANK is set): a later process group here listened on that stale port, which
+    by then another xdist worker's rank held (EADDRINUSE in the Trainer test)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
-def accelerate_process_group(monkeypatch):
+def accelerate_process_group():
     """For a test that runs transformers' Trainer or lm-eval's hf model in this process: their
     accelerate state starts a default process group here (harmless in the user's own process),
-    which would make every later test's own init_process_group fail; it is ended afterwards.
-    Its store listens on a port free now: MASTER_PORT may still name the one an earlier test's
-    world of one used in this process, which another worker's rank may hold by now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    which would make every later test's own init_process_group fail; it is ended afterwards."""
     yield
     import torch.distributed as dist
 
